@@ -101,7 +101,7 @@ def rule_from_dict(d: dict, index: int = 0) -> Rule:
         raise PlanError(f"plan rule {index + 1}: unknown key(s) {sorted(unknown)}; allowed: {sorted(RULE_KEYS)}")
     if "modules" not in d:
         raise PlanError(f"plan rule {index + 1} ({d!r}): 'modules' is required")
-    given = [k for k in ("rank", "keep", "dense") if d.get(k) not in (None, False)]
+    given = [k for k in ("rank", "keep") if d.get(k) is not None] + (["dense"] if d.get("dense") else [])
     if len(given) != 1:
         raise PlanError(f"plan rule {index + 1} ({d!r}): give exactly one of rank, keep or dense: true")
     rule = Rule(modules=_as_module_list(d["modules"]), layers=str(d.get("layers", "all")).strip(),
@@ -158,6 +158,7 @@ def parse_layers(spec: str, n_layers: Optional[int], rule: Optional[Rule] = None
 
 
 _LAYER_RE = re.compile(r"^(all|\*|\d+(\s*-\s*\d+)?(\s*,\s*\d+(\s*-\s*\d+)?)*)$", re.I)
+_SPEC_RE = re.compile(r"^(dense|r\d+|rank[=:]?\d+|k[\d.]+|keep[=:]?[\d.]+|[\d.]+)$", re.I)
 
 
 def _parse_spec(spec: str, index: int, text: str) -> dict:
@@ -188,7 +189,7 @@ def parse_plan_string(text: str) -> Plan:
         parts = [p.strip() for p in chunk.split(":")]
         if len(parts) == 2:
             layers, modules, spec, method = "all", parts[0], parts[1], None
-        elif len(parts) == 3 and _LAYER_RE.match(parts[0]) and not re.fullmatch(r"[a-z]+", parts[2].lower()):
+        elif len(parts) == 3 and _LAYER_RE.match(parts[0]) and not _SPEC_RE.match(parts[1]):
             layers, modules, spec, method = parts[0], parts[1], parts[2], None
         elif len(parts) == 3:
             layers, modules, spec, method = "all", parts[0], parts[1], parts[2]
