@@ -1,0 +1,26 @@
+"""lowrank lab: a Streamlit app over ``lowrank_core``. Run with ``streamlit run app.py``."""
+from __future__ import annotations
+
+import torch
+import streamlit as st
+
+from ui.sidebar import draw_sidebar
+
+torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
+st.set_page_config(page_title="lowrank lab", page_icon="🗜️", layout="wide")
+
+PAGES = [
+    st.Page("pages/model_data.py", title="Model & data", icon="🧠", default=True),
+    st.Page("pages/budget.py", title="Budget", icon="🧮"),
+    st.Page("pages/spectra.py", title="Spectra", icon="📉"),
+    st.Page("pages/compress.py", title="Compress", icon="🗜️"),
+    st.Page("pages/evaluate.py", title="Evaluate", icon="⚖️"),
+    st.Page("pages/export.py", title="Export", icon="📦"),
+]
+
+page = st.navigation(PAGES)
+summary = st.sidebar.container()
+try:
+    page.run()
+finally:
+    draw_sidebar(summary)

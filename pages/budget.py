@@ -1,0 +1,154 @@
+"""Budget: a plan as an editable table of rules, with live exact parameter accounting."""
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from lowrank_core.archmap import linear_map, meta_model, num_layers
+from lowrank_core.plan import METHODS, PlanError, account, load_plan, plan_from_dict
+from ui import cache, state
+from ui.presets import preset_plans
+
+MISTRAL_FIXTURE = "tests/fixtures/mistral-7b-openorca-config.json"
+COLUMNS = ["layers", "modules", "rank", "keep", "dense", "method"]
+DEFAULT_ROWS = [{"layers": "all", "modules": "mlp", "rank": None, "keep": 0.9, "dense": False, "method": ""}]
+
+
+def rows_of(plan) -> list[dict]:
+    return [{"layers": r.layers, "modules": ",".join(r.modules), "rank": r.rank, "keep": r.keep,
+             "dense": r.dense, "method": r.method or ""} for r in plan.rules]
+
+
+def plan_of(df: pd.DataFrame):
+    """Plan from the edited table; blank rows are skipped; PlanError names the bad rule."""
+    rules = []
+    for row in df.to_dict("records"):
+        if not str(row.get("modules") or "").strip():
+            continue
+        d = {"layers": str(row.get("layers") or "all"), "modules": str(row["modules"])}
+        rank, keep = row.get("rank"), row.get("keep")
+        if bool(row.get("dense")):
+            d["dense"] = True
+        elif rank is not None and not pd.isna(rank):
+            if float(rank) != int(rank):
+                raise PlanError(f"plan rule {len(rules) + 1}: rank must be an integer, got {rank!r}")
+            d["rank"] = int(rank)
+        elif keep is not None and not pd.isna(keep):
+            d["keep"] = float(keep)
+        if row.get("method"):
+            d["method"] = row["method"]
+        rules.append(d)
+    return plan_from_dict({"rules": rules})
+
+
+def accounting(source_key: str, meta, plan):
+    return cache.memo("account", (source_key, plan.to_yaml()), lambda: account(meta, plan), max_entries=64)
+
+
+st.title("Budget")
+s = state.settings()
+targets = {f"Current model ({s.model_source})": s.model_source,
+           "Mistral-7B-OpenOrca — config only (seed fixture)": MISTRAL_FIXTURE,
+           "Another config.json or model folder": ""}
+choice = st.radio("Count parameters for", list(targets), horizontal=True, key="budget_target")
+source = targets[choice]
+if not source:
+    source = st.text_input("Path of a config.json or model folder", key="budget_config_path").strip()
+    if not source:
+        st.stop()
+try:
+    meta = cache.memo("meta_model", source, lambda: meta_model(cache.model_config(source)), max_entries=4)
+except ValueError as e:
+    st.error(str(e))
+    st.stop()
+linears = cache.memo("meta_linears", source, lambda: linear_map(meta), max_entries=4)
+n_layers = num_layers(linears)
+st.caption(f"{type(meta).__name__}: {n_layers} layers, {len(linears)} compressible linears — "
+           "counted from the config alone (no weights).")
+
+st.subheader("Rules")
+st.caption("Later rules override earlier ones. modules: attn, mlp, all, or names like q_proj,o_proj,lm_head; "
+           "layers: all, 17, 6-31 (inclusive), 0-3,8; give a rank, a keep fraction (of the matrix's "
+           "parameters) or tick dense to leave matrices alone.")
+presets = preset_plans(n_layers)
+version = st.session_state.setdefault("budget_editor_version", 0)
+stored = state.stored_plan()
+initial = st.session_state.get("budget_rows") or (rows_of(stored["plan"]) if stored else DEFAULT_ROWS)
+with st.expander("Start from a preset or import a plan"):
+    c1, c2 = st.columns([2, 3])
+    preset = c1.selectbox("Preset", list(presets), key="budget_preset")
+    if c1.button("Load preset", key="budget_load_preset"):
+        st.session_state["budget_rows"] = rows_of(load_plan(presets[preset]))
+        st.session_state["budget_editor_version"] = version + 1
+        st.rerun()
+    text = c2.text_area("Compact string or YAML", placeholder="6-31:attn:r16; 0-6:mlp:r16", key="budget_import")
+    if c2.button("Import", key="budget_import_btn") and text.strip():
+        try:
+            import yaml
+
+            parsed = yaml.safe_load(text) if "rules" in text else None
+            imported = load_plan(parsed if parsed is not None else text.strip())
+            st.session_state["budget_rows"] = rows_of(imported)
+            st.session_state["budget_editor_version"] = version + 1
+            st.rerun()
+        except (ValueError, yaml.YAMLError) as e:
+            st.error(str(e))
+
+edited = st.data_editor(
+    pd.DataFrame(initial, columns=COLUMNS), num_rows="dynamic", hide_index=True, key=f"budget_editor_{version}",
+    column_config={
+        "layers": st.column_config.TextColumn("layers", default="all"),
+        "modules": st.column_config.TextColumn("modules", required=True),
+        "rank": st.column_config.NumberColumn("rank", min_value=1, step=1, format="%d"),
+        "keep": st.column_config.NumberColumn("keep", min_value=0.0, max_value=1.0, step=0.01),
+        "dense": st.column_config.CheckboxColumn("dense", default=False),
+        "method": st.column_config.SelectboxColumn("method", options=[""] + list(METHODS), default=""),
+    })
+
+try:
+    plan = plan_of(edited)
+    acc = accounting(source, meta, plan)
+except PlanError as e:
+    st.error(f"Plan error: {e}")
+    st.stop()
+st.session_state["budget_rows"] = rows_of(plan)
+state.store_plan(plan, "Budget page")
+
+c1, c2, c3, c4 = st.columns(4)
+c1.metric("original parameters", f"{acc.original:,}")
+c2.metric("after the plan", f"{acc.compressed:,}", delta=f"{-acc.removed:,}", delta_color="inverse")
+c3.metric("of the original", f"{acc.ratio:.2%}")
+c4.metric("matrices replaced", f"{len(acc.rows)}")
+if acc.warnings:
+    above = [w for w in acc.warnings if "break-even" in w]
+    st.warning(f"{len(above)} matrices have a rank above break-even (factorising them adds parameters)"
+               if above else acc.warnings[0])
+    with st.expander(f"All {len(acc.warnings)} warnings"):
+        st.text("\n".join(acc.warnings))
+with st.expander("Per-matrix accounting"):
+    st.dataframe(pd.DataFrame(acc.rows), hide_index=True, key="budget_rows_table")
+
+st.subheader("Against presets")
+table = [{"scenario": "Original model", "plan": "—", "parameters": acc.original, "of original": 1.0}]
+for name, text in presets.items():
+    pre = accounting(source, meta, load_plan(text))
+    table.append({"scenario": name, "plan": text, "parameters": pre.compressed, "of original": pre.ratio})
+table.append({"scenario": "This plan", "plan": "; ".join(r.describe() for r in plan.rules),
+              "parameters": acc.compressed, "of original": acc.ratio})
+st.dataframe(pd.DataFrame(table), hide_index=True, key="budget_presets", column_config={
+    "parameters": st.column_config.NumberColumn(format="localized"),
+    "of original": st.column_config.NumberColumn(format="percent")})
+
+st.subheader("Save")
+yaml_text = plan.to_yaml()
+c1, c2 = st.columns(2)
+c1.download_button("Download plan.yaml", yaml_text, file_name="plan.yaml", mime="text/yaml", key="budget_download")
+path = c2.text_input("or save to a file", value="plan.yaml", key="budget_save_path")
+if c2.button("Save", key="budget_save"):
+    try:
+        plan.save(path)
+        c2.success(f"Saved {path}")
+    except OSError as e:
+        c2.error(f"Could not save {path}: {e}")
+with st.expander("Plan as YAML"):
+    st.code(yaml_text, language="yaml")

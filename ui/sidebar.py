@@ -1,0 +1,44 @@
+"""The sidebar every page shows: loaded model, device, dtype, data split sizes, current plan."""
+from __future__ import annotations
+
+import torch
+import streamlit as st
+
+from lowrank_core.models import device_description
+
+from . import cache, state
+
+
+def draw_sidebar(box) -> None:
+    """Fill ``box`` (a sidebar container) from the cached model and split; never loads anything."""
+    s = state.settings()
+    box.markdown("#### Loaded model")
+    lm = cache.cached_model(s)
+    if lm is None:
+        box.caption(f"`{s.model_source}` — not loaded yet")
+    else:
+        params = sum(p.numel() for p in {id(p): p for p in lm.model.parameters()}.values())
+        box.markdown(f"**{lm.name}**  \n{params:,} parameters  \nfingerprint `{lm.fingerprint}`")
+    box.markdown(f"**Device** {device_description(torch.device(lm.device if lm else _device(s.device)))}  \n"
+                 f"**dtype** {s.dtype}")
+    box.markdown("#### Data")
+    split = cache.cached("split", cache.split_key(s))
+    if split is None:
+        box.caption(f"`{s.data_source}` — asked: calib {s.n_calib}, val {s.n_val}, eval {s.n_eval}, seed {s.seed}")
+    else:
+        c = split.info.counts
+        box.markdown(f"`{s.data_source}` seed {s.seed}  \ncalib **{c.get('calib', 0)}** · val **{c.get('val', 0)}** · "
+                     f"eval **{c.get('eval', 0)}**  \nsplit `{split.info.fingerprint}`")
+    plan = state.stored_plan()
+    if plan is not None:
+        box.markdown("#### Plan")
+        box.caption(f"{len(plan['plan'].rules)} rule(s) from {plan['source']}")
+    key, _ = state.current_result()
+    if key is not None:
+        box.caption(f"Last compression: run {len(state.runs())}")
+
+
+def _device(choice: str) -> str:
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return choice

@@ -1,0 +1,81 @@
+"""The app's committed choices, kept in ``st.session_state`` under keys no widget owns.
+
+Widget keys are dropped by Streamlit when a page that owns them is left, so the choices every page
+needs (model, data split, plan, compression runs) live in plain session-state entries set by forms.
+Environment variables set the first defaults (test hooks): ``LOWRANK_APP_MODEL`` (e.g. ``tiny``) and
+``LOWRANK_APP_DATA`` (e.g. ``chatterbot``).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, replace
+
+import streamlit as st
+
+SETTINGS_KEY = "lowrank_settings"
+PLAN_KEY = "lowrank_plan"          # dict: {"plan": Plan, "text": yaml, "source": str}
+RUNS_KEY = "lowrank_runs"          # list[dict]: one row per finished compression run
+RESULTS_KEY = "lowrank_results"    # {job key: CompressResult}
+CURRENT_KEY = "lowrank_current_job"  # job key of the result the Evaluate and Export pages use
+JOB_KEY = "lowrank_pending_job"    # the job a form submitted and the next run executes
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the Model & data page chose. Sizes are numbers of examples."""
+
+    model_source: str = "default"
+    dtype: str = "float32"
+    device: str = "auto"
+    data_source: str = "default"
+    n_calib: int = 64
+    n_val: int = 16
+    n_eval: int = 200
+    seed: int = 0
+    max_len: int = 512
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def default_settings() -> Settings:
+    """Defaults, overridden by ``LOWRANK_APP_MODEL`` / ``LOWRANK_APP_DATA`` (tiny sizes for tests)."""
+    s = Settings(model_source=os.environ.get("LOWRANK_APP_MODEL") or "default",
+                 data_source=os.environ.get("LOWRANK_APP_DATA") or "default")
+    if s.model_source.startswith("tiny"):
+        s = replace(s, n_calib=16, n_val=8, n_eval=32, max_len=128)
+    return s
+
+
+def settings() -> Settings:
+    if SETTINGS_KEY not in st.session_state:
+        st.session_state[SETTINGS_KEY] = default_settings()
+    return st.session_state[SETTINGS_KEY]
+
+
+def set_settings(new: Settings) -> None:
+    st.session_state[SETTINGS_KEY] = new
+
+
+def runs() -> list[dict]:
+    return st.session_state.setdefault(RUNS_KEY, [])
+
+
+def results() -> dict:
+    return st.session_state.setdefault(RESULTS_KEY, {})
+
+
+def current_result():
+    """(job key, CompressResult) of the last finished compression, or (None, None)."""
+    key = st.session_state.get(CURRENT_KEY)
+    res = results().get(key) if key else None
+    return (key, res) if res is not None else (None, None)
+
+
+def stored_plan():
+    """The plan the Budget page saved: dict(plan=Plan, text=yaml, source=str) or None."""
+    return st.session_state.get(PLAN_KEY)
+
+
+def store_plan(plan, source: str) -> None:
+    st.session_state[PLAN_KEY] = {"plan": plan, "text": plan.to_yaml(), "source": source}
