@@ -1,0 +1,193 @@
+"""Run a Llama/Mistral/Qwen2 decoder one layer at a time (sequential compression, the 7B path).
+
+``capture_layer_inputs`` records, for each calibration batch, the hidden states entering decoder layer 0
+and the keyword arguments the decoder passes to every layer (causal mask — per layer, since Qwen2 may
+mix sliding and full attention —, rotary ``position_embeddings``, ``position_ids``). It runs the
+embedding and mask code only: the decoder layers are swapped for recorders in a shallow copy of the base
+model, so no layer computes and the teacher is not touched.
+
+``run_layer`` then applies one layer to stored hidden states, batch by batch. Layer weights may live on
+another device (e.g. a 7B model on CPU): the layer is copied to the compute device for the call and
+the outputs are stored where ``store_device`` says (CPU keeps GPU memory to one layer plus a batch).
+
+Shapes: hidden states ``[B, T, hidden]`` in the model dtype; masks ``[B, T]`` bool, True at real
+(non-padding) tokens — every statistic here excludes padding through them.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+from .progress import Progress, ensure_progress
+
+_DROPPED_KWARGS = ("cache", "past_key_values", "past_key_value", "use_cache", "output_attentions")
+
+
+@dataclass
+class LayerInputs:
+    """What one decoder layer needs, for a list of batches.
+
+    hidden: per batch ``[B, T, hidden]`` — the stream entering the current layer (replaced as layers run).
+    masks: per batch ``[B, T]`` bool, True at real tokens.
+    layer_kwargs: per batch, one kwargs dict per decoder layer (equal layers share one dict object).
+    """
+
+    hidden: list[torch.Tensor]
+    masks: list[torch.Tensor]
+    layer_kwargs: list[list[dict]]
+
+    @property
+    def tokens(self) -> int:
+        return int(sum(int(m.sum()) for m in self.masks))
+
+    def with_hidden(self, hidden: list[torch.Tensor]) -> "LayerInputs":
+        """The same masks and kwargs with another hidden-state stream (e.g. the student's)."""
+        return LayerInputs(hidden, self.masks, self.layer_kwargs)
+
+    def select(self, indices: Iterable[int]) -> "LayerInputs":
+        idx = list(indices)
+        return LayerInputs([self.hidden[i] for i in idx], [self.masks[i] for i in idx],
+                           [self.layer_kwargs[i] for i in idx])
+
+
+class _Recorder(nn.Module):
+    """Stands in for a decoder layer: records its kwargs and passes the hidden states through."""
+
+    def __init__(self, sink: list):
+        super().__init__()
+        self.sink = sink
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.sink.append((hidden_states, {k: v for k, v in kwargs.items() if k not in _DROPPED_KWARGS}))
+        return hidden_states
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The decoder stack (``model.model`` of a ``*ForCausalLM``)."""
+    base = getattr(model, "model", model)
+    if not hasattr(base, "layers"):
+        raise ValueError(f"{type(model).__name__} has no decoder layers (expected model.model.layers)")
+    return base
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    return base_model(model).layers
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def to_device(obj, device):
+    """Move tensors inside nested tuples/lists/dicts to ``device``."""
+    if torch.is_tensor(obj):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _shared_kwargs(kwargs_per_layer: list[dict], device) -> list[dict]:
+    """Move each layer's kwargs to ``device``; layers given the same objects share one moved dict."""
+    out, seen = [], {}
+    for kw in kwargs_per_layer:
+        key = tuple((k, id(v)) for k, v in sorted(kw.items()))
+        if key not in seen:
+            seen[key] = to_device(kw, device)
+        out.append(seen[key])
+    return out
+
+
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, batches: Iterable[dict], store_device=None,
+                         progress: Optional[Progress] = None, total: Optional[int] = None) -> LayerInputs:
+    """Hidden states entering layer 0 and every layer's kwargs, for each batch (no layer is run).
+
+    ``batches``: dicts with ``input_ids`` and ``attention_mask`` ``[B, T]``. ``store_device``: where the
+    hidden states are kept (default: the model's device; ``"cpu"`` for big models on a GPU).
+    """
+    progress = ensure_progress(progress)
+    base = base_model(model)
+    device = model_device(model)
+    store = torch.device(store_device) if store_device is not None else device
+    sink: list = []
+    shell = copy.copy(base)  # shallow: shares every parameter, the teacher is left as it is
+    shell._modules = dict(base._modules)
+    shell._modules["layers"] = nn.ModuleList([_Recorder(sink) for _ in base.layers])
+    hidden, masks, kwargs = [], [], []
+    batches = list(batches) if total is None else batches
+    total = len(batches) if total is None else total
+    for b, batch in enumerate(batches):
+        sink.clear()
+        ids = batch["input_ids"].to(device)
+        mask = batch["attention_mask"].to(device)
+        shell(input_ids=ids, attention_mask=mask, use_cache=False)
+        if len(sink) != len(base.layers):
+            raise RuntimeError(f"decoder called {len(sink)} of {len(base.layers)} layers; unsupported model")
+        hidden.append(sink[0][0].to(store))
+        masks.append(mask.bool().to(store))
+        kwargs.append(_shared_kwargs([kw for _, kw in sink], store))
+        progress(b + 1, total, "embedding calibration batches")
+    return LayerInputs(hidden, masks, kwargs)
+
+
+def layer_on(layer: nn.Module, device) -> nn.Module:
+    """``layer`` itself if its weights are on ``device``, else a copy there (the original is untouched)."""
+    device = torch.device(device)
+    p = next(layer.parameters())
+    if p.device == device or (device.type == p.device.type == "cuda" and device.index is None):
+        return layer
+    return copy.deepcopy(layer).to(device)
+
+
+def call_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """One decoder layer on ``hidden`` ``[B, T, H]`` (tuple outputs of older transformers unwrapped)."""
+    out = layer(hidden, use_cache=False, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def run_layer(layer: nn.Module, inputs: LayerInputs, index: int, device=None, store_device=None,
+              hidden: Optional[list[torch.Tensor]] = None) -> list[torch.Tensor]:
+    """Outputs of decoder layer ``index`` (module ``layer``) for every batch, ``[B, T, H]`` each.
+
+    ``hidden`` overrides ``inputs.hidden`` (e.g. the student's stream). Computation on ``device``
+    (default: the layer's), results stored on ``store_device`` (default: where the inputs are).
+    """
+    hidden = inputs.hidden if hidden is None else hidden
+    device = torch.device(device) if device is not None else next(layer.parameters()).device
+    layer = layer_on(layer, device)
+    outs = []
+    for h, kw in zip(hidden, inputs.layer_kwargs):
+        store = torch.device(store_device) if store_device is not None else h.device
+        outs.append(call_layer(layer, h.to(device), to_device(kw[index], device)).to(store))
+    return outs
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    return base_model(model).norm
+
+
+def masked_square_error(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> tuple[float, float, int]:
+    """(Σ (a−b)², Σ b², tokens) over positions where ``mask`` ``[B, T]`` is True; a, b ``[B, T, H]``."""
+    m = mask.to(a.device)
+    d = (a[m].double() - b.to(a.device)[m].double())
+    ref = b.to(a.device)[m].double()
+    return float((d * d).sum()), float((ref * ref).sum()), int(m.sum())
+
+
+def hidden_mse(student: list[torch.Tensor], teacher: list[torch.Tensor], masks: list[torch.Tensor],
+               width: int) -> dict:
+    """Mean squared error per element between two hidden streams over real tokens, and relative to ‖teacher‖²."""
+    err = ref = 0.0
+    tokens = 0
+    for s, t, m in zip(student, teacher, masks):
+        e, r, n = masked_square_error(s, t, m)
+        err, ref, tokens = err + e, ref + r, tokens + n
+    return {"mse": err / max(1, tokens * width), "rel_mse": err / ref if ref > 0 else 0.0, "tokens": tokens}

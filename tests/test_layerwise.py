@@ -1,0 +1,75 @@
+"""The decoder-layer-by-layer runner reproduces the full model exactly and leaves the teacher alone."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowrank_core import layerwise as lw
+from lowrank_core.models import tiny_model
+
+
+def _batches():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 250, (3, 12), generator=g)
+    mask = torch.ones(3, 12, dtype=torch.long)
+    mask[1, 8:] = 0
+    mask[2, 5:] = 0
+    ids2 = torch.randint(0, 250, (2, 7), generator=g)
+    return [{"input_ids": ids, "attention_mask": mask},
+            {"input_ids": ids2, "attention_mask": torch.ones(2, 7, dtype=torch.long)}]
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_layer_by_layer_reproduces_full_model(arch):
+    model, _ = tiny_model(arch, layers=3)
+    batches = _batches()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    inputs = lw.capture_layer_inputs(model, batches)
+    assert len(inputs.hidden) == 2 and inputs.tokens == 12 + 8 + 5 + 14
+    hidden = inputs.hidden
+    for i, layer in enumerate(lw.decoder_layers(model)):
+        hidden = lw.run_layer(layer, inputs, i, hidden=hidden)
+    with torch.no_grad():
+        for b, batch in enumerate(batches):
+            ref = model(**batch, output_hidden_states=True)
+            real = batch["attention_mask"].bool()
+            logits = model.lm_head(lw.final_norm(model)(hidden[b]))
+            assert torch.equal(logits[real], ref.logits[real])
+            assert torch.equal(lw.final_norm(model)(hidden[b])[real], ref.hidden_states[-1][real])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_kwargs_shared_across_layers_and_hidden_stored_on_request():
+    model, _ = tiny_model("llama", layers=3)
+    inputs = lw.capture_layer_inputs(model, _batches()[:1], store_device="cpu")
+    kws = inputs.layer_kwargs[0]
+    assert len(kws) == 3 and kws[0] is kws[1] is kws[2]
+    assert "position_embeddings" in kws[0] and "cache" not in kws[0]
+    assert inputs.hidden[0].device.type == "cpu"
+    assert inputs.masks[0].dtype == torch.bool and inputs.masks[0].sum() == 12 + 8 + 5
+
+
+def test_layer_on_copies_only_across_devices():
+    model, _ = tiny_model("llama", layers=1)
+    layer = lw.decoder_layers(model)[0]
+    assert lw.layer_on(layer, "cpu") is layer
+    if torch.cuda.is_available():
+        moved = lw.layer_on(layer, "cuda")
+        assert moved is not layer and next(layer.parameters()).device.type == "cpu"
+
+
+def test_hidden_mse_ignores_padding():
+    a = torch.zeros(1, 4, 2)
+    b = torch.zeros(1, 4, 2)
+    b[0, 3] = 100.0  # a padding position: must not count
+    b[0, 0] = 1.0
+    mask = torch.tensor([[True, True, True, False]])
+    out = lw.hidden_mse([a], [b], [mask], width=2)
+    assert out["tokens"] == 3
+    assert out["mse"] == pytest.approx(2.0 / 6)
+    assert out["rel_mse"] == pytest.approx(1.0)
+
+
+def test_model_without_decoder_layers_is_rejected():
+    with pytest.raises(ValueError, match="no decoder layers"):
+        lw.decoder_layers(torch.nn.Linear(2, 2))
