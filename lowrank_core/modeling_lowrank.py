@@ -1,0 +1,83 @@
+"""Remote-code modeling file copied into every *factorized* lowrank export.
+
+``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`` finds this file through the
+``auto_map`` entry of the export's ``config.json``. It depends on torch and transformers only (never on
+``lowrank_core``): the classes below subclass the base architecture's Hugging Face classes and, before
+any weight is loaded, swap every matrix listed in ``config.lowrank_ranks`` (``{module name: rank}``)
+for a :class:`LowRankLinear` whose ``down.weight [rank, in]`` and ``up.weight [out, rank]`` (and
+``up.bias``) are read from the export's safetensors.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM)
+
+
+class LowRankLinear(nn.Module):
+    """``y = up(down(x))``: ``down`` maps in -> rank (no bias), ``up`` maps rank -> out (optional bias)."""
+
+    def __init__(self, in_features, out_features, rank, bias=False, device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features, self.rank = int(in_features), int(out_features), int(rank)
+        self.down = nn.Linear(self.in_features, self.rank, bias=False, device=device, dtype=dtype)
+        self.up = nn.Linear(self.rank, self.out_features, bias=bias, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+def swap_low_rank(model: nn.Module, ranks: dict) -> None:
+    """Replace each ``nn.Linear`` named in ``ranks`` by a LowRankLinear of that rank (same device/dtype)."""
+    for name, rank in (ranks or {}).items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        old = getattr(parent, child)
+        weight = old.weight
+        setattr(parent, child, LowRankLinear(old.in_features, old.out_features, rank, bias=old.bias is not None,
+                                             device=weight.device, dtype=weight.dtype))
+
+
+class _LowRankMixin:
+    """Swaps the linears named in ``config.lowrank_ranks`` right after the base model is built."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        swap_low_rank(self, getattr(config, "lowrank_ranks", None) or {})
+
+
+# Extra config keys (``lowrank_ranks``, ``lowrank_base_model_type``) are kept as attributes by transformers.
+class LowRankLlamaConfig(LlamaConfig):
+    model_type = "lowrank_llama"
+
+
+class LowRankMistralConfig(MistralConfig):
+    model_type = "lowrank_mistral"
+
+
+class LowRankQwen2Config(Qwen2Config):
+    model_type = "lowrank_qwen2"
+
+
+class LowRankLlamaForCausalLM(_LowRankMixin, LlamaForCausalLM):
+    config_class = LowRankLlamaConfig
+
+
+class LowRankMistralForCausalLM(_LowRankMixin, MistralForCausalLM):
+    config_class = LowRankMistralConfig
+
+
+class LowRankQwen2ForCausalLM(_LowRankMixin, Qwen2ForCausalLM):
+    config_class = LowRankQwen2Config
+
+
+# model_type of the base architecture -> (config class name, model class name) for ``auto_map``
+CLASS_NAMES = {
+    "llama": ("LowRankLlamaConfig", "LowRankLlamaForCausalLM"),
+    "mistral": ("LowRankMistralConfig", "LowRankMistralForCausalLM"),
+    "qwen2": ("LowRankQwen2Config", "LowRankQwen2ForCausalLM"),
+}
