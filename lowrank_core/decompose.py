@@ -1,0 +1,268 @@
+"""Rank-r factorisations of a linear weight: plain SVD and the activation-aware ("whitened") optimum.
+
+Shapes: ``W`` is ``out x in`` (PyTorch layout), a Gram ``G = Σ_tokens x xᵀ`` is ``in x in`` float64.
+Factors satisfy ``W ≈ up @ down`` with ``up [out, r]`` and ``down [r, in]``.
+
+``whitened`` is the closed-form minimiser of the output error ``‖(W − W′)Xᵀ‖² = trace(ΔW G ΔWᵀ)`` over
+rank-r ``W′`` (SVD-LLM): with ``G = L Lᵀ``, truncate the SVD of ``W·L`` and fold ``L⁻¹`` back. The same
+optimum is ``P_r W`` with ``P_r`` the projector on the top-r eigenvectors of the output covariance
+``W G Wᵀ``, which needs neither ``L`` nor its inverse; this module uses that form when ``out <= in``
+(q/k/v/o/down) and the Cholesky form (triangular solves, never an explicit inverse) when ``out > in``
+(gate/up, lm_head), choosing whichever symmetric eigenproblem is smaller. All maths runs in float64 on
+the weight's device; factors come back in the weight's dtype and are balanced (``‖up[:, i]‖ =
+‖down[i]‖``), which keeps them well scaled for low-precision storage and for gradient refits.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+FACTOR_METHODS = ("svd", "whitened")
+DAMPING_START = 1e-6      # first diagonal damping, relative to mean(diag(G))
+DAMPING_GROWTH = 10.0
+DAMPING_TRIES = 8         # 1e-6 ... 10 x mean(diag(G)), then the eigendecomposition fallback
+
+
+class FactorizationError(ValueError):
+    """Bad input to a factorisation (rank, shapes, method, non-finite values)."""
+
+
+@dataclass
+class Factors:
+    """``W ≈ up @ down (+ bias)``: ``up [out, r]``, ``down [r, in]``, ``bias [out]`` or None."""
+
+    up: Tensor
+    down: Tensor
+    bias: Optional[Tensor] = None
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    def merged(self) -> Tensor:
+        """The rank-r weight ``up @ down`` [out, in] in the factors' dtype."""
+        return self.up @ self.down
+
+    def num_parameters(self) -> int:
+        return self.up.numel() + self.down.numel() + (self.bias.numel() if self.bias is not None else 0)
+
+
+# ----------------------------------------------------------------------------- whitening
+class Whitening:
+    """One input Gram ``G`` [in, in] prepared for factorising every linear that reads it.
+
+    ``factor`` (lazy) is ``L`` with ``L Lᵀ = G + damping·I``: a Cholesky factor, with adaptive diagonal
+    damping when ``G`` is not positive definite, or ``Q·diag(√λ)`` from a clamped eigendecomposition
+    when even damping fails. Build one per Gram key and reuse it (q/k/v share one; gate/up share one).
+    """
+
+    def __init__(self, gram, device: Optional[torch.device] = None):
+        gram = getattr(gram, "gram", gram)  # accept GramStats
+        if not isinstance(gram, Tensor) or gram.ndim != 2 or gram.shape[0] != gram.shape[1]:
+            shape = tuple(gram.shape) if isinstance(gram, Tensor) else type(gram).__name__
+            raise FactorizationError(f"gram must be a square [in, in] tensor, got {shape}")
+        g = gram.to(device=device or gram.device, dtype=torch.float64)
+        if not torch.isfinite(g).all():
+            raise FactorizationError("gram has non-finite entries (NaN/inf); recollect the calibration statistics")
+        self.gram = (g + g.T) / 2
+        self.kind: Optional[str] = None   # "cholesky" or "eigh" once the factor is computed
+        self.damping = 0.0                # absolute value added to the diagonal
+        self._factor: Optional[Tensor] = None
+        self._eig: Optional[tuple[Tensor, Tensor]] = None
+
+    @property
+    def in_features(self) -> int:
+        return int(self.gram.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.gram.device
+
+    @property
+    def factor(self) -> Tensor:
+        """``L`` [in, in] float64 with ``L Lᵀ ≈ G`` (lower-triangular unless ``kind == "eigh"``)."""
+        if self._factor is None:
+            self._compute()
+        return self._factor
+
+    def _compute(self) -> None:
+        g = self.gram
+        n = g.shape[0]
+        scale = float(g.diagonal().mean().clamp_min(0))
+        scale = scale if scale > 0 else 1.0  # an all-zero Gram whitens to the identity (plain SVD)
+        eye = torch.eye(n, dtype=g.dtype, device=g.device)
+        damping = 0.0
+        for attempt in range(DAMPING_TRIES + 1):
+            L, info = torch.linalg.cholesky_ex(g + damping * eye if damping else g)
+            if int(info) == 0 and torch.isfinite(L).all():
+                self._factor, self.kind, self.damping = L, "cholesky", damping
+                return
+            damping = scale * DAMPING_START * DAMPING_GROWTH ** attempt
+        lam, q = torch.linalg.eigh(g)
+        floor = scale * DAMPING_START
+        lam = lam.clamp_min(floor)
+        self._eig = (q, lam.sqrt())
+        self._factor, self.kind, self.damping = q * lam.sqrt(), "eigh", floor
+
+    def whiten(self, W: Tensor) -> Tensor:
+        """``W·L`` [out, in] float64."""
+        return W.to(self.device, torch.float64) @ self.factor
+
+    def unwhiten(self, M: Tensor) -> Tensor:
+        """``M·L⁻¹`` [k, in] float64, by a triangular solve (no inverse is ever formed)."""
+        L = self.factor
+        M = M.to(self.device, torch.float64)
+        if self.kind == "eigh":
+            q, root = self._eig
+            return (M @ q) / root @ q.T
+        return torch.linalg.solve_triangular(L, M, upper=False, left=False)
+
+    def output_covariance(self, W: Tensor) -> Tensor:
+        """``W G Wᵀ`` [out, out] float64: the covariance of the layer's outputs (sum over tokens)."""
+        W64 = W.to(self.device, torch.float64)
+        return _symmetric((W64 @ self.gram) @ W64.T)
+
+
+def whitening(gram, device: Optional[torch.device] = None) -> Whitening:
+    """Prepare a Gram [in, in] (tensor or ``GramStats``) for whitened factorisations; see ``Whitening``."""
+    return gram if isinstance(gram, Whitening) else Whitening(gram, device=device)
+
+
+# ----------------------------------------------------------------------------- helpers
+def _symmetric(M: Tensor) -> Tensor:
+    return (M + M.T) / 2
+
+
+def _check_weight(W: Tensor) -> None:
+    if not isinstance(W, Tensor) or W.ndim != 2:
+        raise FactorizationError(f"weight must be a 2-D [out, in] tensor, got "
+                                 f"{tuple(W.shape) if isinstance(W, Tensor) else type(W).__name__}")
+    if not torch.isfinite(W).all():
+        raise FactorizationError("weight has non-finite entries (NaN/inf)")
+
+
+def _check_rank(W: Tensor, rank) -> int:
+    max_rank = min(W.shape)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= max_rank:
+        raise FactorizationError(f"rank {rank!r} is not allowed for a {W.shape[0]} x {W.shape[1]} weight; "
+                                 f"allowed: an integer from 1 to {max_rank}")
+    return rank
+
+
+def _top_eigvecs(M: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """Eigenvalues (descending, clamped at 0) and the top-``rank`` eigenvectors of a symmetric PSD matrix."""
+    lam, vec = torch.linalg.eigh(M)
+    lam, vec = lam.flip(0).clamp_min(0), vec.flip(1)
+    return lam, vec[:, :rank].contiguous()
+
+
+def _balance(up: Tensor, down: Tensor) -> tuple[Tensor, Tensor]:
+    """Rescale each rank-1 term ``up[:, i] down[i]`` so both sides have the same norm (product unchanged)."""
+    a, b = up.norm(dim=0), down.norm(dim=1)
+    tiny = torch.finfo(up.dtype).tiny
+    c = torch.where((a > tiny) & (b > tiny), (b.clamp_min(tiny) / a.clamp_min(tiny)).sqrt(), torch.ones_like(a))
+    return up * c, down / c[:, None]
+
+
+def _finish(up: Tensor, down: Tensor, like: Tensor, bias: Optional[Tensor]) -> Factors:
+    up, down = _balance(up, down)
+    if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
+        raise FactorizationError("factorisation produced non-finite factors")  # defensive; should not happen
+    dt, dev = like.dtype, like.device
+    b = None if bias is None else bias.detach().to(device=dev, dtype=dt).clone()
+    return Factors(up.to(dev, dt).contiguous(), down.to(dev, dt).contiguous(), b)
+
+
+# ----------------------------------------------------------------------------- factorisations
+def svd_factors(W: Tensor, rank: int, bias: Optional[Tensor] = None) -> Factors:
+    """Plain truncated SVD: ``up = U_r S_r^½``, ``down = S_r^½ V_rᵀ`` (the best rank-r W′ in Frobenius norm)."""
+    _check_weight(W)
+    rank = _check_rank(W, rank)
+    W64 = W.detach().to(torch.float64)
+    if W.shape[0] <= W.shape[1]:
+        _, U = _top_eigvecs(_symmetric(W64 @ W64.T), rank)
+        return _finish(U, U.T @ W64, W, bias)
+    _, V = _top_eigvecs(_symmetric(W64.T @ W64), rank)
+    return _finish(W64 @ V, V.T.contiguous(), W, bias)
+
+
+def whitened_factors(W: Tensor, gram, rank: int, bias: Optional[Tensor] = None) -> Factors:
+    """Activation-aware factors minimising ``trace((W−W′) G (W−W′)ᵀ)`` over rank-r ``W′`` (SVD-LLM closed form).
+
+    ``gram`` is the input Gram [in, in] (tensor, ``GramStats`` or a prepared ``Whitening`` — pass the
+    latter to reuse one Cholesky factor across linears reading the same input).
+    """
+    _check_weight(W)
+    rank = _check_rank(W, rank)
+    wh = whitening(gram, device=W.device)
+    if wh.in_features != W.shape[1]:
+        raise FactorizationError(f"gram is {wh.in_features} x {wh.in_features} but the weight has "
+                                 f"{W.shape[1]} input features")
+    W64 = W.detach().to(wh.device, torch.float64)
+    if W.shape[0] <= W.shape[1]:
+        # top-r eigenvectors U of W G Wᵀ; W′ = U Uᵀ W (no factor of G needed, exact even for singular G)
+        _, U = _top_eigvecs(wh.output_covariance(W64), rank)
+        return _finish(U, U.T @ W64, W, bias)
+    A = wh.whiten(W64)                                       # W·L [out, in]
+    _, V = _top_eigvecs(_symmetric(A.T @ A), rank)           # right singular vectors of W·L
+    return _finish(A @ V, wh.unwhiten(V.T.contiguous()), W, bias)
+
+
+def whitened_singular_values(W: Tensor, gram) -> Tensor:
+    """Singular values ``s_i`` of ``W·L`` (``L Lᵀ = G``), descending, float64 [min(out, in)].
+
+    ``Σ_{i>r} s_i²`` is the output error ``‖(W − W_r)Xᵀ‖²`` of the rank-r whitened truncation and
+    ``Σ s_i² = ‖W Xᵀ‖²``. Computed as square roots of eigenvalues of ``W G Wᵀ`` (or of ``(WL)ᵀWL``), so
+    values below ~1e-7 of the largest carry little relative precision.
+    """
+    _check_weight(W)
+    wh = whitening(gram, device=W.device)
+    W64 = W.detach().to(wh.device, torch.float64)
+    if W.shape[0] <= W.shape[1]:
+        lam = torch.linalg.eigvalsh(wh.output_covariance(W64))
+    else:
+        A = wh.whiten(W64)
+        lam = torch.linalg.eigvalsh(_symmetric(A.T @ A))
+    return lam.flip(0).clamp_min(0).sqrt()
+
+
+def weight_singular_values(W: Tensor) -> Tensor:
+    """Singular values of the weight itself, descending, float64 [min(out, in)]."""
+    _check_weight(W)
+    return torch.linalg.svdvals(W.detach().to(torch.float64))
+
+
+def relative_output_error(W: Tensor, W_hat: Tensor, gram) -> float:
+    """``trace(ΔW G ΔWᵀ) / trace(W G Wᵀ)`` = ``‖(W−W′)Xᵀ‖² / ‖WXᵀ‖²`` over the Gram's tokens (0 if both vanish)."""
+    g = getattr(gram, "gram", gram)
+    if isinstance(g, Whitening):
+        g = g.gram
+    if W.shape != W_hat.shape:
+        raise FactorizationError(f"weight shapes differ: {tuple(W.shape)} vs {tuple(W_hat.shape)}")
+    g = g.to(W.device, torch.float64)
+    W64 = W.detach().to(torch.float64)
+    dW = W64 - W_hat.detach().to(W.device, torch.float64)
+    num = float(((dW @ g) * dW).sum())
+    den = float(((W64 @ g) * W64).sum())
+    if den <= 0:
+        return 0.0 if num <= 0 else float("inf")
+    return max(num, 0.0) / den
+
+
+def factorize(W: Tensor, rank: int, method: str, gram=None, bias: Optional[Tensor] = None) -> Factors:
+    """Factors of ``W`` at ``rank`` by ``method`` ("svd" or "whitened"; the latter needs ``gram``).
+
+    ``gram`` may be a tensor, ``GramStats`` or a prepared ``Whitening``. ``bias`` is carried over unchanged.
+    """
+    if method == "svd":
+        return svd_factors(W, rank, bias=bias)
+    if method == "whitened":
+        if gram is None:
+            raise FactorizationError("method 'whitened' needs the input Gram matrix (gram=...); "
+                                     "collect it with calibrate.collect_grams or use method 'svd'")
+        return whitened_factors(W, gram, rank, bias=bias)
+    raise FactorizationError(f"unknown factorisation method {method!r}; allowed: {', '.join(FACTOR_METHODS)} "
+                             f"('refit' starts from 'whitened' factors, see refit.py)")
