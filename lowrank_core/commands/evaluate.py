@@ -1,0 +1,52 @@
+"""``evaluate``: a model's answer loss and perplexity on N examples of one side of the honest split."""
+from __future__ import annotations
+
+from ..cli import print_json
+from ..data import SIDES, iter_side
+from ..evaluate import evaluate
+from ..models import DTYPES, load_model
+from ..progress import TqdmProgress
+from ..table import format_table
+
+
+def register(sub) -> None:
+    p = sub.add_parser("evaluate", help="answer loss / perplexity of a model on held-out instruction data")
+    p.add_argument("--model", default="default", help="'default', model folder, .gguf, hub id or tiny")
+    p.add_argument("--data", default="default",
+                   help="'default' (ShareGPT), 'chatterbot', local .parquet/.jsonl/.json (OpenOrca columns) or hub id")
+    p.add_argument("--n", type=int, default=200, help="number of examples to score")
+    p.add_argument("--split", default="eval", choices=SIDES + ("all",),
+                   help="side of the honest split to score (default eval; 'all' = no split)")
+    p.add_argument("--seed", type=int, default=0, help="split seed")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-len", type=int, default=512, help="tokens per example (prompt + answer)")
+    p.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    examples = iter_side(args.data, args.split, seed=args.seed)  # validates the source before loading a model
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    bar = TqdmProgress("evaluate")
+    try:
+        result = evaluate(loaded.model, loaded.tokenizer, examples, n=args.n, batch_size=args.batch_size,
+                          max_len=args.max_len, progress=bar)
+    finally:
+        bar.close()
+    split = {"side": args.split, "seed": args.seed, "source": args.data, "fingerprint": result.fingerprint}
+    record = {"model": loaded.name, "model_fingerprint": loaded.fingerprint, "data": args.data,
+              "split": args.split, **result.to_dict(), "split_info": split, "batch_size": args.batch_size,
+              "max_len": args.max_len, "dtype": args.dtype, "device": loaded.device}
+    if args.json:
+        print_json(record)
+        return 0
+    row = {k: record[k] for k in ("model", "data", "split", "examples", "tokens")}
+    row.update(loss=f"{result.loss:.4f}", perplexity=f"{result.perplexity:.3f}", seconds=f"{result.seconds:.1f}")
+    print(format_table([row], list(row)))
+    if result.skipped:
+        print(f"{result.skipped} example(s) skipped: the prompt alone filled --max-len {args.max_len}")
+    if result.examples < args.n:
+        print(f"note: the {args.split} side of {args.data!r} held only {result.examples} usable examples")
+    return 0

@@ -1,0 +1,129 @@
+"""Streaming answer-loss evaluation: token-weighted mean cross-entropy over answer tokens.
+
+loss = Σ per-token CE (nats, summed in float64) / number of answer tokens (answer text + end-of-turn);
+perplexity = exp(loss). Examples are consumed lazily in the order given and only running sums are
+kept, so memory does not grow with the number of examples.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import IGNORE_INDEX, Example, iter_encoded_batches
+from .progress import Progress, ensure_progress
+
+# model types whose logits are exactly lm_head(final hidden state): the head can run on answer tokens only
+PLAIN_HEAD_TYPES = ("llama", "mistral", "qwen2")
+
+
+@dataclass
+class EvalResult:
+    loss: float             # mean answer-token cross-entropy, nats
+    perplexity: float       # exp(loss)
+    tokens: int             # answer tokens scored
+    examples: int           # examples scored
+    seconds: float          # wall time (encoding shared by all models + this model's forward passes)
+    skipped: int = 0        # examples dropped because no answer token survived max_len
+    fingerprint: str = ""   # sha256 (16 hex) over the ordered keys of the scored examples
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _answer_logits(model: nn.Module, input_ids, attention_mask, position_ids, selected) -> torch.Tensor:
+    """Logits [n_selected, vocab] at the positions ``selected`` [B, T-1] (those predicting answer tokens)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    decoder, head = getattr(model, "model", None), getattr(model, "lm_head", None)
+    if model_type in PLAIN_HEAD_TYPES and isinstance(decoder, nn.Module) and isinstance(head, nn.Module):
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=False).last_hidden_state
+        return head(hidden[:, :-1][selected])
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   use_cache=False).logits
+    return logits[:, :-1][selected]
+
+
+def answer_loss_sum(model: nn.Module, batch: dict) -> tuple[float, int]:
+    """(Σ cross-entropy over answer tokens in float64, number of answer tokens) for one padded batch.
+
+    Token t is predicted from positions < t; positions are counted from each row's first real token,
+    and padding is masked, so right padding leaves every row's result unchanged.
+    """
+    device = model_device(model)
+    input_ids = batch["input_ids"].to(device)
+    attention_mask = batch["attention_mask"].to(device)
+    targets = batch["labels"].to(device)[:, 1:]
+    selected = targets != IGNORE_INDEX
+    n = int(selected.sum())
+    if n == 0:
+        return 0.0, 0
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = _answer_logits(model, input_ids, attention_mask, position_ids, selected)
+    losses = F.cross_entropy(logits.float(), targets[selected], reduction="none")
+    return float(losses.double().sum()), n
+
+
+def evaluate_models(models: dict, tokenizer, examples: Iterable[Example], n: Optional[int] = None,
+                    batch_size: int = 8, max_len: int = 512, progress: Optional[Progress] = None) -> dict:
+    """{name: EvalResult}: every model scored on the same batches in one pass over ``examples``.
+
+    ``n`` caps the number of scored examples (None = all); ``progress(done_examples, total, message)``
+    is called after each batch (total = n, else len(examples) when known, else 0).
+    """
+    if not models:
+        raise ValueError("evaluate_models needs at least one model")
+    if n is not None and int(n) < 1:
+        raise ValueError(f"n {n!r} must be >= 1 (or None for every example)")
+    progress = ensure_progress(progress)
+    total = int(n) if n is not None else (len(examples) if hasattr(examples, "__len__") else 0)
+    sums = {name: 0.0 for name in models}
+    forward_seconds = {name: 0.0 for name in models}
+    tokens = done = 0
+    stats: dict = {}
+    keys = hashlib.sha256()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for batch, group in iter_encoded_batches(tokenizer, examples, batch_size, max_len, limit=n, stats=stats):
+            for name, model in models.items():
+                t0 = time.perf_counter()
+                loss_sum, batch_tokens = answer_loss_sum(model, batch)
+                forward_seconds[name] += time.perf_counter() - t0
+                sums[name] += loss_sum
+            tokens += batch_tokens
+            done += len(group)
+            for example in group:
+                keys.update(example.key().encode("ascii") + b"\n")
+            first = next(iter(models))
+            progress(done, total, f"loss {sums[first] / max(tokens, 1):.4f}")
+    skipped = stats.get("skipped", 0)
+    if tokens == 0:
+        raise ValueError(f"no answer tokens to score: {done} examples scored, {skipped} skipped because the "
+                         f"prompt filled max_len={max_len}; pass more examples or a larger max_len")
+    shared = (time.perf_counter() - start) - sum(forward_seconds.values())
+    results = {}
+    for name in models:
+        loss = sums[name] / tokens
+        results[name] = EvalResult(loss=loss, perplexity=math.exp(loss) if loss < 700 else math.inf,
+                                   tokens=tokens, examples=done, seconds=shared + forward_seconds[name],
+                                   skipped=skipped, fingerprint=keys.hexdigest()[:16])
+    return results
+
+
+def evaluate(model: nn.Module, tokenizer, examples: Iterable[Example], n: Optional[int] = None,
+             batch_size: int = 8, max_len: int = 512, progress: Optional[Progress] = None) -> EvalResult:
+    """Token-weighted mean answer loss and perplexity of ``model`` on (up to ``n`` of) ``examples``."""
+    return evaluate_models({"model": model}, tokenizer, examples, n=n, batch_size=batch_size,
+                           max_len=max_len, progress=progress)["model"]
