@@ -325,7 +325,16 @@ def reload_export(folder: Union[str, Path], format: str, dtype: torch.dtype, dev
     kw = dict(dtype=dtype, output_loading_info=True)
     if torch.device(device).type == "cuda":
         kw["device_map"] = {"": str(device)}
-    model, info = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=(format == "factorized"), **kw)
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # our own progress reports the phase
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=(format == "factorized"),
+                                                           **kw)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     return model.to(device).eval(), info
 
 
@@ -367,7 +376,9 @@ def verify_export(student: nn.Module, tokenizer, folder: Path, format: str, prob
 
 
 # ----------------------------------------------------------------------------- safe writing
-def _check_target(target: Path, force: bool) -> None:
+def check_target(target: Path, force: bool) -> None:
+    """Raise ExportError if ``target`` exists and may not (or must not) be replaced."""
+    target = Path(target).expanduser().absolute()
     if not target.exists():
         return
     if not force:
@@ -436,7 +447,7 @@ def export_student(student: nn.Module, tokenizer, target_dir: Union[str, Path], 
     if format not in FORMATS:
         raise ExportError(f"unknown export format {format!r}; allowed: {', '.join(FORMATS)}")
     target = Path(target_dir).expanduser().absolute()
-    _check_target(target, force)
+    check_target(target, force)
     progress = ensure_progress(progress)
     t0 = time.perf_counter()
     tmp = _temp_sibling(target, "tmp")
@@ -452,7 +463,7 @@ def export_student(student: nn.Module, tokenizer, target_dir: Union[str, Path], 
             (tmp / MANIFEST).write_text(json.dumps(full, indent=2) + "\n")
         t_verify = time.perf_counter() - t0 - t_write
         _ordinary_permissions(tmp)
-        _check_target(target, force)  # the target may have appeared meanwhile
+        check_target(target, force)  # the target may have appeared meanwhile
         _move_into_place(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
