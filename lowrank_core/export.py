@@ -338,6 +338,17 @@ def reload_export(folder: Union[str, Path], format: str, dtype: torch.dtype, dev
     return model.to(device).eval(), info
 
 
+def _check_tokenizer(folder: Path, format: str, probes: Sequence[torch.Tensor], probe, device) -> None:
+    """The saved tokenizer (and chat template) must encode the probe texts exactly as the original."""
+    from transformers import AutoTokenizer
+
+    saved = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=(format == "factorized"))
+    for a, b in zip(probes, _probe_ids(saved, probe, device)):
+        if not torch.equal(a, b):
+            raise ExportVerificationError(f"the tokenizer saved in {folder} encodes the probe text differently "
+                                          f"from the original ({b.shape[1]} vs {a.shape[1]} tokens)")
+
+
 def verify_export(student: nn.Module, tokenizer, folder: Path, format: str, probe=None, eval_examples=None,
                   tolerance: Optional[float] = None, progress: Optional[Progress] = None) -> dict:
     """Reload ``folder`` and compare with ``student``; raises ExportVerificationError on a mismatch.
@@ -354,7 +365,10 @@ def verify_export(student: nn.Module, tokenizer, folder: Path, format: str, prob
         if bad:
             raise ExportVerificationError(f"export {folder} reloads with {bad}")
         progress(1, 3, "comparing logits")
-        diff, scale = _max_logit_diff(student, reloaded, _probe_ids(tokenizer, probe, device))
+        probes = _probe_ids(tokenizer, probe, device)
+        if tokenizer is not None and not isinstance(probe, torch.Tensor):
+            _check_tokenizer(folder, format, probes, probe, device)
+        diff, scale = _max_logit_diff(student, reloaded, probes)
         tol = (tolerance if tolerance is not None else REL_TOLERANCE.get(dtype, 5e-2)) * max(1.0, scale)
         if not diff <= tol:  # also catches NaN
             raise ExportVerificationError(f"reloaded {format} export differs from the in-memory student: max |logit "
