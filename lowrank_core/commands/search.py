@@ -1,0 +1,106 @@
+"""``search``: per-matrix ranks under a loss budget (or a parameter target), verified on a validation split.
+
+The validation split is carved from the calibration side of the honest split; the evaluation split is
+scored once, at the end, for the teacher and the found student. ``--out plan.yaml`` saves the plan so
+that ``compress --plan plan.yaml`` (same ``--calib``/``--max-len``/``--batch-size``/``--seed``) rebuilds
+the same student.
+"""
+from __future__ import annotations
+
+import time
+
+from ..allocate import DEFAULT_KEEPS, PROBES, SearchSettings, allocate, decoder_target
+from ..cli import CliError, print_json
+from ..compress import CompressSettings
+from ..data import make_split
+from ..evaluate import evaluate_models
+from ..models import DTYPES, load_model
+from ..progress import TqdmProgress
+from ..table import format_table
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise CliError(f"bad --keeps {text!r}; use comma-separated fractions, e.g. 0.9,0.8,0.5") from None
+
+
+def register(sub) -> None:
+    p = sub.add_parser("search", help="rank allocation under a loss budget, verified on a validation split")
+    p.add_argument("--model", default="default", help="'default', model folder, .gguf, hub id or tiny")
+    p.add_argument("--data", default="default", help="'default' (ShareGPT), 'chatterbot', local file or hub id")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--budget", default=None,
+                        help="allowed Δ validation loss: nats (0.02) or percent of the teacher loss ('1%%'); default 1%%")
+    target.add_argument("--keep-params", type=float, default=None,
+                        help="parameter target instead: keep this fraction of the eligible linears' parameters")
+    target.add_argument("--target-params", type=int, default=None, help="parameter target: total parameters after")
+    p.add_argument("--calib", type=int, default=64, help="calibration examples (Grams)")
+    p.add_argument("--val", type=int, default=32, help="validation examples (sensitivity and verification)")
+    p.add_argument("--eval", type=int, default=200, help="evaluation examples scored once at the end")
+    p.add_argument("--seed", type=int, default=0, help="split seed")
+    p.add_argument("--max-len", type=int, default=512, help="tokens per calibration / evaluation example")
+    p.add_argument("--val-max-len", type=int, default=256, help="tokens per validation example")
+    p.add_argument("--batch-size", type=int, default=4, help="calibration batch size (as in compress)")
+    p.add_argument("--eval-batch-size", type=int, default=8)
+    p.add_argument("--probe", default="layer", choices=PROBES,
+                   help="sensitivity: 'layer' (one suffix pass per decoder layer) or 'matrix' (one per matrix)")
+    p.add_argument("--probe-keep", type=float, default=0.5, help="keep fraction of the probe rank")
+    p.add_argument("--keeps", default=",".join(str(k) for k in DEFAULT_KEEPS), help="candidate keep fractions")
+    p.add_argument("--max-verify", type=int, default=8, help="validation passes spent verifying the budget")
+    p.add_argument("--refit", action="store_true", help="final stage: refit the found plan, keep it if better")
+    p.add_argument("--out", default=None, help="save the plan (.yaml or .json)")
+    p.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    start = time.perf_counter()
+    split = make_split(args.data, n_calib=args.calib, n_eval=args.eval, n_val=args.val, seed=args.seed)
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    settings = SearchSettings(keeps=_floats(args.keeps), probe_keep=args.probe_keep, probe=args.probe,
+                              val_max_len=args.val_max_len, max_verify=args.max_verify, refit=args.refit,
+                              compression=CompressSettings(calib=args.calib, max_len=args.max_len,
+                                                           batch_size=args.batch_size, seed=args.seed))
+    target = None
+    if args.keep_params is not None:
+        target = decoder_target(loaded.model, args.keep_params, settings.modules)
+    elif args.target_params is not None:
+        target = args.target_params
+    budget = None if target is not None else (args.budget or "1%")
+    bar = TqdmProgress("search")
+    try:
+        result = allocate(loaded.model, loaded.tokenizer, split.calib, split.val, budget=budget,
+                          target_params=target, settings=settings, progress=bar)
+        scores = evaluate_models({"teacher": loaded.model, "student": result.student}, loaded.tokenizer,
+                                 split.eval, batch_size=args.eval_batch_size, max_len=args.max_len, progress=bar)
+    finally:
+        bar.close()
+    if args.out:
+        result.plan.save(args.out)
+    record = {"model": loaded.name, "data": args.data, "budget_arg": budget, **result.to_dict(),
+              "teacher_val_loss": result.teacher_loss,
+              "teacher_loss": scores["teacher"].loss, "eval_loss": scores["student"].loss,
+              "eval_delta": scores["student"].loss - scores["teacher"].loss, "eval_examples": scores["student"].examples,
+              "eval_tokens": scores["student"].tokens, "split": split.info.to_dict(), "out": args.out,
+              "seconds": time.perf_counter() - start}
+    if args.json:
+        print_json(record)
+        return 0
+    print(format_table(result.pareto, ["steps", "params", "removed", "predicted_loss", "val_loss", "verified"]))
+    print()
+    goal = f"budget {result.budget:.4f} nats" if result.budget is not None else f"target {result.target_params:,} params"
+    print(f"{goal}: {result.removed:,} of {result.params_before:,} parameters removed "
+          f"({result.params_after / result.params_before:.2%} kept), {len(result.ranks)} matrices factorised, "
+          f"method {result.method}")
+    print(f"validation loss  teacher {result.teacher_loss:.4f}  student {result.val_loss:.4f}  "
+          f"Δ {result.val_loss - result.teacher_loss:+.4f}")
+    print(f"evaluation loss  teacher {record['teacher_loss']:.4f}  student {record['eval_loss']:.4f}  "
+          f"Δ {record['eval_delta']:+.4f}  ({record['eval_examples']} examples)")
+    if args.out:
+        print(f"plan saved to {args.out}")
+    print(f"{record['seconds']:.1f} s")
+    return 0

@@ -1,0 +1,248 @@
+"""Rank allocation on a tiny model briefly trained on chatterbot (a random model barely reacts to
+compression): budget verified on the validation split, break-even respected, valid plans, greedy order."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from lowrank_core.allocate import (BudgetError, MatrixProfile, SearchSettings, allocate, build_profile,
+                                   candidate_ranks, error_curve, greedy_path, parse_budget, plan_from_ranks)
+from lowrank_core.archmap import LinearInfo, count_parameters, linear_map
+from lowrank_core.compress import CompressSettings, compress
+from lowrank_core.data import iter_batches, make_split
+from lowrank_core.evaluate import evaluate
+from lowrank_core.plan import account, load_plan
+
+MAX_LEN = 96
+
+
+@pytest.fixture(scope="module")
+def split():
+    return make_split("chatterbot", n_calib=32, n_eval=16, n_val=12, seed=0)
+
+
+@pytest.fixture(scope="module")
+def trained(split):
+    """(model, tokenizer): tiny Llama after 60 Adam steps on calibration examples (val loss ~3 nats)."""
+    from lowrank_core.models import tiny_model
+
+    model, tok = tiny_model("llama", seed=0)
+    batches = list(iter_batches(tok, split.calib, 8, MAX_LEN))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    torch.manual_seed(0)
+    model.train()
+    for step in range(60):
+        b = batches[step % len(batches)]
+        loss = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, tok
+
+
+@pytest.fixture(scope="module")
+def settings():
+    return SearchSettings(val_max_len=MAX_LEN, compression=CompressSettings(calib=32, max_len=MAX_LEN))
+
+
+@pytest.fixture(scope="module")
+def profile(trained, split, settings):
+    model, tok = trained
+    return build_profile(model, tok, split.calib, split.val, settings)
+
+
+@pytest.fixture(scope="module")
+def binding(trained, split, profile):
+    """A budget (nats) that binds: a third of the measured Δloss of compressing every matrix fully."""
+    full = _alloc(trained, split, profile, budget=10.0)
+    assert full.steps == full.path_length and full.val_loss > full.teacher_loss
+    return (full.val_loss - full.teacher_loss) / 3
+
+
+def _alloc(trained, split, profile, **kw):
+    model, tok = trained
+    return allocate(model, tok, split.calib, split.val, profile=profile, **kw)
+
+
+# ----------------------------------------------------------------------------- pure maths
+def test_parse_budget():
+    assert parse_budget("1%", 2.5) == pytest.approx(0.025)
+    assert parse_budget(0.02, 2.5) == 0.02
+    assert parse_budget("0.3", 2.5) == pytest.approx(0.3)
+    with pytest.raises(BudgetError, match="'lots'"):
+        parse_budget("lots", 2.0)
+    with pytest.raises(BudgetError, match="-1"):
+        parse_budget(-1, 2.0)
+
+
+def test_error_curve_is_tail_energy():
+    s = torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64)
+    assert error_curve(s) == pytest.approx([1.0, 5 / 14, 1 / 14, 0.0])
+
+
+def test_candidates_save_parameters():
+    info = LinearInfo("model.layers.0.self_attn.k_proj", 0, "attn", "k_proj", 32, 64)  # break-even 21
+    ranks = candidate_ranks(info, SearchSettings(ranks=(1, 8, 21, 22, 32, 64)))
+    assert ranks == [21, 8, 1]
+    assert all(info.factor_params(r) < info.params for r in ranks)
+
+
+def _profile(name, layer, sens, errors, cands):
+    info = LinearInfo(f"model.layers.{layer}.mlp.{name}", layer, "mlp", name, 10, 10)  # 100 params, r costs 20r
+    return MatrixProfile(info, cands, errors, sensitivity=sens)
+
+
+def test_greedy_takes_best_ratio_first_and_skips_a_bad_intermediate_rank():
+    flat = [1.0, 0.5, 0.4, 0.3, 0.2, 0.0]            # err(r), r = 0..5
+    cheap = _profile("up_proj", 0, 0.01, flat, [4, 2])
+    dear = _profile("down_proj", 0, 10.0, flat, [4, 2])
+    # rank 4 saves 20 for err 0.05, rank 2 saves 60 for err 0.1: the jump straight to 2 is the better ratio
+    kinked = _profile("gate_proj", 1, 0.01, [1.0, 0.5, 0.1, 0.05, 0.05, 0.0], [4, 2])
+    steps = greedy_path({p.info.name: p for p in (cheap, dear, kinked)})
+    names = [s.name for s in steps]
+    assert names.index(cheap.info.name) < names.index(dear.info.name)
+    assert all(b.predicted >= a.predicted for a, b in zip(steps, steps[1:]))
+    assert steps[-1].removed == 3 * (100 - 40)
+    first_kinked = next(s for s in steps if s.name == kinked.info.name)
+    assert first_kinked.rank_from is None and first_kinked.rank_to == 2
+    # every matrix ends at its lowest candidate
+    last = {s.name: s.rank_to for s in steps}
+    assert set(last.values()) == {2}
+
+
+def test_plan_from_ranks_groups_layers():
+    from lowrank_core.models import tiny_model
+
+    model, _ = tiny_model("llama", seed=0, layers=4)
+    infos = linear_map(model)
+    ranks = {f"model.layers.{i}.self_attn.v_proj": 5 for i in (0, 1, 3)}
+    ranks["model.layers.2.mlp.down_proj"] = 7
+    plan = plan_from_ranks(ranks, infos)
+    rules = plan.to_dict()["rules"]
+    assert {"layers": "0-1,3", "modules": ["v_proj"], "rank": 5, "method": "whitened"} in rules
+    assert {"layers": "2", "modules": ["down_proj"], "rank": 7, "method": "whitened"} in rules
+    acc = account(model, load_plan(plan.to_dict()))
+    assert {r["name"]: r["rank"] for r in acc.rows} == ranks
+
+
+# ----------------------------------------------------------------------------- on the trained tiny model
+def test_budget_respected_on_validation_split(trained, split, profile, settings, binding):
+    model, tok = trained
+    result = _alloc(trained, split, profile, budget=binding)
+    assert result.budget == binding
+    assert result.ranks and result.steps < result.path_length
+    assert result.val_loss - result.teacher_loss <= result.budget
+    # independent measurement with the evaluation module on the same validation examples
+    kw = dict(batch_size=settings.val_batch_size, max_len=settings.val_max_len)
+    teacher = evaluate(model, tok, split.val, **kw).loss
+    student = evaluate(result.student, tok, split.val, **kw).loss
+    assert teacher == pytest.approx(result.teacher_loss, abs=1e-5)
+    assert student == pytest.approx(result.val_loss, abs=1e-5)
+    assert student - teacher <= result.budget + 1e-6
+
+
+def test_verification_backs_off_when_the_prediction_is_optimistic(trained, split, profile, binding):
+    optimistic = copy.copy(profile)
+    optimistic.matrices = {n: copy.copy(p) for n, p in profile.matrices.items()}
+    for p in optimistic.matrices.values():
+        p.sensitivity /= 1000.0
+    result = _alloc(trained, split, optimistic, budget=binding)
+    assert any(not v["ok"] for v in result.verified), "the optimistic prefix must fail verification"
+    assert result.val_loss - result.teacher_loss <= result.budget
+    assert result.steps < max(v["steps"] for v in result.verified)
+
+
+def test_plan_is_valid_and_params_match(trained, split, profile, binding):
+    model, _ = trained
+    result = _alloc(trained, split, profile, budget=binding)
+    acc = account(model, load_plan(json.loads(json.dumps(result.plan.to_dict()))))
+    assert acc.compressed == result.params_after == count_parameters(result.student)
+    assert not acc.warnings
+    assert all(r["rank"] <= r["break_even_rank"] and r["params_after"] < r["params_before"] for r in acc.rows)
+
+
+def test_unsaving_ranks_are_never_chosen(trained, split):
+    model, tok = trained
+    s = SearchSettings(ranks=(4, 21, 22, 32, 48, 64), val_max_len=MAX_LEN,
+                       compression=CompressSettings(calib=32, max_len=MAX_LEN))
+    result = allocate(model, tok, split.calib, split.val, budget=100.0, settings=s)
+    by_name = {li.name: li for li in linear_map(model)}
+    assert result.ranks
+    for name, rank in result.ranks.items():
+        li = by_name[name]
+        assert li.factor_params(rank) < li.params, f"{name} at rank {rank} does not save parameters"
+    assert all(r < 32 for n, r in result.ranks.items() if n.endswith("q_proj"))   # 64x64: break-even 32
+    assert all(r <= 21 for n, r in result.ranks.items() if n.endswith("k_proj"))  # 32x64: break-even 21
+
+
+def test_zero_budget_compresses_nothing_and_more_budget_removes_more(trained, split, profile, binding):
+    zero = _alloc(trained, split, profile, budget=0)
+    small = _alloc(trained, split, profile, budget=binding)
+    huge = _alloc(trained, split, profile, budget=10.0)
+    assert zero.ranks == {} and zero.params_after == zero.params_before
+    assert huge.removed > small.removed >= zero.removed
+    assert huge.steps == huge.path_length
+
+
+def test_parameter_target_within_one_step(trained, split, profile):
+    model, _ = trained
+    target = int(0.8 * count_parameters(model))
+    result = _alloc(trained, split, profile, budget=None, target_params=target)
+    assert result.params_after <= target
+    steps = greedy_path(profile.matrices)
+    last_step_saving = steps[result.steps - 1].saved
+    assert result.params_after + last_step_saving > target
+    assert result.val_loss == next(v["val_loss"] for v in result.verified if v["steps"] == result.steps)
+    with pytest.raises(BudgetError, match="exactly one"):
+        _alloc(trained, split, profile, budget="1%", target_params=target)
+
+
+def test_plan_rebuilds_the_same_student_through_compress(trained, split, profile, settings, binding, tmp_path):
+    model, tok = trained
+    result = _alloc(trained, split, profile, budget=binding)
+    path = tmp_path / "plan.yaml"
+    result.plan.save(path)
+    rebuilt = compress(model, tok, load_plan(str(path)), split.calib, settings.compression).student
+    a, b = result.student.state_dict(), rebuilt.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_teacher_untouched(trained, split, profile):
+    model, _ = trained
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _alloc(trained, split, profile, budget=1.0)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_bad_settings_name_the_value():
+    with pytest.raises(ValueError, match="'fast'"):
+        SearchSettings(probe="fast").validate()
+    with pytest.raises(ValueError, match="o_prj"):
+        SearchSettings(modules=("o_prj",)).validate()
+
+
+def test_cli_search_json(tmp_path, capsys):
+    from lowrank_core.cli import main
+
+    out = tmp_path / "plan.yaml"
+    common = ["--model", "tiny", "--data", "chatterbot", "--calib", "16", "--eval", "12", "--max-len", "96"]
+    rc = main(["search", *common, "--val", "8", "--val-max-len", "96", "--budget", "2%", "--out", str(out),
+               "--json"])
+    assert rc == 0
+    record = json.loads(capsys.readouterr().out)
+    for key in ("plan", "params_before", "params_after", "teacher_loss", "val_loss", "eval_loss", "pareto"):
+        assert key in record
+    assert record["val_loss"] - record["teacher_val_loss"] <= record["budget"]
+    assert out.is_file() and load_plan(str(out)).to_dict() == record["plan"]
+    rc = main(["compress", *common, "--plan", str(out), "--json"])
+    assert rc == 0
+    rebuilt = json.loads(capsys.readouterr().out)
+    assert rebuilt["params_after"] == record["params_after"]
+    assert rebuilt["student_loss"] == pytest.approx(record["eval_loss"], abs=1e-9)
