@@ -103,6 +103,11 @@ def method_schema() -> dict:
     schema = _dataclass_schema(CompressSettings, skip=FROM_DATA + ("method", "refit"))
     schema["name"] = Key((str,), "whitened", choices=METHODS)
     schema["refit"] = _dataclass_schema(RefitSettings)
+    from . import refit
+
+    targets = getattr(refit, "SUPPORTED_TARGETS", None)
+    if targets and "target" in schema["refit"]:
+        schema["refit"]["target"] = Key((str,), schema["refit"]["target"].default, choices=tuple(targets))
     return schema
 
 
@@ -206,9 +211,14 @@ def validate_recipe(data, path: Optional[str] = None) -> Recipe:
                     data=checked["data"], plan=plan, method=checked["method"], evaluate=ev,
                     export=checked.get("export"), path=path)
     try:
-        recipe.compress_settings().validate()
-    except (TypeError, ValueError) as e:
+        settings = recipe.compress_settings()
+    except TypeError as e:
         raise _fail("method", str(e)) from None
+    for where, check in (("method.refit", settings.refit.validate), ("method", settings.validate)):
+        try:
+            check()
+        except ValueError as e:
+            raise _fail(where, str(e)) from None
     return recipe
 
 
