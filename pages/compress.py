@@ -1,3 +1,143 @@
+"""Compress: build a student from a plan, with progress; per-matrix errors, hidden MSE and refit curves."""
+from __future__ import annotations
+
+import pandas as pd
 import streamlit as st
-st.title("compress")
-st.info("coming soon")
+
+from ui import cache, charts, engine, jobs, state
+from ui.progress import run_with_status
+
+compress_mod, refit_mod, plan_mod = engine.require("compress", "refit", "plan")
+FORM_KEY = "lowrank_compress_form"
+DEFAULTS = dict(method="whitened", batch_size=4, layerwise=False, steps=200, lr=1e-4, batch_tokens=2048,
+                valid=0.2, patience=3, target="block", train_bias=False)
+
+def draw_form(v: dict, default_plan: str, n_calib: int, busy: bool) -> dict:
+    """The job form, filled from ``v``. While a job runs it is drawn disabled under other keys (disabling
+    a widget resets it), so the real widgets come back afterwards showing the submitted values."""
+    sfx = "_busy" if busy else ""
+    with st.form("compress_form" + sfx):
+        st.caption("Plan: prefilled from the Budget page when you built one there; YAML or the compact form "
+                   "(e.g. `6-29:attn:r16; 0-6:mlp:r16`).")
+        plan = st.text_area("Plan", value=default_plan, height=120, key="compress_plan" + sfx, disabled=busy)
+        c1, c2, c3, c4 = st.columns(4)
+        methods = list(plan_mod.METHODS)
+        out = dict(plan=plan)
+        out["method"] = c1.selectbox(
+            "Method (rules without one)", methods, index=methods.index(v["method"]), key="compress_method" + sfx,
+            disabled=busy, help="svd: plain truncated SVD; whitened: activation-aware (SVD-LLM); "
+                                "refit: whitened, then sequential block-level Adam refit")
+        out["calib"] = c2.number_input("Calibration examples", 1, max(1, n_calib), min(v["calib"], max(1, n_calib)),
+                                       key="compress_calib" + sfx, disabled=busy,
+                                       help="at most the split's calib side")
+        out["batch_size"] = c3.number_input("Batch size", 1, 256, v["batch_size"], key="compress_batch" + sfx,
+                                            disabled=busy)
+        out["layerwise"] = c4.checkbox("Layer by layer", value=v["layerwise"], key="compress_layerwise" + sfx,
+                                       disabled=busy, help="sequential path: each layer calibrated on the "
+                                                           "student's own inputs (always on for refit)")
+        with st.expander("Refit settings (method refit)"):
+            r1, r2, r3, r4 = st.columns(4)
+            out["steps"] = r1.number_input("steps per layer", 0, 100_000, v["steps"], key="refit_steps" + sfx,
+                                           disabled=busy)
+            out["lr"] = r2.number_input("learning rate", 1e-7, 1.0, v["lr"], format="%.1e", key="refit_lr" + sfx,
+                                        disabled=busy)
+            out["batch_tokens"] = r3.number_input("tokens per step", 16, 1_000_000, v["batch_tokens"],
+                                                  key="refit_tokens" + sfx, disabled=busy)
+            out["valid"] = r4.number_input("held-out fraction", 0.0, 0.9, v["valid"], step=0.05,
+                                           key="refit_valid" + sfx, disabled=busy,
+                                           help="share of calibration examples held out (errors, early stopping)")
+            r5, r6, r7, _ = st.columns(4)
+            out["patience"] = r5.number_input("patience", 1, 1000, v["patience"], key="refit_patience" + sfx,
+                                              disabled=busy)
+            targets = list(refit_mod.SUPPORTED_TARGETS)
+            out["target"] = r6.selectbox("target", targets, index=targets.index(v["target"]),
+                                         key="refit_target" + sfx, disabled=busy)
+            out["train_bias"] = r7.checkbox("train bias", value=v["train_bias"], key="refit_bias" + sfx,
+                                            disabled=busy)
+        out["submitted"] = st.form_submit_button("Compress", type="primary", disabled=busy)
+    return out
+
+
+st.title("Compress")
+s = state.settings()
+lm = cache.require_model(s)
+split = cache.data_split(s)
+pending = st.session_state.get(state.JOB_KEY)
+running = pending is not None
+stored = state.stored_plan()
+budget_text = stored["text"] if stored else "all:k0.9"
+# the form's last submitted values: defaults of its widgets before, during and after a job
+v = st.session_state.setdefault(FORM_KEY, dict(DEFAULTS, calib=len(split.calib)))
+default_plan = v["plan"] if v.get("budget_text") == budget_text and v.get("plan") else budget_text
+
+form = draw_form(v, default_plan, len(split.calib), running)
+
+if form.pop("submitted"):
+    v.update(form, budget_text=budget_text)
+    try:
+        plan = plan_mod.load_plan(v["plan"].strip())
+        refit = refit_mod.RefitSettings(steps=v["steps"], lr=v["lr"], batch_tokens=v["batch_tokens"],
+                                        valid_fraction=v["valid"], patience=v["patience"], target=v["target"],
+                                        train_bias=v["train_bias"], seed=s.seed)
+        settings = compress_mod.CompressSettings(method=v["method"], calib=v["calib"], max_len=s.max_len,
+                                                 batch_size=v["batch_size"], seed=s.seed,
+                                                 layerwise=v["layerwise"], refit=refit)
+        settings.validate()
+        plan_mod.resolve_plan(plan, cache.linears(lm), v["method"])  # a bad rule fails here, before any work
+    except ValueError as e:
+        st.error(f"Cannot compress: {e}")
+    else:
+        key = jobs.job_key(lm.fingerprint, split.info.fingerprint, plan, settings)
+        if key in state.results():
+            st.session_state[state.CURRENT_KEY] = key
+            st.success("Same model, data, plan and settings as a finished run: its result is shown, "
+                       "nothing was recomputed.")
+        else:
+            st.session_state[state.JOB_KEY] = {"key": key, "plan": plan, "settings": settings}
+            st.rerun()  # draw the form disabled, then run the job
+
+if running:
+    try:
+        result = run_with_status(
+            f"Compressing {lm.name} ({pending['settings'].method})",
+            lambda p: compress_mod.compress(lm.model, lm.tokenizer, pending["plan"], split.calib,
+                                            pending["settings"], progress=p))
+    except ValueError as e:
+        st.session_state.pop(state.JOB_KEY, None)
+        st.error(f"Compression failed: {e}")
+        st.stop()
+    jobs.store_result(pending["key"], result, lm, pending["plan"], pending["settings"])
+    st.session_state.pop(state.JOB_KEY, None)
+    st.rerun()
+
+key, result = state.current_result()
+if result is None:
+    st.info("No compression yet in this session: choose a plan and press **Compress**.")
+    st.stop()
+
+st.subheader(jobs.run_label(key))
+c1, c2, c3, c4 = st.columns(4)
+c1.metric("parameters before", f"{result.params_before:,}")
+c2.metric("parameters after", f"{result.params_after:,}", delta=f"{result.params_after - result.params_before:,}",
+          delta_color="inverse")
+c3.metric("of the original", f"{result.params_after / result.params_before:.2%}")
+c4.metric("time", f"{result.timings.get('total', 0):.1f} s")
+
+layers = pd.DataFrame(result.layers)
+if not layers.empty:
+    value = "rel_error" if layers["rel_error"].notna().any() else "rel_error_fit"
+    st.plotly_chart(charts.error_bars(result.layers, value), key="compress_errors")
+    with st.expander("Per-matrix table"):
+        st.dataframe(layers, hide_index=True, key="compress_layers")
+if result.hidden_mse:
+    mse = pd.DataFrame(result.hidden_mse)
+    col = "rel_mse" if "rel_mse" in mse else "mse"
+    st.plotly_chart(charts.line_chart({col: mse[col].tolist()}, "teacher vs student hidden states per decoder "
+                                      "layer", "layer", col, log=True), key="compress_mse")
+if result.refit_curves:
+    st.subheader("Refit curves")
+    name = st.selectbox("Layer", list(result.refit_curves), key="compress_curve")
+    curve = result.refit_curves[name]
+    st.plotly_chart(charts.refit_figure(curve, name), key="compress_refit")
+st.caption(" · ".join(f"{k} {v:.1f} s" for k, v in result.timings.items()) + " — split: " +
+           ", ".join(f"{k} {v}" for k, v in result.split.items()))

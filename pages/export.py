@@ -1,3 +1,68 @@
+"""Export: write the current student as a dense or factorized folder, verified by reloading it."""
+from __future__ import annotations
+
+from pathlib import Path
+
 import streamlit as st
-st.title("export")
-st.info("coming soon")
+
+from ui import cache, engine, jobs, state
+from ui.progress import run_with_status
+
+(export_mod,) = engine.require("export")
+
+st.title("Export")
+s = state.settings()
+lm = cache.require_model(s)
+key, _ = state.current_result()
+if key is None:
+    st.info("Compress a model on the **Compress** page first; the export writes that student.")
+    st.stop()
+
+results = state.results()
+keys = list(results)
+chosen = jobs.choose_run("Student", keys, key, key="export_run")
+result = results[chosen]
+run = next((r for r in reversed(state.runs()) if r["job"] == chosen), {})
+fmt = st.radio("Format", export_mod.FORMATS, horizontal=True, key="export_format",
+               help="dense: factors merged back into ordinary weights (plain transformers loads it); "
+                    "factorized: the factors themselves (smaller), loadable with trust_remote_code or lowrank_core")
+default_dir = str(Path("exports") / f"{lm.name.replace('/', '_')}-run{run.get('run', 0)}-{fmt}")
+target = st.text_input("Target folder", value=default_dir, key=f"export_dir_{fmt}_{chosen}")
+force = st.checkbox("Overwrite an existing folder", value=False, key="export_force")
+n_check = st.number_input("Also compare answer loss after reload on N eval examples (0 = skip)", 0, 10_000,
+                          0, key="export_eval")
+
+if st.button("Export and verify", type="primary", key="export_go"):
+    split = cache.data_split(s) if n_check else None
+    manifest = export_mod.build_manifest(
+        source=s.model_source, fingerprint=lm.fingerprint, plan=jobs.plan_of(chosen), method=run.get("method"),
+        settings=result.settings, split=split.info.to_dict() if split else None,
+        teacher_metrics={"loss": run.get("teacher_loss"), "perplexity": run.get("teacher_ppl")},
+        student_metrics={"loss": run.get("student_loss"), "perplexity": run.get("student_ppl")})
+    try:
+        out = run_with_status(
+            f"Writing a {fmt} export to {target}",
+            lambda p: export_mod.export_student(result.student, lm.tokenizer, target, format=fmt, manifest=manifest,
+                                                force=force, eval_examples=split.eval[: int(n_check)] if split else None,
+                                                progress=p))
+    except ValueError as e:
+        st.error(f"Export failed: {e}")
+    else:
+        st.session_state["lowrank_last_export"] = out
+
+out = st.session_state.get("lowrank_last_export")
+if out is not None:
+    if out.verified:
+        st.success(f"Verified: {out.path} reloads to the student (max |Δlogit| {out.max_logit_diff:.2e} ≤ "
+                   f"tolerance {out.tolerance:.2e}).")
+    else:
+        st.warning(f"Written to {out.path} without verification.")
+    c1, c2, c3, c4 = st.columns(4)
+    c1.metric("format", out.format)
+    c2.metric("parameters stored", f"{out.parameters:,}")
+    c3.metric("size on disk", f"{out.bytes_on_disk / 2**20:,.2f} MiB")
+    c4.metric("seconds", f"{out.seconds.get('total', 0):.1f}")
+    if out.reload_loss is not None:
+        st.write(f"Answer loss after reload **{out.reload_loss:.4f}** vs in-memory student **{out.student_loss:.4f}**.")
+    with st.expander("Ranks of the replaced matrices"):
+        st.json(out.ranks, expanded=False)

@@ -7,7 +7,6 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from lowrank_core.archmap import linear_map
 from lowrank_core.models import DEVICES, DTYPES
 from ui import cache, engine, state
 from ui.progress import run_with_status
@@ -54,7 +53,7 @@ with right:
     data_source = choose_source("Data source", DATA_KINDS, s.data_source, ("default", "chatterbot"), "data")
     c1, c2, c3, c4 = st.columns(4)
     n_calib = c1.number_input("calib", 1, 100_000, s.n_calib, key="data_calib", help="calibration examples")
-    n_val = c2.number_input("val", 0, 100_000, s.n_val, key="data_val", help="validation examples (refit)")
+    n_val = c2.number_input("val", 0, 100_000, s.n_val, key="data_val", help="an extra held-out side of the split (the refit holds out part of calib itself)")
     n_eval = c3.number_input("eval", 1, 1_000_000, s.n_eval, key="data_eval", help="evaluation examples")
     seed = c4.number_input("seed", 0, 2**31 - 1, s.seed, key="data_seed", help="decides each example's side")
     max_len = st.number_input("max tokens per example", 16, 32_768, s.max_len, step=64, key="data_maxlen")
@@ -71,7 +70,7 @@ if chosen != s:
 st.divider()
 lm = cache.current_model(s)
 if lm is not None:
-    linears = cache.memo("linear_map", lm.fingerprint, lambda: linear_map(lm.model))
+    linears = cache.linears(lm)
     st.subheader(f"Architecture map — {lm.name}")
     df = pd.DataFrame([li.row() for li in linears])
     total = sum(li.params for li in linears if not li.tied)

@@ -85,6 +85,13 @@ def require_model(s: Settings):
     return lm
 
 
+def linears(lm) -> list:
+    """``archmap.linear_map`` of a loaded model, cached by its fingerprint."""
+    from lowrank_core.archmap import linear_map
+
+    return memo("linear_map", lm.fingerprint, lambda: linear_map(lm.model))
+
+
 def split_key(s: Settings) -> tuple:
     return (s.data_source, s.n_calib, s.n_val, s.n_eval, s.seed)
 

@@ -29,7 +29,7 @@ class Settings:
     device: str = "auto"
     data_source: str = "default"
     n_calib: int = 64
-    n_val: int = 16
+    n_val: int = 0
     n_eval: int = 200
     seed: int = 0
     max_len: int = 512
@@ -43,7 +43,7 @@ def default_settings() -> Settings:
     s = Settings(model_source=os.environ.get("LOWRANK_APP_MODEL") or "default",
                  data_source=os.environ.get("LOWRANK_APP_DATA") or "default")
     if s.model_source.startswith("tiny"):
-        s = replace(s, n_calib=16, n_val=8, n_eval=32, max_len=128)
+        s = replace(s, n_calib=16, n_eval=32, max_len=128)
     return s
 
 

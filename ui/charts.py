@@ -1,0 +1,101 @@
+"""Plotly figures of the app. Inputs are plain lists/dicts/DataFrames; nothing here computes."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+MODULE_COLORS = {"q_proj": "#4c78a8", "k_proj": "#72b7b2", "v_proj": "#54a24b", "o_proj": "#eeca3b",
+                 "gate_proj": "#f58518", "up_proj": "#e45756", "down_proj": "#b279a2", "lm_head": "#9d755d"}
+
+
+def spectrum_figure(curves: dict[str, Sequence[float]], energies: dict[str, Sequence[float]],
+                    rank: Optional[int], break_even: Optional[int], title: str) -> go.Figure:
+    """Singular values (log y, left) and cumulative energy (right, 0-1) per curve name; rank markers."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("singular values (log scale)", "cumulative energy"))
+    for i, (name, values) in enumerate(curves.items()):
+        x = list(range(1, len(values) + 1))
+        fig.add_trace(go.Scatter(x=x, y=list(values), mode="lines", name=name, legendgroup=name), 1, 1)
+        if name in energies:
+            fig.add_trace(go.Scatter(x=x, y=list(energies[name]), mode="lines", name=name, legendgroup=name,
+                                     showlegend=False, line=dict(color=fig.data[-1].line.color)), 1, 2)
+    fig.update_yaxes(type="log", row=1, col=1)
+    fig.update_yaxes(range=[0, 1.02], tickformat=".0%", row=1, col=2)
+    fig.update_xaxes(title_text="index i (rank)")
+    for col in (1, 2):
+        if rank:
+            fig.add_vline(x=rank, line=dict(color="crimson", dash="dash"), row=1, col=col,
+                          annotation_text=f"rank {rank}" if col == 1 else None)
+        if break_even:
+            fig.add_vline(x=break_even, line=dict(color="gray", dash="dot"), row=1, col=col,
+                          annotation_text=f"break-even {break_even}" if col == 1 else None,
+                          annotation_position="bottom right")
+    fig.update_layout(title=title, height=430, margin=dict(t=70, b=40, l=40, r=20),
+                      legend=dict(orientation="h", y=-0.18))
+    return fig
+
+
+def rank_heatmap(table: pd.DataFrame, energy: float, basis: str) -> go.Figure:
+    """``table``: index = layer, columns = module, values = rank needed for ``energy``."""
+    fig = go.Figure(go.Heatmap(z=table.values, x=list(table.columns), y=[str(i) for i in table.index],
+                               colorscale="Viridis", text=table.values, texttemplate="%{text}",
+                               colorbar=dict(title="rank")))
+    fig.update_layout(title=f"rank needed for {energy:.0%} of the {basis} energy", height=max(300, 22 * len(table) + 120),
+                      xaxis_title="module", yaxis_title="layer", yaxis=dict(autorange="reversed"),
+                      margin=dict(t=60, b=40, l=40, r=20))
+    return fig
+
+
+def error_bars(rows: Sequence[dict], value: str = "rel_error") -> go.Figure:
+    """Per-matrix relative output error, one bar per matrix, coloured by module."""
+    df = pd.DataFrame(rows)
+    fig = go.Figure()
+    for module, part in df.groupby("module", sort=False):
+        fig.add_trace(go.Bar(x=part["name"].str.replace("model.layers.", "L", regex=False), y=part[value],
+                             name=module, marker_color=MODULE_COLORS.get(module)))
+    fig.update_layout(title="relative output error per matrix (held-out calibration tokens)", barmode="group",
+                      yaxis_title="‖ΔW Xᵀ‖² / ‖W Xᵀ‖²", height=380, margin=dict(t=50, b=40, l=40, r=20),
+                      xaxis=dict(showticklabels=len(df) <= 60))
+    return fig
+
+
+def line_chart(series: dict[str, Sequence[float]], title: str, x_title: str, y_title: str, log: bool = False) -> go.Figure:
+    fig = go.Figure()
+    for name, values in series.items():
+        fig.add_trace(go.Scatter(x=list(range(len(values))), y=list(values), mode="lines+markers", name=name))
+    fig.update_layout(title=title, xaxis_title=x_title, yaxis_title=y_title, height=340,
+                      margin=dict(t=50, b=40, l=40, r=20))
+    if log:
+        fig.update_yaxes(type="log")
+    return fig
+
+
+def teacher_student_bars(results: dict[str, object]) -> go.Figure:
+    """Answer loss and perplexity side by side for each model name -> EvalResult."""
+    names = list(results)
+    colors = ["#4c78a8", "#f58518", "#54a24b", "#e45756"]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("answer loss (nats/token)", "perplexity"))
+    for col, attr in ((1, "loss"), (2, "perplexity")):
+        values = [getattr(results[n], attr) for n in names]
+        fig.add_trace(go.Bar(x=names, y=values, marker_color=colors[: len(names)], showlegend=False,
+                             text=[f"{v:.4f}" for v in values], textposition="auto"), 1, col)
+    fig.update_layout(height=360, margin=dict(t=50, b=40, l=40, r=20))
+    return fig
+
+
+def refit_figure(curve: dict, title: str) -> go.Figure:
+    """Refit loss: train per step, valid at its evaluation steps (log y)."""
+    fig = go.Figure()
+    train = curve.get("train", [])
+    fig.add_trace(go.Scatter(x=list(range(1, len(train) + 1)), y=train, mode="lines", name="train"))
+    valid = curve.get("valid", [])
+    steps = curve.get("eval_steps") or list(range(len(valid)))
+    fig.add_trace(go.Scatter(x=steps[: len(valid)], y=valid, mode="lines+markers", name="valid"))
+    if curve.get("best_step") is not None:
+        fig.add_vline(x=curve["best_step"], line=dict(color="gray", dash="dot"), annotation_text="best")
+    fig.update_layout(title=f"refit loss — {title}", xaxis_title="step", yaxis_title="loss", height=340,
+                      margin=dict(t=50, b=40, l=40, r=20))
+    fig.update_yaxes(type="log")
+    return fig

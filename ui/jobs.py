@@ -1,0 +1,78 @@
+"""Compression jobs of the session: a stable key per job, finished results, and the runs table."""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+
+import streamlit as st
+
+from . import state
+
+PLANS_KEY = "lowrank_job_plans"  # {job key: Plan}
+MAX_RESULTS = 4  # students kept in memory (each holds its own factor tensors)
+
+
+def job_key(fingerprint: str, split_fingerprint: str, plan, settings) -> str:
+    """Same model, data, plan and settings -> same key, so a finished job is reused, never rerun."""
+    blob = json.dumps({"model": fingerprint, "split": split_fingerprint, "plan": plan.to_dict(),
+                       "settings": settings.to_dict()}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def describe_plan(plan) -> str:
+    return "; ".join(r.describe() for r in plan.rules)
+
+
+def store_result(key: str, result, lm, plan, settings) -> dict:
+    """Keep the result (newest ``MAX_RESULTS``), make it current, and add its row to the runs table."""
+    results = state.results()
+    results[key] = result
+    plans = st.session_state.setdefault(PLANS_KEY, {})
+    plans[key] = plan
+    for old in list(results)[:-MAX_RESULTS]:
+        results.pop(old)
+        plans.pop(old, None)
+    st.session_state[state.CURRENT_KEY] = key
+    errors = [r.get("rel_error") if r.get("rel_error") is not None else r.get("rel_error_fit")
+              for r in result.layers]
+    errors = [e for e in errors if e is not None]
+    row = {"run": len(state.runs()) + 1, "job": key, "time": time.strftime("%H:%M:%S"), "model": lm.name,
+           "fingerprint": lm.fingerprint, "plan": describe_plan(plan), "method": settings.method,
+           "calib": settings.calib, "path": result.split.get("path", ""), "matrices": len(result.layers),
+           "params_before": result.params_before, "params_after": result.params_after,
+           "of_original": result.params_after / max(1, result.params_before),
+           "mean_rel_error": sum(errors) / len(errors) if errors else None,
+           "max_rel_error": max(errors) if errors else None, "seconds": result.timings.get("total"),
+           "eval_examples": None, "teacher_loss": None, "student_loss": None,
+           "teacher_ppl": None, "student_ppl": None}
+    state.runs().append(row)
+    return row
+
+
+def plan_of(key: str):
+    """The Plan of a finished job still in memory (None if evicted)."""
+    return st.session_state.get(PLANS_KEY, {}).get(key)
+
+
+def record_eval(key: str, n: int, teacher, student) -> None:
+    """Write teacher/student scores into every runs-table row of job ``key``."""
+    for row in state.runs():
+        if row["job"] == key:
+            row.update(eval_examples=n, teacher_loss=teacher.loss, student_loss=student.loss,
+                       teacher_ppl=teacher.perplexity, student_ppl=student.perplexity)
+
+
+def run_label(key: str) -> str:
+    rows = [r for r in state.runs() if r["job"] == key]
+    if not rows:
+        return key
+    r = rows[-1]
+    return f"run {r['run']} · {r['method']} · {r['plan'][:60]} · {r['of_original']:.1%} of params"
+
+
+def choose_run(label: str, keys: list[str], current: str, key: str) -> str:
+    """A selectbox over finished jobs (shown by their run labels); returns the chosen job key."""
+    labels = [run_label(k) for k in keys]
+    picked = st.selectbox(label, labels, index=keys.index(current), key=key)
+    return keys[labels.index(picked)]
