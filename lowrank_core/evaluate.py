@@ -71,6 +71,8 @@ def answer_loss_sum(model: nn.Module, batch: dict) -> tuple[float, int]:
     if n == 0:
         return 0.0, 0
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    if bool(attention_mask.all()):  # no padding: let the model take its plain causal path
+        attention_mask = None
     logits = _answer_logits(model, input_ids, attention_mask, position_ids, selected)
     losses = F.cross_entropy(logits.float(), targets[selected], reduction="none")
     return float(losses.double().sum()), n
