@@ -9,6 +9,7 @@ from ui.progress import run_with_status
 
 compress_mod, refit_mod, plan_mod = engine.require("compress", "refit", "plan")
 FORM_KEY = "lowrank_compress_form"
+ERROR_KEY = "lowrank_compress_error"
 DEFAULTS = dict(method="whitened", batch_size=4, layerwise=False, steps=200, lr=1e-4, batch_tokens=2048,
                 valid=0.2, patience=3, target="block", train_bias=False)
 
@@ -71,6 +72,8 @@ v = st.session_state.setdefault(FORM_KEY, dict(DEFAULTS, calib=len(split.calib))
 default_plan = v["plan"] if v.get("budget_text") == budget_text and v.get("plan") else budget_text
 
 form = draw_form(v, default_plan, len(split.calib), running)
+if ERROR_KEY in st.session_state:
+    st.error(st.session_state.pop(ERROR_KEY))
 
 if form.pop("submitted"):
     v.update(form, budget_text=budget_text)
@@ -104,8 +107,8 @@ if running:
                                             pending["settings"], progress=p))
     except ValueError as e:
         st.session_state.pop(state.JOB_KEY, None)
-        st.error(f"Compression failed: {e}")
-        st.stop()
+        st.session_state[ERROR_KEY] = f"Compression failed: {e}"
+        st.rerun()  # re-enable the form, then show the error
     jobs.store_result(pending["key"], result, lm, pending["plan"], pending["settings"])
     st.session_state.pop(state.JOB_KEY, None)
     st.rerun()

@@ -61,7 +61,7 @@ def test_model_page_shows_architecture_map_and_sidebar():
     assert names[0] == "model.layers.0.self_attn.q_proj" and names[-1] == "lm_head"
     side = texts(at.sidebar.markdown)
     assert "90,624 parameters" in side and "CPU" in side and "float32" in side
-    assert "calib **16** · val **8** · eval **32**" in side
+    assert "calib **16** · val **0** · eval **32**" in side
 
 
 def test_model_page_scores_teacher_like_the_engine():
@@ -73,7 +73,7 @@ def test_model_page_scores_teacher_like_the_engine():
     at.button(key="score_teacher").click().run()
     assert not at.exception, at.exception
     lm = load_model("tiny", device="cpu")
-    split = make_split("chatterbot", n_calib=16, n_eval=32, n_val=8, seed=0)
+    split = make_split("chatterbot", n_calib=16, n_eval=32, n_val=0, seed=0)
     expected = evaluate(lm.model, lm.tokenizer, split.eval, max_len=128)
     assert metrics(at)["teacher answer loss"] == f"{expected.loss:.4f}"
     assert metrics(at)["answer tokens"] == f"{expected.tokens:,}"
@@ -140,3 +140,115 @@ def test_budget_warns_about_ranks_above_break_even():
     at.text_area(key="budget_import").set_value("q_proj,o_proj:r40").run()
     at.button(key="budget_import_btn").click().run()
     assert "above break-even" in texts(at.warning)
+
+
+# ----------------------------------------------------------------------------- compress / evaluate / export
+def plotly_specs(at: AppTest) -> dict[str, dict]:
+    """{chart key suffix: figure dict} of the plotly charts on the page."""
+    import json
+
+    return {c.proto.id.rsplit("-", 1)[-1]: json.loads(c.proto.spec) for c in at.get("plotly_chart")}
+
+
+def compressed(plan: str = "mlp:r8", method: str = "whitened", **form) -> AppTest:
+    at = started("pages/compress.py")
+    at.text_area(key="compress_plan").set_value(plan)
+    at.selectbox(key="compress_method").set_value(method)
+    for key, value in form.items():
+        at.number_input(key=key).set_value(value)
+    at.form_submit_button[0].click().run()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_compress_builds_the_student_and_reuses_a_finished_job():
+    at = compressed("mlp:r8")
+    assert not at.error, texts(at.error)
+    # 2 layers x (gate 128x64, up 128x64, down 64x128) replaced by rank-8 factors: 6 x 8 x 192 parameters
+    assert metrics(at)["parameters after"] == f"{90_624 - 6 * 128 * 64 + 6 * 8 * 192:,}"
+    bars = plotly_specs(at)["compress_errors"]["data"]
+    assert sorted(len(b["x"]) for b in bars) == [2, 2, 2]  # one bar per replaced matrix, by module
+    assert len(at.session_state["lowrank_runs"]) == 1
+    at.form_submit_button[0].click().run()
+    assert "nothing was recomputed" in texts(at.success)
+    assert len(at.session_state["lowrank_runs"]) == 1
+    assert at.text_area(key="compress_plan").value == "mlp:r8"  # the form keeps what was submitted
+
+
+def test_compress_form_is_disabled_while_the_job_runs(monkeypatch):
+    import streamlit as st
+
+    import lowrank_core.compress
+
+    monkeypatch.setattr(lowrank_core.compress, "compress", lambda *a, **k: st.stop())  # freeze mid-job
+    at = started("pages/compress.py")
+    at.form_submit_button[0].click().run()
+    assert at.text_area(key="compress_plan_busy").disabled
+    assert at.selectbox(key="compress_method_busy").disabled
+    assert at.form_submit_button[0].disabled
+    assert [s.label for s in at.status] and "Compressing" in at.status[0].label
+
+
+def test_compress_bad_plan_is_an_error_and_runs_nothing():
+    at = compressed("mlp:r999")
+    assert "exceeds min(out, in)" in texts(at.error)
+    assert "lowrank_runs" not in at.session_state or at.session_state["lowrank_runs"] == []
+    assert not at.get("plotly_chart")
+
+
+def test_compress_refit_shows_train_and_valid_curves():
+    at = compressed("1:mlp:r8", "refit", refit_steps=4)
+    assert not at.error, texts(at.error)
+    assert "Refit curves" in texts(at.subheader)
+    curve = plotly_specs(at)["compress_refit"]["data"]
+    assert [t["name"] for t in curve] == ["train", "valid"] and curve[0]["y"]
+
+
+def test_evaluate_scores_teacher_and_student_like_the_engine():
+    from lowrank_core.compress import CompressSettings, compress
+    from lowrank_core.data import make_split
+    from lowrank_core.evaluate import evaluate_models
+    from lowrank_core.models import load_model
+    from lowrank_core.refit import RefitSettings
+
+    at = compressed("mlp:r8")
+    at.switch_page("pages/evaluate.py").run()
+    at.button(key="eval_go").click().run()
+    assert not at.exception, at.exception
+    table = at.dataframe[0].value.set_index("model")
+    lm = load_model("tiny", device="cpu")
+    split = make_split("chatterbot", n_calib=16, n_eval=32, seed=0)
+    student = compress(lm.model, lm.tokenizer, "mlp:r8", split.calib,
+                       CompressSettings(calib=16, max_len=128, refit=RefitSettings(seed=0))).student
+    expected = evaluate_models({"teacher": lm.model, "student": student}, lm.tokenizer, split.eval, max_len=128)
+    assert table.loc["teacher", "loss"] == pytest.approx(expected["teacher"].loss, abs=1e-6)
+    assert table.loc["student", "loss"] == pytest.approx(expected["student"].loss, abs=1e-6)
+    assert set(plotly_specs(at)) >= {"eval_bars"}
+    runs = at.dataframe[-1].value
+    assert runs.loc[0, "student_loss"] == pytest.approx(expected["student"].loss, abs=1e-6)
+    assert at.download_button(key="runs_csv").label == "Download runs as CSV"
+
+
+def test_export_writes_a_verified_folder_and_refuses_to_overwrite(tmp_path):
+    import json
+
+    at = compressed("mlp:r8")
+    at.switch_page("pages/export.py").run()
+    at.radio(key="export_format").set_value("factorized").run()
+    target = tmp_path / "student"
+    at.text_input[0].set_value(str(target))
+    at.button(key="export_go").click().run()
+    assert not at.exception, at.exception
+    assert "Verified" in texts(at.success), texts(at.error)
+    manifest = json.loads((target / "lowrank.json").read_text())
+    assert manifest["format"] == "factorized"
+    assert manifest["plan"] == {"rules": [{"layers": "all", "modules": ["mlp"], "rank": 8}]}
+    assert metrics(at)["parameters stored"] == f"{90_624 - 6 * 128 * 64 + 6 * 8 * 192:,}"
+    at.button(key="export_go").click().run()
+    assert "already exists" in texts(at.error)
+
+
+def test_pages_say_what_to_do_before_any_compression():
+    for page in ("pages/evaluate.py", "pages/export.py"):
+        at = started(page)
+        assert "Compress a model on the **Compress** page first" in texts(at.info)
