@@ -37,7 +37,8 @@ from .archmap import ATTN_MODULES, MLP_MODULES, LinearInfo, count_parameters, li
 from .calibrate import collect_grams
 from .compress import CompressSettings, calibration_batches, compress, split_examples
 from .data import IGNORE_INDEX, iter_batches
-from .decompose import Whitening, factorize, whitened_singular_values, whitening
+from .decompose import Factors, Whitening, whitening
+from .decompose import _finish, _symmetric  # same arithmetic as whitened_factors (bit-identical students)
 from .layerwise import LayerInputs, capture_layer_inputs, decoder_layers, final_norm, masked_square_error, run_layer
 from .lowrank import LowRankLinear
 from .plan import Plan, Rule, rank_for_keep
@@ -164,6 +165,7 @@ class Profile:
 
     matrices: dict[str, MatrixProfile]
     whitenings: dict[str, Whitening]
+    bases: dict[str, WhitenedBasis]
     val_inputs: LayerInputs
     val_batches: list[dict]
     teacher_loss: float
@@ -175,11 +177,36 @@ def _weights(model) -> dict:
     return dict(model.named_modules())
 
 
-def low_rank_module(linear, gram: Union[Whitening, torch.Tensor], rank: int) -> LowRankLinear:
+class WhitenedBasis:
+    """One matrix's whitened eigenproblem solved once: its whitened singular values (descending) and
+    its whitened factors at any rank by slicing — the same arithmetic as
+    :func:`~lowrank_core.decompose.whitened_factors`, so the factors are bit-identical to it.
+    Holds one ``min(out, in)``-square float64 eigenvector matrix."""
+
+    def __init__(self, W: torch.Tensor, wh: Whitening):
+        W64 = W.detach().to(wh.device, torch.float64)
+        self.wide = W.shape[0] <= W.shape[1]
+        if self.wide:
+            M = wh.output_covariance(W64)
+        else:
+            A = wh.whiten(W64)
+            M = _symmetric(A.T @ A)
+        lam, vec = torch.linalg.eigh(M)
+        self.values = lam.flip(0).clamp_min(0).sqrt()
+        self.vectors = vec.flip(1)
+
+    def factors(self, W: torch.Tensor, wh: Whitening, rank: int, bias=None) -> Factors:
+        W64 = W.detach().to(wh.device, torch.float64)
+        V = self.vectors[:, :rank].contiguous()
+        if self.wide:
+            return _finish(V, V.T @ W64, W, bias)
+        return _finish(wh.whiten(W64) @ V, wh.unwhiten(V.T.contiguous()), W, bias)
+
+
+def low_rank_module(linear, basis: WhitenedBasis, wh: Whitening, rank: int) -> LowRankLinear:
     """Whitened rank-``rank`` replacement of ``linear`` on its device and dtype."""
     W = linear.weight.detach()
-    factors = factorize(W, rank, "whitened", gram=gram, bias=linear.bias)
-    return LowRankLinear.from_factors(factors, dtype=W.dtype).to(W.device)
+    return LowRankLinear.from_factors(basis.factors(W, wh, rank, linear.bias), dtype=W.dtype).to(W.device)
 
 
 @torch.no_grad()
@@ -226,14 +253,14 @@ def build_profile(teacher, tokenizer, calib_examples, val_examples, settings: Op
     timings["calibration"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     modules = _weights(teacher)
-    matrices = {}
+    matrices, bases = {}, {}
     for k, li in enumerate(infos):
         cands = candidate_ranks(li, settings)
         if not cands:
             continue
-        s = whitened_singular_values(modules[li.name].weight.detach(), whitenings[li.gram_key])
+        bases[li.name] = basis = WhitenedBasis(modules[li.name].weight, whitenings[li.gram_key])
         probe = max(1, min(rank_for_keep(li, settings.probe_keep), cands[0]))
-        matrices[li.name] = MatrixProfile(li, cands, error_curve(s), probe_rank=probe)
+        matrices[li.name] = MatrixProfile(li, cands, error_curve(basis.values), probe_rank=probe)
         progress(k + 1, len(infos), f"spectrum {li.name}")
     timings["spectra"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -242,12 +269,12 @@ def build_profile(teacher, tokenizer, calib_examples, val_examples, settings: Op
         raise ValueError("rank allocation needs at least one validation example that fits val_max_len")
     inputs = capture_layer_inputs(teacher, batches)
     teacher_loss = suffix_loss(teacher, inputs, batches, 0, inputs.hidden)
-    _probe(teacher, matrices, whitenings, inputs, batches, teacher_loss, settings.probe, progress)
+    _probe(teacher, matrices, bases, whitenings, inputs, batches, teacher_loss, settings.probe, progress)
     timings["sensitivity"] = time.perf_counter() - t0
-    return Profile(matrices, whitenings, inputs, batches, teacher_loss, timings, settings)
+    return Profile(matrices, whitenings, bases, inputs, batches, teacher_loss, timings, settings)
 
 
-def _probe(teacher, matrices, whitenings, inputs, batches, teacher_loss, mode, progress) -> None:
+def _probe(teacher, matrices, bases, whitenings, inputs, batches, teacher_loss, mode, progress) -> None:
     """Fill ``probe_delta`` and ``sensitivity`` of every profile, walking the decoder layer by layer."""
     layers = decoder_layers(teacher)
     modules = _weights(teacher)
@@ -257,8 +284,9 @@ def _probe(teacher, matrices, whitenings, inputs, batches, teacher_loss, mode, p
         mine = [m for name, m in matrices.items() if name.startswith(prefix)]
         out_t = run_layer(layer, inputs, i, hidden=hidden)
         if mine:
-            reps = {m.info.name[len(prefix):]: low_rank_module(modules[m.info.name], whitenings[m.info.gram_key],
-                                                               m.probe_rank) for m in mine}
+            reps = {m.info.name[len(prefix):]: low_rank_module(modules[m.info.name], bases[m.info.name],
+                                                               whitenings[m.info.gram_key], m.probe_rank)
+                    for m in mine}
             local = {}
             for m in mine:
                 rel = m.info.name[len(prefix):]
@@ -424,7 +452,8 @@ class _Verifier:
             key = (name, rank)
             if key not in self.cache:
                 p = self.profile.matrices[name]
-                self.cache[key] = low_rank_module(self.modules[name], self.profile.whitenings[p.info.gram_key], rank)
+                self.cache[key] = low_rank_module(self.modules[name], self.profile.bases[name],
+                                                  self.profile.whitenings[p.info.gram_key], rank)
             reps[name] = cache[key] = self.cache[key]
         self.cache = cache
         return build_student(self.teacher, reps)

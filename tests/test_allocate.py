@@ -93,6 +93,22 @@ def test_candidates_save_parameters():
     assert all(info.factor_params(r) < info.params for r in ranks)
 
 
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24)])
+def test_whitened_basis_matches_decompose(shape):
+    from lowrank_core.allocate import WhitenedBasis
+    from lowrank_core.decompose import whitened_factors, whitened_singular_values, whitening
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(*shape, generator=g)
+    X = torch.randn(200, shape[1], generator=g, dtype=torch.float64)
+    wh = whitening(X.T @ X)
+    basis = WhitenedBasis(W, wh)
+    assert torch.allclose(basis.values, whitened_singular_values(W, wh), rtol=1e-8, atol=1e-8)
+    for r in (1, 7, 20):
+        mine, ref = basis.factors(W, wh, r), whitened_factors(W, wh, r)
+        assert torch.equal(mine.up, ref.up) and torch.equal(mine.down, ref.down)
+
+
 def _profile(name, layer, sens, errors, cands):
     info = LinearInfo(f"model.layers.{layer}.mlp.{name}", layer, "mlp", name, 10, 10)  # 100 params, r costs 20r
     return MatrixProfile(info, cands, errors, sensitivity=sens)

@@ -1,0 +1,223 @@
+"""Benchmark on the embedded model: uniform plain SVD vs uniform whitened vs whitened + rank allocation
+(at the uniform plan's parameter count) vs allocation + refit, at keep 0.95 / 0.9 / 0.8 of the decoder
+linears' parameters. Measures answer loss on the evaluation split, wall times and peak resident memory,
+prints a markdown table and writes it (with command, machine and date) to ``--out``.
+
+    python bench/benchmark.py --out docs/benchmarks.md
+
+A script that measures and prints, not a test.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lowrank_core.allocate import SearchSettings, allocate, build_profile, plan_from_ranks  # noqa: E402
+from lowrank_core.archmap import count_parameters  # noqa: E402
+from lowrank_core.compress import CompressSettings, compress  # noqa: E402
+from lowrank_core.data import make_split  # noqa: E402
+from lowrank_core.evaluate import evaluate  # noqa: E402
+from lowrank_core.models import load_model  # noqa: E402
+from lowrank_core.plan import account  # noqa: E402
+from lowrank_core.refit import RefitSettings  # noqa: E402
+
+COLUMNS = ["keep", "method", "params", "kept", "teacher_loss", "student_loss", "delta",
+           "calibration_s", "compression_s", "total_s", "peak_rss_gib"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="default")
+    p.add_argument("--data", default="default")
+    p.add_argument("--keeps", default="0.95,0.9,0.8")
+    p.add_argument("--methods", default="svd,whitened,alloc,alloc+refit",
+                   help="subset of svd, whitened, alloc, alloc+refit")
+    p.add_argument("--calib", type=int, default=64)
+    p.add_argument("--max-len", type=int, default=512, help="tokens per calibration example")
+    p.add_argument("--val", type=int, default=16, help="validation examples (allocation sensitivity)")
+    p.add_argument("--val-max-len", type=int, default=256)
+    p.add_argument("--eval", type=int, default=200)
+    p.add_argument("--eval-max-len", type=int, default=512)
+    p.add_argument("--refit-steps", type=int, default=30, help="Adam steps per decoder layer for alloc+refit")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=None, help="markdown file to write")
+    return p.parse_args(argv)
+
+
+class PeakRSS:
+    """Peak resident memory of this process inside a ``with`` block (GiB): VmHWM after resetting it
+    through /proc/self/clear_refs, else a 20 ms sampler of VmRSS."""
+
+    def __enter__(self):
+        self.peak = 0
+        self._stop = threading.Event()
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self._hwm = True
+        except OSError:
+            self._hwm = False
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    @staticmethod
+    def _status(field: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def _sample(self):
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self._status("VmRSS"))
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        if self._hwm:
+            self.peak = max(self.peak, self._status("VmHWM"))
+        self.gib = self.peak / 2 ** 30
+        return False
+
+
+def machine() -> str:
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        model = next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name")), "?")
+    except OSError:
+        model = platform.processor()
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+    import transformers
+
+    return (f"{model}, {os.cpu_count()} cores (torch threads {torch.get_num_threads()}), {ram:.0f} GiB RAM, "
+            f"no GPU; Python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    keeps = [float(k) for k in args.keeps.split(",")]
+    methods = args.methods.split(",")
+    started = datetime.datetime.now(datetime.timezone.utc)
+    loaded = load_model(args.model, dtype="float32", device="cpu")
+    teacher, tok = loaded.model, loaded.tokenizer
+    split = make_split(args.data, n_calib=args.calib, n_eval=args.eval, n_val=args.val, seed=0)
+    cs = CompressSettings(calib=args.calib, max_len=args.max_len, hidden_mse=False)
+    ev = dict(n=args.eval, batch_size=8, max_len=args.eval_max_len)
+    t0 = time.perf_counter()
+    teacher_eval = evaluate(teacher, tok, split.eval, **ev)
+    print(f"teacher: loss {teacher_eval.loss:.4f} on {teacher_eval.examples} examples / {teacher_eval.tokens} "
+          f"answer tokens ({time.perf_counter() - t0:.0f} s)", flush=True)
+    rows, notes = [], []
+
+    def record(keep, method, student, params, timings, peak):
+        loss = evaluate(student, tok, split.eval, **ev).loss
+        row = {"keep": keep, "method": method, "params": params, "kept": params / count_parameters(teacher),
+               "teacher_loss": teacher_eval.loss, "student_loss": loss, "delta": loss - teacher_eval.loss,
+               "calibration_s": timings.get("calibration", 0.0), "compression_s": timings.get("compression", 0.0),
+               "total_s": timings.get("total", 0.0), "peak_rss_gib": peak}
+        rows.append(row)
+        print(format_row(row), flush=True)
+
+    profile = None
+    if any(m.startswith("alloc") for m in methods):
+        settings = SearchSettings(val_max_len=args.val_max_len, compression=cs)
+        with PeakRSS() as mem:
+            t0 = time.perf_counter()
+            profile = build_profile(teacher, tok, split.calib, split.val, settings)
+        notes.append(f"allocation profile (calibration Grams, whitened spectra, sensitivity probes on {args.val} "
+                     f"validation examples x {args.val_max_len} tokens): {time.perf_counter() - t0:.0f} s "
+                     f"({', '.join(f'{k} {v:.0f} s' for k, v in profile.timings.items())}), peak {mem.gib:.2f} GiB; "
+                     "measured once and shared by the three keep levels")
+        print(notes[-1], flush=True)
+    for keep in keeps:
+        uniform = f"all:k{keep}"
+        target = account(teacher, uniform).compressed
+        for method in ("svd", "whitened"):
+            if method not in methods:
+                continue
+            with PeakRSS() as mem:
+                res = compress(teacher, tok, uniform, split.calib, replace(cs, method=method))
+            record(keep, f"uniform {method}", res.student, res.params_after,
+                   {"calibration": res.timings.get("calibration", 0.0),
+                    "compression": res.timings.get("decomposition", 0.0), "total": res.timings.get("total", 0.0)}, mem.gib)
+            del res
+        if profile is None:
+            continue
+        with PeakRSS() as mem:
+            alloc = allocate(teacher, tok, split.calib, split.val, budget=None, target_params=target, profile=profile)
+        if "alloc" in methods:
+            search_s = alloc.timings["search"]
+            record(keep, "whitened + allocation", alloc.student, alloc.params_after,
+                   {"calibration": profile.timings["calibration"],
+                    "compression": profile.timings["spectra"] + profile.timings["sensitivity"] + search_s,
+                    "total": sum(profile.timings.values()) + search_s}, mem.gib)
+        if "alloc+refit" in methods:
+            plan = plan_from_ranks(alloc.ranks, [p.info for p in profile.matrices.values()], method="refit")
+            settings = replace(cs, method="refit", refit=RefitSettings(steps=args.refit_steps))
+            with PeakRSS() as mem:
+                res = compress(teacher, tok, plan, split.calib, settings)
+            record(keep, "allocation + refit", res.student, res.params_after,
+                   {"calibration": res.timings.get("calibration", 0.0),
+                    "compression": res.timings.get("decomposition", 0.0) + res.timings.get("refit", 0.0),
+                    "total": res.timings.get("total", 0.0)}, mem.gib)
+            del res
+        del alloc
+    finished = datetime.datetime.now(datetime.timezone.utc)
+    text = markdown(rows, notes, args, argv, started, finished, teacher_eval)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    return 0
+
+
+def format_row(row: dict) -> str:
+    return ("| " + " | ".join([f"{row['keep']:.2f}", row["method"], f"{row['params']:,}", f"{row['kept']:.1%}",
+                               f"{row['teacher_loss']:.4f}", f"{row['student_loss']:.4f}", f"{row['delta']:+.4f}",
+                               f"{row['calibration_s']:.1f}", f"{row['compression_s']:.1f}", f"{row['total_s']:.1f}",
+                               f"{row['peak_rss_gib']:.2f}"]) + " |")
+
+
+def markdown(rows, notes, args, argv, started, finished, teacher_eval) -> str:
+    command = "python bench/benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    lines = [
+        "# Benchmarks", "",
+        f"Measured {started:%Y-%m-%d %H:%M} – {finished:%H:%M} UTC on {machine()}.", "",
+        "```", command, "```", "",
+        f"Model {args.model!r}, data {args.data!r}: calibration {args.calib} examples "
+        f"(≤ {args.max_len} tokens, 80 % fit / 20 % held out as in `compress`), allocation validation split "
+        f"{args.val} examples (≤ {args.val_max_len} tokens, calibration side), evaluation {teacher_eval.examples} "
+        f"examples / {teacher_eval.tokens} answer tokens (≤ {args.eval_max_len} tokens, evaluation side). "
+        "`keep` is the fraction of each decoder linear's parameters kept by the uniform plan "
+        "(`all:k<keep>`); allocation rows are searched to the uniform plan's exact parameter count "
+        "(parameter-target mode, within one greedy step). Times in seconds (wall); peak = peak resident "
+        "memory of the process during that row.", "",
+        "| keep | method | params | kept | teacher loss | student loss | Δ loss | calibration s | compression s | "
+        "total s | peak GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+        *[format_row(r) for r in rows], "",
+        "Notes:", "",
+        *[f"- {n}" for n in notes],
+        f"- refit rows: sequential block-level refit, {args.refit_steps} Adam steps per decoder layer at most "
+        "(early stopping on held-out calibration tokens).",
+        "- compression s: decomposition (+ refit); for allocation rows: spectra + sensitivity probes + greedy "
+        "search with one verification pass (the shared profile's cost is repeated in each allocation row).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
