@@ -117,7 +117,7 @@ class Whitening:
         M = M.to(self.device, torch.float64)
         if self.kind == "eigh":
             q, root = self._eig
-            return (M @ q) / root @ q.T
+            return (M / root) @ q.T        # L = Q·diag(root), so L⁻¹ = diag(1/root)·Qᵀ
         return torch.linalg.solve_triangular(L, M, upper=False, left=False)
 
     def output_covariance(self, W: Tensor) -> Tensor:

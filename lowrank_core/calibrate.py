@@ -1,0 +1,157 @@
+"""Calibration statistics: input Gram matrices ``G = Σ_tokens x xᵀ`` of the linears to compress.
+
+``collect_grams`` forwards the model over calibration batches once, with a forward pre-hook on one
+representative linear per Gram key (q/k/v read one input, gate/up another: see
+``LinearInfo.gram_key``). Padding positions are dropped through the batch's ``attention_mask``. Each
+batch's product is computed in float32 (``xᵀx`` of that batch's real tokens) and added to a float64
+accumulator, so memory is one ``in x in`` float64 matrix per key, independent of the number of examples.
+The forward stops right after the last hooked linear has read its input (the rest of the model, e.g. a
+49k-vocabulary ``lm_head``, is never computed unless the head itself is to be compressed).
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .archmap import ALL_MODULES, LinearInfo
+from .progress import Progress, ensure_progress
+
+
+@dataclass
+class GramStats:
+    """Sum of ``x xᵀ`` over ``tokens`` input vectors: ``gram`` [in, in] float64."""
+
+    gram: Tensor
+    tokens: int
+
+    @classmethod
+    def zeros(cls, in_features: int, device=None) -> "GramStats":
+        return cls(torch.zeros(in_features, in_features, dtype=torch.float64, device=device), 0)
+
+    @property
+    def in_features(self) -> int:
+        return int(self.gram.shape[0])
+
+    def add_(self, x: Tensor, mask: Optional[Tensor] = None) -> "GramStats":
+        """Accumulate inputs ``x`` [..., in] in place; ``mask`` [...] (True/1 = real token) drops padding."""
+        rows = _real_rows(x, mask, self.in_features)
+        if rows.shape[0]:
+            rows = rows.float()
+            self.gram += (rows.T @ rows).to(self.gram.device, torch.float64)
+            self.tokens += int(rows.shape[0])
+        return self
+
+    def merge(self, other: "GramStats") -> "GramStats":
+        """A new ``GramStats`` holding both sums (e.g. two calibration shards)."""
+        if other.in_features != self.in_features:
+            raise ValueError(f"cannot merge Grams of {self.in_features} and {other.in_features} input features")
+        return GramStats(self.gram + other.gram.to(self.gram.device), self.tokens + other.tokens)
+
+    def mean(self) -> Tensor:
+        """Second moment ``G / tokens`` [in, in] float64 (zeros when no token was seen)."""
+        return self.gram / max(self.tokens, 1)
+
+    def fingerprint(self) -> str:
+        """Short content hash of the sum and token count (for cache keys)."""
+        h = hashlib.blake2b(self.gram.detach().cpu().contiguous().numpy().tobytes(), digest_size=8)
+        h.update(str(self.tokens).encode())
+        return h.hexdigest()
+
+
+def _real_rows(x: Tensor, mask: Optional[Tensor], in_features: int) -> Tensor:
+    if x.shape[-1] != in_features:
+        raise ValueError(f"inputs have {x.shape[-1]} features, the Gram expects {in_features}")
+    if mask is None:
+        return x.reshape(-1, in_features)
+    if tuple(mask.shape) != tuple(x.shape[:-1]):
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match inputs {tuple(x.shape[:-1])} [..., in]")
+    return x[mask.to(x.device).bool()]
+
+
+def grams_from_inputs(x: Tensor, mask: Optional[Tensor] = None) -> GramStats:
+    """``GramStats`` of inputs ``x`` [B, T, in] (or [N, in]); ``mask`` [B, T] drops padding positions."""
+    return GramStats.zeros(int(x.shape[-1]), device=x.device).add_(x, mask)
+
+
+def gram_representatives(linears: Iterable[LinearInfo]) -> dict[str, LinearInfo]:
+    """``{gram_key: the first linear (in execution order) that reads that input}``."""
+    order = {m: i for i, m in enumerate(ALL_MODULES)}
+    reps: dict[str, LinearInfo] = {}
+    for info in sorted(linears, key=lambda i: (float("inf") if i.layer is None else i.layer, order[i.module])):
+        reps.setdefault(info.gram_key, info)
+    return reps
+
+
+class _StopForward(Exception):
+    """Raised by the last hook: every needed input has been seen, the rest of the forward is skipped."""
+
+
+def _forward_target(model: nn.Module, reps: dict[str, LinearInfo]) -> nn.Module:
+    """The decoder alone (``model.model``) unless an input of the head itself is needed."""
+    needs_head = any(info.layer is None for info in reps.values())
+    decoder = getattr(model, "model", None)
+    return model if needs_head or not isinstance(decoder, nn.Module) else decoder
+
+
+def _batch_total(batches, total: Optional[int]) -> int:
+    if total is not None:
+        return int(total)
+    try:
+        return len(batches)
+    except TypeError:
+        return 0
+
+
+@torch.no_grad()
+def collect_grams(model: nn.Module, batches: Iterable[dict], linears: list[LinearInfo],
+                  progress: Optional[Progress] = None, total: Optional[int] = None) -> dict[str, GramStats]:
+    """Input Grams of ``linears`` over ``batches`` (dicts with ``input_ids`` and ``attention_mask`` [B, T]).
+
+    Returns ``{gram_key: GramStats}``, one entry per distinct input (``LinearInfo.gram_key``), float64 on
+    the model's device. ``total`` (number of batches) is only used for progress when ``batches`` has no len.
+    """
+    progress = ensure_progress(progress)
+    reps = gram_representatives(linears)
+    if not reps:
+        raise ValueError("collect_grams needs at least one linear (got an empty list)")
+    modules = {}
+    for key, info in reps.items():
+        try:
+            modules[key] = model.get_submodule(info.name)
+        except AttributeError:
+            raise ValueError(f"the model has no linear named {info.name!r}") from None
+    device = next(model.parameters()).device
+    stats = {key: GramStats.zeros(info.in_features, device=device) for key, info in reps.items()}
+    last_key = list(reps)[-1]
+    state: dict = {"mask": None}
+
+    def make_hook(key: str):
+        def hook(module, args):
+            stats[key].add_(args[0], state["mask"])
+            if key == last_key:
+                raise _StopForward
+        return hook
+
+    handles = [modules[key].register_forward_pre_hook(make_hook(key)) for key in reps]
+    target = _forward_target(model, reps)
+    n_total = _batch_total(batches, total)
+    try:
+        for done, batch in enumerate(batches, 1):
+            input_ids = batch["input_ids"].to(device)
+            mask = batch.get("attention_mask")
+            mask = torch.ones_like(input_ids) if mask is None else mask.to(device)
+            state["mask"] = mask
+            try:
+                target(input_ids=input_ids, attention_mask=mask, use_cache=False)
+            except _StopForward:
+                pass
+            progress(done, max(n_total, done), f"calibration batch {done}")
+    finally:
+        for handle in handles:
+            handle.remove()
+        state["mask"] = None
+    return stats

@@ -1,0 +1,235 @@
+"""Singular-value spectra of linears: of the weight, and activation-aware (of ``W·L``, ``L Lᵀ = G``).
+
+Energy is the cumulative fraction of squared singular values: for the activation-aware spectrum,
+``1 − energy[r−1]`` is exactly the relative output error of the best rank-r factorisation on the
+calibration tokens. Spectra are cached on disk under
+``cache_dir()/spectra/<model fingerprint>/<linear name>.<weight | aware-<gram id>>.npz`` (no pickle), so a
+second look is instant; ``gram_id`` names the calibration (e.g. a split fingerprint), and the Gram
+itself may be passed lazily as a callable so a cache hit skips calibration altogether.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from .archmap import LinearInfo
+from .decompose import Whitening, whitened_singular_values, whitening
+from .progress import Progress, ensure_progress
+
+KINDS = ("weight", "aware")
+ENERGY_LEVELS = (0.9, 0.95, 0.99)
+_TOL = 1e-12
+
+
+@dataclass
+class Spectrum:
+    """Singular values (descending, float64) of one linear ``out_features x in_features``."""
+
+    name: str
+    weight_sv: np.ndarray
+    aware_sv: Optional[np.ndarray]
+    break_even_rank: int
+    max_rank: int
+    layer: Optional[int] = None
+    module: str = ""
+    out_features: int = 0
+    in_features: int = 0
+    gram_id: Optional[str] = None
+
+    def values(self, kind: str = "weight") -> np.ndarray:
+        if kind not in KINDS:
+            raise ValueError(f"unknown spectrum kind {kind!r}; allowed: {', '.join(KINDS)}")
+        if kind == "aware" and self.aware_sv is None:
+            raise ValueError(f"{self.name} has no activation-aware spectrum (no calibration Gram was given)")
+        return self.weight_sv if kind == "weight" else self.aware_sv
+
+    def energy(self, kind: str = "weight") -> np.ndarray:
+        """Cumulative energy ``Σ_{i<=k} s_i² / Σ s_i²`` for k = 1..max_rank (all ones for a zero spectrum)."""
+        sq = np.square(self.values(kind))
+        total = sq.sum()
+        return np.cumsum(sq) / total if total > 0 else np.ones_like(sq)
+
+    def rank_for_energy(self, fraction: float, kind: str = "weight") -> int:
+        """Smallest rank whose factors keep at least ``fraction`` (0 < fraction <= 1) of the energy."""
+        if not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+            raise ValueError(f"energy fraction {fraction!r} is not allowed; use a number in (0, 1]")
+        e = self.energy(kind)
+        return int(min(len(e), np.searchsorted(e, fraction - _TOL) + 1))
+
+    def energy_ranks(self, levels: Iterable[float] = ENERGY_LEVELS) -> dict:
+        """``{kind: {"0.9": rank, ...}}`` for each spectrum present."""
+        kinds = KINDS if self.aware_sv is not None else ("weight",)
+        return {k: {f"{lv:g}": self.rank_for_energy(lv, k) for lv in levels} for k in kinds}
+
+    def to_dict(self) -> dict:
+        """JSON-friendly: metadata, singular values as lists, ranks for 90/95/99% energy."""
+        return {"name": self.name, "layer": self.layer, "module": self.module,
+                "shape": [self.out_features, self.in_features], "break_even_rank": self.break_even_rank,
+                "max_rank": self.max_rank, "gram_id": self.gram_id,
+                "weight_sv": self.weight_sv.tolist(),
+                "aware_sv": None if self.aware_sv is None else self.aware_sv.tolist(),
+                "energy_ranks": self.energy_ranks()}
+
+    def rows(self) -> list[dict]:
+        """One row per rank k = 1..max_rank: singular values and cumulative energy of each kind (for plots)."""
+        kinds = KINDS if self.aware_sv is not None else ("weight",)
+        cols = {k: (self.values(k), self.energy(k)) for k in kinds}
+        return [{"rank": i + 1, **{f"{k}_sv": float(sv[i]) for k, (sv, _) in cols.items()},
+                 **{f"{k}_energy": float(e[i]) for k, (_, e) in cols.items()}} for i in range(self.max_rank)]
+
+
+# ----------------------------------------------------------------------------- computing
+def weight_spectrum_values(W: torch.Tensor) -> np.ndarray:
+    """Singular values of ``W`` (float64, descending), via the smaller of ``W Wᵀ`` / ``Wᵀ W``."""
+    W64 = W.detach().to(torch.float64)
+    M = W64 @ W64.T if W.shape[0] <= W.shape[1] else W64.T @ W64
+    lam = torch.linalg.eigvalsh((M + M.T) / 2)
+    return lam.flip(0).clamp_min(0).sqrt().cpu().numpy()
+
+
+def gram_digest(gram) -> str:
+    """Short hash of a Gram (tensor, ``GramStats`` or ``Whitening``) for cache keys."""
+    if hasattr(gram, "fingerprint"):
+        return gram.fingerprint()
+    g = gram.gram if isinstance(gram, Whitening) else getattr(gram, "gram", gram)
+    return hashlib.blake2b(g.detach().cpu().contiguous().numpy().tobytes(), digest_size=8).hexdigest()
+
+
+def compute_spectrum(model: nn.Module, info: LinearInfo, gram=None, gram_id: Optional[str] = None) -> Spectrum:
+    """Spectrum of ``info``'s weight and, with ``gram`` [in, in], its activation-aware spectrum (no cache)."""
+    W = _weight(model, info)
+    aware = None if gram is None else whitened_singular_values(W, gram).cpu().numpy()
+    return Spectrum(name=info.name, weight_sv=weight_spectrum_values(W), aware_sv=aware,
+                    break_even_rank=info.break_even_rank, max_rank=info.max_rank, layer=info.layer,
+                    module=info.module, out_features=info.out_features, in_features=info.in_features,
+                    gram_id=gram_id if gram is not None else None)
+
+
+def _weight(model: nn.Module, info: LinearInfo) -> torch.Tensor:
+    try:
+        module = model.get_submodule(info.name)
+    except AttributeError:
+        raise ValueError(f"the model has no linear named {info.name!r}") from None
+    W = getattr(module, "weight", None)
+    if W is None:
+        raise ValueError(f"{info.name} has no dense weight (already factorised?); spectra need an nn.Linear")
+    return W
+
+
+# ----------------------------------------------------------------------------- disk cache
+def spectra_dir(fingerprint: str) -> Path:
+    from .models import cache_dir
+
+    return cache_dir() / "spectra" / fingerprint
+
+
+def _cache_path(fingerprint: str, name: str, gram_id: Optional[str]) -> Path:
+    tag = "weight" if gram_id is None else "aware-" + re.sub(r"[^A-Za-z0-9_.-]", "_", gram_id)
+    return spectra_dir(fingerprint) / f"{name}.{tag}.npz"
+
+
+def save_spectrum(spectrum: Spectrum, path: Path) -> None:
+    meta = {k: getattr(spectrum, k) for k in ("name", "break_even_rank", "max_rank", "layer", "module",
+                                              "out_features", "in_features", "gram_id")}
+    arrays = {"weight_sv": spectrum.weight_sv, "meta": np.array(json.dumps(meta))}
+    if spectrum.aware_sv is not None:
+        arrays["aware_sv"] = spectrum.aware_sv
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp.npz", dir=path.parent)
+    os.close(fd)
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_spectrum(path: Path) -> Spectrum:
+    with np.load(path, allow_pickle=False) as data:
+        meta = json.loads(str(data["meta"]))
+        aware = np.array(data["aware_sv"]) if "aware_sv" in data.files else None
+        return Spectrum(weight_sv=np.array(data["weight_sv"]), aware_sv=aware, **meta)
+
+
+GramSource = Union[None, torch.Tensor, object, Callable[[], object]]
+
+
+def linear_spectrum(model: nn.Module, info: LinearInfo, gram: GramSource = None, fingerprint: Optional[str] = None,
+                    cache: bool = True, gram_id: Optional[str] = None) -> Spectrum:
+    """Spectrum of one linear, cached on disk per model ``fingerprint`` and Gram.
+
+    ``gram``: None (weight spectrum only), a Gram tensor / ``GramStats`` / ``Whitening``, or a zero-argument
+    callable returning one (called only on a cache miss). ``gram_id`` keys the cache entry (default: a
+    hash of the Gram; required with a callable). ``fingerprint`` defaults to ``model_fingerprint(model)``.
+    """
+    lazy = callable(gram) and not isinstance(gram, torch.Tensor)
+    if lazy and gram_id is None:
+        raise ValueError("a lazily computed gram (callable) needs gram_id=... to key the spectrum cache")
+    if gram is not None and gram_id is None:
+        gram_id = gram_digest(gram)
+    if gram is None:
+        gram_id = None
+    if not cache:
+        return compute_spectrum(model, info, gram() if lazy else gram, gram_id)
+    if fingerprint is None:
+        from .models import model_fingerprint
+
+        fingerprint = model_fingerprint(model)
+    path = _cache_path(fingerprint, info.name, gram_id)
+    if path.is_file():
+        try:
+            return load_spectrum(path)
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # a damaged entry is recomputed and rewritten
+    spectrum = compute_spectrum(model, info, gram() if lazy else gram, gram_id)
+    save_spectrum(spectrum, path)
+    return spectrum
+
+
+def model_spectra(model: nn.Module, linears: list[LinearInfo], grams: Optional[dict] = None,
+                  fingerprint: Optional[str] = None, cache: bool = True, gram_id: Optional[str] = None,
+                  progress: Optional[Progress] = None) -> list[Spectrum]:
+    """Spectra of many linears; ``grams`` maps ``gram_key`` -> Gram (missing keys: weight spectrum only).
+
+    ``gram_id`` (e.g. a calibration split fingerprint) is suffixed with each linear's gram key.
+    """
+    progress = ensure_progress(progress)
+    if cache and fingerprint is None:
+        from .models import model_fingerprint
+
+        fingerprint = model_fingerprint(model)
+    prepared: dict = {}
+    out = []
+    for done, info in enumerate(linears, 1):
+        gram = None if grams is None else grams.get(info.gram_key)
+        if gram is not None:
+            if info.gram_key not in prepared:
+                prepared[info.gram_key] = whitening(gram, device=_weight(model, info).device)
+            gram = prepared[info.gram_key]
+        key = None if gram is None or gram_id is None else f"{gram_id}-{info.gram_key}"
+        out.append(linear_spectrum(model, info, gram, fingerprint=fingerprint, cache=cache, gram_id=key))
+        progress(done, len(linears), info.name)
+    return out
+
+
+def energy_rank_table(spectra: Iterable[Spectrum], fraction: float = 0.9, kind: str = "weight") -> list[dict]:
+    """Rows (name, layer, module, rank, max_rank, break_even_rank, rank_fraction, saves) for a heatmap:
+    the rank needed to keep ``fraction`` of each linear's ``kind`` energy (pivot layer x module on ``rank``)."""
+    rows = []
+    for s in spectra:
+        r = s.rank_for_energy(fraction, kind)
+        rows.append({"name": s.name, "layer": s.layer, "module": s.module, "rank": r, "max_rank": s.max_rank,
+                     "break_even_rank": s.break_even_rank, "rank_fraction": r / s.max_rank,
+                     "saves": r < s.break_even_rank})
+    return rows
