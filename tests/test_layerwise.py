@@ -8,6 +8,15 @@ from lowrank_core import layerwise as lw
 from lowrank_core.models import tiny_model
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls: one thread avoids OpenMP spin-waits on a shared, oversubscribed CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _batches():
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 250, (3, 12), generator=g)

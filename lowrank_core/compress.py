@@ -1,0 +1,390 @@
+"""The one compression pipeline (CLI, app, recipes and search call it): plan -> calibrated student.
+
+``compress(teacher, tokenizer, plan, calib_examples, settings)``:
+
+1. resolve the plan on the teacher's linears (method per rule, default ``settings.method``);
+2. split the calibration examples into *fit* and *held-out* (``settings.refit.valid_fraction``, by example);
+3. factorise every assigned matrix — two paths:
+
+   - fast (``svd``/``whitened`` only, ``layerwise=False``): input Grams of the whole teacher on the fit
+     and held-out batches (``calibrate.collect_grams``), then one factorisation per matrix, each shared
+     Gram whitened once;
+   - sequential, layer by layer (``layerwise=True``, always when a rule says ``refit``): for each decoder
+     layer, Grams of its linears are taken on the STUDENT's inputs (what the already-compressed earlier
+     layers produce), the factors computed, optionally refitted at block level (``refit.py``), and the
+     student stream advanced. Only one layer is on the compute device at a time (the 7B path);
+
+4. build the student (``student.build_student``: teacher untouched, untouched tensors shared);
+5. report each replaced matrix's relative output error on the held-out Grams, the per-layer hidden-state
+   MSE between teacher and student on held-out batches, refit curves and timings.
+"""
+from __future__ import annotations
+
+import copy
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from .archmap import linear_map
+from .calibrate import GramStats, collect_grams
+from .data import collate, encode_example, end_of_turn_id, pad_id
+from .decompose import factorize, relative_output_error, whitening
+from .layerwise import (LayerInputs, call_layer, capture_layer_inputs, to_device, decoder_layers, final_norm, hidden_mse, layer_on,
+                        model_device, run_layer)
+from .lowrank import LowRankLinear
+from .plan import METHODS, Assignment, load_plan, resolve_plan
+from .progress import Progress, ensure_progress
+from .refit import BlockObjective, RefitSettings, factor_parameters, refit_layer
+from .student import build_student
+
+__all__ = ["RefitSettings", "CompressSettings", "CompressResult", "compress", "calibration_batches",
+           "split_examples"]
+
+
+@dataclass
+class CompressSettings:
+    """How to compress. ``calib``: calibration examples used (the first ``calib`` given);
+    ``layerwise``: sequential layer-by-layer path (forced by any ``refit`` rule); ``device``: compute
+    device of the layer-by-layer path (default: the teacher's; e.g. ``"cuda"`` for a CPU-resident 7B
+    teacher); ``offload``: keep stored hidden states on CPU; ``hidden_mse``: measure per-layer hidden MSE
+    in the fast path too (costs two forward passes over the held-out batches)."""
+
+    method: str = "whitened"
+    calib: int = 64
+    max_len: int = 512
+    batch_size: int = 4
+    seed: int = 0
+    layerwise: bool = False
+    refit: RefitSettings = field(default_factory=RefitSettings)
+    device: Optional[str] = None
+    offload: bool = False
+    hidden_mse: bool = True
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; allowed: {', '.join(METHODS)}")
+        for name in ("calib", "max_len", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer")
+        self.refit.validate()
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class CompressResult:
+    student: nn.Module
+    assignments: dict[str, Assignment]
+    params_before: int
+    params_after: int
+    layers: list[dict]       # per replaced matrix: name, layer, module, rank, method, rel_error (held-out), ...
+    hidden_mse: list[dict]   # per decoder layer: layer, mse, rel_mse (held-out batches, real tokens)
+    refit_curves: dict[str, dict]
+    timings: dict[str, float]
+    split: dict = field(default_factory=dict)   # fit / held-out example and token counts
+    settings: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """Everything but the student, JSON-ready."""
+        return {"params_before": self.params_before, "params_after": self.params_after,
+                "layers": self.layers, "hidden_mse": self.hidden_mse, "refit_curves": self.refit_curves,
+                "timings": self.timings, "split": self.split, "settings": self.settings}
+
+
+# ----------------------------------------------------------------------------- calibration data
+def split_examples(examples: Sequence, valid_fraction: float, seed: int = 0) -> tuple[list, list]:
+    """(fit, held_out): a seeded split by example; held-out gets round(n * fraction), at least one
+    example when the fraction is positive and n >= 2."""
+    n = len(examples)
+    held = 0 if valid_fraction <= 0 or n < 2 else min(n - 1, max(1, round(n * valid_fraction)))
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    held_idx = set(order[:held])
+    return ([e for i, e in enumerate(examples) if i not in held_idx],
+            [e for i, e in enumerate(examples) if i in held_idx])
+
+
+def calibration_batches(tokenizer, examples: Sequence, batch_size: int = 4, max_len: int = 512) -> list[dict]:
+    """Right-padded batches of whole chat-formatted examples (prompt and answer), sorted by length so
+    that little padding is computed. Examples whose prompt alone fills ``max_len`` are dropped."""
+    eot, pad = end_of_turn_id(tokenizer), pad_id(tokenizer)
+    encoded = [e for e in (encode_example(tokenizer, ex, max_len, end_of_turn=eot) for ex in examples) if e]
+    encoded.sort(key=lambda e: len(e.input_ids))
+    return [collate(encoded[i:i + batch_size], pad) for i in range(0, len(encoded), batch_size)]
+
+
+def _tokens(batches: list[dict]) -> int:
+    return int(sum(int(b["attention_mask"].sum()) for b in batches))
+
+
+# ----------------------------------------------------------------------------- factorisation helpers
+def _low_rank(weight: torch.Tensor, bias, a: Assignment, gram: Optional[torch.Tensor], whitenings: dict,
+              key: str) -> LowRankLinear:
+    """Factor one weight by its method (``refit`` starts from ``whitened``) into a LowRankLinear on the
+    weight's device and dtype."""
+    method = "svd" if a.method == "svd" else "whitened"
+    if method == "whitened" and gram is not None:
+        gram = whitenings.setdefault(key, whitening(gram))  # one whitening per shared Gram (q/k/v, gate/up)
+    factors = factorize(weight, a.rank, method, gram=gram if method == "whitened" else None, bias=bias)
+    return LowRankLinear.from_factors(factors, dtype=weight.dtype).to(weight.device)
+
+
+def _matrix_row(a: Assignment, weight: torch.Tensor, module: LowRankLinear, held: Optional[GramStats],
+                fit: Optional[GramStats]) -> dict:
+    li = a.info
+    merged = module.merged_weight().detach()
+    row = {"name": li.name, "layer": li.layer, "module": li.module, "shape": f"{li.out_features} x {li.in_features}",
+           "rank": a.rank, "method": a.method, "params_before": li.params, "params_after": a.params_after}
+    if held is not None and held.tokens:
+        row["rel_error"] = relative_output_error(weight, merged, held.gram)
+    else:
+        row["rel_error"] = None
+    row["rel_error_fit"] = relative_output_error(weight, merged, fit.gram) if fit is not None and fit.tokens else None
+    return row
+
+
+# ----------------------------------------------------------------------------- the pipeline
+def compress(teacher: nn.Module, tokenizer, plan, calib_examples: Sequence, settings: Optional[CompressSettings] = None,
+             progress: Optional[Progress] = None) -> CompressResult:
+    """Compress ``teacher`` by ``plan`` with calibration on ``calib_examples``; see the module docstring."""
+    settings = settings or CompressSettings()
+    settings.validate()
+    progress = ensure_progress(progress)
+    start = time.perf_counter()
+    linears = linear_map(teacher)
+    assignments = resolve_plan(load_plan(plan), linears, settings.method)
+    bad = sorted({a.method for a in assignments.values() if a.method not in METHODS})
+    if bad:
+        raise ValueError(f"unknown method(s) {bad} in the plan; allowed: {', '.join(METHODS)}")
+    examples = list(calib_examples)[: settings.calib]
+    if not examples and assignments:
+        raise ValueError("compress needs at least one calibration example")
+    fit_ex, held_ex = split_examples(examples, settings.refit.valid_fraction, settings.seed)
+    fit_b = calibration_batches(tokenizer, fit_ex, settings.batch_size, settings.max_len)
+    held_b = calibration_batches(tokenizer, held_ex, settings.batch_size, settings.max_len)
+    if examples and not fit_b:
+        raise ValueError(f"no calibration example fits max_len={settings.max_len}; raise max_len")
+    split = {"examples": len(examples), "fit_examples": len(fit_ex), "held_out_examples": len(held_ex),
+             "fit_tokens": _tokens(fit_b), "held_out_tokens": _tokens(held_b)}
+    sequential = settings.layerwise or any(a.method == "refit" for a in assignments.values())
+    run = _sequential if sequential else _fast
+    replacements, rows, mse_rows, curves, timings = run(teacher, assignments, fit_b, held_b, settings, progress)
+    student = build_student(teacher, replacements)
+    from .archmap import count_parameters
+
+    timings["total"] = time.perf_counter() - start
+    return CompressResult(student=student, assignments=assignments, params_before=count_parameters(teacher),
+                          params_after=count_parameters(student), layers=rows, hidden_mse=mse_rows,
+                          refit_curves=curves, timings=timings, split={**split, "path": "layerwise" if sequential else "fast"},
+                          settings=settings.to_dict())
+
+
+def _fast(teacher, assignments, fit_b, held_b, settings, progress):
+    """Whole-model Grams on the teacher's inputs, then factorise every matrix."""
+    timings = {"calibration": 0.0, "decomposition": 0.0, "refit": 0.0}
+    infos = [a.info for a in assignments.values()]
+    t0 = time.perf_counter()
+    fit_g = collect_grams(teacher, fit_b, infos, progress=progress)  # svd needs it only for rel_error_fit
+    held_g = collect_grams(teacher, held_b, infos, progress=progress) if held_b else {}
+    timings["calibration"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    modules = dict(teacher.named_modules())
+    replacements, rows, whitenings = {}, [], {}
+    for k, (name, a) in enumerate(assignments.items()):
+        lin = modules[name]
+        key = a.info.gram_key
+        fit = fit_g.get(key)
+        new = _low_rank(lin.weight.detach(), lin.bias, a, fit.gram if fit is not None else None, whitenings, key)
+        replacements[name] = new
+        rows.append(_matrix_row(a, lin.weight.detach(), new, held_g.get(key), fit))
+        progress(k + 1, len(assignments), f"factorising {name}")
+    timings["decomposition"] = time.perf_counter() - t0
+    mse_rows = []
+    if settings.hidden_mse and held_b and assignments:
+        t0 = time.perf_counter()
+        mse_rows = _stream_mse(teacher, replacements, held_b, settings, progress)
+        timings["hidden_mse"] = time.perf_counter() - t0
+    return replacements, rows, mse_rows, {}, timings
+
+
+def _layer_prefix(index: int) -> str:
+    return f"model.layers.{index}."
+
+
+def _stream_mse(teacher, replacements, batches, settings, progress) -> list[dict]:
+    """Per-layer hidden MSE of the student vs the teacher on ``batches`` (a student built on the fly)."""
+    store = "cpu" if settings.offload else None
+    inputs = capture_layer_inputs(teacher, batches, store_device=store)
+    xt = xs = inputs.hidden
+    rows = []
+    layers = decoder_layers(teacher)
+    width = teacher.config.hidden_size
+    for i, layer in enumerate(layers):
+        prefix = _layer_prefix(i)
+        local = {n[len(prefix):]: m for n, m in replacements.items() if n.startswith(prefix)}
+        yt = run_layer(layer, inputs, i, hidden=xt, device=settings.device)
+        if local or xs is not xt:
+            s_layer = build_student(layer, local) if local else layer
+            xs = run_layer(s_layer, inputs, i, hidden=xs, device=settings.device)
+        else:
+            xs = yt
+        rows.append({"layer": i, **hidden_mse(xs, yt, inputs.masks, width)})
+        xt = yt
+        progress(i + 1, len(layers), f"hidden MSE layer {i}")
+    return rows
+
+
+@torch.no_grad()
+def _gram_pass(layer, inputs: LayerInputs, index: int, hidden: list, names: dict[str, str], fit_idx: list[int],
+               device, keep_outputs: bool) -> tuple[Optional[list], dict, dict]:
+    """Run decoder layer ``index`` on ``hidden`` with pre-hooks accumulating the input Grams of the linears
+    ``names`` ({path in layer: gram_key}); batches in ``fit_idx`` feed the fit Grams, the others the
+    held-out Grams. Returns (outputs or None, fit Grams, held-out Grams), Grams keyed by gram_key."""
+    mods = dict(layer.named_modules())
+    first = {}
+    for rel, key in names.items():
+        first.setdefault(key, rel)
+    stats = {side: {k: GramStats.zeros(mods[r].in_features, device=device) for k, r in first.items()}
+             for side in ("fit", "held")}
+    state = {"mask": None, "side": "fit"}
+
+    def hook_for(key):
+        def hook(_mod, args):
+            stats[state["side"]][key].add_(args[0], state["mask"])
+        return hook
+
+    handles = [mods[rel].register_forward_pre_hook(hook_for(key)) for key, rel in first.items()]
+    fit, outs = set(fit_idx), []
+    try:
+        for b, (h, kw) in enumerate(zip(hidden, inputs.layer_kwargs)):
+            state["mask"], state["side"] = inputs.masks[b].to(device), "fit" if b in fit else "held"
+            y = call_layer(layer, h.to(device), to_device(kw[index], device))
+            if keep_outputs:
+                outs.append(y.to(h.device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    held = stats["held"] if len(fit) < len(hidden) else {}
+    return (outs if keep_outputs else None), stats["fit"], held
+
+
+def _sequential(teacher, assignments, fit_b, held_b, settings, progress):
+    """Layer by layer on the student's stream; see the module docstring."""
+    timings = {"calibration": 0.0, "decomposition": 0.0, "refit": 0.0}
+    t0 = time.perf_counter()
+    store = "cpu" if settings.offload else None
+    inputs = capture_layer_inputs(teacher, fit_b + held_b, store_device=store)
+    fit_idx = list(range(len(fit_b)))
+    held_idx = list(range(len(fit_b), len(fit_b) + len(held_b)))
+    timings["calibration"] += time.perf_counter() - t0
+    layers = decoder_layers(teacher)
+    width = teacher.config.hidden_size
+    replacements, rows, mse_rows, curves = {}, [], [], {}
+    xt = xs = inputs.hidden
+    for i, layer in enumerate(layers):
+        device = torch.device(settings.device) if settings.device else next(layer.parameters()).device
+        home = next(layer.parameters()).device
+        prefix = _layer_prefix(i)
+        local = {n[len(prefix):]: a for n, a in assignments.items() if n.startswith(prefix)}
+        work = layer_on(layer, device)
+        t0 = time.perf_counter()
+        if not local:
+            yt = run_layer(work, inputs, i, hidden=xt, device=device)
+            xs = yt if xs is xt else run_layer(work, inputs, i, hidden=xs, device=device)
+            timings["calibration"] += time.perf_counter() - t0
+        else:
+            names = {rel: a.info.gram_key for rel, a in local.items()}
+            # Grams on the student's stream; while it still equals the teacher's, one pass gives both
+            same = xs is xt
+            out, fit_g, held_g = _gram_pass(work, inputs, i, xs, names, fit_idx, device, keep_outputs=same)
+            yt = out if same else run_layer(work, inputs, i, hidden=xt, device=device)
+            timings["calibration"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            mods = dict(work.named_modules())
+            new, whitenings = {}, {}
+            for rel, a in local.items():
+                lin = mods[rel]
+                fit = fit_g.get(a.info.gram_key)
+                new[rel] = _low_rank(lin.weight.detach(), lin.bias, a, fit.gram if fit else None, whitenings,
+                                     a.info.gram_key)
+            timings["decomposition"] += time.perf_counter() - t0
+            refit_names = [rel for rel, a in local.items() if a.method == "refit"]
+            if refit_names and settings.refit.steps > 0:
+                t0 = time.perf_counter()
+                curves[f"layer {i}"] = _refit_layer(work, i, new, refit_names, inputs, xt, xs, yt, fit_idx, held_idx,
+                                                    settings, device, progress)
+                timings["refit"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            s_layer = build_student(work, new)
+            xs = run_layer(s_layer, inputs, i, hidden=xs, device=device)
+            timings["calibration"] += time.perf_counter() - t0
+            for rel, a in local.items():
+                lin = mods[rel]
+                rows.append(_matrix_row(a, lin.weight.detach(), new[rel], held_g.get(a.info.gram_key),
+                                        fit_g.get(a.info.gram_key)))
+                replacements[prefix + rel] = new[rel].to(home)
+        mse_idx = held_idx or fit_idx
+        mse = hidden_mse([xs[b] for b in mse_idx], [yt[b] for b in mse_idx], [inputs.masks[b] for b in mse_idx], width)
+        mse_rows.append({"layer": i, **mse, "on": "held-out" if held_idx else "fit"})
+        xt = yt
+        progress(i + 1, len(layers), f"layer {i}: hidden rel MSE {mse['rel_mse']:.3g}")
+    head = {n: a for n, a in assignments.items() if a.info.layer is None}
+    for name, a in head.items():
+        rows.append(_head(teacher, name, a, inputs, xs, fit_idx, held_idx, replacements, timings))
+    return replacements, rows, mse_rows, curves, timings
+
+
+def _head(teacher, name, a, inputs, xs, fit_idx, held_idx, replacements, timings) -> dict:
+    """lm_head: Grams of the final-norm output of the student stream (``refit`` falls back to whitened)."""
+    t0 = time.perf_counter()
+    head = dict(teacher.named_modules())[name]
+    norm = final_norm(teacher)
+    device = head.weight.device
+
+    def grams(idx):
+        total = GramStats.zeros(head.in_features, device=device)
+        with torch.no_grad():
+            for b in idx:
+                total.add_(norm(xs[b].to(device)), inputs.masks[b])
+        return total
+
+    fit, held = grams(fit_idx), grams(held_idx) if held_idx else None
+    timings["calibration"] += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    new = _low_rank(head.weight.detach(), head.bias, a, fit.gram if fit else None, {}, a.info.gram_key)
+    replacements[name] = new
+    timings["decomposition"] += time.perf_counter() - t0
+    row = _matrix_row(a, head.weight.detach(), new, held, fit)
+    if a.method == "refit":
+        row["note"] = "lm_head: whitened factors (block refit applies to decoder layers)"
+    return row
+
+
+def _refit_layer(work, index, new, refit_names, inputs, xt, xs, yt, fit_idx, held_idx, settings, device, progress) -> dict:
+    """Block-level refit of the ``refit`` matrices of one layer, in float32; ``new`` updated in place."""
+    rs = settings.refit
+    layer32 = work if next(work.parameters()).dtype == torch.float32 else copy.deepcopy(work).float()
+    trained = {rel: (m if m.down.weight.dtype == torch.float32 else copy.deepcopy(m).float())
+               for rel, m in new.items()}
+    student = build_student(layer32, trained)
+    s_in = inputs.with_hidden([x.float() if x.dtype != torch.float32 else x for x in xs])
+    targets = [y.float() if y.dtype != torch.float32 else y for y in yt]
+    teacher_in = inputs.with_hidden([x.float() for x in xt]) if rs.target == "matrix" else None
+    objective = BlockObjective(student, index, rs.target, s_in, targets, device, teacher_layer=layer32,
+                               teacher_inputs=teacher_in, names=refit_names)
+    params = factor_parameters({n: trained[n] for n in refit_names}, rs.train_bias)
+    for p in params:
+        p.requires_grad_(True)
+    curve = refit_layer(objective, params, fit_idx, held_idx, rs, progress=progress, label=f"refit layer {index}")
+    for p in params:
+        p.requires_grad_(False)
+    for rel in refit_names:
+        src = trained[rel]
+        if src is not new[rel]:
+            new[rel].load_state_dict({k: v.to(new[rel].down.weight.dtype) for k, v in src.state_dict().items()})
+    return curve

@@ -1,0 +1,218 @@
+"""Refit low-rank factors with Adam, one decoder layer at a time (sequential block-level refit).
+
+On the teacher's own inputs the ``whitened`` factors already minimise each matrix's output error, so a
+refit of that objective cannot beat them. What no closed form solves, and what this module optimises:
+
+- ``target="block"`` (default): the whole student decoder layer (attention + MLP, through the
+  nonlinearities), applied to the STUDENT's inputs (what the already-compressed earlier layers produce),
+  must reproduce the TEACHER layer's output on the teacher's inputs. Loss: mean squared error per
+  element over real (non-padding) tokens.
+- ``target="matrix"``: each replaced linear's output inside the student layer (student inputs) must match
+  the teacher linear's output on the teacher's inputs; loss: Σ over matrices of ‖Δy‖² / ‖y_teacher‖².
+
+Only the factor parameters (and optionally their biases) receive gradients — via ``torch.autograd.grad``,
+so the teacher's tensors (shared by reference with the student layer) get no ``.grad`` and are never
+modified. Training uses mini-batches of stored sequences (about ``batch_tokens`` real tokens per step),
+evaluates a held-out set every ``eval_every`` steps, stops after ``patience`` evaluations without
+improvement and restores the best-valid factors; the curves are returned.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .layerwise import LayerInputs, call_layer, to_device
+from .progress import Progress, ensure_progress
+
+TARGETS = ("block", "matrix", "logits")
+SUPPORTED_TARGETS = ("block", "matrix")
+
+
+@dataclass
+class RefitSettings:
+    """Adam refit of the factors. ``steps``: optimiser steps per decoder layer (at most);
+    ``batch_tokens``: real tokens per step; ``valid_fraction``: share of calibration examples held out
+    (early stopping, held-out errors); ``patience``: evaluations without improvement before stopping;
+    ``eval_every``: steps between evaluations (0: once per pass over the training batches, at most 10)."""
+
+    steps: int = 200
+    lr: float = 1e-4
+    batch_tokens: int = 2048
+    valid_fraction: float = 0.2
+    patience: int = 3
+    target: str = "block"
+    train_bias: bool = False
+    eval_every: int = 0
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.target not in TARGETS:
+            raise ValueError(f"unknown refit target {self.target!r}; allowed: {', '.join(TARGETS)}")
+        if self.target not in SUPPORTED_TARGETS:
+            raise ValueError(f"refit target {self.target!r} is not implemented yet; use one of "
+                             f"{', '.join(SUPPORTED_TARGETS)}")
+        if not 0.0 <= self.valid_fraction < 1.0:
+            raise ValueError(f"refit valid_fraction {self.valid_fraction!r} must be in [0, 1)")
+        for name in ("steps", "batch_tokens", "patience", "eval_every"):
+            if int(getattr(self, name)) < 0 or (name in ("batch_tokens", "patience") and getattr(self, name) < 1):
+                raise ValueError(f"refit {name}={getattr(self, name)!r} must be a positive integer")
+        if not self.lr > 0:
+            raise ValueError(f"refit lr {self.lr!r} must be > 0")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def factor_parameters(modules: dict[str, nn.Module], train_bias: bool = False) -> list[nn.Parameter]:
+    """The trainable tensors of low-rank modules: ``down.weight``, ``up.weight`` (+ ``up.bias``)."""
+    params = []
+    for mod in modules.values():
+        params += [mod.down.weight, mod.up.weight]
+        if train_bias and mod.up.bias is not None:
+            params.append(mod.up.bias)
+    return params
+
+
+def _step_groups(order: list[int], tokens: list[int], batch_tokens: int) -> list[list[int]]:
+    """Consecutive batch indices grouped to about ``batch_tokens`` real tokens (at least one batch each)."""
+    groups, cur, n = [], [], 0
+    for i in order:
+        cur.append(i)
+        n += tokens[i]
+        if n >= batch_tokens:
+            groups.append(cur)
+            cur, n = [], 0
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+class _OutputTap:
+    """Forward hooks recording the outputs of named submodules."""
+
+    def __init__(self, root: nn.Module, names: list[str]):
+        self.out: dict[str, torch.Tensor] = {}
+        mods = dict(root.named_modules())
+        self.handles = [mods[n].register_forward_hook(self._hook(n)) for n in names]
+
+    def _hook(self, name):
+        def hook(_mod, _inp, out):
+            self.out[name] = out
+        return hook
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+class BlockObjective:
+    """Loss of a student decoder layer against teacher targets, summed over real tokens.
+
+    ``student_inputs``: the student stream entering the layer; ``teacher_outputs``: the teacher layer's
+    outputs on the teacher stream (block target). For the matrix target, ``teacher_layer`` and
+    ``teacher_inputs`` give each replaced linear's teacher output, and ``names`` are the replaced
+    linears' paths relative to the layer.
+    """
+
+    def __init__(self, student_layer: nn.Module, index: int, target: str, student_inputs: LayerInputs,
+                 teacher_outputs: list[torch.Tensor], device, teacher_layer: Optional[nn.Module] = None,
+                 teacher_inputs: Optional[LayerInputs] = None, names: Optional[list[str]] = None):
+        self.layer, self.index, self.target, self.device = student_layer, index, target, torch.device(device)
+        self.inputs, self.targets = student_inputs, teacher_outputs
+        self.teacher_layer, self.teacher_inputs, self.names = teacher_layer, teacher_inputs, names or []
+        if target == "matrix" and (teacher_layer is None or teacher_inputs is None or not self.names):
+            raise ValueError("refit target 'matrix' needs the teacher layer, its inputs and the replaced names")
+
+    def batch_loss(self, b: int) -> tuple[torch.Tensor, int]:
+        """(summed loss of batch ``b`` — differentiable w.r.t. the student factors, real tokens)."""
+        kw = to_device(self.inputs.layer_kwargs[b][self.index], self.device)
+        mask = self.inputs.masks[b].to(self.device)
+        x = self.inputs.hidden[b].to(self.device)
+        if self.target == "block":
+            y = call_layer(self.layer, x, kw)
+            t = self.targets[b].to(self.device)
+            d = (y - t)[mask].float()
+            return (d * d).sum() / d.shape[-1], int(mask.sum())
+        tap_s = _OutputTap(self.layer, self.names)
+        tap_t = _OutputTap(self.teacher_layer, self.names)
+        try:
+            call_layer(self.layer, x, kw)
+            with torch.no_grad():
+                call_layer(self.teacher_layer, self.teacher_inputs.hidden[b].to(self.device), kw)
+        finally:
+            tap_s.close()
+            tap_t.close()
+        loss = 0.0
+        for n in self.names:
+            ys, yt = tap_s.out[n][mask].float(), tap_t.out[n][mask].float()
+            loss = loss + ((ys - yt) ** 2).sum() / (yt * yt).sum().clamp_min(1e-30) * int(mask.sum())
+        return loss, int(mask.sum())
+
+    @torch.no_grad()
+    def mean_loss(self, batches: list[int]) -> float:
+        total, tokens = 0.0, 0
+        for b in batches:
+            loss, n = self.batch_loss(b)
+            total, tokens = total + float(loss), tokens + n
+        return total / max(1, tokens)
+
+
+def refit_layer(objective: BlockObjective, params: list[nn.Parameter], train: list[int], valid: list[int],
+                settings: RefitSettings, progress: Optional[Progress] = None, label: str = "refit") -> dict:
+    """Adam on ``params`` over the ``train`` batches of ``objective``; early stopping on ``valid``.
+
+    Returns the curve ``{"train": [...], "valid": [...], "eval_steps": [...], "best_step", "initial_valid",
+    "best_valid", "steps"}`` (losses are per real token). The best-valid parameters are restored in place.
+    With no valid batches, the train loss of each evaluation window decides.
+    """
+    progress = ensure_progress(progress)
+    tokens = [int(m.sum()) for m in objective.inputs.masks]
+    rng = random.Random(settings.seed)
+    opt = torch.optim.Adam(params, lr=settings.lr)
+    steps_per_pass = len(_step_groups(train, tokens, settings.batch_tokens))
+    eval_every = settings.eval_every or max(1, min(steps_per_pass, 10))
+    score = (lambda: objective.mean_loss(valid)) if valid else (lambda: objective.mean_loss(train))
+    initial = score()
+    curve = {"train": [], "valid": [initial], "eval_steps": [0], "best_step": 0,
+             "initial_valid": initial, "best_valid": initial, "steps": 0}
+    best = [p.detach().clone() for p in params]
+    bad, step = 0, 0
+    while step < settings.steps and bad < settings.patience:
+        order = list(train)
+        rng.shuffle(order)
+        for group in _step_groups(order, tokens, settings.batch_tokens):
+            n_tok = sum(tokens[b] for b in group)
+            grads = [torch.zeros_like(p) for p in params]
+            step_loss = 0.0
+            for b in group:
+                loss, _ = objective.batch_loss(b)
+                for g, d in zip(grads, torch.autograd.grad(loss / max(1, n_tok), params)):
+                    g += d
+                step_loss += float(loss.detach())
+            for p, g in zip(params, grads):
+                p.grad = g
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            curve["train"].append(step_loss / max(1, n_tok))
+            if step % eval_every == 0 or step >= settings.steps:
+                value = score()
+                curve["valid"].append(value)
+                curve["eval_steps"].append(step)
+                if value < curve["best_valid"]:
+                    curve["best_valid"], curve["best_step"], bad = value, step, 0
+                    best = [p.detach().clone() for p in params]
+                else:
+                    bad += 1
+            progress(min(step, settings.steps), settings.steps, f"{label} loss {curve['best_valid']:.3g}")
+            if step >= settings.steps or bad >= settings.patience:
+                break
+    with torch.no_grad():
+        for p, b in zip(params, best):
+            p.copy_(b)
+    curve["steps"] = step
+    return curve
