@@ -252,3 +252,48 @@ def test_pages_say_what_to_do_before_any_compression():
     for page in ("pages/evaluate.py", "pages/export.py"):
         at = started(page)
         assert "Compress a model on the **Compress** page first" in texts(at.info)
+
+
+# ----------------------------------------------------------------------------- spectra
+def test_spectra_page_plots_both_spectra_and_caches_them_on_disk():
+    from lowrank_core.archmap import linear_map
+    from lowrank_core.calibrate import collect_grams
+    from lowrank_core.compress import calibration_batches
+    from lowrank_core.data import make_split
+    from lowrank_core.models import load_model
+    from lowrank_core.spectra import compute_spectrum
+
+    at = started("pages/spectra.py")
+    assert not at.error, texts(at.error)
+    assert [s.label.startswith("Calibrating on 16 examples") for s in at.status] == [True]
+    traces = [t["name"] for t in plotly_specs(at)["spectra_chart"]["data"]]
+    # tiny has 2 layers (default layer 1); each spectrum has a singular-value and a cumulative-energy trace
+    assert traces == ["L1 weight"] * 2 + ["L1 activation-aware"] * 2
+    table = at.dataframe[0].value.set_index("spectrum")
+    lm = load_model("tiny", device="cpu")
+    info = next(li for li in linear_map(lm.model) if li.name == "model.layers.1.mlp.down_proj")
+    split = make_split("chatterbot", n_calib=16, n_eval=32, seed=0)
+    grams = collect_grams(lm.model, calibration_batches(lm.tokenizer, split.calib, 4, 128), [info])
+    expected = compute_spectrum(lm.model, info, grams[info.gram_key].gram)
+    for kind in ("weight", "aware"):
+        assert table.loc[kind, "rank for 90%"] == expected.rank_for_energy(0.9, kind)
+        assert table.loc[kind, "energy kept at rank"] == pytest.approx(expected.energy(kind)[15])
+    again = started("pages/spectra.py")  # a new session: the spectrum comes from the disk cache
+    assert not again.status
+    assert again.dataframe[0].value.equals(at.dataframe[0].value)
+
+
+def test_spectra_heatmap_shows_the_rank_for_the_chosen_energy():
+    from lowrank_core.archmap import linear_map
+    from lowrank_core.models import load_model
+    from lowrank_core.spectra import compute_spectrum
+
+    at = started("pages/spectra.py")
+    at.slider(key="heat_energy").set_value(0.95).run()
+    at.button(key="heat_go").click().run()
+    assert not at.exception, at.exception
+    heat = plotly_specs(at)["heat_chart"]["data"][0]
+    assert heat["x"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    lm = load_model("tiny", device="cpu")
+    info = next(li for li in linear_map(lm.model) if li.name == "model.layers.0.self_attn.k_proj")
+    assert heat["z"][0][1] == compute_spectrum(lm.model, info).rank_for_energy(0.95, "weight")

@@ -39,8 +39,9 @@ def spectrum_figure(curves: dict[str, Sequence[float]], energies: dict[str, Sequ
 
 def rank_heatmap(table: pd.DataFrame, energy: float, basis: str) -> go.Figure:
     """``table``: index = layer, columns = module, values = rank needed for ``energy``."""
-    fig = go.Figure(go.Heatmap(z=table.values, x=list(table.columns), y=[str(i) for i in table.index],
-                               colorscale="Viridis", text=table.values, texttemplate="%{text}",
+    z = table.values.tolist()
+    fig = go.Figure(go.Heatmap(z=z, x=list(table.columns), y=[str(i) for i in table.index],
+                               colorscale="Viridis", text=z, texttemplate="%{text}",
                                colorbar=dict(title="rank")))
     fig.update_layout(title=f"rank needed for {energy:.0%} of the {basis} energy", height=max(300, 22 * len(table) + 120),
                       xaxis_title="module", yaxis_title="layer", yaxis=dict(autorange="reversed"),

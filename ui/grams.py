@@ -1,0 +1,34 @@
+"""Calibration Grams for the Spectra page: one forward pass per request, kept in a small in-memory cache."""
+from __future__ import annotations
+
+from ui import cache
+from ui.progress import run_with_status
+from ui.state import Settings
+
+MAX_GRAMS = 16  # in-memory Grams (an in x in float64 each)
+
+
+def gram_id(split, s: Settings) -> str:
+    """Names the calibration behind an activation-aware spectrum: the calib side's content and max_len."""
+    return f"{split.info.fingerprints.get('calib', split.info.fingerprint)}-n{len(split.calib)}-len{s.max_len}"
+
+
+def grams_for(lm, split, s: Settings, infos: list, keep: bool = True) -> dict:
+    """``{gram_key: GramStats}`` of ``infos`` on the split's calibration examples; only the keys not yet in
+    memory are collected (one forward pass, stopped after the last needed layer)."""
+    from lowrank_core.calibrate import collect_grams
+    from lowrank_core.compress import calibration_batches
+
+    gid = gram_id(split, s)
+    key = lambda gk: (lm.fingerprint, gid, gk)  # noqa: E731
+    found = {i.gram_key: cache.cached("gram", key(i.gram_key)) for i in infos}
+    missing = [i for i in infos if found[i.gram_key] is None]
+    if missing:
+        batches = calibration_batches(lm.tokenizer, split.calib, batch_size=4, max_len=s.max_len)
+        fresh = run_with_status(f"Calibrating on {len(split.calib)} examples ({len({i.gram_key for i in missing})} "
+                                "input Grams)", lambda p: collect_grams(lm.model, batches, missing, progress=p))
+        for gk, g in fresh.items():
+            found[gk] = g
+            if keep:
+                cache.memo("gram", key(gk), lambda g=g: g, max_entries=MAX_GRAMS)
+    return found
