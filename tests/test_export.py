@@ -277,3 +277,22 @@ def test_load_factorized_rejects_dense_folder(tmp_path):
     with pytest.raises(ExportError, match="not a factorized lowrank export"):
         load_factorized(tmp_path / "d")
 
+
+
+def test_compress_cli_exports(tmp_path, capsys):
+    from lowrank_core.cli import main
+
+    target = tmp_path / "cli"
+    argv = ["compress", "--model", "tiny", "--plan", "mlp:r8", "--method", "svd", "--calib", "4", "--eval", "4",
+            "--max-len", "256", "--export", str(target), "--format", "factorized", "--json"]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["export_dir"] == str(target) and summary["verified"] is True
+    assert summary["export"]["parameters"] == summary["params_after"]
+    m = export.read_manifest(target)
+    assert m["format"] == "factorized" and m["split"] == summary["split_info"]
+    assert m["metrics"]["student"]["loss"] == summary["student_loss"]
+    assert main(argv) == 2  # refused before any work: the folder exists
+    assert "already exists" in capsys.readouterr().err
+    assert main(argv[:-5] + ["--format", "dense"]) == 2
+    assert "need --export" in capsys.readouterr().err

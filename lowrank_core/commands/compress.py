@@ -51,6 +51,7 @@ def add_compress_arguments(p) -> None:
 def register(sub) -> None:
     p = sub.add_parser("compress", help="compress a model by a plan and compare teacher and student")
     add_compress_arguments(p)
+    add_export_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=run)
 
@@ -121,9 +122,56 @@ def print_report(summary: dict) -> None:
 
 
 def run(args) -> int:
+    check_export_arguments(args)
     job = run_compress_job(args)
+    exported = export_job(args, job) if args.export else None
     if args.json:
         print_json(job["summary"])
     else:
         print_report(job["summary"])
+        if exported is not None:
+            print(f"export: {exported.format} -> {exported.path} ({exported.bytes_on_disk / 1e6:.1f} MB), verified, "
+                  f"max |logit diff| {exported.max_logit_diff:.3g}")
     return 0
+
+
+# ----------------------------------------------------------------------------- export (issue 5, export.py)
+def add_export_arguments(p) -> None:
+    p.add_argument("--export", metavar="DIR", help="write the student to DIR (reloaded and verified before it lands)")
+    p.add_argument("--format", choices=("dense", "factorized"),
+                   help="export format: dense (merged, plain transformers; default) or factorized (smaller)")
+    p.add_argument("--force", action="store_true", help="replace an existing export at DIR")
+
+
+def check_export_arguments(args) -> None:
+    """Refuse bad export options before any work (an existing DIR without --force)."""
+    from pathlib import Path
+
+    from ..cli import CliError
+    from ..export import check_target
+
+    if not args.export:
+        if args.format or args.force:
+            raise CliError("--format and --force need --export DIR")
+        return
+    check_target(Path(args.export), args.force)
+
+
+def export_job(args, job: dict):
+    """Export the job's student with its manifest; adds export_dir, verified and export to the summary."""
+    from ..export import build_manifest, export_student
+
+    summary, evaluation = job["summary"], job["evaluation"]
+    manifest = build_manifest(source=summary["model"], fingerprint=summary["model_fingerprint"],
+                              plan=summary["plan"], method=args.method, settings=summary["settings"],
+                              split=summary["split_info"], teacher_metrics=evaluation.get("teacher"),
+                              student_metrics=evaluation.get("student"), layers=summary["layers"])
+    bar = TqdmProgress("export")
+    try:
+        exported = export_student(job["result"].student, job["loaded"].tokenizer, args.export, args.format or "dense",
+                                  manifest, force=args.force, eval_examples=job["split"].eval[:16] or None,
+                                  progress=bar)
+    finally:
+        bar.close()
+    summary.update(export_dir=exported.path, verified=exported.verified, export=exported.to_dict())
+    return exported
