@@ -1,0 +1,94 @@
+"""Spectra: values, energy, rank for energy, disk cache (a hit recomputes nothing), heatmap table."""
+import numpy as np
+import pytest
+import torch
+
+import lowrank_core.spectra as spectra
+from lowrank_core.archmap import linear_map
+from lowrank_core.calibrate import collect_grams
+from lowrank_core.decompose import relative_output_error, whitened_factors
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOWRANK_CACHE", str(tmp_path))
+    return tmp_path
+
+
+@pytest.fixture
+def calibrated(tiny):
+    model, _ = tiny
+    ids = torch.randint(0, 250, (3, 40), generator=torch.Generator().manual_seed(0))
+    linears = linear_map(model)
+    grams = collect_grams(model, [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}], linears)
+    return model, linears, grams
+
+
+def test_energy_and_rank_for_energy():
+    s = spectra.Spectrum("x", np.array([3.0, 2.0, 1.0, 0.0]), None, break_even_rank=2, max_rank=4)
+    np.testing.assert_allclose(s.energy(), [9 / 14, 13 / 14, 1, 1])
+    assert [s.rank_for_energy(f) for f in (0.5, 9 / 14, 0.9, 13 / 14, 0.99, 1.0)] == [1, 1, 2, 2, 3, 3]
+    with pytest.raises(ValueError, match="1.5"):
+        s.rank_for_energy(1.5)
+    with pytest.raises(ValueError, match="no activation-aware"):
+        s.energy("aware")
+    with pytest.raises(ValueError, match="'bogus'"):
+        s.values("bogus")
+    rows = s.rows()
+    assert len(rows) == 4 and rows[1] == {"rank": 2, "weight_sv": 2.0, "weight_energy": pytest.approx(13 / 14)}
+
+
+def test_spectrum_values_and_aware_energy_is_output_error(calibrated, cache):
+    model, linears, grams = calibrated
+    info = next(i for i in linears if i.module == "gate_proj")
+    gram = grams[info.gram_key]
+    s = spectra.linear_spectrum(model, info, gram, fingerprint="fp")
+    W = model.get_submodule(info.name).weight
+    np.testing.assert_allclose(s.weight_sv, torch.linalg.svdvals(W.detach().double()).numpy(), rtol=1e-6, atol=1e-9)
+    assert s.aware_sv.shape == (info.max_rank,) and s.break_even_rank == info.break_even_rank
+    r = s.rank_for_energy(0.9, "aware")
+    err = relative_output_error(W, whitened_factors(W, gram, r).merged(), gram)
+    assert err == pytest.approx(1 - s.energy("aware")[r - 1], abs=1e-6) and err <= 0.1 + 1e-6
+    d = s.to_dict()
+    assert d["shape"] == [info.out_features, info.in_features] and set(d["energy_ranks"]) == {"weight", "aware"}
+
+
+def test_cache_hit_recomputes_nothing(calibrated, cache, monkeypatch):
+    model, linears, grams = calibrated
+    info = next(i for i in linears if i.module == "down_proj")
+    calls = {"n": 0, "gram": 0}
+    real = spectra.compute_spectrum
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+
+    def lazy_gram():
+        calls["gram"] += 1
+        return grams[info.gram_key]
+
+    monkeypatch.setattr(spectra, "compute_spectrum", counting)
+    first = spectra.linear_spectrum(model, info, lazy_gram, fingerprint="fp", gram_id="calib-a")
+    second = spectra.linear_spectrum(model, info, lazy_gram, fingerprint="fp", gram_id="calib-a")
+    assert calls == {"n": 1, "gram": 1}
+    np.testing.assert_array_equal(first.aware_sv, second.aware_sv)
+    np.testing.assert_array_equal(first.weight_sv, second.weight_sv)
+    assert second.name == info.name and second.layer == info.layer and second.gram_id == "calib-a"
+    assert list((cache / "spectra" / "fp").glob("*.npz"))
+    spectra.linear_spectrum(model, info, lazy_gram, fingerprint="fp", gram_id="calib-b")  # other calibration
+    spectra.linear_spectrum(model, info, None, fingerprint="fp")                          # weight only
+    spectra.linear_spectrum(model, info, None, fingerprint="other")                       # other model
+    assert calls == {"n": 4, "gram": 2}
+    with pytest.raises(ValueError, match="gram_id"):
+        spectra.linear_spectrum(model, info, lazy_gram, fingerprint="fp")
+
+
+def test_model_spectra_and_heatmap_table(calibrated, cache):
+    model, linears, grams = calibrated
+    decoder = [i for i in linears if i.layer is not None]
+    all_spectra = spectra.model_spectra(model, decoder, grams, fingerprint="fp", gram_id="c")
+    table = spectra.energy_rank_table(all_spectra, 0.95, "aware")
+    assert [(r["layer"], r["module"]) for r in table] == [(i.layer, i.module) for i in decoder]
+    for row, s in zip(table, all_spectra):
+        assert 1 <= row["rank"] <= row["max_rank"] and row["rank"] == s.rank_for_energy(0.95, "aware")
+        assert row["saves"] == (row["rank"] < row["break_even_rank"])
