@@ -7,15 +7,15 @@ import streamlit as st
 from ui.sidebar import draw_sidebar
 
 torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
-st.set_page_config(page_title="lowrank lab", page_icon="🗜️", layout="wide")
+st.set_page_config(page_title="lowrank lab", page_icon=":material/compress:", layout="wide")
 
 PAGES = [
-    st.Page("pages/model_data.py", title="Model & data", icon="🧠", default=True),
-    st.Page("pages/budget.py", title="Budget", icon="🧮"),
-    st.Page("pages/spectra.py", title="Spectra", icon="📉"),
-    st.Page("pages/compress.py", title="Compress", icon="🗜️"),
-    st.Page("pages/evaluate.py", title="Evaluate", icon="⚖️"),
-    st.Page("pages/export.py", title="Export", icon="📦"),
+    st.Page("pages/model_data.py", title="Model & data", icon=":material/memory:", default=True),
+    st.Page("pages/budget.py", title="Budget", icon=":material/calculate:"),
+    st.Page("pages/spectra.py", title="Spectra", icon=":material/show_chart:"),
+    st.Page("pages/compress.py", title="Compress", icon=":material/compress:"),
+    st.Page("pages/evaluate.py", title="Evaluate", icon=":material/balance:"),
+    st.Page("pages/export.py", title="Export", icon=":material/inventory_2:"),
 ]
 
 page = st.navigation(PAGES)

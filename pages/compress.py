@@ -136,7 +136,7 @@ if result.hidden_mse:
     mse = pd.DataFrame(result.hidden_mse)
     col = "rel_mse" if "rel_mse" in mse else "mse"
     st.plotly_chart(charts.line_chart({col: mse[col].tolist()}, "teacher vs student hidden states per decoder "
-                                      "layer", "layer", col, log=True), key="compress_mse")
+                                      "layer", "layer", col, log=True, x=mse["layer"].tolist()), key="compress_mse")
 if result.refit_curves:
     st.subheader("Refit curves")
     name = st.selectbox("Layer", list(result.refit_curves), key="compress_curve")

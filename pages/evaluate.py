@@ -50,12 +50,14 @@ else:
         table = pd.DataFrame([{"model": "teacher", "loss": t.loss, "perplexity": t.perplexity, "tokens": t.tokens,
                                "examples": t.examples, "seconds": t.seconds},
                               {"model": "student", "loss": u.loss, "perplexity": u.perplexity, "tokens": u.tokens,
-                               "examples": u.examples, "seconds": u.seconds},
-                              {"model": "student − teacher", "loss": u.loss - t.loss,
-                               "perplexity": u.perplexity - t.perplexity}])
+                               "examples": u.examples, "seconds": u.seconds}])
         st.dataframe(table, hide_index=True, key="eval_table",
                      column_config={"loss": st.column_config.NumberColumn(format="%.4f"),
                                     "perplexity": st.column_config.NumberColumn(format="%.4f")})
+        d1, d2, d3 = st.columns(3)
+        d1.metric("Δ loss (student − teacher)", f"{u.loss - t.loss:+.4f}")
+        d2.metric("Δ perplexity", f"{u.perplexity - t.perplexity:+.4f}")
+        d3.metric("student perplexity / teacher", f"{u.perplexity / t.perplexity:.4f}")
         verdict = "not worse than" if u.loss <= t.loss else "worse than"
         st.markdown(f"Student loss **{u.loss:.4f}** vs teacher **{t.loss:.4f}** "
                     f"({u.loss - t.loss:+.4f} nats/token): the student is **{verdict}** the teacher on these "

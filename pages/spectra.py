@@ -69,15 +69,15 @@ else:
                          **{f"rank for {lv:.0%}": sp.rank_for_energy(lv, kind) for lv in spectra_mod.ENERGY_LEVELS},
                          "break-even rank": sp.break_even_rank, "max rank": sp.max_rank})
     info0 = chosen[0]
-    title = (f"{module} {info0.out_features} x {info0.in_features} — singular values normalised by the largest"
-             + (f"; calibration {gid}" if aware else ""))
+    title = f"{module} ({info0.out_features} x {info0.in_features}): singular values / the largest one"
     st.plotly_chart(charts.spectrum_figure(curves, energies, int(rank), info0.break_even_rank, title),
                     key="spectra_chart")
     st.dataframe(pd.DataFrame(rows), hide_index=True, key="spectra_table", column_config={
         "energy kept at rank": st.column_config.NumberColumn(format="percent"),
         "rel. output error at rank": st.column_config.NumberColumn(format="%.3e")})
     st.caption("For the activation-aware spectrum, 1 − energy kept is exactly the relative output error "
-               "‖(W − W_r)Xᵀ‖² / ‖WXᵀ‖² of the best rank-r factorisation on the calibration tokens.")
+               "‖(W − W_r)Xᵀ‖² / ‖WXᵀ‖² of the best rank-r factorisation on the calibration tokens"
+               + (f" (calibration `{gid}`: {len(split.calib)} examples, ≤ {s.max_len} tokens each)." if aware else "."))
 
 st.divider()
 st.subheader("Rank needed for an energy, every layer and module")

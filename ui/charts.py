@@ -11,27 +11,34 @@ MODULE_COLORS = {"q_proj": "#4c78a8", "k_proj": "#72b7b2", "v_proj": "#54a24b", 
                  "gate_proj": "#f58518", "up_proj": "#e45756", "down_proj": "#b279a2", "lm_head": "#9d755d"}
 
 
+PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
+           "#7f7f7f", "#bcbd22"]
+
+
 def spectrum_figure(curves: dict[str, Sequence[float]], energies: dict[str, Sequence[float]],
                     rank: Optional[int], break_even: Optional[int], title: str) -> go.Figure:
     """Singular values (log y, left) and cumulative energy (right, 0-1) per curve name; rank markers."""
     fig = make_subplots(rows=1, cols=2, subplot_titles=("singular values (log scale)", "cumulative energy"))
     for i, (name, values) in enumerate(curves.items()):
         x = list(range(1, len(values) + 1))
-        fig.add_trace(go.Scatter(x=x, y=list(values), mode="lines", name=name, legendgroup=name), 1, 1)
+        color = PALETTE[i % len(PALETTE)]
+        dash = "dot" if "aware" not in name and len(curves) > 1 else "solid"
+        line = dict(color=color, dash=dash)
+        fig.add_trace(go.Scatter(x=x, y=list(values), mode="lines", name=name, legendgroup=name, line=line), 1, 1)
         if name in energies:
             fig.add_trace(go.Scatter(x=x, y=list(energies[name]), mode="lines", name=name, legendgroup=name,
-                                     showlegend=False, line=dict(color=fig.data[-1].line.color)), 1, 2)
-    fig.update_yaxes(type="log", row=1, col=1)
+                                     showlegend=False, line=line), 1, 2)
+    fig.update_yaxes(type="log", exponentformat="power", row=1, col=1)
     fig.update_yaxes(range=[0, 1.02], tickformat=".0%", row=1, col=2)
     fig.update_xaxes(title_text="index i (rank)")
-    for col in (1, 2):
-        if rank:
-            fig.add_vline(x=rank, line=dict(color="crimson", dash="dash"), row=1, col=col,
-                          annotation_text=f"rank {rank}" if col == 1 else None)
-        if break_even:
-            fig.add_vline(x=break_even, line=dict(color="gray", dash="dot"), row=1, col=col,
-                          annotation_text=f"break-even {break_even}" if col == 1 else None,
-                          annotation_position="bottom right")
+    markers = [(rank, "rank", dict(color="crimson", dash="dash"), "top right"),
+               (break_even, "break-even", dict(color="gray", dash="dot"), "bottom right")]
+    for value, label, style, where in markers:
+        if not value:
+            continue
+        fig.add_vline(x=value, line=style, row=1, col=1, annotation_text=f"{label} {value}",
+                      annotation_position=where)
+        fig.add_vline(x=value, line=style, row=1, col=2)
     fig.update_layout(title=title, height=430, margin=dict(t=70, b=40, l=40, r=20),
                       legend=dict(orientation="h", y=-0.18))
     return fig
@@ -62,12 +69,17 @@ def error_bars(rows: Sequence[dict], value: str = "rel_error") -> go.Figure:
     return fig
 
 
-def line_chart(series: dict[str, Sequence[float]], title: str, x_title: str, y_title: str, log: bool = False) -> go.Figure:
+def line_chart(series: dict[str, Sequence[float]], title: str, x_title: str, y_title: str, log: bool = False,
+               x: Optional[Sequence] = None) -> go.Figure:
+    """One line per series over ``x`` (default 0..n-1, integer ticks)."""
     fig = go.Figure()
     for name, values in series.items():
-        fig.add_trace(go.Scatter(x=list(range(len(values))), y=list(values), mode="lines+markers", name=name))
+        xs = list(x) if x is not None else list(range(len(values)))
+        fig.add_trace(go.Scatter(x=xs, y=list(values), mode="lines+markers", name=name))
     fig.update_layout(title=title, xaxis_title=x_title, yaxis_title=y_title, height=340,
-                      margin=dict(t=50, b=40, l=40, r=20))
+                      margin=dict(t=50, b=40, l=40, r=20), xaxis=dict(tickformat="d"))
+    if max((len(v) for v in series.values()), default=0) <= 32:
+        fig.update_xaxes(dtick=1)
     if log:
         fig.update_yaxes(type="log")
     return fig

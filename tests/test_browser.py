@@ -1,0 +1,185 @@
+"""End to end in a real browser: Debian chromium driven by Playwright over ``streamlit run app.py``.
+
+Clicks through model -> budget -> spectra -> compress a small plan -> evaluate -> export on the tiny
+random model and the chatterbot corpus, asserts on what is shown, and saves a screenshot of each page
+under ``artifacts/screenshots/``. Skipped when ``/usr/bin/chromium`` is missing, unless ``CI`` is set.
+The helpers (``streamlit_server``, ``chromium``, ``open_page``) are reused by ``bench/app_timing.py``.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+SCREENSHOTS = ROOT / "artifacts" / "screenshots"
+TIMEOUT_MS = 120_000
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def streamlit_server(env: dict, log_path: Path, startup_s: float = 90.0):
+    """``streamlit run app.py`` on a free local port; yields its URL; always stops the server."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.port", str(port),
+           "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+    log = open(log_path, "w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + startup_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"streamlit exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(url + "/_stcore/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"streamlit did not answer within {startup_s} s: {log_path.read_text()[-2000:]}")
+            time.sleep(0.3)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)  # the server's own process group (start_new_session)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=15)
+        log.close()
+
+
+@contextlib.contextmanager
+def chromium(width: int = 1440, height: int = 1800):
+    """A Playwright page in Debian chromium (never ``playwright install``)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": width, "height": height})
+            page.set_default_timeout(TIMEOUT_MS)
+            yield page
+        finally:
+            browser.close()
+
+
+def wait_idle(page, timeout_ms: int = TIMEOUT_MS) -> None:
+    """Wait until no script runs: the app root reports ``notRunning`` twice, 0.4 s apart (a rerun that a
+    script requests itself starts in between)."""
+    idle = ("() => document.querySelector('[data-testid=\"stApp\"]')"
+            "?.getAttribute('data-test-script-state') === 'notRunning'")
+    for _ in range(2):
+        page.wait_for_function(idle, timeout=timeout_ms)
+        page.wait_for_timeout(400)
+    page.wait_for_function(idle, timeout=timeout_ms)
+
+
+def open_page(page, title: str) -> None:
+    """Click a page in the sidebar navigation and wait for its title."""
+    page.locator('[data-testid="stSidebarNav"] a', has_text=title).first.click()
+    page.get_by_role("heading", name=title, exact=True).wait_for()
+
+
+def shot(page, name: str) -> Path:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    path = SCREENSHOTS / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+def main_text(page) -> str:
+    return page.locator('[data-testid="stMain"]').inner_text()
+
+
+def require_chromium() -> None:
+    if not Path(CHROMIUM).is_file():
+        if os.environ.get("CI"):
+            pytest.fail(f"{CHROMIUM} is missing on CI; install Debian's chromium package (apt-get install chromium)")
+        pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium package to run the browser test")
+
+
+@pytest.mark.browser
+def test_click_through_every_page(tmp_path):
+    require_chromium()
+    env = {"LOWRANK_APP_MODEL": "tiny", "LOWRANK_APP_DATA": "chatterbot", "LOWRANK_CACHE": str(tmp_path / "cache"),
+           "OMP_NUM_THREADS": "2"}
+    export_dir = tmp_path / "export"
+    with streamlit_server(env, tmp_path / "streamlit.log") as url, chromium() as page:
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(url)
+        page.get_by_role("heading", name="Model & data", exact=True).wait_for()
+        page.get_by_text("Architecture map — tiny").wait_for()
+        wait_idle(page)
+        sidebar = page.locator('[data-testid="stSidebar"]').inner_text()
+        assert "90,624 parameters" in sidebar and "CPU" in sidebar and "float32" in sidebar
+        page.get_by_role("button", name="Score the teacher on 32 eval examples").click()
+        page.get_by_text("teacher answer loss").wait_for()
+        wait_idle(page)
+        assert "linears" in main_text(page)
+        shot(page, "1-model")
+
+        open_page(page, "Budget")
+        page.get_by_text("Mistral-7B-OpenOrca — config only (seed fixture)").click()
+        page.get_by_text("7,241,748,480").first.wait_for()
+        wait_idle(page)
+        shot(page, "2-budget")
+
+        open_page(page, "Spectra")
+        page.locator('[data-testid="stPlotlyChart"]').first.wait_for()
+        wait_idle(page)
+        assert "Calibrating on 16 examples" in main_text(page)
+        assert page.locator(".js-plotly-plot").count() >= 1
+        shot(page, "3-spectra")
+
+        open_page(page, "Compress")
+        page.locator('textarea[aria-label="Plan"]').fill("mlp:r8")
+        page.get_by_role("button", name="Compress").click()
+        page.get_by_text("parameters after").wait_for()
+        wait_idle(page)
+        text = main_text(page)
+        assert "50,688" in text and "55.93%" in text
+        assert page.locator('[data-testid="stPlotlyChart"]').count() >= 1
+        shot(page, "4-compress")
+
+        open_page(page, "Evaluate")
+        page.get_by_role("button", name="Evaluate on 32 examples").click()
+        page.get_by_text("Student loss").wait_for()
+        wait_idle(page)
+        assert "Runs of this session" in main_text(page)
+        assert page.get_by_role("button", name="Download runs as CSV").count() == 1
+        shot(page, "5-evaluate")
+
+        open_page(page, "Export")
+        target = page.locator('input[aria-label="Target folder"]')
+        target.fill(str(export_dir))
+        target.press("Enter")
+        wait_idle(page)
+        page.get_by_role("button", name="Export and verify").click()
+        page.get_by_text("Verified:").wait_for()
+        wait_idle(page)
+        shot(page, "6-export")
+        assert (export_dir / "lowrank.json").is_file() and (export_dir / "config.json").is_file()
+        assert not errors, errors
