@@ -40,8 +40,7 @@ class GramStats:
         """Accumulate inputs ``x`` [..., in] in place; ``mask`` [...] (True/1 = real token) drops padding."""
         rows = _real_rows(x, mask, self.in_features)
         if rows.shape[0]:
-            rows = rows.float()
-            self.gram += (rows.T @ rows).to(self.gram.device, torch.float64)
+            _add_symmetric_product(self.gram, rows.float())
             self.tokens += int(rows.shape[0])
         return self
 
@@ -60,6 +59,22 @@ class GramStats:
         h = hashlib.blake2b(self.gram.detach().cpu().contiguous().numpy().tobytes(), digest_size=8)
         h.update(str(self.tokens).encode())
         return h.hexdigest()
+
+
+GRAM_BLOCK = 384  # column block of the symmetric product: ~35% fewer FLOPs than a full xᵀx at 1536 features
+
+
+def _add_symmetric_product(acc: Tensor, rows: Tensor) -> None:
+    """``acc += rowsᵀ rows`` (float32 product, float64 sum), computing only the upper block triangle."""
+    n = rows.shape[1]
+    if n <= GRAM_BLOCK:
+        acc += (rows.T @ rows).to(acc.device, torch.float64)
+        return
+    for i in range(0, n, GRAM_BLOCK):
+        j = min(i + GRAM_BLOCK, n)
+        part = (rows[:, i:j].T @ rows[:, i:]).to(acc.device, torch.float64)   # [block, n - i]
+        acc[i:j, i:] += part
+        acc[j:, i:j] += part[:, j - i:].T
 
 
 def _real_rows(x: Tensor, mask: Optional[Tensor], in_features: int) -> Tensor:

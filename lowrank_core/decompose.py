@@ -14,8 +14,9 @@ the weight's device; factors come back in the weight's dtype and are balanced (`
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -24,6 +25,23 @@ FACTOR_METHODS = ("svd", "whitened")
 DAMPING_START = 1e-6      # first diagonal damping, relative to mean(diag(G))
 DAMPING_GROWTH = 10.0
 DAMPING_TRIES = 8         # 1e-6 ... 10 x mean(diag(G)), then the eigendecomposition fallback
+# LAPACK eigen/Cholesky solvers on CPU run single-threaded: on 2 cores their many small synchronised steps
+# gain little from a second thread and slow down 5-50x when the cores are shared (measured).
+CPU_SOLVER_THREADS = 1
+
+
+@contextmanager
+def solver_threads(device: torch.device) -> Iterator[None]:
+    """Run the enclosed LAPACK calls with ``CPU_SOLVER_THREADS`` threads on CPU (no-op on GPU)."""
+    before = torch.get_num_threads()
+    if torch.device(device).type != "cpu" or before <= CPU_SOLVER_THREADS:
+        yield
+        return
+    torch.set_num_threads(CPU_SOLVER_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class FactorizationError(ValueError):
@@ -64,10 +82,10 @@ class Whitening:
         if not isinstance(gram, Tensor) or gram.ndim != 2 or gram.shape[0] != gram.shape[1]:
             shape = tuple(gram.shape) if isinstance(gram, Tensor) else type(gram).__name__
             raise FactorizationError(f"gram must be a square [in, in] tensor, got {shape}")
-        g = gram.to(device=device or gram.device, dtype=torch.float64)
+        g = gram.to(device=device or gram.device, dtype=torch.float64)  # no copy when already there
         if not torch.isfinite(g).all():
             raise FactorizationError("gram has non-finite entries (NaN/inf); recollect the calibration statistics")
-        self.gram = (g + g.T) / 2
+        self.gram = g  # symmetric; the solvers read its lower triangle only
         self.kind: Optional[str] = None   # "cholesky" or "eigh" once the factor is computed
         self.damping = 0.0                # absolute value added to the diagonal
         self._factor: Optional[Tensor] = None
@@ -96,12 +114,14 @@ class Whitening:
         eye = torch.eye(n, dtype=g.dtype, device=g.device)
         damping = 0.0
         for attempt in range(DAMPING_TRIES + 1):
-            L, info = torch.linalg.cholesky_ex(g + damping * eye if damping else g)
+            with solver_threads(g.device):
+                L, info = torch.linalg.cholesky_ex(g + damping * eye if damping else g)
             if int(info) == 0 and torch.isfinite(L).all():
                 self._factor, self.kind, self.damping = L, "cholesky", damping
                 return
             damping = scale * DAMPING_START * DAMPING_GROWTH ** attempt
-        lam, q = torch.linalg.eigh(g)
+        with solver_threads(g.device):
+            lam, q = torch.linalg.eigh(g)
         floor = scale * DAMPING_START
         lam = lam.clamp_min(floor)
         self._eig = (q, lam.sqrt())
@@ -118,7 +138,8 @@ class Whitening:
         if self.kind == "eigh":
             q, root = self._eig
             return (M / root) @ q.T        # L = Q·diag(root), so L⁻¹ = diag(1/root)·Qᵀ
-        return torch.linalg.solve_triangular(L, M, upper=False, left=False)
+        with solver_threads(L.device):
+            return torch.linalg.solve_triangular(L, M, upper=False, left=False)
 
     def output_covariance(self, W: Tensor) -> Tensor:
         """``W G Wᵀ`` [out, out] float64: the covariance of the layer's outputs (sum over tokens)."""
@@ -154,7 +175,8 @@ def _check_rank(W: Tensor, rank) -> int:
 
 def _top_eigvecs(M: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     """Eigenvalues (descending, clamped at 0) and the top-``rank`` eigenvectors of a symmetric PSD matrix."""
-    lam, vec = torch.linalg.eigh(M)
+    with solver_threads(M.device):
+        lam, vec = torch.linalg.eigh(M)
     lam, vec = lam.flip(0).clamp_min(0), vec.flip(1)
     return lam, vec[:, :rank].contiguous()
 
@@ -222,24 +244,29 @@ def whitened_singular_values(W: Tensor, gram) -> Tensor:
     wh = whitening(gram, device=W.device)
     W64 = W.detach().to(wh.device, torch.float64)
     if W.shape[0] <= W.shape[1]:
-        lam = torch.linalg.eigvalsh(wh.output_covariance(W64))
+        M = wh.output_covariance(W64)
     else:
         A = wh.whiten(W64)
-        lam = torch.linalg.eigvalsh(_symmetric(A.T @ A))
+        M = _symmetric(A.T @ A)
+    with solver_threads(M.device):
+        lam = torch.linalg.eigvalsh(M)
     return lam.flip(0).clamp_min(0).sqrt()
 
 
 def weight_singular_values(W: Tensor) -> Tensor:
-    """Singular values of the weight itself, descending, float64 [min(out, in)]."""
+    """Singular values of the weight itself, descending, float64 [min(out, in)] (via the smaller of
+    ``W Wᵀ`` / ``Wᵀ W``: values below ~1e-7 of the largest carry little relative precision)."""
     _check_weight(W)
-    return torch.linalg.svdvals(W.detach().to(torch.float64))
+    W64 = W.detach().to(torch.float64)
+    M = _symmetric(W64 @ W64.T if W.shape[0] <= W.shape[1] else W64.T @ W64)
+    with solver_threads(M.device):
+        lam = torch.linalg.eigvalsh(M)
+    return lam.flip(0).clamp_min(0).sqrt()
 
 
 def relative_output_error(W: Tensor, W_hat: Tensor, gram) -> float:
     """``trace(ΔW G ΔWᵀ) / trace(W G Wᵀ)`` = ``‖(W−W′)Xᵀ‖² / ‖WXᵀ‖²`` over the Gram's tokens (0 if both vanish)."""
-    g = getattr(gram, "gram", gram)
-    if isinstance(g, Whitening):
-        g = g.gram
+    g = getattr(gram, "gram", gram)  # GramStats / Whitening / tensor
     if W.shape != W_hat.shape:
         raise FactorizationError(f"weight shapes differ: {tuple(W.shape)} vs {tuple(W_hat.shape)}")
     g = g.to(W.device, torch.float64)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .archmap import LinearInfo
-from .decompose import Whitening, whitened_singular_values, whitening
+from .decompose import Whitening, weight_singular_values, whitened_singular_values, whitening
 from .progress import Progress, ensure_progress
 
 KINDS = ("weight", "aware")
@@ -89,14 +89,6 @@ class Spectrum:
 
 
 # ----------------------------------------------------------------------------- computing
-def weight_spectrum_values(W: torch.Tensor) -> np.ndarray:
-    """Singular values of ``W`` (float64, descending), via the smaller of ``W Wᵀ`` / ``Wᵀ W``."""
-    W64 = W.detach().to(torch.float64)
-    M = W64 @ W64.T if W.shape[0] <= W.shape[1] else W64.T @ W64
-    lam = torch.linalg.eigvalsh((M + M.T) / 2)
-    return lam.flip(0).clamp_min(0).sqrt().cpu().numpy()
-
-
 def gram_digest(gram) -> str:
     """Short hash of a Gram (tensor, ``GramStats`` or ``Whitening``) for cache keys."""
     if hasattr(gram, "fingerprint"):
@@ -109,7 +101,7 @@ def compute_spectrum(model: nn.Module, info: LinearInfo, gram=None, gram_id: Opt
     """Spectrum of ``info``'s weight and, with ``gram`` [in, in], its activation-aware spectrum (no cache)."""
     W = _weight(model, info)
     aware = None if gram is None else whitened_singular_values(W, gram).cpu().numpy()
-    return Spectrum(name=info.name, weight_sv=weight_spectrum_values(W), aware_sv=aware,
+    return Spectrum(name=info.name, weight_sv=weight_singular_values(W).cpu().numpy(), aware_sv=aware,
                     break_even_rank=info.break_even_rank, max_rank=info.max_rank, layer=info.layer,
                     module=info.module, out_features=info.out_features, in_features=info.in_features,
                     gram_id=gram_id if gram is not None else None)

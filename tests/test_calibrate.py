@@ -98,6 +98,8 @@ def test_gramstats_helpers():
     assert both.tokens == 15 and s.tokens == 5
     assert s.fingerprint() != both.fingerprint() and s.fingerprint() == grams_from_inputs(x, mask).fingerprint()
     assert GramStats.zeros(3).mean().abs().sum() == 0
+    wide = torch.randn(50, 900)  # wider than one accumulation block: blocked symmetric product
+    torch.testing.assert_close(grams_from_inputs(wide).gram, wide.double().T @ wide.double(), rtol=1e-5, atol=1e-4)
     with pytest.raises(ValueError, match="mask shape"):
         grams_from_inputs(x, mask[:, :3])
     with pytest.raises(ValueError, match="model.layers.7"):

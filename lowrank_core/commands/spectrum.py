@@ -1,0 +1,118 @@
+"""``spectrum``: singular values of one linear, of the weight and (with calibration) activation-aware."""
+from __future__ import annotations
+
+import math
+
+from ..archmap import ALL_MODULES, HEAD_MODULE, linear_map
+from ..cli import CliError, print_json
+from ..spectra import ENERGY_LEVELS, linear_spectrum
+
+
+def register(sub) -> None:
+    p = sub.add_parser("spectrum", help="singular-value spectrum of one linear (weight and activation-aware)")
+    p.add_argument("--model", default="default", help="model folder, .gguf, hub id, 'default' or tiny")
+    p.add_argument("--layer", type=int, help="decoder layer index (not needed for lm_head)")
+    p.add_argument("--module", required=True, choices=ALL_MODULES, help="which linear of the layer")
+    p.add_argument("--calib", type=int, default=32,
+                   help="calibration examples for the activation-aware spectrum (0: weight spectrum only)")
+    p.add_argument("--data", default="default", help="data source for calibration (default: ShareGPT)")
+    p.add_argument("--seed", type=int, default=0, help="split seed")
+    p.add_argument("--max-len", type=int, default=512, help="tokens per calibration example")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--energy", type=float, default=0.9, help="also report the rank keeping this energy fraction")
+    p.add_argument("--top", type=int, default=10, help="how many leading singular values to print")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--no-cache", action="store_true", help="recompute even if the spectrum is cached")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.set_defaults(func=run)
+
+
+def _find_linear(linears, layer, module):
+    if module == HEAD_MODULE:
+        found = [i for i in linears if i.module == HEAD_MODULE]
+        if not found:
+            raise CliError("this model has no separate lm_head linear")
+        return found[0]
+    layers = sorted({i.layer for i in linears if i.layer is not None})
+    if layer is None:
+        raise CliError(f"--layer is required for {module}; allowed: {layers[0]}..{layers[-1]}")
+    for info in linears:
+        if info.layer == layer and info.module == module:
+            return info
+    raise CliError(f"--layer {layer} is out of range; allowed: {layers[0]}..{layers[-1]}")
+
+
+def _lazy_gram(loaded, info, examples, args):
+    def compute():
+        from ..calibrate import collect_grams
+        from ..data import iter_batches
+        from ..progress import TqdmProgress
+
+        progress = TqdmProgress("calibration")
+        try:
+            batches = iter_batches(loaded.tokenizer, examples, batch_size=args.batch_size, max_len=args.max_len)
+            grams = collect_grams(loaded.model, batches, [info], progress=progress,
+                                  total=math.ceil(len(examples) / args.batch_size))
+        finally:
+            progress.close()
+        return grams[info.gram_key]
+    return compute
+
+
+def run(args) -> int:
+    from ..models import load_model
+
+    if args.calib < 0:
+        raise CliError(f"--calib {args.calib} is not allowed; use 0 (weight spectrum only) or more examples")
+    if not 0 < args.energy <= 1:
+        raise CliError(f"--energy {args.energy} is not allowed; use a fraction in (0, 1]")
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    info = _find_linear(linear_map(loaded.model), args.layer, args.module)
+    gram, gram_id, calib_desc = None, None, None
+    if args.calib > 0:
+        from ..data import make_split
+
+        split = make_split(args.data, n_calib=args.calib, n_eval=0, seed=args.seed)
+        gram_id = f"{split.info.fingerprint}-n{len(split.calib)}-len{args.max_len}"
+        gram = _lazy_gram(loaded, info, split.calib, args)
+        calib_desc = {"data": split.info.source, "examples": len(split.calib), "seed": args.seed,
+                      "max_len": args.max_len, "split_fingerprint": split.info.fingerprint}
+    spectrum = linear_spectrum(loaded.model, info, gram, fingerprint=loaded.fingerprint,
+                               cache=not args.no_cache, gram_id=gram_id)
+    levels = sorted(set(ENERGY_LEVELS) | {args.energy})
+    ranks = spectrum.energy_ranks(levels)
+    if args.json:
+        d = spectrum.to_dict()
+        d.update(model=args.model, fingerprint=loaded.fingerprint, calibration=calib_desc, energy_ranks=ranks,
+                 params=info.params)
+        print_json(d)
+        return 0
+    _print_summary(spectrum, info, ranks, levels, calib_desc, args.top)
+    return 0
+
+
+def _print_summary(spectrum, info, ranks, levels, calib_desc, top) -> None:
+    from ..table import format_table
+
+    print(f"{info.name}  {info.out_features} x {info.in_features}  ({info.params:,} parameters)")
+    print(f"max rank {info.max_rank}; break-even rank {info.break_even_rank} "
+          f"(factors save parameters only below it)")
+    if calib_desc:
+        print(f"activation-aware: {calib_desc['examples']} calibration examples of {calib_desc['data']} "
+              f"(seed {calib_desc['seed']}, max_len {calib_desc['max_len']})")
+    print()
+    rows = []
+    for lv in levels:
+        row = {"energy": f"{lv:.0%}" if lv * 100 == int(lv * 100) else f"{lv:.2%}"}
+        for kind, label in (("weight", "weight rank"), ("aware", "activation-aware rank")):
+            if kind in ranks:
+                row[label] = ranks[kind][f"{lv:g}"]
+        rows.append(row)
+    print(format_table(rows))
+    print()
+    n = min(top, info.max_rank)
+    print(f"top {n} singular values")
+    print("  weight:           " + " ".join(f"{v:.4g}" for v in spectrum.weight_sv[:n]))
+    if spectrum.aware_sv is not None:
+        print("  activation-aware: " + " ".join(f"{v:.4g}" for v in spectrum.aware_sv[:n]))
