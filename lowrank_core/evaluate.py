@@ -83,14 +83,16 @@ def evaluate_models(models: dict, tokenizer, examples: Iterable[Example], n: Opt
     """{name: EvalResult}: every model scored on the same batches in one pass over ``examples``.
 
     ``n`` caps the number of scored examples (None = all); ``progress(done_examples, total, message)``
-    is called after each batch (total = n, else len(examples) when known, else 0).
+    is called after each batch (total = n capped by len(examples) when known; 0 = unknown).
     """
     if not models:
         raise ValueError("evaluate_models needs at least one model")
     if n is not None and int(n) < 1:
         raise ValueError(f"n {n!r} must be >= 1 (or None for every example)")
     progress = ensure_progress(progress)
-    total = int(n) if n is not None else (len(examples) if hasattr(examples, "__len__") else 0)
+    total = int(n) if n is not None else 0
+    if hasattr(examples, "__len__"):
+        total = min(total, len(examples)) if n is not None else len(examples)
     sums = {name: 0.0 for name in models}
     forward_seconds = {name: 0.0 for name in models}
     tokens = done = 0

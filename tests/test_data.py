@@ -78,6 +78,7 @@ def test_sharegpt_parser_takes_first_human_gpt_turn(tmp_path):
     assert got == [Example("", "Hi there", "Hello!"), Example("Be brief.", "2+2?", "4"),
                    Example("", "Hi there", "Hello!")]  # parser keeps duplicates; iter_examples drops them
     assert list(data.iter_sharegpt(full))[-1] == Example("", 'Quote "this" {and} [that]', "Done: \u00e9\u4e2d")
+    assert list(data.iter_examples(truncated)) == got[:2]  # a local ShareGPT file is recognised, deduplicated
 
 
 def test_sharegpt_default_streams_quickly():

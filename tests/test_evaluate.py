@@ -115,6 +115,33 @@ def test_streams_a_generator_and_stops_at_n(tiny):
                                                        for i in range(10))
 
 
+def test_memory_does_not_grow_with_n(tiny):
+    """At any moment only about one batch of examples is alive, however many are scored."""
+    import weakref
+
+    model, tok = tiny
+    alive = set()
+
+    def examples():
+        for i in range(60):
+            ex = Example("", f"q{i}", f"a{i}")
+            alive.add(id(ex))
+            weakref.finalize(ex, alive.discard, id(ex))
+            yield ex
+
+    peaks = []
+    result = evaluate(model, tok, examples(), batch_size=4, progress=lambda d, t, m: peaks.append(len(alive)))
+    assert result.examples == 60 and len(peaks) == 15
+    assert max(peaks) <= 4 + 1
+
+
+def test_progress_total_is_capped_by_a_short_list(tiny):
+    model, tok = tiny
+    calls = []
+    evaluate(model, tok, varied_examples()[:3], n=10, batch_size=2, progress=lambda d, t, m: calls.append((d, t)))
+    assert calls == [(2, 3), (3, 3)]
+
+
 def test_skips_examples_whose_prompt_fills_max_len(tiny):
     model, tok = tiny
     examples = [Example("", "q" * 200, "a"), Example("", "short", "fits")]
@@ -161,6 +188,7 @@ def test_cli_json(capsys):
     assert main(["evaluate", "--model", "tiny", "--data", "chatterbot", "--n", "8", "--split", "calib", "--json"]) == 0
     calib = json.loads(capsys.readouterr().out)
     assert calib["split_info"]["fingerprint"] != out["split_info"]["fingerprint"]
+    assert out["batch_size"] == 3 and calib["batch_size"] == (8 if torch.cuda.is_available() else 1)
 
 
 def test_cli_table_and_bad_source(capsys):

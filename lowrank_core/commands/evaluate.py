@@ -18,7 +18,8 @@ def register(sub) -> None:
     p.add_argument("--split", default="eval", choices=SIDES + ("all",),
                    help="side of the honest split to score (default eval; 'all' = no split)")
     p.add_argument("--seed", type=int, default=0, help="split seed")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="examples per forward pass (default: 8 on CUDA, 1 on CPU, where padding only costs time)")
     p.add_argument("--max-len", type=int, default=512, help="tokens per example (prompt + answer)")
     p.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -26,18 +27,24 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def default_batch_size(device: str) -> int:
+    """8 on CUDA; 1 on CPU, where a padded batch of ShareGPT examples costs ~1.5x the unpadded tokens."""
+    return 8 if str(device).startswith("cuda") else 1
+
+
 def run(args) -> int:
     examples = iter_side(args.data, args.split, seed=args.seed)  # validates the source before loading a model
     loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    batch_size = default_batch_size(loaded.device) if args.batch_size is None else args.batch_size
     bar = TqdmProgress("evaluate")
     try:
-        result = evaluate(loaded.model, loaded.tokenizer, examples, n=args.n, batch_size=args.batch_size,
+        result = evaluate(loaded.model, loaded.tokenizer, examples, n=args.n, batch_size=batch_size,
                           max_len=args.max_len, progress=bar)
     finally:
         bar.close()
     split = {"side": args.split, "seed": args.seed, "source": args.data, "fingerprint": result.fingerprint}
     record = {"model": loaded.name, "model_fingerprint": loaded.fingerprint, "data": args.data,
-              "split": args.split, **result.to_dict(), "split_info": split, "batch_size": args.batch_size,
+              "split": args.split, **result.to_dict(), "split_info": split, "batch_size": batch_size,
               "max_len": args.max_len, "dtype": args.dtype, "device": loaded.device}
     if args.json:
         print_json(record)
