@@ -189,11 +189,14 @@ def _fast(teacher, assignments, fit_b, held_b, settings, progress):
     timings = {"calibration": 0.0, "decomposition": 0.0, "refit": 0.0}
     infos = [a.info for a in assignments.values()]
     t0 = time.perf_counter()
-    fit_g = collect_grams(teacher, fit_b, infos, progress=progress)  # svd needs it only for rel_error_fit
+    # held-out Grams only measure errors: kept in float32 (half the memory); the fit Grams stay float64
     held_g = collect_grams(teacher, held_b, infos, progress=progress) if held_b else {}
+    held_g = {k: GramStats(g.gram.float(), g.tokens) for k, g in held_g.items()}
+    fit_g = collect_grams(teacher, fit_b, infos, progress=progress)  # svd needs it only for rel_error_fit
     timings["calibration"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     modules = dict(teacher.named_modules())
+    last_use = {a.info.gram_key: name for name, a in assignments.items()}
     replacements, rows, whitenings = {}, [], {}
     for k, (name, a) in enumerate(assignments.items()):
         lin = modules[name]
@@ -202,6 +205,8 @@ def _fast(teacher, assignments, fit_b, held_b, settings, progress):
         new = _low_rank(lin.weight.detach(), lin.bias, a, fit.gram if fit is not None else None, whitenings, key)
         replacements[name] = new
         rows.append(_matrix_row(a, lin.weight.detach(), new, held_g.get(key), fit))
+        if last_use[key] == name:  # free this input's statistics as soon as its last reader is done
+            fit_g.pop(key, None), held_g.pop(key, None), whitenings.pop(key, None)
         progress(k + 1, len(assignments), f"factorising {name}")
     timings["decomposition"] = time.perf_counter() - t0
     mse_rows = []

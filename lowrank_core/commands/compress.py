@@ -9,7 +9,7 @@ import time
 
 from ..cli import print_json
 from ..compress import CompressSettings, RefitSettings, compress
-from ..data import make_split
+from ..data import iter_side, make_split
 from ..evaluate import evaluate_models
 from ..models import DTYPES, load_model
 from ..plan import METHODS, load_plan
@@ -75,7 +75,9 @@ def run_compress_job(args, progress=None) -> dict:
         raise ValueError(f"--eval {args.eval} must be >= 0")
     settings = settings_from_args(args)
     plan = load_plan(args.plan)
-    split = make_split(args.data, n_calib=args.calib, n_eval=args.eval, seed=args.seed)
+    split = make_split(args.data, n_calib=args.calib, n_eval=0, seed=args.seed)
+    # the eval side streamed lazily: the first --eval examples that fit --max-len are scored (as `evaluate --n`)
+    eval_examples = iter_side(args.data, "eval", seed=args.seed)
     loaded = load_model(args.model, dtype=args.dtype, device=args.device)
     bar = progress or TqdmProgress("compress")
     try:
@@ -84,7 +86,7 @@ def run_compress_job(args, progress=None) -> dict:
         if args.eval:
             t0 = time.perf_counter()
             evaluation = evaluate_models({"teacher": loaded.model, "student": result.student}, loaded.tokenizer,
-                                         split.eval, n=args.eval, batch_size=args.eval_batch_size,
+                                         eval_examples, n=args.eval, batch_size=args.eval_batch_size,
                                          max_len=args.max_len, progress=bar)
             result.timings["evaluation"] = time.perf_counter() - t0
     finally:
