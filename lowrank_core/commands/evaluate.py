@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..cli import print_json
 from ..data import SIDES, iter_side
-from ..evaluate import evaluate
+from ..evaluate import default_batch_size, evaluate
 from ..models import DTYPES, load_model
 from ..progress import TqdmProgress
 from ..table import format_table
@@ -25,11 +25,6 @@ def register(sub) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=run)
-
-
-def default_batch_size(device: str) -> int:
-    """8 on CUDA; 1 on CPU, where a padded batch of ShareGPT examples costs ~1.5x the unpadded tokens."""
-    return 8 if str(device).startswith("cuda") else 1
 
 
 def run(args) -> int:
