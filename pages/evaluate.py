@@ -15,11 +15,12 @@ lm = cache.require_model(s)
 split = cache.data_split(s)
 results = state.results()
 key, _ = state.current_result()
+keys = jobs.keys_for(lm.fingerprint)
 
-if key is None:
+if not keys:
     st.info("Compress a model on the **Compress** page first; every run of this session is listed here.")
 else:
-    keys = list(results)
+    key = key if key in keys else keys[-1]
     chosen = jobs.choose_run("Student", keys, key, key="eval_run")
     result = results[chosen]
     c1, c2 = st.columns([1, 3])

@@ -14,12 +14,13 @@ st.title("Export")
 s = state.settings()
 lm = cache.require_model(s)
 key, _ = state.current_result()
-if key is None:
+keys = jobs.keys_for(lm.fingerprint)
+if not keys:
     st.info("Compress a model on the **Compress** page first; the export writes that student.")
     st.stop()
 
 results = state.results()
-keys = list(results)
+key = key if key in keys else keys[-1]
 chosen = jobs.choose_run("Student", keys, key, key="export_run")
 result = results[chosen]
 run = next((r for r in reversed(state.runs()) if r["job"] == chosen), {})
@@ -33,17 +34,17 @@ n_check = st.number_input("Also compare answer loss after reload on N eval examp
                           0, key="export_eval")
 
 if st.button("Export and verify", type="primary", key="export_go"):
-    split = cache.data_split(s) if n_check else None
+    split = cache.data_split(s)
     manifest = export_mod.build_manifest(
         source=s.model_source, fingerprint=lm.fingerprint, plan=jobs.plan_of(chosen), method=run.get("method"),
-        settings=result.settings, split=split.info.to_dict() if split else None,
+        settings=result.settings, split=split.info.to_dict(),
         teacher_metrics={"loss": run.get("teacher_loss"), "perplexity": run.get("teacher_ppl")},
         student_metrics={"loss": run.get("student_loss"), "perplexity": run.get("student_ppl")})
     try:
         out = run_with_status(
             f"Writing a {fmt} export to {target}",
             lambda p: export_mod.export_student(result.student, lm.tokenizer, target, format=fmt, manifest=manifest,
-                                                force=force, eval_examples=split.eval[: int(n_check)] if split else None,
+                                                force=force, eval_examples=split.eval[: int(n_check)] or None,
                                                 progress=p))
     except ValueError as e:
         st.error(f"Export failed: {e}")

@@ -11,6 +11,7 @@ from ui.grams import gram_id, grams_for
 from ui.progress import run_with_status
 
 (spectra_mod,) = engine.require("spectra")
+SPECTRA_CALIB = 16  # default calibration examples of an activation-aware spectrum
 
 st.title("Spectra")
 s = state.settings()
@@ -20,7 +21,7 @@ by_name = {li.name: li for li in linears}
 n_layers = num_layers(linears)
 modules = list(dict.fromkeys(li.module for li in linears))
 
-c1, c2, c3, c4 = st.columns([3, 2, 2, 2])
+c1, c2, c3, c4, c5 = st.columns([3, 2, 2, 2, 2])
 default_layer = 17 if n_layers > 17 else n_layers // 2
 module = c2.selectbox("Module", modules, index=modules.index("down_proj") if "down_proj" in modules else 0,
                       key="spectra_module")
@@ -35,18 +36,23 @@ aware = c3.toggle("Activation-aware", value=True, key="spectra_aware",
                        "cached on disk afterwards)")
 max_rank = max((li.max_rank for li in chosen), default=1)
 rank = c4.number_input("Rank marker", 1, max_rank, min(16, max_rank), key="spectra_rank")
+n_calib = c5.number_input("Calibration examples", 1, max(1, s.n_calib), min(SPECTRA_CALIB, s.n_calib),
+                          key="spectra_calib",
+                          help="activation-aware spectra use the first N examples of the calib side "
+                               "(Compress uses all of them); fewer is faster the first time")
 
 if not chosen:
     st.info("Pick at least one layer.")
 else:
     split = cache.data_split(s) if aware else None
-    gid = gram_id(split, s) if aware else None
+    n = min(int(n_calib), len(split.calib)) if aware else 0
+    gid = gram_id(split, s, n) if aware else None
     grams: dict = {}
 
     def lazy(info):
         def gram():
             if not grams:  # the first cache miss collects the Grams of the whole selection in one pass
-                grams.update(grams_for(lm, split, s, chosen))
+                grams.update(grams_for(lm, split, s, n, chosen))
             return grams[info.gram_key]
         return gram
 
@@ -77,7 +83,7 @@ else:
         "rel. output error at rank": st.column_config.NumberColumn(format="%.3e")})
     st.caption("For the activation-aware spectrum, 1 − energy kept is exactly the relative output error "
                "‖(W − W_r)Xᵀ‖² / ‖WXᵀ‖² of the best rank-r factorisation on the calibration tokens"
-               + (f" (calibration `{gid}`: {len(split.calib)} examples, ≤ {s.max_len} tokens each)." if aware else "."))
+               + (f" (calibration `{gid}`: {n} examples, ≤ {s.max_len} tokens each)." if aware else "."))
 
 st.divider()
 st.subheader("Rank needed for an energy, every layer and module")
@@ -86,7 +92,8 @@ energy = h1.slider("Energy kept", 0.50, 0.999, 0.90, step=0.005, format="%.3f", 
 basis = h2.radio("Spectrum", ["weight", "activation-aware"], horizontal=True, key="heat_basis")
 kind = "aware" if basis == "activation-aware" else "weight"
 heat_split = cache.data_split(s) if kind == "aware" else None
-heat_gid = gram_id(heat_split, s) if kind == "aware" else None
+heat_n = min(int(n_calib), len(heat_split.calib)) if kind == "aware" else 0
+heat_gid = gram_id(heat_split, s, heat_n) if kind == "aware" else None
 memo_key = (lm.fingerprint, kind, heat_gid)
 all_spectra = cache.cached("all_spectra", memo_key)
 decoder = [li for li in linears if li.layer is not None]
@@ -95,7 +102,7 @@ if all_spectra is None:
                + (" (needs Grams of every layer: one calibration pass)" if kind == "aware" else ""))
     if h3.button("Compute the heatmap", key="heat_go"):
         def compute():
-            grams = grams_for(lm, heat_split, s, decoder, keep=False) if kind == "aware" else None
+            grams = grams_for(lm, heat_split, s, heat_n, decoder, keep=False) if kind == "aware" else None
             return run_with_status(f"Spectra of {len(decoder)} matrices", lambda p: spectra_mod.model_spectra(
                 lm.model, decoder, grams=grams, fingerprint=lm.fingerprint, gram_id=heat_gid, progress=p))
         all_spectra = cache.memo("all_spectra", memo_key, compute, max_entries=4)

@@ -297,3 +297,14 @@ def test_spectra_heatmap_shows_the_rank_for_the_chosen_energy():
     lm = load_model("tiny", device="cpu")
     info = next(li for li in linear_map(lm.model) if li.name == "model.layers.0.self_attn.k_proj")
     assert heat["z"][0][1] == compute_spectrum(lm.model, info).rank_for_energy(0.95, "weight")
+
+
+def test_runs_of_another_model_are_not_offered_as_its_students():
+    from dataclasses import replace
+
+    at = compressed("mlp:r8")
+    at.session_state["lowrank_settings"] = replace(at.session_state["lowrank_settings"], model_source="tiny-mistral")
+    at.switch_page("pages/evaluate.py").run()
+    assert not at.exception, at.exception
+    assert "Compress a model on the **Compress** page first" in texts(at.info)
+    assert len(at.dataframe[-1].value) == 1  # the run stays in the session's runs table

@@ -71,7 +71,7 @@ def streamlit_server(env: dict, log_path: Path, startup_s: float = 90.0):
 
 
 @contextlib.contextmanager
-def chromium(width: int = 1440, height: int = 1800):
+def chromium(width: int = 1440, height: int = 1800, timeout_ms: int = TIMEOUT_MS):
     """A Playwright page in Debian chromium (never ``playwright install``)."""
     from playwright.sync_api import sync_playwright
 
@@ -79,21 +79,21 @@ def chromium(width: int = 1440, height: int = 1800):
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         try:
             page = browser.new_page(viewport={"width": width, "height": height})
-            page.set_default_timeout(TIMEOUT_MS)
+            page.set_default_timeout(timeout_ms)
             yield page
         finally:
             browser.close()
 
 
-def wait_idle(page, timeout_ms: int = TIMEOUT_MS) -> None:
+def wait_idle(page) -> None:
     """Wait until no script runs: the app root reports ``notRunning`` twice, 0.4 s apart (a rerun that a
     script requests itself starts in between)."""
     idle = ("() => document.querySelector('[data-testid=\"stApp\"]')"
             "?.getAttribute('data-test-script-state') === 'notRunning'")
     for _ in range(2):
-        page.wait_for_function(idle, timeout=timeout_ms)
+        page.wait_for_function(idle)
         page.wait_for_timeout(400)
-    page.wait_for_function(idle, timeout=timeout_ms)
+    page.wait_for_function(idle)
 
 
 def open_page(page, title: str) -> None:

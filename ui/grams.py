@@ -8,24 +8,25 @@ from ui.state import Settings
 MAX_GRAMS = 16  # in-memory Grams (an in x in float64 each)
 
 
-def gram_id(split, s: Settings) -> str:
-    """Names the calibration behind an activation-aware spectrum: the calib side's content and max_len."""
-    return f"{split.info.fingerprints.get('calib', split.info.fingerprint)}-n{len(split.calib)}-len{s.max_len}"
+def gram_id(split, s: Settings, n: int) -> str:
+    """Names the calibration behind an activation-aware spectrum: the calib side, the first ``n`` of its
+    examples, and max_len."""
+    return f"{split.info.fingerprints.get('calib', split.info.fingerprint)}-n{n}-len{s.max_len}"
 
 
-def grams_for(lm, split, s: Settings, infos: list, keep: bool = True) -> dict:
-    """``{gram_key: GramStats}`` of ``infos`` on the split's calibration examples; only the keys not yet in
-    memory are collected (one forward pass, stopped after the last needed layer)."""
+def grams_for(lm, split, s: Settings, n: int, infos: list, keep: bool = True) -> dict:
+    """``{gram_key: GramStats}`` of ``infos`` on the first ``n`` calibration examples; only the keys not yet
+    in memory are collected (one forward pass, stopped after the last needed layer)."""
     from lowrank_core.calibrate import collect_grams
     from lowrank_core.compress import calibration_batches
 
-    gid = gram_id(split, s)
+    gid = gram_id(split, s, n)
     key = lambda gk: (lm.fingerprint, gid, gk)  # noqa: E731
     found = {i.gram_key: cache.cached("gram", key(i.gram_key)) for i in infos}
     missing = [i for i in infos if found[i.gram_key] is None]
     if missing:
-        batches = calibration_batches(lm.tokenizer, split.calib, batch_size=4, max_len=s.max_len)
-        fresh = run_with_status(f"Calibrating on {len(split.calib)} examples ({len({i.gram_key for i in missing})} "
+        batches = calibration_batches(lm.tokenizer, split.calib[:n], batch_size=4, max_len=s.max_len)
+        fresh = run_with_status(f"Calibrating on {n} examples ({len({i.gram_key for i in missing})} "
                                 "input Grams)", lambda p: collect_grams(lm.model, batches, missing, progress=p))
         for gk, g in fresh.items():
             found[gk] = g

@@ -76,3 +76,9 @@ def choose_run(label: str, keys: list[str], current: str, key: str) -> str:
     labels = [run_label(k) for k in keys]
     picked = st.selectbox(label, labels, index=keys.index(current), key=key)
     return keys[labels.index(picked)]
+
+
+def keys_for(fingerprint: str) -> list[str]:
+    """Finished jobs still in memory whose teacher is the model with ``fingerprint`` (oldest first)."""
+    mine = {r["job"] for r in state.runs() if r["fingerprint"] == fingerprint}
+    return [k for k in state.results() if k in mine]

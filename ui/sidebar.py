@@ -35,7 +35,10 @@ def draw_sidebar(box) -> None:
         box.caption(f"{len(plan['plan'].rules)} rule(s) from {plan['source']}")
     key, _ = state.current_result()
     if key is not None:
-        box.caption(f"Last compression: run {len(state.runs())}")
+        from .jobs import run_label
+
+        box.markdown("#### Current student")
+        box.caption(run_label(key))
 
 
 def _device(choice: str) -> str:
