@@ -37,6 +37,7 @@ def main(argv=None) -> int:
     p.add_argument("--refit-batch-tokens", type=int, default=2048)
     p.add_argument("--refit-patience", type=int, default=3)
     p.add_argument("--refit-target", default="block")
+    p.add_argument("--eval-batch-size", type=int, default=None, help="default: 1 on CPU, 8 on CUDA")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
@@ -47,7 +48,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     from lowrank_core.compress import CompressSettings, RefitSettings, compress
     from lowrank_core.data import iter_side, make_split
-    from lowrank_core.evaluate import evaluate_models
+    from lowrank_core.evaluate import default_batch_size, evaluate_models
     from lowrank_core.models import load_model
     from lowrank_core.progress import TqdmProgress
 
@@ -78,10 +79,11 @@ def main(argv=None) -> int:
             runs[method]["refit_valid_gain"] = sum(c["best_valid"] / c["initial_valid"] for c in curves) / len(curves)
         print(f"{method}: {runs[method]['timings']}", file=sys.stderr)
     bar = TqdmProgress("evaluate")
+    eval_bs = args.eval_batch_size or default_batch_size(loaded.device)
     t0 = time.perf_counter()
     # the eval side streamed lazily: the first --eval examples that fit max_len (as `evaluate --n`)
     scores = evaluate_models({"teacher": loaded.model, **students}, loaded.tokenizer,
-                             iter_side(args.data, "eval", seed=args.seed), n=args.eval,
+                             iter_side(args.data, "eval", seed=args.seed), n=args.eval, batch_size=eval_bs,
                              max_len=args.max_len, progress=bar)
     bar.close()
     teacher = scores["teacher"]

@@ -17,6 +17,13 @@
 4. build the student (``student.build_student``: teacher untouched, untouched tensors shared);
 5. report each replaced matrix's relative output error on the held-out Grams, the per-layer hidden-state
    MSE between teacher and student on held-out batches, refit curves and timings.
+
+Memory. The fast path holds every layer's Grams at once (float64 fit + float32 held-out): about 1.2 GB for
+the 135M embedded model, but ~100 GB for a 7B model. The layer-by-layer path holds one layer's Grams
+(Mistral-7B: 3 x 4096² + 14336² entries, ~2 GB float64 fit + ~1 GB float32 held-out), one layer's
+weights on the compute device (``device``: e.g. ``cuda`` for a teacher kept on CPU, bf16: ~0.45 GB) and
+three hidden-state streams (teacher in, teacher out, student; ``offload=True`` keeps them on CPU:
+64 x 512 tokens x 4096 x 2 bytes = 0.27 GB each in bf16). Refit works on a float32 copy of one layer.
 """
 from __future__ import annotations
 
@@ -29,7 +36,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .archmap import linear_map
+from .archmap import count_parameters, linear_map
 from .calibrate import GramStats, collect_grams
 from .data import collate, encode_example, end_of_turn_id, pad_id
 from .decompose import factorize, relative_output_error, whitening
@@ -175,8 +182,6 @@ def compress(teacher: nn.Module, tokenizer, plan, calib_examples: Sequence, sett
     run = _sequential if sequential else _fast
     replacements, rows, mse_rows, curves, timings = run(teacher, assignments, fit_b, held_b, settings, progress)
     student = build_student(teacher, replacements)
-    from .archmap import count_parameters
-
     timings["total"] = time.perf_counter() - start
     return CompressResult(student=student, assignments=assignments, params_before=count_parameters(teacher),
                           params_after=count_parameters(student), layers=rows, hidden_mse=mse_rows,
@@ -274,7 +279,8 @@ def _gram_pass(layer, inputs: LayerInputs, index: int, hidden: list, names: dict
     finally:
         for handle in handles:
             handle.remove()
-    held = stats["held"] if len(fit) < len(hidden) else {}
+    # held-out Grams only measure errors: float32 storage halves their memory (fit Grams stay float64)
+    held = {k: GramStats(g.gram.float(), g.tokens) for k, g in stats["held"].items()} if len(fit) < len(hidden) else {}
     return (outs if keep_outputs else None), stats["fit"], held
 
 

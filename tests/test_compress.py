@@ -137,3 +137,12 @@ def test_cli_compress_table_and_bad_plan(capsys):
     assert rc == 0 and "model.layers.0.mlp.down_proj" in text and "params after" in text
     assert main(["compress", "--model", "tiny", "--data", "chatterbot", "--plan", "0:mlp:r999", "--eval", "0"]) == 2
     assert "exceeds" in capsys.readouterr().err
+
+
+def test_offloaded_layerwise_matches_plain_layerwise(calib):
+    """The 7B settings (explicit compute device, hidden states kept on CPU) change nothing numerically."""
+    model, tok = tiny_model("llama", layers=2)
+    plain = compress(model, tok, "all:r8", calib, _settings("whitened", layerwise=True))
+    offl = compress(model, tok, "all:r8", calib, _settings("whitened", layerwise=True, device="cpu", offload=True))
+    assert [r["rel_error"] for r in plain.layers] == [r["rel_error"] for r in offl.layers]
+    assert [r["mse"] for r in plain.hidden_mse] == [r["mse"] for r in offl.hidden_mse]

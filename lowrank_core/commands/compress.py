@@ -10,7 +10,7 @@ import time
 from ..cli import print_json
 from ..compress import CompressSettings, RefitSettings, compress
 from ..data import iter_side, make_split
-from ..evaluate import evaluate_models
+from ..evaluate import default_batch_size, evaluate_models
 from ..models import DTYPES, load_model
 from ..plan import METHODS, load_plan
 from ..progress import TqdmProgress
@@ -31,7 +31,7 @@ def add_compress_arguments(p) -> None:
     p.add_argument("--eval", type=int, default=200, help="evaluation examples (eval side); 0 skips evaluation")
     p.add_argument("--max-len", type=int, default=512, help="tokens per example (prompt + answer)")
     p.add_argument("--batch-size", type=int, default=4, help="calibration batch size (sequences)")
-    p.add_argument("--eval-batch-size", type=int, default=8)
+    p.add_argument("--eval-batch-size", type=int, default=None, help="default: 1 on CPU, 8 on CUDA")
     p.add_argument("--layerwise", action="store_true",
                    help="sequential layer-by-layer path: Grams on the student's inputs, one layer at a time")
     p.add_argument("--valid-fraction", type=float, default=0.2,
@@ -46,6 +46,9 @@ def add_compress_arguments(p) -> None:
     p.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--offload", action="store_true", help="keep stored hidden states on CPU (big models)")
+    p.add_argument("--layer-device", default=None,
+                   help="compute device of the layer-by-layer path (e.g. cuda with --device cpu: one layer on "
+                        "the GPU at a time, the 7B path); default: the model's device")
 
 
 def register(sub) -> None:
@@ -62,7 +65,8 @@ def settings_from_args(args) -> CompressSettings:
                           target=args.refit_target, train_bias=args.refit_bias, seed=args.seed)
     settings = CompressSettings(method=args.method, calib=args.calib, max_len=args.max_len,
                                 batch_size=args.batch_size, seed=args.seed, layerwise=args.layerwise,
-                                refit=refit, offload=args.offload)
+                                refit=refit, offload=args.offload,
+                                device=args.layer_device)
     settings.validate()
     return settings
 
@@ -86,7 +90,8 @@ def run_compress_job(args, progress=None) -> dict:
         if args.eval:
             t0 = time.perf_counter()
             evaluation = evaluate_models({"teacher": loaded.model, "student": result.student}, loaded.tokenizer,
-                                         eval_examples, n=args.eval, batch_size=args.eval_batch_size,
+                                         eval_examples, n=args.eval,
+                                         batch_size=args.eval_batch_size or default_batch_size(loaded.device),
                                          max_len=args.max_len, progress=bar)
             result.timings["evaluation"] = time.perf_counter() - t0
     finally:
