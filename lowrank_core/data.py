@@ -442,22 +442,39 @@ def prompt_messages(example: Example) -> list:
     return messages + [{"role": "user", "content": example.user}]
 
 
+def answer_ids(tokenizer, prompt_text: str, prompt: list, answer: str) -> list:
+    """Ids of ``answer`` as the model sees it after ``prompt_text``.
+
+    The joint text is tokenized and its tail used when it starts with exactly the prompt's ids (so no
+    token merges across the boundary); otherwise the answer is tokenized on its own. The joint form
+    matters for SentencePiece/Metaspace tokenizers (Llama, Mistral), which prefix a lone answer with
+    a word-boundary piece that never occurs after the generation prompt.
+    """
+    joint = _ids(tokenizer, prompt_text + answer)
+    if joint[: len(prompt)] == prompt and len(joint) > len(prompt):
+        return joint[len(prompt):]
+    return _ids(tokenizer, answer)
+
+
 def encode_example(tokenizer, example: Example, max_len: int = 512,
                    end_of_turn: Optional[int] = None) -> Optional[Encoded]:
     """Prompt ids (chat template, generation prompt) + answer ids + end-of-turn id, cut to ``max_len``.
 
-    The answer is tokenized on its own and concatenated, so no BPE merge crosses the prompt/answer
-    boundary. Labels copy the answer and end-of-turn ids and are -100 on the prompt. Returns None
-    when truncation leaves no answer token. ``end_of_turn`` defaults to ``end_of_turn_id(tokenizer)``.
+    Prompt ids are the rendered prompt tokenized alone; answer ids follow ``answer_ids`` (never a
+    token spanning the boundary). Labels copy the answer and end-of-turn ids and are -100 on the
+    prompt. Returns None when truncation leaves no answer token. ``end_of_turn`` defaults to
+    ``end_of_turn_id(tokenizer)``.
     """
     if int(max_len) < 2:
         raise ValueError(f"max_len {max_len!r} must be >= 2")
     if end_of_turn is None:
         end_of_turn = end_of_turn_id(tokenizer)
-    prompt = _ids(tokenizer, _render(tokenizer, prompt_messages(example), True))
+    prompt_text = _render(tokenizer, prompt_messages(example), True)
+    prompt = _ids(tokenizer, prompt_text)
     if len(prompt) >= max_len:
         return None
-    answer = (_ids(tokenizer, example.answer) + [int(end_of_turn)])[: max_len - len(prompt)]
+    answer = answer_ids(tokenizer, prompt_text, prompt, example.answer) + [int(end_of_turn)]
+    answer = answer[: max_len - len(prompt)]
     return Encoded(input_ids=prompt + answer, labels=[IGNORE_INDEX] * len(prompt) + answer)
 
 

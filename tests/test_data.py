@@ -252,6 +252,46 @@ def test_end_of_turn_follows_the_template(tok):
     assert enc.labels[-2:] == [_ids(other, "a")[0], eot]
 
 
+def char_tokenizer(metaspace: bool, merges=()):
+    """A character-level BPE with ChatML specials: Metaspace pre-tokenizer (Llama/Mistral style) or none."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from lowrank_core.models import CHATML_TEMPLATE
+
+    chars = sorted(set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 \n?.!,") | {"\u2581"})
+    vocab = {c: i for i, c in enumerate(chars)}
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=list(merges)))
+    if metaspace:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+        tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def test_answer_ids_as_seen_in_context_for_metaspace_tokenizers():
+    tok = char_tokenizer(metaspace=True)
+    assert tok.convert_ids_to_tokens(_ids(tok, "Hi"))[0] == "\u2581"  # a lone answer gets a word-boundary piece
+    enc = data.encode_example(tok, Example("", "Q", "Hi you"), max_len=64)
+    answer = tok.convert_ids_to_tokens([t for t in enc.labels if t != -100])
+    assert answer == ["H", "i", "\u2581", "y", "o", "u", "<|im_end|>"]  # ...which never follows the prompt
+    prompt_text = tok.apply_chat_template([{"role": "user", "content": "Q"}], tokenize=False, add_generation_prompt=True)
+    assert enc.input_ids[:-1] == _ids(tok, prompt_text + "Hi you")
+
+
+def test_no_token_spans_the_prompt_answer_boundary():
+    tok = char_tokenizer(metaspace=False, merges=[("\n", "H")])  # '\nH' would swallow the prompt's last newline
+    prompt_text = tok.apply_chat_template([{"role": "user", "content": "Q"}], tokenize=False, add_generation_prompt=True)
+    prompt = _ids(tok, prompt_text)
+    assert _ids(tok, prompt_text + "Hi")[: len(prompt)] != prompt
+    enc = data.encode_example(tok, Example("", "Q", "Hi"), max_len=64)
+    assert enc.input_ids[: len(prompt)] == prompt and enc.labels[len(prompt):] == _ids(tok, "Hi") + [tok.eos_token_id]
+
+
 def test_truncation(tok):
     ex = Example("", "question", "x" * 100)
     full = data.encode_example(tok, ex, max_len=512)
