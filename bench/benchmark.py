@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lowrank_core.allocate import SearchSettings, allocate, build_profile, plan_from_ranks  # noqa: E402
+from lowrank_core.allocate import SearchSettings, allocate, build_profile, fitting_examples, plan_from_ranks  # noqa: E402
 from lowrank_core.archmap import count_parameters  # noqa: E402
 from lowrank_core.compress import CompressSettings, compress  # noqa: E402
 from lowrank_core.data import make_split  # noqa: E402
@@ -113,7 +113,8 @@ def main(argv=None) -> int:
     started = datetime.datetime.now(datetime.timezone.utc)
     loaded = load_model(args.model, dtype="float32", device="cpu")
     teacher, tok = loaded.model, loaded.tokenizer
-    split = make_split(args.data, n_calib=args.calib, n_eval=args.eval, n_val=args.val, seed=0)
+    split = make_split(args.data, n_calib=args.calib, n_eval=args.eval, n_val=4 * args.val, seed=0)
+    val = fitting_examples(tok, split.val, args.val, args.val_max_len)
     cs = CompressSettings(calib=args.calib, max_len=args.max_len, hidden_mse=False)
     ev = dict(n=args.eval, batch_size=8, max_len=args.eval_max_len)
     t0 = time.perf_counter()
@@ -136,9 +137,10 @@ def main(argv=None) -> int:
         settings = SearchSettings(val_max_len=args.val_max_len, compression=cs)
         with PeakRSS() as mem:
             t0 = time.perf_counter()
-            profile = build_profile(teacher, tok, split.calib, split.val, settings)
-        notes.append(f"allocation profile (calibration Grams, whitened spectra, sensitivity probes on {args.val} "
-                     f"validation examples x {args.val_max_len} tokens): {time.perf_counter() - t0:.0f} s "
+            profile = build_profile(teacher, tok, split.calib, val, settings)
+        notes.append(f"allocation profile (calibration Grams, whitened spectra, sensitivity probes on "
+                     f"{profile.val_examples} validation examples, {profile.val_tokens} answer tokens, "
+                     f"≤ {args.val_max_len} tokens each): {time.perf_counter() - t0:.0f} s "
                      f"({', '.join(f'{k} {v:.0f} s' for k, v in profile.timings.items())}), peak {mem.gib:.2f} GiB; "
                      "measured once and shared by the three keep levels")
         print(notes[-1], flush=True)
@@ -157,7 +159,7 @@ def main(argv=None) -> int:
         if profile is None:
             continue
         with PeakRSS() as mem:
-            alloc = allocate(teacher, tok, split.calib, split.val, budget=None, target_params=target, profile=profile)
+            alloc = allocate(teacher, tok, split.calib, val, budget=None, target_params=target, profile=profile)
         if "alloc" in methods:
             search_s = alloc.timings["search"]
             record(keep, "whitened + allocation", alloc.student, alloc.params_after,

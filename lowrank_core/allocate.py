@@ -9,7 +9,8 @@
    run per decoder layer with all its matrices compressed gives the layer's loss per unit of
    layer-output error, and each matrix's own layer-output error — one layer of compute — splits it).
    ``sensitivity = Δloss(probe) / err(probe)``, so the predicted ``Δloss_i(r) = sensitivity_i · err_i(r)``
-   (additive across matrices; second order in the perturbation, hence linear in ``err``).
+   (additive across matrices; second order in the perturbation, hence linear in ``err``). A probe that
+   does not raise the loss is treated as noise, not as a free step: it gets its module type's median.
 3. **Greedy path.** From all-dense, repeatedly take the move (dense → rank, or a lower rank) with the
    most parameters saved per predicted Δloss. Only ranks whose factors ``r·(in+out)`` are strictly below
    ``out·in`` are candidates, so a factorisation that does not save parameters is never chosen.
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 from .archmap import ATTN_MODULES, MLP_MODULES, LinearInfo, count_parameters, linear_map
 from .calibrate import collect_grams
 from .compress import CompressSettings, calibration_batches, compress, split_examples
-from .data import IGNORE_INDEX, iter_batches
+from .data import IGNORE_INDEX, encode_example, end_of_turn_id, iter_batches
 from .decompose import Factors, Whitening, whitening
 from .decompose import _finish, _symmetric  # same arithmetic as whitened_factors (bit-identical students)
 from .layerwise import LayerInputs, capture_layer_inputs, decoder_layers, final_norm, masked_square_error, run_layer
@@ -124,7 +125,8 @@ class MatrixProfile:
     errors: list[float]            # err(r) for r = 0 .. len(s)  (err[0] = 1)
     probe_rank: int = 0
     probe_delta: float = 0.0       # measured (or layer-split) Δ validation loss at probe_rank, nats
-    sensitivity: float = 0.0       # nats per unit of relative output error (floored > 0)
+    sensitivity: float = 0.0       # nats per unit of relative output error (> 0)
+    imputed: bool = False          # the probe did not raise the loss: a median sensitivity stands in
 
     def error(self, rank: Optional[int]) -> float:
         return 0.0 if rank is None else self.errors[min(rank, len(self.errors) - 1)]
@@ -138,7 +140,7 @@ class MatrixProfile:
     def row(self) -> dict:
         return {"name": self.info.name, "layer": self.info.layer, "module": self.info.module,
                 "probe_rank": self.probe_rank, "probe_error": self.error(self.probe_rank),
-                "probe_delta": self.probe_delta, "sensitivity": self.sensitivity}
+                "probe_delta": self.probe_delta, "sensitivity": self.sensitivity, "imputed": self.imputed}
 
 
 def candidate_ranks(info: LinearInfo, settings: SearchSettings) -> list[int]:
@@ -169,6 +171,8 @@ class Profile:
     val_inputs: LayerInputs
     val_batches: list[dict]
     teacher_loss: float
+    val_examples: int
+    val_tokens: int            # answer tokens scored on the validation split
     timings: dict[str, float]
     settings: SearchSettings
 
@@ -228,6 +232,19 @@ def suffix_loss(model, inputs: LayerInputs, batches: list[dict], start: int, hid
     return total / tokens
 
 
+def fitting_examples(tokenizer, examples, n: int, max_len: int, min_answer: int = 16) -> list:
+    """The first ``n`` examples that keep at least ``min_answer`` answer tokens (or their whole answer)
+    within ``max_len`` tokens: long prompts would otherwise be dropped and leave a tiny validation set."""
+    eot, out = end_of_turn_id(tokenizer), []
+    for ex in examples:
+        enc = encode_example(tokenizer, ex, max_len, end_of_turn=eot)
+        if enc is not None and (enc.answer_tokens >= min_answer or len(enc.input_ids) < max_len):
+            out.append(ex)
+            if len(out) == n:
+                break
+    return out
+
+
 def _calibration(tokenizer, calib_examples, cs: CompressSettings):
     """The fit batches exactly as :func:`compress` builds them (so Grams and students match)."""
     examples = list(calib_examples)[: cs.calib]
@@ -271,7 +288,9 @@ def build_profile(teacher, tokenizer, calib_examples, val_examples, settings: Op
     teacher_loss = suffix_loss(teacher, inputs, batches, 0, inputs.hidden)
     _probe(teacher, matrices, bases, whitenings, inputs, batches, teacher_loss, settings.probe, progress)
     timings["sensitivity"] = time.perf_counter() - t0
-    return Profile(matrices, whitenings, bases, inputs, batches, teacher_loss, timings, settings)
+    tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+    return Profile(matrices, whitenings, bases, inputs, batches, teacher_loss, sum(len(b["input_ids"]) for b in batches),
+                   tokens, timings, settings)
 
 
 def _probe(teacher, matrices, bases, whitenings, inputs, batches, teacher_loss, mode, progress) -> None:
@@ -279,6 +298,8 @@ def _probe(teacher, matrices, bases, whitenings, inputs, batches, teacher_loss, 
     layers = decoder_layers(teacher)
     modules = _weights(teacher)
     hidden = inputs.hidden
+    rates: dict[int, float] = {}      # layer mode: Δloss per unit of squared layer-output error
+    local: dict[str, float] = {}      # squared layer-output error with one matrix at its probe rank
     for i, layer in enumerate(layers):
         prefix = f"model.layers.{i}."
         mine = [m for name, m in matrices.items() if name.startswith(prefix)]
@@ -287,22 +308,25 @@ def _probe(teacher, matrices, bases, whitenings, inputs, batches, teacher_loss, 
             reps = {m.info.name[len(prefix):]: low_rank_module(modules[m.info.name], bases[m.info.name],
                                                                whitenings[m.info.gram_key], m.probe_rank)
                     for m in mine}
-            local = {}
             for m in mine:
                 rel = m.info.name[len(prefix):]
                 out = run_layer(build_student(layer, {rel: reps[rel]}), inputs, i, hidden=hidden)
-                local[rel] = _square_error(out, out_t, inputs)
+                local[m.info.name] = _square_error(out, out_t, inputs)
                 if mode == "matrix":
                     m.probe_delta = suffix_loss(teacher, inputs, batches, i + 1, out) - teacher_loss
             if mode == "layer":
                 out = run_layer(build_student(layer, reps), inputs, i, hidden=hidden)
                 joint = _square_error(out, out_t, inputs)
                 delta = suffix_loss(teacher, inputs, batches, i + 1, out) - teacher_loss
-                per_error = delta / joint if joint > 0 else 0.0
-                for m in mine:
-                    m.probe_delta = per_error * local[m.info.name[len(prefix):]]
+                rates[i] = delta / joint if joint > 0 and delta > 0 else math.nan
         hidden = out_t
         progress(i + 1, len(layers), f"sensitivity layer {i}")
+    if mode == "layer":
+        fallback = _median([r for r in rates.values() if r > 0])
+        for m in matrices.values():
+            rate = rates[m.info.layer]
+            m.probe_delta = (rate if rate > 0 else fallback) * local[m.info.name]
+            m.imputed = not rate > 0
     _set_sensitivities(matrices.values())
 
 
@@ -310,15 +334,25 @@ def _square_error(a: list, b: list, inputs: LayerInputs) -> float:
     return sum(masked_square_error(x, y, m)[0] for x, y, m in zip(a, b, inputs.masks))
 
 
+def _median(values: list[float], default: float = 1.0) -> float:
+    values = sorted(values)
+    return values[len(values) // 2] if values else default
+
+
 def _set_sensitivities(profiles) -> None:
-    """sensitivity = max(Δ, 0) / err(probe), floored at 1e-3 of the median positive value (so that
-    every step has a positive predicted cost and a zero budget compresses nothing)."""
+    """sensitivity = Δloss(probe) / err(probe). A probe that did not raise the loss (Δ <= 0: noise of a
+    small validation split, or a LASER-like gain) is not taken as a free step: it gets the median
+    sensitivity of its module type (``imputed``), so no step has a zero predicted cost unless its
+    output error is exactly zero."""
     profiles = list(profiles)
-    raw = [max(p.probe_delta, 0.0) / p.error(p.probe_rank) if p.error(p.probe_rank) > 0 else 0.0 for p in profiles]
-    positive = sorted(v for v in raw if v > 0)
-    floor = 1e-3 * positive[len(positive) // 2] if positive else 1e-9
-    for p, v in zip(profiles, raw):
-        p.sensitivity = max(v, floor)
+    raw = {p.info.name: p.probe_delta / p.error(p.probe_rank)
+           for p in profiles if p.probe_delta > 0 and p.error(p.probe_rank) > 0}
+    overall = _median(list(raw.values()))
+    by_module = {mod: _median([v for n, v in raw.items() if n.endswith("." + mod)], overall)
+                 for mod in {p.info.module for p in profiles}}
+    for p in profiles:
+        p.sensitivity = raw.get(p.info.name, by_module[p.info.module])
+        p.imputed = p.imputed or p.info.name not in raw
 
 
 # ----------------------------------------------------------------------------- greedy path
@@ -410,6 +444,8 @@ class Allocation:
     params_after: int
     teacher_loss: float        # teacher on the validation split
     val_loss: float            # student on the validation split (measured)
+    val_examples: int
+    val_tokens: int            # answer tokens of the validation split
     budget: Optional[float]    # nats (None in parameter-target mode)
     target_params: Optional[int]
     predicted_delta: float
@@ -548,6 +584,7 @@ def allocate(teacher, tokenizer, calib_examples, val_examples, budget: Union[str
     result = Allocation(
         plan=plan_from_ranks(ranks, infos), ranks=ranks, params_before=params_before,
         params_after=params_before - removed, teacher_loss=profile.teacher_loss, val_loss=verifier.loss(k),
+        val_examples=profile.val_examples, val_tokens=profile.val_tokens,
         budget=nats, target_params=target_params, predicted_delta=steps[k - 1].predicted if k else 0.0,
         steps=k, path_length=len(steps), pareto=_pareto(steps, params_before, profile.teacher_loss, verifier.results),
         verified=verified, matrices=matrix_rows, timings={**profile.timings, "search": time.perf_counter() - start},

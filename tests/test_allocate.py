@@ -132,6 +132,19 @@ def test_greedy_takes_best_ratio_first_and_skips_a_bad_intermediate_rank():
     assert set(last.values()) == {2}
 
 
+def test_probes_that_lower_the_loss_get_a_median_sensitivity():
+    from lowrank_core.allocate import _set_sensitivities
+
+    errors = [1.0, 0.5, 0.25, 0.0]
+    ps = [_profile("up_proj", i, 0.0, errors, [2, 1]) for i in range(4)]
+    for p, delta in zip(ps, (0.1, 0.2, 0.3, -0.05)):
+        p.probe_rank, p.probe_delta = 1, delta          # err(1) = 0.5
+    _set_sensitivities(ps)
+    assert [p.sensitivity for p in ps[:3]] == pytest.approx([0.2, 0.4, 0.6])
+    assert ps[3].imputed and ps[3].sensitivity == pytest.approx(0.4)
+    assert not any(p.imputed for p in ps[:3])
+
+
 def test_plan_from_ranks_groups_layers():
     from lowrank_core.models import tiny_model
 
@@ -161,6 +174,20 @@ def test_budget_respected_on_validation_split(trained, split, profile, settings,
     assert teacher == pytest.approx(result.teacher_loss, abs=1e-5)
     assert student == pytest.approx(result.val_loss, abs=1e-5)
     assert student - teacher <= result.budget + 1e-6
+
+
+def test_matrix_probe_measures_each_matrix_alone(trained, split, settings, profile, binding):
+    from dataclasses import replace
+
+    model, tok = trained
+    per_matrix = build_profile(model, tok, split.calib, split.val, replace(settings, probe="matrix"))
+    assert per_matrix.teacher_loss == profile.teacher_loss
+    assert per_matrix.matrices.keys() == profile.matrices.keys()
+    deltas = [p.probe_delta for p in per_matrix.matrices.values()]
+    assert any(d > 0 for d in deltas) and all(p.sensitivity > 0 for p in per_matrix.matrices.values())
+    assert deltas != [p.probe_delta for p in profile.matrices.values()]
+    result = allocate(model, tok, split.calib, split.val, budget=binding, profile=per_matrix)
+    assert result.ranks and result.val_loss - result.teacher_loss <= binding
 
 
 def test_verification_backs_off_when_the_prediction_is_optimistic(trained, split, profile, binding):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from ..allocate import DEFAULT_KEEPS, PROBES, SearchSettings, allocate, decoder_target
+from ..allocate import DEFAULT_KEEPS, PROBES, SearchSettings, allocate, decoder_target, fitting_examples
 from ..cli import CliError, print_json
 from ..compress import CompressSettings
 from ..data import make_split
@@ -17,6 +17,8 @@ from ..evaluate import evaluate_models
 from ..models import DTYPES, load_model
 from ..progress import TqdmProgress
 from ..table import format_table
+
+VAL_OVERDRAW = 4
 
 
 def _floats(text: str) -> list[float]:
@@ -37,7 +39,9 @@ def register(sub) -> None:
                         help="parameter target instead: keep this fraction of the eligible linears' parameters")
     target.add_argument("--target-params", type=int, default=None, help="parameter target: total parameters after")
     p.add_argument("--calib", type=int, default=64, help="calibration examples (Grams)")
-    p.add_argument("--val", type=int, default=32, help="validation examples (sensitivity and verification)")
+    p.add_argument("--val", type=int, default=32,
+                   help="validation examples (sensitivity and verification): the first of the calibration side's "
+                        "validation share whose answer survives --val-max-len")
     p.add_argument("--eval", type=int, default=200, help="evaluation examples scored once at the end")
     p.add_argument("--seed", type=int, default=0, help="split seed")
     p.add_argument("--max-len", type=int, default=512, help="tokens per calibration / evaluation example")
@@ -59,8 +63,12 @@ def register(sub) -> None:
 
 def run(args) -> int:
     start = time.perf_counter()
-    split = make_split(args.data, n_calib=args.calib, n_eval=args.eval, n_val=args.val, seed=args.seed)
+    # a few times more validation-side examples than asked: long prompts do not fit --val-max-len
+    split = make_split(args.data, n_calib=args.calib, n_eval=args.eval, n_val=VAL_OVERDRAW * args.val, seed=args.seed)
     loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    val = fitting_examples(loaded.tokenizer, split.val, args.val, args.val_max_len)
+    if not val:
+        raise CliError(f"no validation example fits --val-max-len {args.val_max_len}; raise it")
     settings = SearchSettings(keeps=_floats(args.keeps), probe_keep=args.probe_keep, probe=args.probe,
                               val_max_len=args.val_max_len, max_verify=args.max_verify, refit=args.refit,
                               compression=CompressSettings(calib=args.calib, max_len=args.max_len,
@@ -73,7 +81,7 @@ def run(args) -> int:
     budget = None if target is not None else (args.budget or "1%")
     bar = TqdmProgress("search")
     try:
-        result = allocate(loaded.model, loaded.tokenizer, split.calib, split.val, budget=budget,
+        result = allocate(loaded.model, loaded.tokenizer, split.calib, val, budget=budget,
                           target_params=target, settings=settings, progress=bar)
         scores = evaluate_models({"teacher": loaded.model, "student": result.student}, loaded.tokenizer,
                                  split.eval, batch_size=args.eval_batch_size, max_len=args.max_len, progress=bar)
@@ -97,7 +105,8 @@ def run(args) -> int:
           f"({result.params_after / result.params_before:.2%} kept), {len(result.ranks)} matrices factorised, "
           f"method {result.method}")
     print(f"validation loss  teacher {result.teacher_loss:.4f}  student {result.val_loss:.4f}  "
-          f"Δ {result.val_loss - result.teacher_loss:+.4f}")
+          f"Δ {result.val_loss - result.teacher_loss:+.4f}  ({result.val_examples} examples, "
+          f"{result.val_tokens} answer tokens)")
     print(f"evaluation loss  teacher {record['teacher_loss']:.4f}  student {record['eval_loss']:.4f}  "
           f"Δ {record['eval_delta']:+.4f}  ({record['eval_examples']} examples)")
     if args.out:
