@@ -7,7 +7,10 @@ import streamlit as st
 from lowrank_core.archmap import linear_map, meta_model, num_layers
 from lowrank_core.plan import METHODS, PlanError, account, load_plan, plan_from_dict
 from ui import cache, state
+from ui.entry import ensure_app
 from ui.presets import preset_plans
+
+ensure_app()
 
 MISTRAL_FIXTURE = "tests/fixtures/mistral-7b-openorca-config.json"
 COLUMNS = ["layers", "modules", "rank", "keep", "dense", "method"]

@@ -5,7 +5,10 @@ import pandas as pd
 import streamlit as st
 
 from ui import cache, charts, engine, jobs, state
+from ui.entry import ensure_app
 from ui.progress import run_with_status
+
+ensure_app()
 
 compress_mod, refit_mod, plan_mod = engine.require("compress", "refit", "plan")
 FORM_KEY = "lowrank_compress_form"

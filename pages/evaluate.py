@@ -5,7 +5,10 @@ import pandas as pd
 import streamlit as st
 
 from ui import cache, charts, engine, jobs, state
+from ui.entry import ensure_app
 from ui.progress import run_with_status
+
+ensure_app()
 
 (evaluate_mod,) = engine.require("evaluate")
 
@@ -26,7 +29,8 @@ else:
     c1, c2 = st.columns([1, 3])
     n = c1.number_input("Evaluation examples", 1, len(split.eval), len(split.eval), key="eval_n",
                         help="the first N of the split's eval side (never seen by calibration)")
-    batch_size = c1.number_input("Batch size", 1, 256, 8, key="eval_batch")
+    batch_size = c1.number_input("Batch size", 1, 256, evaluate_mod.default_batch_size(lm.device), key="eval_batch",
+                                 help="examples per forward pass (on CPU 1 is fastest: padding is pure cost)")
     teacher_key = (lm.fingerprint, split.info.fingerprint, int(n), s.max_len)
     student_key = (chosen, split.info.fingerprint, int(n), s.max_len)
     scores = {"teacher": cache.cached("teacher_eval", teacher_key),

@@ -6,7 +6,10 @@ from pathlib import Path
 import streamlit as st
 
 from ui import cache, engine, jobs, state
+from ui.entry import ensure_app
 from ui.progress import run_with_status
+
+ensure_app()
 
 (export_mod,) = engine.require("export")
 

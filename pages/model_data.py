@@ -9,7 +9,10 @@ import streamlit as st
 
 from lowrank_core.models import DEVICES, DTYPES
 from ui import cache, engine, state
+from ui.entry import ensure_app
 from ui.progress import run_with_status
+
+ensure_app()
 
 MODEL_KINDS = {"Embedded SmolLM2-135M-Instruct": "default", "Tiny random Llama (for tests)": "tiny",
                "Local folder, config.json or .gguf": "path", "Hugging Face hub id": "hub"}
@@ -108,7 +111,8 @@ if data is not None:
         if result is None and st.button(f"Score the teacher on {len(split.eval)} eval examples", key="score_teacher"):
             result = cache.memo("teacher_eval", key, lambda: run_with_status(
                 "Scoring the teacher", lambda p: evaluate.evaluate(
-                    lm.model, lm.tokenizer, split.eval, max_len=s.max_len, progress=p)), max_entries=16)
+                    lm.model, lm.tokenizer, split.eval, batch_size=evaluate.default_batch_size(lm.device),
+                    max_len=s.max_len, progress=p)), max_entries=16)
         if result is not None:
             c1, c2, c3, c4 = st.columns(4)
             c1.metric("teacher answer loss", f"{result.loss:.4f}")

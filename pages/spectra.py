@@ -1,14 +1,16 @@
 """Spectra: singular values of a weight and its activation-aware spectrum; ranks needed for an energy."""
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 import streamlit as st
 
 from lowrank_core.archmap import num_layers
 from ui import cache, charts, engine, state
+from ui.entry import ensure_app
 from ui.grams import gram_id, grams_for
 from ui.progress import run_with_status
+
+ensure_app()
 
 (spectra_mod,) = engine.require("spectra")
 SPECTRA_CALIB = 16  # default calibration examples of an activation-aware spectrum

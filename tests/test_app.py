@@ -20,9 +20,10 @@ def tiny_env(monkeypatch, tmp_path):
 
 
 def _run_entrypoint_every_time(monkeypatch) -> None:
-    """AppTest resets Streamlit's "pages/ directory" flag before every run, so with a ``pages/`` folder
-    its reruns execute the page file alone (the v1 multipage mode). A real server drops that mode for
-    good once ``st.navigation`` is called; mirror that so every run executes ``app.py``."""
+    """AppTest resets Streamlit's legacy "pages/ folder" mode before every run, so its reruns would execute
+    the page file alone and ``ui.entry.ensure_app`` would rerun each of them, eating button clicks. A real
+    server leaves that mode for good once ``st.navigation`` ran; mirror that, so every run executes
+    ``app.py``. (The deep-link case itself is covered by tests/test_browser.py.)"""
     from streamlit.runtime.pages_manager import PagesManager
 
     original = PagesManager.__init__

@@ -151,7 +151,11 @@ def test_click_through_every_page(tmp_path):
         page.locator('[data-testid="stPlotlyChart"]').first.wait_for()
         wait_idle(page)
         assert "Calibrating on 16 examples" in main_text(page)
-        assert page.locator(".js-plotly-plot").count() >= 1
+        assert page.locator(".js-plotly-plot").count() == 1
+        page.get_by_role("button", name="Compute the heatmap").click()
+        page.get_by_text("matrices reach 90.0% of their weight energy").wait_for()
+        wait_idle(page)
+        assert page.locator(".js-plotly-plot").count() == 2
         shot(page, "3-spectra")
 
         open_page(page, "Compress")
@@ -183,3 +187,18 @@ def test_click_through_every_page(tmp_path):
         shot(page, "6-export")
         assert (export_dir / "lowrank.json").is_file() and (export_dir / "config.json").is_file()
         assert not errors, errors
+
+
+@pytest.mark.browser
+def test_deep_link_as_the_first_request_shows_the_whole_app(tmp_path):
+    """A fresh server whose first request is /budget still runs app.py: navigation titles and sidebar."""
+    require_chromium()
+    env = {"LOWRANK_APP_MODEL": "tiny", "LOWRANK_APP_DATA": "chatterbot", "LOWRANK_CACHE": str(tmp_path / "cache")}
+    with streamlit_server(env, tmp_path / "streamlit.log") as url, chromium() as page:
+        page.goto(url + "/budget")
+        page.get_by_role("heading", name="Budget", exact=True).wait_for()
+        page.get_by_text("original parameters").wait_for()
+        wait_idle(page)
+        nav = " ".join(page.locator('[data-testid="stSidebarNav"] a').all_inner_texts())
+        assert "Model & data" in nav and "Spectra" in nav
+        assert "Loaded model" in page.locator('[data-testid="stSidebar"]').inner_text()

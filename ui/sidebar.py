@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import torch
-import streamlit as st
 
 from lowrank_core.models import device_description
 
