@@ -58,7 +58,8 @@ class CompressSettings:
     ``layerwise``: sequential layer-by-layer path (forced by any ``refit`` rule); ``device``: compute
     device of the layer-by-layer path (default: the teacher's; e.g. ``"cuda"`` for a CPU-resident 7B
     teacher); ``offload``: keep stored hidden states on CPU; ``hidden_mse``: measure per-layer hidden MSE
-    in the fast path too (costs two forward passes over the held-out batches)."""
+    in the fast path too (costs two forward passes over the held-out batches); ``fit_errors``: also report
+    each matrix's error on the fit tokens (``rel_error_fit``; always given when nothing is held out)."""
 
     method: str = "whitened"
     calib: int = 64
@@ -70,6 +71,7 @@ class CompressSettings:
     device: Optional[str] = None
     offload: bool = False
     hidden_mse: bool = True
+    fit_errors: bool = False
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -142,16 +144,18 @@ def _low_rank(weight: torch.Tensor, bias, a: Assignment, gram: Optional[torch.Te
 
 
 def _matrix_row(a: Assignment, weight: torch.Tensor, module: LowRankLinear, held: Optional[GramStats],
-                fit: Optional[GramStats]) -> dict:
+                fit: Optional[GramStats], fit_error: bool) -> dict:
+    """One per-matrix row. ``rel_error``: held-out tokens; ``rel_error_fit``: fit tokens, computed when asked
+    or when there is no held-out set (each costs float64 products with the Gram: not free for big models)."""
     li = a.info
     merged = module.merged_weight().detach()
     row = {"name": li.name, "layer": li.layer, "module": li.module, "shape": f"{li.out_features} x {li.in_features}",
-           "rank": a.rank, "method": a.method, "params_before": li.params, "params_after": a.params_after}
+           "rank": a.rank, "method": a.method, "params_before": li.params, "params_after": a.params_after,
+           "rel_error": None, "rel_error_fit": None}
     if held is not None and held.tokens:
         row["rel_error"] = relative_output_error(weight, merged, held.gram)
-    else:
-        row["rel_error"] = None
-    row["rel_error_fit"] = relative_output_error(weight, merged, fit.gram) if fit is not None and fit.tokens else None
+    if fit is not None and fit.tokens and (fit_error or row["rel_error"] is None):
+        row["rel_error_fit"] = relative_output_error(weight, merged, fit.gram)
     return row
 
 
@@ -197,7 +201,8 @@ def _fast(teacher, assignments, fit_b, held_b, settings, progress):
     # held-out Grams only measure errors: kept in float32 (half the memory); the fit Grams stay float64
     held_g = collect_grams(teacher, held_b, infos, progress=progress) if held_b else {}
     held_g = {k: GramStats(g.gram.float(), g.tokens) for k, g in held_g.items()}
-    fit_g = collect_grams(teacher, fit_b, infos, progress=progress)  # svd needs it only for rel_error_fit
+    need_fit = settings.fit_errors or not held_b or any(a.method != "svd" for a in assignments.values())
+    fit_g = collect_grams(teacher, fit_b, infos, progress=progress) if need_fit else {}
     timings["calibration"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     modules = dict(teacher.named_modules())
@@ -209,7 +214,7 @@ def _fast(teacher, assignments, fit_b, held_b, settings, progress):
         fit = fit_g.get(key)
         new = _low_rank(lin.weight.detach(), lin.bias, a, fit.gram if fit is not None else None, whitenings, key)
         replacements[name] = new
-        rows.append(_matrix_row(a, lin.weight.detach(), new, held_g.get(key), fit))
+        rows.append(_matrix_row(a, lin.weight.detach(), new, held_g.get(key), fit, settings.fit_errors))
         if last_use[key] == name:  # free this input's statistics as soon as its last reader is done
             fit_g.pop(key, None), held_g.pop(key, None), whitenings.pop(key, None)
         progress(k + 1, len(assignments), f"factorising {name}")
@@ -337,7 +342,7 @@ def _sequential(teacher, assignments, fit_b, held_b, settings, progress):
             for rel, a in local.items():
                 lin = mods[rel]
                 rows.append(_matrix_row(a, lin.weight.detach(), new[rel], held_g.get(a.info.gram_key),
-                                        fit_g.get(a.info.gram_key)))
+                                        fit_g.get(a.info.gram_key), settings.fit_errors))
                 replacements[prefix + rel] = new[rel].to(home)
         mse_idx = held_idx or fit_idx
         mse = hidden_mse([xs[b] for b in mse_idx], [yt[b] for b in mse_idx], [inputs.masks[b] for b in mse_idx], width)
@@ -346,11 +351,11 @@ def _sequential(teacher, assignments, fit_b, held_b, settings, progress):
         progress(i + 1, len(layers), f"layer {i}: hidden rel MSE {mse['rel_mse']:.3g}")
     head = {n: a for n, a in assignments.items() if a.info.layer is None}
     for name, a in head.items():
-        rows.append(_head(teacher, name, a, inputs, xs, fit_idx, held_idx, replacements, timings))
+        rows.append(_head(teacher, name, a, inputs, xs, fit_idx, held_idx, replacements, timings, settings))
     return replacements, rows, mse_rows, curves, timings
 
 
-def _head(teacher, name, a, inputs, xs, fit_idx, held_idx, replacements, timings) -> dict:
+def _head(teacher, name, a, inputs, xs, fit_idx, held_idx, replacements, timings, settings) -> dict:
     """lm_head: Grams of the final-norm output of the student stream (``refit`` falls back to whitened)."""
     t0 = time.perf_counter()
     head = dict(teacher.named_modules())[name]
@@ -370,7 +375,7 @@ def _head(teacher, name, a, inputs, xs, fit_idx, held_idx, replacements, timings
     new = _low_rank(head.weight.detach(), head.bias, a, fit.gram if fit else None, {}, a.info.gram_key)
     replacements[name] = new
     timings["decomposition"] += time.perf_counter() - t0
-    row = _matrix_row(a, head.weight.detach(), new, held, fit)
+    row = _matrix_row(a, head.weight.detach(), new, held, fit, settings.fit_errors)
     if a.method == "refit":
         row["note"] = "lm_head: whitened factors (block refit applies to decoder layers)"
     return row

@@ -43,6 +43,7 @@ def test_compress_counts_rows_and_leaves_teacher(calib, method, layerwise):
     assert torch.equal(_logits(model, tok), ref)
     assert {row["name"] for row in r.layers} == set(r.assignments) and len(r.assignments) == 14
     assert all(row["method"] == method and 0 <= row["rel_error"] < 1 for row in r.layers)
+    assert all(row["rel_error_fit"] is None for row in r.layers)  # only on request when a held-out set exists
     assert [row["layer"] for row in r.hidden_mse] == [0, 1]
     assert all(math.isfinite(row["mse"]) and row["mse"] > 0 for row in r.hidden_mse)
     assert r.split["fit_examples"] + r.split["held_out_examples"] == 12 and r.split["held_out_tokens"] > 0
@@ -55,7 +56,7 @@ def test_compress_counts_rows_and_leaves_teacher(calib, method, layerwise):
 
 def test_whitened_beats_svd_per_matrix(calib):
     model, tok = tiny_model("mistral", layers=2)
-    rows = {m: {row["name"]: row for row in compress(model, tok, "all:k0.4", calib, _settings(m)).layers}
+    rows = {m: {row["name"]: row for row in compress(model, tok, "all:k0.4", calib, _settings(m, fit_errors=True)).layers}
             for m in ("svd", "whitened")}
     for name, row in rows["whitened"].items():
         assert row["rel_error_fit"] <= rows["svd"][name]["rel_error_fit"] + 1e-9, name

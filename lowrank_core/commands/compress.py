@@ -109,7 +109,8 @@ def run_compress_job(args, progress=None) -> dict:
 
 
 def print_report(summary: dict) -> None:
-    print(format_table(summary["layers"], LAYER_COLUMNS))
+    rows = summary["layers"]
+    print(format_table(rows, [c for c in LAYER_COLUMNS if any(r.get(c) is not None for r in rows)]))
     if summary["hidden_mse"]:
         print()
         print(format_table(summary["hidden_mse"], ["layer", "mse", "rel_mse", "tokens"]))
