@@ -15,6 +15,12 @@ import time
 import torch
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process (less sensitive than wall time to other jobs on the cores)."""
+    u = resource.getrusage(resource.RUSAGE_SELF)
+    return u.ru_utime + u.ru_stime
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="default")
@@ -33,6 +39,7 @@ def main() -> None:
     from lowrank_core.data import iter_batches, make_split
     from lowrank_core.decompose import factorize, relative_output_error, whitening
     from lowrank_core.models import device_description, load_model
+    from lowrank_core.plan import rank_for_keep
 
     t0 = time.perf_counter()
     loaded = load_model(args.model, device=args.device)
@@ -44,24 +51,25 @@ def main() -> None:
           f"{len(examples)} examples, {sum(int(b['attention_mask'].sum()) for b in batches)} tokens, "
           f"{len(batches)} batches")
 
-    t = time.perf_counter()
+    t, c = time.perf_counter(), cpu_seconds()
     grams = collect_grams(model, batches, linears)
     t_calib = time.perf_counter() - t
-    print(f"collect_grams: {t_calib:.2f} s for {len(grams)} Grams")
+    print(f"collect_grams: {t_calib:.2f} s wall, {cpu_seconds() - c:.1f} s CPU, for {len(grams)} Grams")
 
-    t = time.perf_counter()
+    t, c = time.perf_counter(), cpu_seconds()
     prepared, errors = {}, []
     for info in linears:
         if info.gram_key not in prepared:
             prepared = {k: v for k, v in prepared.items() if k.split(".")[2] == str(info.layer)}  # keep one layer
             prepared[info.gram_key] = whitening(grams[info.gram_key], device=model.device)
         wh = prepared[info.gram_key]
-        rank = max(1, int(args.keep * info.break_even_rank))
+        rank = max(1, rank_for_keep(info, args.keep))
         W = model.get_submodule(info.name).weight
         f = factorize(W, rank, "whitened", gram=wh)
         errors.append(relative_output_error(W, f.merged(), wh.gram))
     t_fact = time.perf_counter() - t
-    print(f"whitened factorisation of {len(linears)} linears at keep {args.keep}: {t_fact:.2f} s "
+    print(f"whitened factorisation of {len(linears)} linears at keep {args.keep}: {t_fact:.2f} s wall, "
+          f"{cpu_seconds() - c:.1f} s CPU "
           f"(mean rel. output error on calib {sum(errors) / len(errors):.4f}, max {max(errors):.4f}; "
           f"{len(errors)} matrices)")
     print(f"calibration + factorisation: {t_calib + t_fact:.2f} s")

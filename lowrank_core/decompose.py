@@ -14,6 +14,7 @@ the weight's device; factors come back in the weight's dtype and are balanced (`
 """
 from __future__ import annotations
 
+import numbers
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -167,10 +168,10 @@ def _check_weight(W: Tensor) -> None:
 
 def _check_rank(W: Tensor, rank) -> int:
     max_rank = min(W.shape)
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= max_rank:
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or not 1 <= rank <= max_rank:
         raise FactorizationError(f"rank {rank!r} is not allowed for a {W.shape[0]} x {W.shape[1]} weight; "
                                  f"allowed: an integer from 1 to {max_rank}")
-    return rank
+    return int(rank)
 
 
 def _top_eigvecs(M: Tensor, rank: int) -> tuple[Tensor, Tensor]:

@@ -92,3 +92,22 @@ def test_model_spectra_and_heatmap_table(calibrated, cache):
     for row, s in zip(table, all_spectra):
         assert 1 <= row["rank"] <= row["max_rank"] and row["rank"] == s.rank_for_energy(0.95, "aware")
         assert row["saves"] == (row["rank"] < row["break_even_rank"])
+
+
+def test_spectrum_cli_json_and_text(cache, capsys):
+    import json
+
+    from lowrank_core.cli import main
+
+    assert main(["spectrum", "--model", "tiny", "--layer", "1", "--module", "gate_proj", "--calib", "3",
+                 "--data", "chatterbot", "--max-len", "48", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["name"] == "model.layers.1.mlp.gate_proj" and d["shape"] == [128, 64]
+    assert len(d["weight_sv"]) == len(d["aware_sv"]) == 64 and d["calibration"]["examples"] == 3
+    assert set(d["energy_ranks"]) == {"weight", "aware"} and d["break_even_rank"] == 42
+    assert main(["spectrum", "--model", "tiny", "--layer", "0", "--module", "down_proj", "--calib", "0",
+                 "--energy", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "64 x 128" in out and "break-even rank 42" in out and "50%" in out and "activation-aware" not in out
+    assert main(["spectrum", "--model", "tiny", "--layer", "7", "--module", "q_proj", "--calib", "0"]) == 2
+    assert "--layer 7" in capsys.readouterr().err
