@@ -309,3 +309,21 @@ def test_runs_of_another_model_are_not_offered_as_its_students():
     assert not at.exception, at.exception
     assert "Compress a model on the **Compress** page first" in texts(at.info)
     assert len(at.dataframe[-1].value) == 1  # the run stays in the session's runs table
+
+
+@pytest.mark.integration
+def test_every_page_renders_on_the_embedded_default(monkeypatch):
+    """The embedded SmolLM2-135M with ShareGPT: each page renders without error (no heavy button pressed;
+    the activation-aware spectrum is switched off so no calibration pass runs)."""
+    monkeypatch.setenv("LOWRANK_APP_MODEL", "default")
+    monkeypatch.setenv("LOWRANK_APP_DATA", "default")
+    at = started()
+    assert metrics(at)["linears"] == "211"  # 30 layers x 7 + tied lm_head
+    assert "SmolLM2-135M-Instruct" in texts(at.sidebar.markdown)
+    at.session_state["spectra_aware"] = False
+    for page in ("pages/budget.py", "pages/spectra.py", "pages/compress.py", "pages/evaluate.py", "pages/export.py"):
+        at.switch_page(page).run()
+        assert not at.exception, (page, at.exception)
+        assert not at.error, (page, texts(at.error))
+    at.switch_page("pages/spectra.py").run()
+    assert [t["name"] for t in plotly_specs(at)["spectra_chart"]["data"]] == ["L17 weight"] * 2
