@@ -49,7 +49,11 @@ def parse_args(argv=None):
     p.add_argument("--val", type=int, default=16, help="validation examples (allocation sensitivity)")
     p.add_argument("--val-max-len", type=int, default=256)
     p.add_argument("--eval", type=int, default=200)
-    p.add_argument("--eval-max-len", type=int, default=512)
+    p.add_argument("--eval-max-len", type=int, default=512,
+                   help="tokens per evaluation example; the first --eval evaluation examples whose answer "
+                        "survives it are scored")
+    p.add_argument("--eval-overdraw", type=int, default=3, help="evaluation-side examples drawn per one scored")
+    p.add_argument("--budgets", default="1%", help="loss budgets for verified allocation rows ('' = none)")
     p.add_argument("--refit-steps", type=int, default=30, help="Adam steps per decoder layer for alloc+refit")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None, help="markdown file to write")
@@ -110,30 +114,35 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     keeps = [float(k) for k in args.keeps.split(",")]
     methods = args.methods.split(",")
+    budgets = [b for b in args.budgets.split(",") if b]
     started = datetime.datetime.now(datetime.timezone.utc)
     loaded = load_model(args.model, dtype="float32", device="cpu")
     teacher, tok = loaded.model, loaded.tokenizer
-    split = make_split(args.data, n_calib=args.calib, n_eval=args.eval, n_val=4 * args.val, seed=0)
+    split = make_split(args.data, n_calib=args.calib, n_eval=args.eval * args.eval_overdraw, n_val=4 * args.val, seed=0)
     val = fitting_examples(tok, split.val, args.val, args.val_max_len)
+    eval_examples = fitting_examples(tok, split.eval, args.eval, args.eval_max_len)
     cs = CompressSettings(calib=args.calib, max_len=args.max_len, hidden_mse=False)
-    ev = dict(n=args.eval, batch_size=8, max_len=args.eval_max_len)
+    ev = dict(batch_size=8, max_len=args.eval_max_len)
     t0 = time.perf_counter()
-    teacher_eval = evaluate(teacher, tok, split.eval, **ev)
+    teacher_eval = evaluate(teacher, tok, eval_examples, **ev)
     print(f"teacher: loss {teacher_eval.loss:.4f} on {teacher_eval.examples} examples / {teacher_eval.tokens} "
           f"answer tokens ({time.perf_counter() - t0:.0f} s)", flush=True)
     rows, notes = [], []
 
-    def record(keep, method, student, params, timings, peak):
-        loss = evaluate(student, tok, split.eval, **ev).loss
+    def record(keep, method, student, params, timings, peak, extra=""):
+        loss = evaluate(student, tok, eval_examples, **ev).loss
         row = {"keep": keep, "method": method, "params": params, "kept": params / count_parameters(teacher),
                "teacher_loss": teacher_eval.loss, "student_loss": loss, "delta": loss - teacher_eval.loss,
                "calibration_s": timings.get("calibration", 0.0), "compression_s": timings.get("compression", 0.0),
                "total_s": timings.get("total", 0.0), "peak_rss_gib": peak}
         rows.append(row)
-        print(format_row(row), flush=True)
+        print(format_row(row), extra, flush=True)
+        if args.out:  # rewritten after every row: a long run leaves its partial table behind
+            now = datetime.datetime.now(datetime.timezone.utc)
+            Path(args.out).write_text(markdown(rows, notes, args, argv, started, now, teacher_eval))
 
-    profile = None
-    if any(m.startswith("alloc") for m in methods):
+    profile, allocations = None, {}
+    if any(m.startswith("alloc") for m in methods) or budgets:
         settings = SearchSettings(val_max_len=args.val_max_len, compression=cs)
         with PeakRSS() as mem:
             t0 = time.perf_counter()
@@ -142,41 +151,56 @@ def main(argv=None) -> int:
                      f"{profile.val_examples} validation examples, {profile.val_tokens} answer tokens, "
                      f"≤ {args.val_max_len} tokens each): {time.perf_counter() - t0:.0f} s "
                      f"({', '.join(f'{k} {v:.0f} s' for k, v in profile.timings.items())}), peak {mem.gib:.2f} GiB; "
-                     "measured once and shared by the three keep levels")
+                     "measured once and shared by every allocation row")
         print(notes[-1], flush=True)
+    alloc_cost = dict(calibration=profile.timings["calibration"],
+                      compression=profile.timings["spectra"] + profile.timings["sensitivity"]) if profile else {}
+    # phase 1: uniform plans and allocation at their parameter count
     for keep in keeps:
         uniform = f"all:k{keep}"
-        target = account(teacher, uniform).compressed
-        for method in ("svd", "whitened"):
-            if method not in methods:
-                continue
-            with PeakRSS() as mem:
-                res = compress(teacher, tok, uniform, split.calib, replace(cs, method=method))
-            record(keep, f"uniform {method}", res.student, res.params_after,
-                   {"calibration": res.timings.get("calibration", 0.0),
-                    "compression": res.timings.get("decomposition", 0.0), "total": res.timings.get("total", 0.0)}, mem.gib)
-            del res
-        if profile is None:
-            continue
+        for method in ("whitened", "svd"):
+            if method in methods:
+                with PeakRSS() as mem:
+                    res = compress(teacher, tok, uniform, split.calib, replace(cs, method=method))
+                record(keep, f"uniform {method}", res.student, res.params_after,
+                       {"calibration": res.timings.get("calibration", 0.0),
+                        "compression": res.timings.get("decomposition", 0.0), "total": res.timings.get("total", 0.0)},
+                       mem.gib)
+                del res
+            if method == "whitened" and "alloc" in methods:
+                target = account(teacher, uniform).compressed
+                with PeakRSS() as mem:
+                    alloc = allocate(teacher, tok, split.calib, val, budget=None, target_params=target, profile=profile)
+                allocations[keep] = alloc.ranks
+                t = alloc_cost["compression"] + alloc.timings["search"]
+                record(keep, "whitened + allocation", alloc.student, alloc.params_after,
+                       {**alloc_cost, "compression": t, "total": alloc_cost["calibration"] + t}, mem.gib,
+                       f"(val Δ {alloc.val_loss - alloc.teacher_loss:+.4f})")
+                del alloc
+    # phase 2: loss budgets (verified on the validation split)
+    for budget in budgets:
         with PeakRSS() as mem:
-            alloc = allocate(teacher, tok, split.calib, val, budget=None, target_params=target, profile=profile)
-        if "alloc" in methods:
-            search_s = alloc.timings["search"]
-            record(keep, "whitened + allocation", alloc.student, alloc.params_after,
-                   {"calibration": profile.timings["calibration"],
-                    "compression": profile.timings["spectra"] + profile.timings["sensitivity"] + search_s,
-                    "total": sum(profile.timings.values()) + search_s}, mem.gib)
-        if "alloc+refit" in methods:
-            plan = plan_from_ranks(alloc.ranks, [p.info for p in profile.matrices.values()], method="refit")
+            alloc = allocate(teacher, tok, split.calib, val, budget=budget, profile=profile)
+        t = alloc_cost["compression"] + alloc.timings["search"]
+        notes.append(f"budget {budget}: {alloc.budget:.4f} nats on the validation split (teacher {alloc.teacher_loss:.4f}); "
+                     f"verified student {alloc.val_loss:.4f} (Δ {alloc.val_loss - alloc.teacher_loss:+.4f}) after "
+                     f"{len(alloc.verified)} verification passes; {len(alloc.ranks)} matrices factorised")
+        record(None, f"allocation, loss budget {budget}", alloc.student,
+               alloc.params_after, {**alloc_cost, "compression": t, "total": alloc_cost["calibration"] + t}, mem.gib,
+               f"(val Δ {alloc.val_loss - alloc.teacher_loss:+.4f}, budget {alloc.budget:.4f})")
+        del alloc
+    # phase 3: refit of the allocated plans (the slowest rows last)
+    if "alloc+refit" in methods:
+        infos = [p.info for p in profile.matrices.values()]
+        for keep, ranks in allocations.items():
             settings = replace(cs, method="refit", refit=RefitSettings(steps=args.refit_steps))
             with PeakRSS() as mem:
-                res = compress(teacher, tok, plan, split.calib, settings)
+                res = compress(teacher, tok, plan_from_ranks(ranks, infos, method="refit"), split.calib, settings)
             record(keep, "allocation + refit", res.student, res.params_after,
                    {"calibration": res.timings.get("calibration", 0.0),
                     "compression": res.timings.get("decomposition", 0.0) + res.timings.get("refit", 0.0),
                     "total": res.timings.get("total", 0.0)}, mem.gib)
             del res
-        del alloc
     finished = datetime.datetime.now(datetime.timezone.utc)
     text = markdown(rows, notes, args, argv, started, finished, teacher_eval)
     print(text)
@@ -186,7 +210,7 @@ def main(argv=None) -> int:
 
 
 def format_row(row: dict) -> str:
-    return ("| " + " | ".join([f"{row['keep']:.2f}", row["method"], f"{row['params']:,}", f"{row['kept']:.1%}",
+    return ("| " + " | ".join(["—" if row["keep"] is None else f"{row['keep']:.2f}", row["method"], f"{row['params']:,}", f"{row['kept']:.1%}",
                                f"{row['teacher_loss']:.4f}", f"{row['student_loss']:.4f}", f"{row['delta']:+.4f}",
                                f"{row['calibration_s']:.1f}", f"{row['compression_s']:.1f}", f"{row['total_s']:.1f}",
                                f"{row['peak_rss_gib']:.2f}"]) + " |")
@@ -201,7 +225,8 @@ def markdown(rows, notes, args, argv, started, finished, teacher_eval) -> str:
         f"Model {args.model!r}, data {args.data!r}: calibration {args.calib} examples "
         f"(≤ {args.max_len} tokens, 80 % fit / 20 % held out as in `compress`), allocation validation split "
         f"{args.val} examples (≤ {args.val_max_len} tokens, calibration side), evaluation {teacher_eval.examples} "
-        f"examples / {teacher_eval.tokens} answer tokens (≤ {args.eval_max_len} tokens, evaluation side). "
+        f"examples / {teacher_eval.tokens} answer tokens (the first evaluation-side examples whose answer keeps "
+        f"≥ 16 tokens within {args.eval_max_len} tokens). "
         "`keep` is the fraction of each decoder linear's parameters kept by the uniform plan "
         "(`all:k<keep>`); allocation rows are searched to the uniform plan's exact parameter count "
         "(parameter-target mode, within one greedy step). Times in seconds (wall); peak = peak resident "
