@@ -296,3 +296,17 @@ def test_compress_cli_exports(tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
     assert main(argv[:-5] + ["--format", "dense"]) == 2
     assert "need --export" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("format", ["dense", "factorized"])
+def test_bfloat16_student_exports_in_bfloat16(tmp_path, format):
+    teacher, tok = tiny_model("llama")
+    teacher = teacher.to(torch.bfloat16)
+    student = make_student(teacher, FACTORIZED_PLAN).to(torch.bfloat16)
+    result = export_student(student, tok, tmp_path / format, format)
+    assert result.verified and result.max_logit_diff <= result.tolerance
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / format / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    assert json.loads((tmp_path / format / "config.json").read_text())["dtype"] == "bfloat16"

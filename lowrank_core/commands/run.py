@@ -48,9 +48,10 @@ def summary(result) -> str:
     """The final human-readable report of a run."""
     t, s, acc = result.teacher, result.student, result.accounting
     rows = [{"model": name, "loss": f"{r['loss']:.4f}", "perplexity": f"{r['perplexity']:.4f}",
-             "tokens": r["tokens"], "examples": r["examples"]} for name, r in (("teacher", t), ("student", s))]
+             "tokens": r["tokens"], "examples": r["examples"], "skipped": r.get("skipped", 0)}
+            for name, r in (("teacher", t), ("student", s))]
     lines = [f"recipe {result.recipe['name']}: {len(acc['matrices'])} matrices replaced",
-             format_table(rows, ["model", "loss", "perplexity", "tokens", "examples"]),
+             format_table(rows, ["model", "loss", "perplexity", "tokens", "examples", "skipped"]),
              f"loss change  {s['loss'] - t['loss']:+.4f}",
              f"parameters   {acc['original']:,} -> {acc['compressed']:,} ({acc['ratio']:.2%})"]
     if result.export is not None:
