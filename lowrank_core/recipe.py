@@ -321,7 +321,8 @@ def run_recipe(recipe: Recipe, progress: Optional[Progress] = None,
         manifest = build_manifest(source=loaded.name, fingerprint=loaded.fingerprint, plan=recipe.plan,
                                   method=settings.method, settings=settings, split=split.info,
                                   teacher_metrics=scores["teacher"], student_metrics=scores["student"],
-                                  recipe=recipe.to_dict(), layers=result.layers)
+                                  recipe=recipe.to_dict(), layers=result.layers,
+                                  accounting={k: v for k, v in accounting.to_dict().items() if k != "matrices"})
         exported = export_student(result.student, loaded.tokenizer, x["dir"], x["format"], manifest,
                                   force=x["force"], verify=x["verify"],
                                   eval_examples=split.eval[:x["verify_examples"]] or None,

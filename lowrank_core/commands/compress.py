@@ -173,7 +173,8 @@ def export_job(args, job: dict):
     manifest = build_manifest(source=summary["model"], fingerprint=summary["model_fingerprint"],
                               plan=summary["plan"], method=args.method, settings=summary["settings"],
                               split=summary["split_info"], teacher_metrics=evaluation.get("teacher"),
-                              student_metrics=evaluation.get("student"), layers=summary["layers"])
+                              student_metrics=evaluation.get("student"), layers=summary["layers"],
+                              accounting={"original": summary["params_before"], "compressed": summary["params_after"]})
     bar = TqdmProgress("export")
     try:
         exported = export_student(job["result"].student, job["loaded"].tokenizer, args.export, args.format or "dense",
