@@ -108,16 +108,16 @@ def main(argv=None) -> int:
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    clock = LayerClock()
     settings = CompressSettings(method="whitened", calib=args.calib, max_len=args.seq_len + 64, batch_size=4,
                                 layerwise=True, device=args.device, offload=(home == "cpu"), hidden_mse=True)
     plan = {"rules": [{"layers": "all", "modules": ["all"], "keep": args.keep}]}
-    t0 = time.perf_counter()
+    clock = LayerClock()
     result = compress(model, tokenizer, plan, examples, settings, progress=clock)
     if cuda:
         torch.cuda.synchronize()
-    total = time.perf_counter() - t0
+    total = time.perf_counter() - clock.start
     per_layer = clock.per_layer()
+    fixed = max(0.0, total - sum(per_layer))   # after the last layer: head, student assembly
     steady = per_layer[1:] or per_layer
     layer_s = statistics.median(steady)
     n_full = shape["full_layers"]
@@ -132,7 +132,7 @@ def main(argv=None) -> int:
         "timings": result.timings,
         "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
-        "extrapolated_full_seconds": layer_s * n_full + (total - sum(per_layer)),
+        "extrapolated_full_seconds": layer_s * n_full + fixed,
         "full_layers": n_full,
     }
     if args.json:
@@ -150,7 +150,7 @@ def main(argv=None) -> int:
         print(f"peak GPU memory allocated: {record['peak_gpu_gib']:.2f} GiB")
     print(f"peak resident memory (process): {record['peak_rss_gib']:.2f} GiB")
     print(f"extrapolated {n_full}-layer job: {record['extrapolated_full_seconds'] / 60:.1f} min "
-          f"({n_full} x {layer_s:.2f} s + {total - sum(per_layer):.1f} s fixed)")
+          f"({n_full} x {layer_s:.2f} s + {fixed:.1f} s fixed)")
     return 0
 
 

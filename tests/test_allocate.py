@@ -289,3 +289,19 @@ def test_cli_search_json(tmp_path, capsys):
     rebuilt = json.loads(capsys.readouterr().out)
     assert rebuilt["params_after"] == record["params_after"]
     assert rebuilt["student_loss"] == pytest.approx(record["eval_loss"], abs=1e-9)
+
+
+def test_gpu_check_script_runs_on_cpu_at_toy_sizes(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    rc = gpu_check.main(["--tiny", "--device", "cpu", "--layers", "2", "--calib", "4", "--seq-len", "32", "--json"])
+    assert rc == 0
+    record = json.loads(capsys.readouterr().out)
+    assert len(record["per_layer_seconds"]) == 2 and record["layer_seconds"] > 0
+    assert record["extrapolated_full_seconds"] >= 32 * record["layer_seconds"]
+    assert record["shape"]["hidden_size"] == 256 and record["peak_gpu_gib"] is None
