@@ -4,7 +4,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from lowrank_core.archmap import linear_map, meta_model, num_layers
+from lowrank_core.archmap import num_layers
 from lowrank_core.plan import METHODS, PlanError, account, load_plan, plan_from_dict
 from ui import cache, state
 from ui.entry import ensure_app
@@ -60,11 +60,10 @@ if not source:
     if not source:
         st.stop()
 try:
-    meta = cache.memo("meta_model", source, lambda: meta_model(cache.model_config(source)), max_entries=4)
+    meta, linears = cache.config_linears(source)
 except ValueError as e:
     st.error(str(e))
     st.stop()
-linears = cache.memo("meta_linears", source, lambda: linear_map(meta), max_entries=4)
 n_layers = num_layers(linears)
 st.caption(f"{type(meta).__name__}: {n_layers} layers, {len(linears)} compressible linears — "
            "counted from the config alone (no weights).")

@@ -1,12 +1,13 @@
 """Compress: build a student from a plan, with progress; per-matrix errors, hidden MSE and refit curves."""
 from __future__ import annotations
 
+import time
+
 import pandas as pd
 import streamlit as st
 
 from ui import cache, charts, engine, jobs, state
 from ui.entry import ensure_app
-from ui.progress import run_with_status
 
 ensure_app()
 
@@ -62,6 +63,22 @@ def draw_form(v: dict, default_plan: str, n_calib: int, busy: bool) -> dict:
     return out
 
 
+@st.fragment(run_every=0.5)
+def job_progress(job, name: str) -> None:
+    """Progress of the running job, redrawn every 0.5 s; a full rerun once it has finished."""
+    if job.finished:
+        st.rerun()
+    settings = job.info["settings"]
+    with st.status(f"Compressing {name} ({settings.method}) — {time.monotonic() - job.started:.0f} s", expanded=True):
+        phases = job.snapshot()
+        if not phases:
+            st.write("preparing calibration batches…")
+        for done, total, message in phases:
+            st.progress(min(1.0, done / total) if total > 0 else 0.0,
+                        text=f"{message} ({done}/{total})" if total > 0 else message)
+        st.caption("Runs in the background: other pages stay usable and nothing restarts it.")
+
+
 st.title("Compress")
 s = state.settings()
 lm = cache.require_model(s)
@@ -99,22 +116,23 @@ if form.pop("submitted"):
             st.success("Same model, data, plan and settings as a finished run: its result is shown, "
                        "nothing was recomputed.")
         else:
-            st.session_state[state.JOB_KEY] = {"key": key, "plan": plan, "settings": settings}
-            st.rerun()  # draw the form disabled, then run the job
+            st.session_state[state.JOB_KEY] = jobs.BackgroundJob(
+                key, lambda p, plan=plan, settings=settings: compress_mod.compress(
+                    lm.model, lm.tokenizer, plan, split.calib, settings, progress=p), plan=plan, settings=settings)
+            st.rerun()  # draw the form disabled while the job runs
 
-if running:
-    try:
-        result = run_with_status(
-            f"Compressing {lm.name} ({pending['settings'].method})",
-            lambda p: compress_mod.compress(lm.model, lm.tokenizer, pending["plan"], split.calib,
-                                            pending["settings"], progress=p))
-    except ValueError as e:
-        st.session_state.pop(state.JOB_KEY, None)
-        st.session_state[ERROR_KEY] = f"Compression failed: {e}"
-        st.rerun()  # re-enable the form, then show the error
-    jobs.store_result(pending["key"], result, lm, pending["plan"], pending["settings"])
+if running and pending.finished:
     st.session_state.pop(state.JOB_KEY, None)
-    st.rerun()
+    if pending.error is not None:
+        e = pending.error
+        st.session_state[ERROR_KEY] = f"Compression failed: {e}" if isinstance(e, ValueError) else \
+            f"Compression failed: {type(e).__name__}: {e}"
+    else:
+        jobs.store_result(pending.key, pending.result, lm, pending.info["plan"], pending.info["settings"])
+    st.rerun()  # enable the form again and show the result (or the error)
+if running:
+    job_progress(pending, lm.name)
+    st.stop()
 
 key, result = state.current_result()
 if result is None:

@@ -7,8 +7,9 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
+from lowrank_core.evaluate import default_batch_size, evaluate
 from lowrank_core.models import DEVICES, DTYPES
-from ui import cache, engine, state
+from ui import cache, state
 from ui.entry import ensure_app
 from ui.progress import run_with_status
 
@@ -56,7 +57,8 @@ with right:
     data_source = choose_source("Data source", DATA_KINDS, s.data_source, ("default", "chatterbot"), "data")
     c1, c2, c3, c4 = st.columns(4)
     n_calib = c1.number_input("calib", 1, 100_000, s.n_calib, key="data_calib", help="calibration examples")
-    n_val = c2.number_input("val", 0, 100_000, s.n_val, key="data_val", help="an extra held-out side of the split (the refit holds out part of calib itself)")
+    n_val = c2.number_input("val", 0, 100_000, s.n_val, key="data_val",
+                            help="an extra held-out side of the split (the refit holds out part of calib itself)")
     n_eval = c3.number_input("eval", 1, 1_000_000, s.n_eval, key="data_eval", help="evaluation examples")
     seed = c4.number_input("seed", 0, 2**31 - 1, s.seed, key="data_seed", help="decides each example's side")
     max_len = st.number_input("max tokens per example", 16, 32_768, s.max_len, step=64, key="data_maxlen")
@@ -71,10 +73,10 @@ if chosen != s:
     st.caption("Changes take effect when you press **Apply**.")
 
 st.divider()
-lm = cache.current_model(s)
-if lm is not None:
-    linears = cache.linears(lm)
-    st.subheader(f"Architecture map — {lm.name}")
+
+
+def draw_map(linears: list, name: str) -> None:
+    st.subheader(f"Architecture map — {name}")
     df = pd.DataFrame([li.row() for li in linears])
     total = sum(li.params for li in linears if not li.tied)
     by_group = df.groupby("group", sort=False)["params"].sum()
@@ -84,38 +86,43 @@ if lm is not None:
         col.metric(f"{group} weights", f"{n:,}", help=f"{n / max(total, 1):.1%} of linear weights")
     st.dataframe(df[["name", "layer", "group", "module", "shape", "params", "break_even_rank", "bias", "tied"]],
                  hide_index=True, height=320, key="archmap")
+
+
+lm = cache.current_model(s)
+if lm is not None:
+    draw_map(cache.linears(lm), lm.name)
 else:
-    st.info("The architecture map appears once a model with weights is loaded.")
+    try:  # a config alone still gives the map (and the Budget page's accounting)
+        draw_map(cache.config_linears(s.model_source)[1], f"{s.model_source} (config only)")
+    except ValueError:
+        st.info("The architecture map appears once a model (or at least its config) can be read.")
 
 st.divider()
 st.subheader("Data split and the teacher's answer loss")
-data = engine.available("data", "Reading the data")
-if data is not None:
-    try:
-        split = cache.data_split(s)
-    except ValueError as e:
-        st.error(f"Data {s.data_source!r}: {e}")
-        st.stop()
-    info = split.info
-    st.write(f"Split `{info.fingerprint}` of `{info.source}` (seed {info.seed}): "
-             f"calib **{len(split.calib)}**, val **{len(split.val)}**, eval **{len(split.eval)}** examples — "
-             "disjoint by content hash.")
-    if split.eval:
-        with st.expander("First evaluation example"):
-            ex = split.eval[0]
-            st.text(f"system: {ex.system[:500]}\n\nuser: {ex.user[:1000]}\n\nanswer: {ex.answer[:1000]}")
-    evaluate = engine.available("evaluate", "Scoring the teacher")
-    if evaluate is not None and lm is not None:
-        key = (lm.fingerprint, info.fingerprint, len(split.eval), s.max_len)
-        result = cache.cached("teacher_eval", key)
-        if result is None and st.button(f"Score the teacher on {len(split.eval)} eval examples", key="score_teacher"):
-            result = cache.memo("teacher_eval", key, lambda: run_with_status(
-                "Scoring the teacher", lambda p: evaluate.evaluate(
-                    lm.model, lm.tokenizer, split.eval, batch_size=evaluate.default_batch_size(lm.device),
-                    max_len=s.max_len, progress=p)), max_entries=16)
-        if result is not None:
-            c1, c2, c3, c4 = st.columns(4)
-            c1.metric("teacher answer loss", f"{result.loss:.4f}")
-            c2.metric("perplexity", f"{result.perplexity:.3f}")
-            c3.metric("answer tokens", f"{result.tokens:,}")
-            c4.metric("seconds", f"{result.seconds:.1f}")
+try:
+    split = cache.data_split(s)
+except ValueError as e:
+    st.error(f"Data {s.data_source!r}: {e}")
+    st.stop()
+info = split.info
+st.write(f"Split `{info.fingerprint}` of `{info.source}` (seed {info.seed}): "
+         f"calib **{len(split.calib)}**, val **{len(split.val)}**, eval **{len(split.eval)}** examples — "
+         "disjoint by content hash.")
+if split.eval:
+    with st.expander("First evaluation example"):
+        ex = split.eval[0]
+        st.text(f"system: {ex.system[:500]}\n\nuser: {ex.user[:1000]}\n\nanswer: {ex.answer[:1000]}")
+if lm is not None:
+    key = (lm.fingerprint, info.fingerprint, len(split.eval), s.max_len)
+    result = cache.cached("teacher_eval", key)
+    if result is None and st.button(f"Score the teacher on {len(split.eval)} eval examples", key="score_teacher"):
+        result = cache.memo("teacher_eval", key, lambda: run_with_status(
+            "Scoring the teacher", lambda p: evaluate(
+                lm.model, lm.tokenizer, split.eval, batch_size=default_batch_size(lm.device),
+                max_len=s.max_len, progress=p)), max_entries=16)
+    if result is not None:
+        c1, c2, c3, c4 = st.columns(4)
+        c1.metric("teacher answer loss", f"{result.loss:.4f}")
+        c2.metric("perplexity", f"{result.perplexity:.3f}")
+        c3.metric("answer tokens", f"{result.tokens:,}")
+        c4.metric("seconds", f"{result.seconds:.1f}")

@@ -53,8 +53,10 @@ else:
 
     def lazy(info):
         def gram():
-            if not grams:  # the first cache miss collects the Grams of the whole selection in one pass
-                grams.update(grams_for(lm, split, s, n, chosen))
+            if not grams:  # the first cache miss collects, in one pass, the Grams of every module of the
+                # selected layers: switching the module afterwards needs no calibration
+                same_layers = [li for li in linears if li.layer is not None and li.layer in layers]
+                grams.update(grams_for(lm, split, s, n, same_layers or chosen))
             return grams[info.gram_key]
         return gram
 

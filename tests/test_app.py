@@ -8,6 +8,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
+MISTRAL_CONFIG = Path(__file__).resolve().parent / "fixtures" / "mistral-7b-openorca-config.json"
 SEED_NUMBERS = (7_241_748_480, 173_867_040, 6_162_305_024, 4_935_372_800, 7_066_472_448)
 
 
@@ -99,6 +100,17 @@ def test_bad_model_source_is_a_clear_error():
     assert "/nonexistent/model" in texts(at.error) and "not found" in texts(at.error)
 
 
+def test_model_page_maps_a_config_only_source():
+    at = started()
+    at.selectbox(key="model_kind").set_value("Local folder, config.json or .gguf").run()
+    at.text_input(key="model_text").set_value(str(MISTRAL_CONFIG)).run()
+    at.button(key="apply_settings").click().run()
+    assert not at.exception, at.exception
+    assert "holds a config only" in texts(at.error)
+    assert metrics(at)["linears"] == "225"  # 32 layers x 7 + untied lm_head
+    assert metrics(at)["mlp weights"] == f"{32 * 3 * 14336 * 4096:,}"
+
+
 def test_budget_shows_the_seed_numbers_for_the_mistral_config():
     at = started("pages/budget.py")
     at.radio(key="budget_target").set_value("Mistral-7B-OpenOrca — config only (seed fixture)").run()
@@ -159,6 +171,15 @@ def compressed(plan: str = "mlp:r8", method: str = "whitened", **form) -> AppTes
         at.number_input(key=key).set_value(value)
     at.form_submit_button[0].click().run()
     assert not at.exception, at.exception
+    return finish_job(at)
+
+
+def finish_job(at: AppTest) -> AppTest:
+    """Wait for the background compression the last run started (if any), then rerun the page."""
+    if "lowrank_pending_job" in at.session_state:
+        assert at.session_state["lowrank_pending_job"].wait(120)
+        at.run()
+        assert not at.exception, at.exception
     return at
 
 
@@ -176,18 +197,36 @@ def test_compress_builds_the_student_and_reuses_a_finished_job():
     assert at.text_area(key="compress_plan").value == "mlp:r8"  # the form keeps what was submitted
 
 
-def test_compress_form_is_disabled_while_the_job_runs(monkeypatch):
-    import streamlit as st
+def test_compress_job_runs_in_the_background_with_the_form_disabled(monkeypatch):
+    import threading
 
     import lowrank_core.compress
 
-    monkeypatch.setattr(lowrank_core.compress, "compress", lambda *a, **k: st.stop())  # freeze mid-job
+    release = threading.Event()
+    real = lowrank_core.compress.compress
+
+    def held_back(*args, **kwargs):
+        release.wait(60)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lowrank_core.compress, "compress", held_back)
     at = started("pages/compress.py")
+    at.text_area(key="compress_plan").set_value("mlp:r8")
     at.form_submit_button[0].click().run()
-    assert at.text_area(key="compress_plan_busy").disabled
+    assert not at.exception, at.exception
+    assert at.text_area(key="compress_plan_busy").disabled and at.text_area(key="compress_plan_busy").value == "mlp:r8"
     assert at.selectbox(key="compress_method_busy").disabled
     assert at.form_submit_button[0].disabled
-    assert [s.label for s in at.status] and "Compressing" in at.status[0].label
+    assert "Compressing tiny (whitened)" in at.status[0].label
+    at.switch_page("pages/budget.py").run()  # leaving the page neither stops nor restarts the job
+    job = at.session_state["lowrank_pending_job"]
+    release.set()
+    assert job.wait(60)
+    at.switch_page("pages/compress.py").run()
+    assert not at.exception, at.exception
+    assert metrics(at)["parameters after"] == f"{90_624 - 6 * 128 * 64 + 6 * 8 * 192:,}"
+    assert not at.form_submit_button[0].disabled
+    assert len(at.session_state["lowrank_runs"]) == 1
 
 
 def test_compress_bad_plan_is_an_error_and_runs_nothing():

@@ -92,6 +92,14 @@ def linears(lm) -> list:
     return memo("linear_map", lm.fingerprint, lambda: linear_map(lm.model))
 
 
+def config_linears(source: str) -> tuple:
+    """(meta-device model, its linears) from a source's config alone: no weights are read."""
+    from lowrank_core.archmap import linear_map, meta_model
+
+    meta = memo("meta_model", source, lambda: meta_model(model_config(source)), max_entries=4)
+    return meta, memo("meta_linears", source, lambda: linear_map(meta), max_entries=4)
+
+
 def split_key(s: Settings) -> tuple:
     return (s.data_source, s.n_calib, s.n_val, s.n_eval, s.seed)
 

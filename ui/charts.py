@@ -51,7 +51,7 @@ def rank_heatmap(table: pd.DataFrame, energy: float, basis: str) -> go.Figure:
                                colorscale="Viridis", text=z, texttemplate="%{text}",
                                colorbar=dict(title="rank")))
     fig.update_layout(title=f"rank needed for {energy:.0%} of the {basis} energy", height=max(300, 22 * len(table) + 120),
-                      xaxis_title="module", yaxis_title="layer", yaxis=dict(autorange="reversed"),
+                      xaxis_title="module", yaxis_title="layer", yaxis=dict(autorange="reversed", type="category"),
                       margin=dict(t=60, b=40, l=40, r=20))
     return fig
 

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
 
 import streamlit as st
 
 from . import state
+from .progress import phase_of
 
 PLANS_KEY = "lowrank_job_plans"  # {job key: Plan}
 MAX_RESULTS = 4  # students kept in memory (each holds its own factor tensors)
@@ -82,3 +84,40 @@ def keys_for(fingerprint: str) -> list[str]:
     """Finished jobs still in memory whose teacher is the model with ``fingerprint`` (oldest first)."""
     mine = {r["job"] for r in state.runs() if r["fingerprint"] == fingerprint}
     return [k for k in state.results() if k in mine]
+
+
+class BackgroundJob:
+    """Runs ``work(progress)`` in a daemon thread, so no rerun of the page (a click, a page switch)
+    interrupts or restarts it. The thread never touches Streamlit; pages poll ``snapshot()``."""
+
+    def __init__(self, key: str, work, **info):
+        self.key, self.info = key, info
+        self.result = None
+        self.error: BaseException | None = None
+        self.started = time.monotonic()
+        self._phases: dict[str, tuple[int, int, str]] = {}
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, args=(work,), name=f"lowrank-job-{key}", daemon=True)
+        self._thread.start()
+
+    def _run(self, work) -> None:
+        try:
+            self.result = work(self.progress)
+        except BaseException as e:  # noqa: BLE001 - reported on the page
+            self.error = e
+
+    def progress(self, done: int, total: int, message: str = "") -> None:
+        with self._lock:
+            self._phases[phase_of(message)] = (done, total, message)
+
+    def snapshot(self) -> list[tuple[int, int, str]]:
+        with self._lock:
+            return list(self._phases.values())
+
+    @property
+    def finished(self) -> bool:
+        return not self._thread.is_alive()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self._thread.join(timeout)
+        return self.finished

@@ -1,6 +1,7 @@
 """The sidebar every page shows: loaded model, device, dtype, data split sizes, current plan."""
 from __future__ import annotations
 
+import streamlit as st
 import torch
 
 from lowrank_core.models import device_description
@@ -32,6 +33,8 @@ def draw_sidebar(box) -> None:
     if plan is not None:
         box.markdown("#### Plan")
         box.caption(f"{len(plan['plan'].rules)} rule(s) from {plan['source']}")
+    if state.JOB_KEY in st.session_state:
+        box.caption("A compression is running in the background (see **Compress**).")
     key, _ = state.current_result()
     if key is not None:
         from .jobs import run_label
