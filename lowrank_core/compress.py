@@ -38,7 +38,7 @@ from torch import nn
 
 from .archmap import count_parameters, linear_map
 from .calibrate import GramStats, collect_grams
-from .data import collate, encode_example, end_of_turn_id, pad_id
+from .data import Encoded, collate, encode_example, end_of_turn_id, pad_id
 from .decompose import factorize, relative_output_error, whitening
 from .layerwise import (LayerInputs, call_layer, capture_layer_inputs, to_device, decoder_layers, final_norm, hidden_mse, layer_on,
                         model_device, run_layer)
@@ -119,10 +119,15 @@ def split_examples(examples: Sequence, valid_fraction: float, seed: int = 0) -> 
 
 
 def calibration_batches(tokenizer, examples: Sequence, batch_size: int = 4, max_len: int = 512) -> list[dict]:
-    """Right-padded batches of whole chat-formatted examples (prompt and answer), sorted by length so
-    that little padding is computed. Examples whose prompt alone fills ``max_len`` are dropped."""
+    """Right-padded batches of whole chat-formatted examples (prompt and answer) cut to their first
+    ``max_len`` tokens — a long prompt is calibration data too —, sorted by length so that little padding
+    is computed."""
     eot, pad = end_of_turn_id(tokenizer), pad_id(tokenizer)
-    encoded = [e for e in (encode_example(tokenizer, ex, max_len, end_of_turn=eot) for ex in examples) if e]
+    encoded = []
+    for ex in examples:
+        enc = encode_example(tokenizer, ex, 1 << 30, end_of_turn=eot)
+        if enc is not None:
+            encoded.append(Encoded(enc.input_ids[:max_len], enc.labels[:max_len]))
     encoded.sort(key=lambda e: len(e.input_ids))
     return [collate(encoded[i:i + batch_size], pad) for i in range(0, len(encoded), batch_size)]
 
