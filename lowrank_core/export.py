@@ -84,11 +84,9 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
     return model.get_input_embeddings().weight.dtype
 
 
-def _merged(mod: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """(weight [out, in], bias [out] or None) of a low-rank module, multiplied in float32."""
-    weight = (mod.up.weight.detach().float() @ mod.down.weight.detach().float()).to(dtype)
-    bias = mod.up.bias.detach().to(dtype) if mod.up.bias is not None else None
-    return weight, bias
+def _merged_weight(mod: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """``up @ down`` [out, in] of a low-rank module, multiplied in float32, returned in ``dtype``."""
+    return (mod.up.weight.detach().float() @ mod.down.weight.detach().float()).to(dtype)
 
 
 def dense_parameter_count(model: nn.Module) -> int:
@@ -105,19 +103,31 @@ def _tied_head(model: nn.Module) -> bool:
 
 
 # ----------------------------------------------------------------------------- tensors to write
+FACTOR_KEYS = (".down.weight", ".up.weight", ".up.bias")
+
+
+def _factor_owner(key: str, low: dict) -> Optional[str]:
+    """``<name>`` for a state-dict key ``<name>.down.weight`` / ``.up.weight`` / ``.up.bias`` of a low-rank module."""
+    for suffix in FACTOR_KEYS:
+        if key.endswith(suffix) and key[: -len(suffix)] in low:
+            return key[: -len(suffix)]
+    return None
+
+
 def _dense_tensors(model: nn.Module) -> dict[str, Callable[[], torch.Tensor]]:
     """{key: thunk} of the merged model's state dict; merged weights are computed only when written."""
     dtype = _model_dtype(model)
     low = low_rank_modules(model)
-    prefixes = tuple(name + "." for name in low)
     out: dict[str, Callable[[], torch.Tensor]] = {}
     for key, tensor in _unique_state(model).items():
-        if not key.startswith(prefixes):
+        name = _factor_owner(key, low)
+        if name is None:
             out[key] = (lambda t=tensor: t)
-    for name, mod in low.items():
-        out[name + ".weight"] = (lambda m=mod: _merged(m, dtype)[0])
-        if mod.up.bias is not None:
-            out[name + ".bias"] = (lambda m=mod: _merged(m, dtype)[1])
+        elif name + ".weight" not in out:  # the merged matrix stands where its factors stood
+            mod = low[name]
+            out[name + ".weight"] = (lambda m=mod: _merged_weight(m, dtype))
+            if mod.up.bias is not None:
+                out[name + ".bias"] = (lambda b=mod.up.bias: b.detach().to(dtype))
     return out
 
 
