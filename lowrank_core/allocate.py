@@ -28,7 +28,7 @@ from __future__ import annotations
 import heapq
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Optional, Sequence, Union
 
 import torch
@@ -464,7 +464,7 @@ class Allocation:
         return self.params_before - self.params_after
 
     def to_dict(self) -> dict:
-        d = {k: v for k, v in asdict(self).items() if k not in ("plan", "student")}
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("plan", "student")}
         d["plan"] = self.plan.to_dict()
         d["removed"] = self.removed
         d["val_delta"] = self.val_loss - self.teacher_loss

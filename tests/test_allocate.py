@@ -257,6 +257,26 @@ def test_plan_rebuilds_the_same_student_through_compress(trained, split, profile
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_refit_stage_is_verified_and_kept_only_when_better(trained, split, profile, binding):
+    from dataclasses import replace
+
+    from lowrank_core.refit import RefitSettings
+
+    model, tok = trained
+    cs = replace(profile.settings.compression, refit=RefitSettings(steps=4, lr=1e-3))
+    with_refit = copy.copy(profile)
+    with_refit.settings = replace(profile.settings, refit=True, compression=cs)
+    result = allocate(model, tok, split.calib, split.val, budget=binding, profile=with_refit)
+    assert result.refit is not None and result.refit["val_loss"] > 0
+    methods = {r["method"] for r in result.plan.to_dict()["rules"]}
+    if result.refit["kept"]:
+        assert result.method == "refit" and methods == {"refit"} and result.val_loss == result.refit["val_loss"]
+    else:
+        assert result.method == "whitened" and methods == {"whitened"} and result.refit["val_loss"] >= result.val_loss
+    record = json.loads(json.dumps(result.to_dict()))
+    assert record["refit"]["kept"] == result.refit["kept"]
+
+
 def test_teacher_untouched(trained, split, profile):
     model, _ = trained
     before = {k: v.clone() for k, v in model.state_dict().items()}
