@@ -366,3 +366,11 @@ def test_every_page_renders_on_the_embedded_default(monkeypatch):
         assert not at.error, (page, texts(at.error))
     at.switch_page("pages/spectra.py").run()
     assert [t["name"] for t in plotly_specs(at)["spectra_chart"]["data"]] == ["L17 weight"] * 2
+
+
+def test_a_page_whose_engine_module_is_missing_says_so(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "lowrank_core.export", None)  # import now fails as if the file were absent
+    at = started("pages/export.py")
+    assert "needs lowrank_core/export.py, which is not part of the engine yet" in texts(at.info)

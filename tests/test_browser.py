@@ -123,6 +123,8 @@ def require_chromium() -> None:
 @pytest.mark.browser
 def test_click_through_every_page(tmp_path):
     require_chromium()
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     env = {"LOWRANK_APP_MODEL": "tiny", "LOWRANK_APP_DATA": "chatterbot", "LOWRANK_CACHE": str(tmp_path / "cache"),
            "OMP_NUM_THREADS": "2"}
     export_dir = tmp_path / "export"
@@ -161,6 +163,9 @@ def test_click_through_every_page(tmp_path):
         open_page(page, "Compress")
         page.locator('textarea[aria-label="Plan"]').fill("mlp:r8")
         page.get_by_role("button", name="Compress").click()
+        with contextlib.suppress(PlaywrightTimeout):  # a fast job may finish before its progress shows
+            page.get_by_text("Runs in the background").wait_for(timeout=5_000)
+            shot(page, "4a-compress-running")
         page.get_by_text("parameters after").wait_for()
         wait_idle(page)
         text = main_text(page)

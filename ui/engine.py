@@ -28,10 +28,3 @@ def require(*names: str) -> list[ModuleType]:
         st.stop()
     return mods
 
-
-def available(name: str, what: str) -> ModuleType | None:
-    """``lowrank_core.<name>``, or None after a one-line note that ``what`` waits for that module."""
-    mod = optional(name)
-    if mod is None:
-        st.info(f"{what} needs lowrank_core/{name}.py, which is not part of the engine yet.")
-    return mod
