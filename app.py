@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import streamlit as st
 
+from ui.entry import PageDone
 from ui.sidebar import draw_sidebar
 
 torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
@@ -22,5 +23,6 @@ page = st.navigation(PAGES)
 summary = st.sidebar.container()
 try:
     page.run()
-finally:
-    draw_sidebar(summary)
+except PageDone:  # a page that ended early (nothing to show yet)
+    pass
+draw_sidebar(summary)

@@ -7,7 +7,7 @@ import streamlit as st
 from lowrank_core.archmap import num_layers
 from lowrank_core.plan import METHODS, PlanError, account, load_plan, plan_from_dict
 from ui import cache, state
-from ui.entry import ensure_app
+from ui.entry import ensure_app, stop_page
 from ui.presets import preset_plans
 
 ensure_app()
@@ -58,12 +58,12 @@ source = targets[choice]
 if not source:
     source = st.text_input("Path of a config.json or model folder", key="budget_config_path").strip()
     if not source:
-        st.stop()
+        stop_page()
 try:
     meta, linears = cache.config_linears(source)
 except ValueError as e:
     st.error(str(e))
-    st.stop()
+    stop_page()
 n_layers = num_layers(linears)
 st.caption(f"{type(meta).__name__}: {n_layers} layers, {len(linears)} compressible linears — "
            "counted from the config alone (no weights).")
@@ -112,7 +112,7 @@ try:
     acc = accounting(source, meta, plan)
 except PlanError as e:
     st.error(f"Plan error: {e}")
-    st.stop()
+    stop_page()
 st.session_state["budget_rows"] = rows_of(plan)
 state.store_plan(plan, "Budget page")
 

@@ -7,7 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from ui import cache, charts, engine, jobs, state
-from ui.entry import ensure_app
+from ui.entry import ensure_app, stop_page
 
 ensure_app()
 
@@ -21,7 +21,7 @@ def draw_form(v: dict, default_plan: str, n_calib: int, busy: bool) -> dict:
     """The job form, filled from ``v``. While a job runs it is drawn disabled under other keys (disabling
     a widget resets it), so the real widgets come back afterwards showing the submitted values."""
     sfx = "_busy" if busy else ""
-    with st.form("compress_form" + sfx):
+    with st.form("compress_form"):
         st.caption("Plan: prefilled from the Budget page when you built one there; YAML or the compact form "
                    "(e.g. `6-29:attn:r16; 0-6:mlp:r16`).")
         plan = st.text_area("Plan", value=default_plan, height=120, key="compress_plan" + sfx, disabled=busy)
@@ -132,12 +132,12 @@ if running and pending.finished:
     st.rerun()  # enable the form again and show the result (or the error)
 if running:
     job_progress(pending, lm.name)
-    st.stop()
+    stop_page()
 
 key, result = state.current_result()
 if result is None:
     st.info("No compression yet in this session: choose a plan and press **Compress**.")
-    st.stop()
+    stop_page()
 
 st.subheader(jobs.run_label(key))
 c1, c2, c3, c4 = st.columns(4)

@@ -6,7 +6,7 @@ from pathlib import Path
 import streamlit as st
 
 from ui import cache, engine, jobs, state
-from ui.entry import ensure_app
+from ui.entry import ensure_app, stop_page
 from ui.progress import run_with_status
 
 ensure_app()
@@ -20,7 +20,7 @@ key, _ = state.current_result()
 keys = jobs.keys_for(lm.fingerprint)
 if not keys:
     st.info("Compress a model on the **Compress** page first; the export writes that student.")
-    st.stop()
+    stop_page()
 
 results = state.results()
 key = key if key in keys else keys[-1]

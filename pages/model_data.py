@@ -10,7 +10,7 @@ import streamlit as st
 from lowrank_core.evaluate import default_batch_size, evaluate
 from lowrank_core.models import DEVICES, DTYPES
 from ui import cache, state
-from ui.entry import ensure_app
+from ui.entry import ensure_app, stop_page
 from ui.progress import run_with_status
 
 ensure_app()
@@ -103,7 +103,7 @@ try:
     split = cache.data_split(s)
 except ValueError as e:
     st.error(f"Data {s.data_source!r}: {e}")
-    st.stop()
+    stop_page()
 info = split.info
 st.write(f"Split `{info.fingerprint}` of `{info.source}` (seed {info.seed}): "
          f"calib **{len(split.calib)}**, val **{len(split.val)}**, eval **{len(split.eval)}** examples — "

@@ -292,6 +292,7 @@ def test_pages_say_what_to_do_before_any_compression():
     for page in ("pages/evaluate.py", "pages/export.py"):
         at = started(page)
         assert "Compress a model on the **Compress** page first" in texts(at.info)
+        assert "90,624 parameters" in texts(at.sidebar.markdown)  # a page that ends early keeps the sidebar
 
 
 # ----------------------------------------------------------------------------- spectra

@@ -14,6 +14,7 @@ import streamlit as st
 
 from lowrank_core.models import load_config, load_model
 
+from .entry import stop_page
 from .state import Settings
 
 
@@ -81,7 +82,7 @@ def require_model(s: Settings):
     lm = current_model(s)
     if lm is None:
         st.info("Pick a model with weights on the **Model & data** page.")
-        st.stop()
+        stop_page()
     return lm
 
 

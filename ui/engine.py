@@ -6,6 +6,8 @@ from types import ModuleType
 
 import streamlit as st
 
+from .entry import stop_page
+
 
 def optional(name: str) -> ModuleType | None:
     """``lowrank_core.<name>`` or None when that module file does not exist (other errors propagate)."""
@@ -25,6 +27,6 @@ def require(*names: str) -> list[ModuleType]:
     if missing:
         st.info(f"This page needs {', '.join(missing)}, which is not part of the engine yet. "
                 "It will work as soon as that module lands; nothing to do here.")
-        st.stop()
+        stop_page()
     return mods
 

@@ -1,7 +1,18 @@
-"""Make every page run through ``app.py`` (page config, sidebar, navigation)."""
+"""Make every page run through ``app.py`` (page config, sidebar, navigation), and end pages early."""
 from __future__ import annotations
 
+from typing import NoReturn
+
 import streamlit as st
+
+
+class PageDone(Exception):
+    """Raised by ``stop_page``; ``app.py`` catches it and still draws the sidebar."""
+
+
+def stop_page() -> NoReturn:
+    """End the current page here (like ``st.stop()``, which would also drop the sidebar drawn after it)."""
+    raise PageDone
 
 
 def ensure_app() -> None:
