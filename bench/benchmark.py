@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import os
 import platform
 import subprocess
@@ -28,7 +29,7 @@ from lowrank_core.allocate import SearchSettings, allocate, build_profile, fitti
 from lowrank_core.archmap import count_parameters  # noqa: E402
 from lowrank_core.compress import CompressSettings, compress  # noqa: E402
 from lowrank_core.data import make_split  # noqa: E402
-from lowrank_core.evaluate import evaluate  # noqa: E402
+from lowrank_core.evaluate import EvalResult, evaluate  # noqa: E402
 from lowrank_core.models import load_model  # noqa: E402
 from lowrank_core.plan import account  # noqa: E402
 from lowrank_core.refit import RefitSettings  # noqa: E402
@@ -56,6 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--budgets", default="1%", help="loss budgets for verified allocation rows ('' = none)")
     p.add_argument("--refit-steps", type=int, default=30, help="Adam steps per decoder layer for alloc+refit")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--teacher", default=None,
+                   help="'loss,examples,tokens' of an earlier teacher evaluation on the same examples (skips it)")
     p.add_argument("--out", default=None, help="markdown file to write")
     return p.parse_args(argv)
 
@@ -124,7 +127,11 @@ def main(argv=None) -> int:
     cs = CompressSettings(calib=args.calib, max_len=args.max_len, hidden_mse=False)
     ev = dict(batch_size=8, max_len=args.eval_max_len)
     t0 = time.perf_counter()
-    teacher_eval = evaluate(teacher, tok, eval_examples, **ev)
+    if args.teacher:  # reuse a teacher measurement of the same evaluation examples (parallel runs)
+        loss, examples, tokens = (float(v) for v in args.teacher.split(","))
+        teacher_eval = EvalResult(loss, math.exp(loss), int(tokens), int(examples), 0.0)
+    else:
+        teacher_eval = evaluate(teacher, tok, eval_examples, **ev)
     print(f"teacher: loss {teacher_eval.loss:.4f} on {teacher_eval.examples} examples / {teacher_eval.tokens} "
           f"answer tokens ({time.perf_counter() - t0:.0f} s)", flush=True)
     rows, notes = [], []
