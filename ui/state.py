@@ -17,7 +17,7 @@ PLAN_KEY = "lowrank_plan"          # dict: {"plan": Plan, "text": yaml, "source"
 RUNS_KEY = "lowrank_runs"          # list[dict]: one row per finished compression run
 RESULTS_KEY = "lowrank_results"    # {job key: CompressResult}
 CURRENT_KEY = "lowrank_current_job"  # job key of the result the Evaluate and Export pages use
-JOB_KEY = "lowrank_pending_job"    # the job a form submitted and the next run executes
+JOB_KEY = "lowrank_pending_job"    # jobs.BackgroundJob of the compression running now
 
 
 @dataclass(frozen=True)
