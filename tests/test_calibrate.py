@@ -17,11 +17,12 @@ def _batch(lengths, width=None, seed=0):
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def test_padding_is_excluded(tiny_any):
+@pytest.mark.parametrize("unpad", [False, True])
+def test_padding_is_excluded(tiny_any, unpad):
     model, _ = tiny_any
     linears = linear_map(model)
     padded = _batch([12, 5, 8], width=15)
-    together = collect_grams(model, [padded], linears)
+    together = collect_grams(model, [padded], linears, unpad=unpad)
     one_by_one = [{"input_ids": padded["input_ids"][i:i + 1, :n], "attention_mask": padded["attention_mask"][i:i + 1, :n]}
                   for i, n in enumerate([12, 5, 8])]
     separate = collect_grams(model, one_by_one, linears)
@@ -30,6 +31,19 @@ def test_padding_is_excluded(tiny_any):
         assert stats.tokens == separate[key].tokens == 25
         assert stats.gram.dtype == torch.float64
         torch.testing.assert_close(stats.gram, separate[key].gram, rtol=1e-4, atol=1e-4 * float(stats.gram.abs().max()))
+
+
+def test_left_padded_rows_are_kept_whole_and_masked(tiny):
+    model, _ = tiny
+    linears = [i for i in linear_map(model) if i.layer == 0]
+    batch = _batch([6, 6])
+    left = {"input_ids": batch["input_ids"].clone(), "attention_mask": batch["attention_mask"].clone()}
+    left["attention_mask"][1, :2] = 0  # row 1 is left-padded by two positions
+    a = collect_grams(model, [left], linears, unpad=True)
+    b = collect_grams(model, [left], linears, unpad=False)
+    for key in a:
+        assert a[key].tokens == b[key].tokens == 10
+        torch.testing.assert_close(a[key].gram, b[key].gram, rtol=1e-4, atol=1e-4 * float(b[key].gram.abs().max()))
 
 
 def test_shared_inputs_share_one_gram_and_match_direct_capture(tiny):
