@@ -14,16 +14,17 @@ import json
 import os
 import re
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Union
+from typing import Any, Iterable, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
 from .archmap import LinearInfo
-from .decompose import Whitening, weight_singular_values, whitened_singular_values, whitening
+from .decompose import weight_singular_values, whitened_singular_values, whitening
 from .progress import Progress, ensure_progress
 
 KINDS = ("weight", "aware")
@@ -93,7 +94,7 @@ def gram_digest(gram) -> str:
     """Short hash of a Gram (tensor, ``GramStats`` or ``Whitening``) for cache keys."""
     if hasattr(gram, "fingerprint"):
         return gram.fingerprint()
-    g = gram.gram if isinstance(gram, Whitening) else getattr(gram, "gram", gram)
+    g = getattr(gram, "gram", gram)  # Whitening / tensor
     return hashlib.blake2b(g.detach().cpu().contiguous().numpy().tobytes(), digest_size=8).hexdigest()
 
 
@@ -154,10 +155,7 @@ def load_spectrum(path: Path) -> Spectrum:
         return Spectrum(weight_sv=np.array(data["weight_sv"]), aware_sv=aware, **meta)
 
 
-GramSource = Union[None, torch.Tensor, object, Callable[[], object]]
-
-
-def linear_spectrum(model: nn.Module, info: LinearInfo, gram: GramSource = None, fingerprint: Optional[str] = None,
+def linear_spectrum(model: nn.Module, info: LinearInfo, gram: Any = None, fingerprint: Optional[str] = None,
                     cache: bool = True, gram_id: Optional[str] = None) -> Spectrum:
     """Spectrum of one linear, cached on disk per model ``fingerprint`` and Gram.
 
@@ -182,7 +180,7 @@ def linear_spectrum(model: nn.Module, info: LinearInfo, gram: GramSource = None,
     if path.is_file():
         try:
             return load_spectrum(path)
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile):
             pass  # a damaged entry is recomputed and rewritten
     spectrum = compute_spectrum(model, info, gram() if lazy else gram, gram_id)
     save_spectrum(spectrum, path)

@@ -79,6 +79,11 @@ def test_cache_hit_recomputes_nothing(calibrated, cache, monkeypatch):
     spectra.linear_spectrum(model, info, None, fingerprint="fp")                          # weight only
     spectra.linear_spectrum(model, info, None, fingerprint="other")                       # other model
     assert calls == {"n": 4, "gram": 2}
+    damaged = next((cache / "spectra" / "fp").glob("*calib-a.npz"))
+    damaged.write_bytes(b"not an npz")
+    again = spectra.linear_spectrum(model, info, lazy_gram, fingerprint="fp", gram_id="calib-a")
+    assert calls == {"n": 5, "gram": 3}
+    np.testing.assert_array_equal(again.aware_sv, first.aware_sv)
     with pytest.raises(ValueError, match="gram_id"):
         spectra.linear_spectrum(model, info, lazy_gram, fingerprint="fp")
 
