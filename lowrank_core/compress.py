@@ -338,7 +338,7 @@ def _sequential(teacher, assignments, fit_b, held_b, settings, progress):
             if refit_names and settings.refit.steps > 0:
                 t0 = time.perf_counter()
                 curves[f"layer {i}"] = _refit_layer(work, i, new, refit_names, inputs, xt, xs, yt, fit_idx, held_idx,
-                                                    settings, device, progress)
+                                                    settings, device, _within(progress, i, len(layers)))
                 timings["refit"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             s_layer = build_student(work, new)
@@ -384,6 +384,11 @@ def _head(teacher, name, a, inputs, xs, fit_idx, held_idx, replacements, timings
     if a.method == "refit":
         row["note"] = "lm_head: whitened factors (block refit applies to decoder layers)"
     return row
+
+
+def _within(progress: Progress, done: int, total: int) -> Progress:
+    """A progress callback that reports sub-steps as messages of step ``done`` of ``total`` (one bar)."""
+    return lambda d, t, message: progress(done, total, f"{message} ({d}/{t})")
 
 
 def _refit_layer(work, index, new, refit_names, inputs, xt, xs, yt, fit_idx, held_idx, settings, device, progress) -> dict:

@@ -70,7 +70,7 @@ def test_layerwise_matches_fast_path_on_first_compressed_layer(calib):
     for a, b in zip(fast.layers, seq.layers):
         assert a["name"] == b["name"]
         if a["layer"] == 0:
-            assert a["rel_error"] == pytest.approx(b["rel_error"], rel=1e-6)
+            assert a["rel_error"] == pytest.approx(b["rel_error"], rel=1e-4)
     assert seq.hidden_mse[0]["mse"] == pytest.approx(fast.hidden_mse[0]["mse"], rel=1e-4)
 
 
