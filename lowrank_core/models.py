@@ -224,12 +224,27 @@ def load_config(source: str = "default"):
                            f"a .gguf file, a hub id (org/name) or one of {', '.join(TINY_SOURCES)}")
 
 
+def _is_factorized_export(source: str) -> bool:
+    """A folder written by ``export.export_student(format="factorized")`` (its config lists ranks)."""
+    config = Path(source).expanduser() / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return "lowrank_ranks" in json.loads(config.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
 def load_model(source: str = "default", dtype: str = "float32", device: str = "auto") -> LoadedModel:
     """Load model + tokenizer (eval mode, gradients off) on ``device`` in ``dtype``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = str(source)
     torch_dtype, dev = resolve_dtype(dtype), resolve_device(device)
+    if _is_factorized_export(source):
+        from .export import load_factorized
+
+        return load_factorized(source, dtype=dtype, device=str(dev))
     if source in TINY_SOURCES:
         model, tokenizer = tiny_model("llama" if source == "tiny" else source.split("-", 1)[1])
     else:

@@ -60,3 +60,20 @@ def test_embedded_default(embedded):
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=8, do_sample=False)
     assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1]:])
+
+
+def test_factorized_export_is_a_model_source(tmp_path, tiny):
+    """``load_model(<factorized export>)`` goes through export.load_factorized: same logits, fewer params."""
+    from test_export import make_student
+
+    from lowrank_core.archmap import count_parameters
+    from lowrank_core.export import export_student
+
+    teacher, tok = tiny
+    student = make_student(teacher, "mlp:r4")
+    out = export_student(student, tok, tmp_path / "exp", format="factorized", verify=False)
+    loaded = load_model(str(out.path), device="cpu")
+    ids = torch.randint(0, 256, (1, 16))
+    with torch.no_grad():
+        assert torch.allclose(loaded.model(ids).logits, student(ids).logits, atol=1e-5)
+    assert count_parameters(loaded.model) == count_parameters(student) < count_parameters(teacher)
