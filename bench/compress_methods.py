@@ -77,7 +77,7 @@ def main(argv=None) -> int:
             curves = result.refit_curves.values()
             runs[method]["refit_steps_total"] = sum(c["steps"] for c in curves)
             runs[method]["refit_valid_gain"] = sum(c["best_valid"] / c["initial_valid"] for c in curves) / len(curves)
-        print(f"{method}: {runs[method]['timings']}", file=sys.stderr)
+        print(f"{method}: {json.dumps(runs[method], default=str)}", file=sys.stderr, flush=True)
     bar = TqdmProgress("evaluate")
     eval_bs = args.eval_batch_size or default_batch_size(loaded.device)
     t0 = time.perf_counter()
