@@ -39,7 +39,7 @@ from .calibrate import collect_grams
 from .compress import CompressSettings, calibration_batches, compress, split_examples
 from .data import IGNORE_INDEX, encode_example, end_of_turn_id, iter_batches
 from .decompose import Factors, Whitening, whitening
-from .decompose import _finish, _symmetric  # same arithmetic as whitened_factors (bit-identical students)
+from .decompose import factors_from, symmetric  # same arithmetic as whitened_factors (bit-identical students)
 from .layerwise import LayerInputs, capture_layer_inputs, decoder_layers, final_norm, masked_square_error, run_layer
 from .lowrank import LowRankLinear
 from .plan import Plan, Rule, rank_for_keep
@@ -194,7 +194,7 @@ class WhitenedBasis:
             M = wh.output_covariance(W64)
         else:
             A = wh.whiten(W64)
-            M = _symmetric(A.T @ A)
+            M = symmetric(A.T @ A)
         lam, vec = torch.linalg.eigh(M)
         self.values = lam.flip(0).clamp_min(0).sqrt()
         self.vectors = vec.flip(1)
@@ -203,8 +203,8 @@ class WhitenedBasis:
         W64 = W.detach().to(wh.device, torch.float64)
         V = self.vectors[:, :rank].contiguous()
         if self.wide:
-            return _finish(V, V.T @ W64, W, bias)
-        return _finish(wh.whiten(W64) @ V, wh.unwhiten(V.T.contiguous()), W, bias)
+            return factors_from(V, V.T @ W64, W, bias)
+        return factors_from(wh.whiten(W64) @ V, wh.unwhiten(V.T.contiguous()), W, bias)
 
 
 def low_rank_module(linear, basis: WhitenedBasis, wh: Whitening, rank: int) -> LowRankLinear:

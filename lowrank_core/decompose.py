@@ -145,7 +145,7 @@ class Whitening:
     def output_covariance(self, W: Tensor) -> Tensor:
         """``W G Wᵀ`` [out, out] float64: the covariance of the layer's outputs (sum over tokens)."""
         W64 = W.to(self.device, torch.float64)
-        return _symmetric((W64 @ self.gram) @ W64.T)
+        return symmetric((W64 @ self.gram) @ W64.T)
 
 
 def whitening(gram, device: Optional[torch.device] = None) -> Whitening:
@@ -154,7 +154,8 @@ def whitening(gram, device: Optional[torch.device] = None) -> Whitening:
 
 
 # ----------------------------------------------------------------------------- helpers
-def _symmetric(M: Tensor) -> Tensor:
+def symmetric(M: Tensor) -> Tensor:
+    """``(M + Mᵀ) / 2``: removes the rounding asymmetry of a product meant to be symmetric."""
     return (M + M.T) / 2
 
 
@@ -190,7 +191,11 @@ def _balance(up: Tensor, down: Tensor) -> tuple[Tensor, Tensor]:
     return up * c, down / c[:, None]
 
 
-def _finish(up: Tensor, down: Tensor, like: Tensor, bias: Optional[Tensor]) -> Factors:
+def factors_from(up: Tensor, down: Tensor, like: Tensor, bias: Optional[Tensor]) -> Factors:
+    """Balanced ``Factors`` from float64 ``up [out, r]``, ``down [r, in]``, cast to ``like``'s dtype/device.
+
+    Every factorisation (here and in ``allocate``) ends here, so equal maths gives bit-identical factors.
+    """
     up, down = _balance(up, down)
     if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
         raise FactorizationError("factorisation produced non-finite factors")  # defensive; should not happen
@@ -206,10 +211,10 @@ def svd_factors(W: Tensor, rank: int, bias: Optional[Tensor] = None) -> Factors:
     rank = _check_rank(W, rank)
     W64 = W.detach().to(torch.float64)
     if W.shape[0] <= W.shape[1]:
-        _, U = _top_eigvecs(_symmetric(W64 @ W64.T), rank)
-        return _finish(U, U.T @ W64, W, bias)
-    _, V = _top_eigvecs(_symmetric(W64.T @ W64), rank)
-    return _finish(W64 @ V, V.T.contiguous(), W, bias)
+        _, U = _top_eigvecs(symmetric(W64 @ W64.T), rank)
+        return factors_from(U, U.T @ W64, W, bias)
+    _, V = _top_eigvecs(symmetric(W64.T @ W64), rank)
+    return factors_from(W64 @ V, V.T.contiguous(), W, bias)
 
 
 def whitened_factors(W: Tensor, gram, rank: int, bias: Optional[Tensor] = None) -> Factors:
@@ -228,10 +233,10 @@ def whitened_factors(W: Tensor, gram, rank: int, bias: Optional[Tensor] = None) 
     if W.shape[0] <= W.shape[1]:
         # top-r eigenvectors U of W G Wᵀ; W′ = U Uᵀ W (no factor of G needed, exact even for singular G)
         _, U = _top_eigvecs(wh.output_covariance(W64), rank)
-        return _finish(U, U.T @ W64, W, bias)
+        return factors_from(U, U.T @ W64, W, bias)
     A = wh.whiten(W64)                                       # W·L [out, in]
-    _, V = _top_eigvecs(_symmetric(A.T @ A), rank)           # right singular vectors of W·L
-    return _finish(A @ V, wh.unwhiten(V.T.contiguous()), W, bias)
+    _, V = _top_eigvecs(symmetric(A.T @ A), rank)           # right singular vectors of W·L
+    return factors_from(A @ V, wh.unwhiten(V.T.contiguous()), W, bias)
 
 
 def whitened_singular_values(W: Tensor, gram) -> Tensor:
@@ -248,7 +253,7 @@ def whitened_singular_values(W: Tensor, gram) -> Tensor:
         M = wh.output_covariance(W64)
     else:
         A = wh.whiten(W64)
-        M = _symmetric(A.T @ A)
+        M = symmetric(A.T @ A)
     with solver_threads(M.device):
         lam = torch.linalg.eigvalsh(M)
     return lam.flip(0).clamp_min(0).sqrt()
@@ -259,7 +264,7 @@ def weight_singular_values(W: Tensor) -> Tensor:
     ``W Wᵀ`` / ``Wᵀ W``: values below ~1e-7 of the largest carry little relative precision)."""
     _check_weight(W)
     W64 = W.detach().to(torch.float64)
-    M = _symmetric(W64 @ W64.T if W.shape[0] <= W.shape[1] else W64.T @ W64)
+    M = symmetric(W64 @ W64.T if W.shape[0] <= W.shape[1] else W64.T @ W64)
     with solver_threads(M.device):
         lam = torch.linalg.eigvalsh(M)
     return lam.flip(0).clamp_min(0).sqrt()
