@@ -32,7 +32,7 @@ from lowrank_core.data import make_split  # noqa: E402
 from lowrank_core.evaluate import EvalResult, evaluate  # noqa: E402
 from lowrank_core.models import load_model  # noqa: E402
 from lowrank_core.plan import account  # noqa: E402
-from lowrank_core.refit import RefitSettings  # noqa: E402
+from lowrank_core.methods.refit import RefitSettings  # noqa: E402
 
 COLUMNS = ["keep", "method", "params", "kept", "teacher_loss", "student_loss", "delta",
            "calibration_s", "compression_s", "total_s", "peak_rss_gib"]

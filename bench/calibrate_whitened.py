@@ -37,7 +37,7 @@ def main() -> None:
     from lowrank_core.archmap import linear_map
     from lowrank_core.calibrate import collect_grams
     from lowrank_core.data import iter_batches, make_split
-    from lowrank_core.decompose import factorize, relative_output_error, whitening
+    from lowrank_core.decompose import relative_output_error, whitened_factors, whitening
     from lowrank_core.models import device_description, load_model
     from lowrank_core.plan import rank_for_keep
 
@@ -65,7 +65,7 @@ def main() -> None:
         wh = prepared[info.gram_key]
         rank = max(1, rank_for_keep(info, args.keep))
         W = model.get_submodule(info.name).weight
-        f = factorize(W, rank, "whitened", gram=wh)
+        f = whitened_factors(W, wh, rank)
         errors.append(relative_output_error(W, f.merged(), wh.gram))
     t_fact = time.perf_counter() - t
     print(f"whitened factorisation of {len(linears)} linears at keep {args.keep}: {t_fact:.2f} s wall, "

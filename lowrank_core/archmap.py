@@ -1,7 +1,8 @@
-"""Architecture map: every compressible ``nn.Linear`` of a Llama/Mistral/Qwen2-family causal LM.
+"""Architecture map: every compressible ``nn.Linear`` of a supported causal LM, from the arch table.
 
-Module names follow the Hugging Face layout: ``model.layers.{i}.self_attn.{q,k,v,o}_proj``,
-``model.layers.{i}.mlp.{gate,up,down}_proj`` and ``lm_head``.
+Module names follow the Hugging Face layout given by the model's :class:`~lowrank_core.arch.ArchSpec`
+(for Llama/Mistral/Qwen2: ``model.layers.{i}.self_attn.{q,k,v,o}_proj``, ``model.layers.{i}.mlp.
+{gate,up,down}_proj`` and ``lm_head``).
 """
 from __future__ import annotations
 
@@ -11,18 +12,16 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+from .arch import (ARCHS, SUPPORTED_MODEL_TYPES, UnsupportedArchitectureError, all_groups, all_module_names,
+                   arch_of)
+
+GROUPS = all_groups()                 # attn / mlp / all -> short names (every architecture)
+ATTN_MODULES = GROUPS["attn"]
+MLP_MODULES = GROUPS["mlp"]
 HEAD_MODULE = "lm_head"
-ALL_MODULES = ATTN_MODULES + MLP_MODULES + (HEAD_MODULE,)
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-# Linears that read the same input tensor share one Gram matrix.
-SHARED_INPUT = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "o_in",
-                "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "down_in", "lm_head": "head_in"}
-
-
-class UnsupportedArchitectureError(ValueError):
-    """The model is not a Llama/Mistral/Qwen2-style decoder this tool knows how to factorise."""
+ALL_MODULES = all_module_names()      # decoder linears in execution order, then the head
+__all__ = ["ARCHS", "SUPPORTED_MODEL_TYPES", "UnsupportedArchitectureError", "LinearInfo", "linear_map",
+           "meta_model", "count_parameters", "check_supported", "num_layers"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +36,7 @@ class LinearInfo:
     in_features: int
     bias: bool = False
     tied: bool = False   # lm_head sharing its weight with the input embedding
+    input_key: str = ""  # key of the input Gram (set by linear_map from the arch table)
 
     @property
     def params(self) -> int:
@@ -55,14 +55,14 @@ class LinearInfo:
     @property
     def gram_key(self) -> str:
         """Key of the input Gram matrix this linear reads (q/k/v share one, gate/up share one)."""
-        prefix = "" if self.layer is None else f"model.layers.{self.layer}."
-        return prefix + SHARED_INPUT[self.module]
+        return self.input_key or ARCHS["llama"].input_key(self.layer, self.module)
 
     def factor_params(self, rank: int) -> int:
         return rank * (self.out_features + self.in_features)
 
     def row(self) -> dict:
         d = asdict(self)
+        d.pop("input_key")
         d["shape"] = f"{self.out_features} x {self.in_features}"
         d["params"] = self.params
         d["break_even_rank"] = self.break_even_rank
@@ -70,12 +70,8 @@ class LinearInfo:
 
 
 def check_supported(config) -> None:
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise UnsupportedArchitectureError(
-            f"unsupported architecture: model_type={model_type!r} "
-            f"(architectures={getattr(config, 'architectures', None)}); "
-            f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    """Raise ``UnsupportedArchitectureError`` unless the arch table has the config's model type."""
+    arch_of(config)
 
 
 def meta_model(config) -> nn.Module:
@@ -87,10 +83,6 @@ def meta_model(config) -> nn.Module:
         return AutoModelForCausalLM.from_config(config)
 
 
-def _short_name(name: str) -> str:
-    return name.rsplit(".", 1)[-1]
-
-
 def linear_map(model_or_config: Union[nn.Module, "object"]) -> list[LinearInfo]:
     """List every compressible linear in model order (layer 0 q_proj ... layer N-1 down_proj, lm_head).
 
@@ -98,35 +90,32 @@ def linear_map(model_or_config: Union[nn.Module, "object"]) -> list[LinearInfo]:
     ``UnsupportedArchitectureError`` naming what was found if the layout is unknown.
     """
     model = model_or_config if isinstance(model_or_config, nn.Module) else meta_model(model_or_config)
-    config = getattr(model, "config", None)
-    if config is not None:
-        check_supported(config)
-    tied = bool(getattr(config, "tie_word_embeddings", False))
+    spec = arch_of(model)
+    tied = spec.tied(getattr(model, "config", None))
     rows: list[LinearInfo] = []
-    for name, mod in model.named_modules():
-        short = _short_name(name)
-        if short not in ALL_MODULES or not hasattr(mod, "in_features"):
-            continue
-        if short == HEAD_MODULE:
-            layer, group = None, "head"
-        else:
-            parts = name.split(".")
-            if "layers" not in parts:
-                continue
-            layer = int(parts[parts.index("layers") + 1])
-            group = "attn" if short in ATTN_MODULES else "mlp"
-        weight = getattr(mod, "weight", None)
-        out_f, in_f = (weight.shape if weight is not None else (mod.out_features, mod.in_features))
-        rows.append(LinearInfo(name=name, layer=layer, group=group, module=short,
-                               out_features=int(out_f), in_features=int(in_f),
-                               bias=getattr(mod, "bias", None) is not None,
-                               tied=(short == HEAD_MODULE and tied)))
-    if not any(r.group != "head" for r in rows):
-        found = sorted({_short_name(n) for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-        raise UnsupportedArchitectureError(
-            f"no decoder linears named {', '.join(ALL_MODULES[:-1])} found in "
-            f"{type(model).__name__}; linear modules found: {found or 'none'}")
+    for index in range(len(spec.decoder_layers(model))):
+        for short in spec.decoder_modules:
+            rows.append(_info(model, spec.linear_name(index, short), index, spec.group_of(short), short,
+                              spec.input_key(index, short), False))
+    try:
+        spec.head_of(model)
+    except UnsupportedArchitectureError:
+        return rows
+    rows.append(_info(model, spec.head, None, "head", spec.head_module, spec.input_key(None, spec.head_module), tied))
     return rows
+
+
+def _info(model, name, layer, group, short, key, tied) -> LinearInfo:
+    try:
+        mod = model.get_submodule(name)
+    except AttributeError:
+        found = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise UnsupportedArchitectureError(f"no linear {name!r} in {type(model).__name__}; linear modules "
+                                           f"found: {found or 'none'}") from None
+    weight = getattr(mod, "weight", None)
+    out_f, in_f = (weight.shape if weight is not None else (mod.out_features, mod.in_features))
+    return LinearInfo(name=name, layer=layer, group=group, module=short, out_features=int(out_f),
+                      in_features=int(in_f), bias=getattr(mod, "bias", None) is not None, tied=tied, input_key=key)
 
 
 def num_layers(linears: list[LinearInfo]) -> int:

@@ -6,12 +6,13 @@
 2. split the calibration examples into *fit* and *held-out* (``settings.refit.valid_fraction``, by example);
 3. factorise every assigned matrix — two paths:
 
-   - fast (``svd``/``whitened`` only, ``layerwise=False``): input Grams of the whole teacher on the fit
+   - fast (no sequential method, ``layerwise=False``): input Grams of the whole teacher on the fit
      and held-out batches (``calibrate.collect_grams``), then one factorisation per matrix, each shared
      Gram whitened once;
-   - sequential, layer by layer (``layerwise=True``, always when a rule says ``refit``): for each decoder
-     layer, Grams of its linears are taken on the STUDENT's inputs (what the already-compressed earlier
-     layers produce), the factors computed, optionally refitted at block level (``refit.py``), and the
+   - sequential, layer by layer (``layerwise=True``, always when a rule names a ``sequential`` method such
+     as ``refit``): for each decoder layer, Grams of its linears are taken on the STUDENT's inputs (what
+     the already-compressed earlier layers produce), the factors computed, refined by methods that
+     refine (``Method.refine_layer``, e.g. the block-level refit of ``methods/refit.py``), and the
      student stream advanced. Only one layer is on the compute device at a time (the 7B path);
 
 4. build the student (``student.build_student``: teacher untouched, untouched tensors shared);
@@ -27,8 +28,6 @@ three hidden-state streams (teacher in, teacher out, student; ``offload=True`` k
 """
 from __future__ import annotations
 
-import copy
-import random
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
@@ -38,18 +37,19 @@ from torch import nn
 
 from .archmap import count_parameters, linear_map
 from .calibrate import GramStats, collect_grams
-from .data import Encoded, collate, encode_example, end_of_turn_id, pad_id
-from .decompose import factorize, relative_output_error, whitening
-from .layerwise import (LayerInputs, call_layer, capture_layer_inputs, to_device, decoder_layers, final_norm, hidden_mse, layer_on,
-                        model_device, run_layer)
+from . import methods
+from .arch import arch_of
+from .data import batch_tokens, calibration_batches, split_examples
+from .decompose import relative_output_error, whitening
+from .layerwise import (LayerInputs, call_layer, capture_layer_inputs, to_device, decoder_layers, final_norm,
+                        hidden_mse, layer_on, run_layer)
 from .lowrank import LowRankLinear
-from .plan import METHODS, Assignment, load_plan, resolve_plan
+from .methods.refit import RefitSettings
+from .plan import Assignment, load_plan, resolve_plan
 from .progress import Progress, ensure_progress
-from .refit import BlockObjective, RefitSettings, factor_parameters, refit_layer
 from .student import build_student
 
-__all__ = ["RefitSettings", "CompressSettings", "CompressResult", "compress", "calibration_batches",
-           "split_examples"]
+__all__ = ["RefitSettings", "CompressSettings", "CompressResult", "compress"]
 
 
 @dataclass
@@ -74,8 +74,7 @@ class CompressSettings:
     fit_errors: bool = False
 
     def validate(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; allowed: {', '.join(METHODS)}")
+        methods.get(self.method)  # raises, naming the registered methods
         for name in ("calib", "max_len", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer")
@@ -105,46 +104,14 @@ class CompressResult:
                 "timings": self.timings, "split": self.split, "settings": self.settings}
 
 
-# ----------------------------------------------------------------------------- calibration data
-def split_examples(examples: Sequence, valid_fraction: float, seed: int = 0) -> tuple[list, list]:
-    """(fit, held_out): a seeded split by example; held-out gets round(n * fraction), at least one
-    example when the fraction is positive and n >= 2."""
-    n = len(examples)
-    held = 0 if valid_fraction <= 0 or n < 2 else min(n - 1, max(1, round(n * valid_fraction)))
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    held_idx = set(order[:held])
-    return ([e for i, e in enumerate(examples) if i not in held_idx],
-            [e for i, e in enumerate(examples) if i in held_idx])
-
-
-def calibration_batches(tokenizer, examples: Sequence, batch_size: int = 4, max_len: int = 512) -> list[dict]:
-    """Right-padded batches of whole chat-formatted examples (prompt and answer) cut to their first
-    ``max_len`` tokens — a long prompt is calibration data too —, sorted by length so that little padding
-    is computed."""
-    eot, pad = end_of_turn_id(tokenizer), pad_id(tokenizer)
-    encoded = []
-    for ex in examples:
-        enc = encode_example(tokenizer, ex, 1 << 30, end_of_turn=eot)
-        if enc is not None:
-            encoded.append(Encoded(enc.input_ids[:max_len], enc.labels[:max_len]))
-    encoded.sort(key=lambda e: len(e.input_ids))
-    return [collate(encoded[i:i + batch_size], pad) for i in range(0, len(encoded), batch_size)]
-
-
-def _tokens(batches: list[dict]) -> int:
-    return int(sum(int(b["attention_mask"].sum()) for b in batches))
-
-
 # ----------------------------------------------------------------------------- factorisation helpers
 def _low_rank(weight: torch.Tensor, bias, a: Assignment, gram: Optional[torch.Tensor], whitenings: dict,
               key: str) -> LowRankLinear:
-    """Factor one weight by its method (``refit`` starts from ``whitened``) into a LowRankLinear on the
-    weight's device and dtype."""
-    method = "svd" if a.method == "svd" else "whitened"
-    if method == "whitened" and gram is not None:
+    """Factor one weight by its method's closed form into a LowRankLinear on the weight's device and dtype."""
+    method = methods.get(a.method)
+    if method.needs_grams and gram is not None:
         gram = whitenings.setdefault(key, whitening(gram))  # one whitening per shared Gram (q/k/v, gate/up)
-    factors = factorize(weight, a.rank, method, gram=gram if method == "whitened" else None, bias=bias)
+    factors = method.factorize(weight, a.rank, gram=gram if method.needs_grams else None, bias=bias)
     return LowRankLinear.from_factors(factors, dtype=weight.dtype).to(weight.device)
 
 
@@ -174,9 +141,7 @@ def compress(teacher: nn.Module, tokenizer, plan, calib_examples: Sequence, sett
     start = time.perf_counter()
     linears = linear_map(teacher)
     assignments = resolve_plan(load_plan(plan), linears, settings.method)
-    bad = sorted({a.method for a in assignments.values() if a.method not in METHODS})
-    if bad:
-        raise ValueError(f"unknown method(s) {bad} in the plan; allowed: {', '.join(METHODS)}")
+    chosen = {a.method: methods.get(a.method) for a in assignments.values()}  # unknown names raise here
     examples = list(calib_examples)[: settings.calib]
     if not examples and assignments:
         raise ValueError("compress needs at least one calibration example")
@@ -186,8 +151,8 @@ def compress(teacher: nn.Module, tokenizer, plan, calib_examples: Sequence, sett
     if examples and not fit_b:
         raise ValueError(f"no calibration example fits max_len={settings.max_len}; raise max_len")
     split = {"examples": len(examples), "fit_examples": len(fit_ex), "held_out_examples": len(held_ex),
-             "fit_tokens": _tokens(fit_b), "held_out_tokens": _tokens(held_b)}
-    sequential = settings.layerwise or any(a.method == "refit" for a in assignments.values())
+             "fit_tokens": batch_tokens(fit_b), "held_out_tokens": batch_tokens(held_b)}
+    sequential = settings.layerwise or any(m.sequential for m in chosen.values())
     run = _sequential if sequential else _fast
     replacements, rows, mse_rows, curves, timings = run(teacher, assignments, fit_b, held_b, settings, progress)
     student = build_student(teacher, replacements)
@@ -206,7 +171,8 @@ def _fast(teacher, assignments, fit_b, held_b, settings, progress):
     # held-out Grams only measure errors: kept in float32 (half the memory); the fit Grams stay float64
     held_g = collect_grams(teacher, held_b, infos, progress=progress) if held_b else {}
     held_g = {k: GramStats(g.gram.float(), g.tokens) for k, g in held_g.items()}
-    need_fit = settings.fit_errors or not held_b or any(a.method != "svd" for a in assignments.values())
+    need_fit = settings.fit_errors or not held_b or any(methods.get(a.method).needs_grams
+                                                         for a in assignments.values())
     fit_g = collect_grams(teacher, fit_b, infos, progress=progress) if need_fit else {}
     timings["calibration"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -232,10 +198,6 @@ def _fast(teacher, assignments, fit_b, held_b, settings, progress):
     return replacements, rows, mse_rows, {}, timings
 
 
-def _layer_prefix(index: int) -> str:
-    return f"model.layers.{index}."
-
-
 def _stream_mse(teacher, replacements, batches, settings, progress) -> list[dict]:
     """Per-layer hidden MSE of the student vs the teacher on ``batches`` (a student built on the fly)."""
     store = "cpu" if settings.offload else None
@@ -244,8 +206,9 @@ def _stream_mse(teacher, replacements, batches, settings, progress) -> list[dict
     rows = []
     layers = decoder_layers(teacher)
     width = teacher.config.hidden_size
+    spec = arch_of(teacher)
     for i, layer in enumerate(layers):
-        prefix = _layer_prefix(i)
+        prefix = spec.layer_prefix(i)
         local = {n[len(prefix):]: m for n, m in replacements.items() if n.startswith(prefix)}
         yt = run_layer(layer, inputs, i, hidden=xt, device=settings.device)
         if local or xs is not xt:
@@ -307,10 +270,11 @@ def _sequential(teacher, assignments, fit_b, held_b, settings, progress):
     width = teacher.config.hidden_size
     replacements, rows, mse_rows, curves = {}, [], [], {}
     xt = xs = inputs.hidden
+    spec = arch_of(teacher)
     for i, layer in enumerate(layers):
         device = torch.device(settings.device) if settings.device else next(layer.parameters()).device
         home = next(layer.parameters()).device
-        prefix = _layer_prefix(i)
+        prefix = spec.layer_prefix(i)
         local = {n[len(prefix):]: a for n, a in assignments.items() if n.startswith(prefix)}
         work = layer_on(layer, device)
         t0 = time.perf_counter()
@@ -334,11 +298,15 @@ def _sequential(teacher, assignments, fit_b, held_b, settings, progress):
                 new[rel] = _low_rank(lin.weight.detach(), lin.bias, a, fit.gram if fit else None, whitenings,
                                      a.info.gram_key)
             timings["decomposition"] += time.perf_counter() - t0
-            refit_names = [rel for rel, a in local.items() if a.method == "refit"]
-            if refit_names and settings.refit.steps > 0:
+            ctx = methods.LayerContext(work, i, new, inputs, xt, xs, yt, fit_idx, held_idx, settings, device)
+            for method in dict.fromkeys(methods.get(a.method) for a in local.values()):
+                if not method.refines:
+                    continue
+                names = [rel for rel, a in local.items() if a.method == method.name]
                 t0 = time.perf_counter()
-                curves[f"layer {i}"] = _refit_layer(work, i, new, refit_names, inputs, xt, xs, yt, fit_idx, held_idx,
-                                                    settings, device, _within(progress, i, len(layers)))
+                curve = method.refine_layer(ctx, names, _within(progress, i, len(layers)))
+                if curve is not None:
+                    curves[f"layer {i}" if f"layer {i}" not in curves else f"layer {i} {method.name}"] = curve
                 timings["refit"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             s_layer = build_student(work, new)
@@ -381,36 +349,11 @@ def _head(teacher, name, a, inputs, xs, fit_idx, held_idx, replacements, timings
     replacements[name] = new
     timings["decomposition"] += time.perf_counter() - t0
     row = _matrix_row(a, head.weight.detach(), new, held, fit, settings.fit_errors)
-    if a.method == "refit":
-        row["note"] = "lm_head: whitened factors (block refit applies to decoder layers)"
+    if methods.get(a.method).refines:
+        row["note"] = f"lm_head: {a.method}'s closed-form factors ({a.method} refines decoder layers only)"
     return row
 
 
 def _within(progress: Progress, done: int, total: int) -> Progress:
     """A progress callback that reports sub-steps as messages of step ``done`` of ``total`` (one bar)."""
     return lambda d, t, message: progress(done, total, f"{message} ({d}/{t})")
-
-
-def _refit_layer(work, index, new, refit_names, inputs, xt, xs, yt, fit_idx, held_idx, settings, device, progress) -> dict:
-    """Block-level refit of the ``refit`` matrices of one layer, in float32; ``new`` updated in place."""
-    rs = settings.refit
-    layer32 = work if next(work.parameters()).dtype == torch.float32 else copy.deepcopy(work).float()
-    trained = {rel: (m if m.down.weight.dtype == torch.float32 else copy.deepcopy(m).float())
-               for rel, m in new.items()}
-    student = build_student(layer32, trained)
-    s_in = inputs.with_hidden([x.float() if x.dtype != torch.float32 else x for x in xs])
-    targets = [y.float() if y.dtype != torch.float32 else y for y in yt]
-    teacher_in = inputs.with_hidden([x.float() for x in xt]) if rs.target == "matrix" else None
-    objective = BlockObjective(student, index, rs.target, s_in, targets, device, teacher_layer=layer32,
-                               teacher_inputs=teacher_in, names=refit_names)
-    params = factor_parameters({n: trained[n] for n in refit_names}, rs.train_bias)
-    for p in params:
-        p.requires_grad_(True)
-    curve = refit_layer(objective, params, fit_idx, held_idx, rs, progress=progress, label=f"refit layer {index}")
-    for p in params:
-        p.requires_grad_(False)
-    for rel in refit_names:
-        src = trained[rel]
-        if src is not new[rel]:
-            new[rel].load_state_dict({k: v.to(new[rel].down.weight.dtype) for k, v in src.state_dict().items()})
-    return curve

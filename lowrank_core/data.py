@@ -15,11 +15,12 @@ keeps its side whatever order, subset or source file it arrives in.
 from __future__ import annotations
 
 import hashlib
+import random
 import importlib.util
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Union
+from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 
@@ -540,3 +541,35 @@ def iter_batches(tokenizer, examples: Iterable[Example], batch_size: int = 8, ma
     """
     for batch, _ in iter_encoded_batches(tokenizer, examples, batch_size, max_len):
         yield batch
+
+
+# ----------------------------------------------------------------------------- calibration batches
+def split_examples(examples: Sequence, valid_fraction: float, seed: int = 0) -> tuple[list, list]:
+    """(fit, held_out): a seeded split by example; held-out gets round(n * fraction), at least one
+    example when the fraction is positive and n >= 2."""
+    n = len(examples)
+    held = 0 if valid_fraction <= 0 or n < 2 else min(n - 1, max(1, round(n * valid_fraction)))
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    held_idx = set(order[:held])
+    return ([e for i, e in enumerate(examples) if i not in held_idx],
+            [e for i, e in enumerate(examples) if i in held_idx])
+
+
+def calibration_batches(tokenizer, examples: Sequence, batch_size: int = 4, max_len: int = 512) -> list[dict]:
+    """Right-padded batches of whole chat-formatted examples (prompt and answer) cut to their first
+    ``max_len`` tokens — a long prompt is calibration data too —, sorted by length so that little padding
+    is computed."""
+    eot, pad = end_of_turn_id(tokenizer), pad_id(tokenizer)
+    encoded = []
+    for ex in examples:
+        enc = encode_example(tokenizer, ex, 1 << 30, end_of_turn=eot)
+        if enc is not None:
+            encoded.append(Encoded(enc.input_ids[:max_len], enc.labels[:max_len]))
+    encoded.sort(key=lambda e: len(e.input_ids))
+    return [collate(encoded[i:i + batch_size], pad) for i in range(0, len(encoded), batch_size)]
+
+
+def batch_tokens(batches: list[dict]) -> int:
+    """Real (non-padding) tokens of a list of batches."""
+    return int(sum(int(b["attention_mask"].sum()) for b in batches))

@@ -22,7 +22,6 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor
 
-FACTOR_METHODS = ("svd", "whitened")
 DAMPING_START = 1e-6      # first diagonal damping, relative to mean(diag(G))
 DAMPING_GROWTH = 10.0
 DAMPING_TRIES = 8         # 1e-6 ... 10 x mean(diag(G)), then the eigendecomposition fallback
@@ -217,6 +216,46 @@ def svd_factors(W: Tensor, rank: int, bias: Optional[Tensor] = None) -> Factors:
     return factors_from(W64 @ V, V.T.contiguous(), W, bias)
 
 
+class WhitenedBasis:
+    """One matrix's whitened eigenproblem, solved once: its whitened singular values (descending) and its
+    optimal factors at any rank by slicing. ``whitened_factors`` is ``WhitenedBasis(W, wh).factors(r)``,
+    so a rank search and a compression give bit-identical factors. Holds one ``min(out, in)``-square
+    float64 eigenvector matrix.
+
+    ``out <= in``: the top-r eigenvectors ``U`` of ``W G Wᵀ`` give ``W′ = U Uᵀ W`` (no factor of ``G``
+    needed, exact even for a singular ``G``); ``out > in``: right singular vectors ``V`` of ``W·L`` give
+    ``W′ = (W L V)(Vᵀ L⁻¹)``.
+    """
+
+    def __init__(self, W: Tensor, gram):
+        _check_weight(W)
+        self.whitening = wh = whitening(gram, device=W.device)
+        if wh.in_features != W.shape[1]:
+            raise FactorizationError(f"gram is {wh.in_features} x {wh.in_features} but the weight has "
+                                     f"{W.shape[1]} input features")
+        W64 = W.detach().to(wh.device, torch.float64)
+        self.wide = W.shape[0] <= W.shape[1]
+        if self.wide:
+            M = wh.output_covariance(W64)
+        else:
+            A = wh.whiten(W64)
+            M = symmetric(A.T @ A)
+        with solver_threads(M.device):
+            lam, vec = torch.linalg.eigh(M)
+        self.values = lam.flip(0).clamp_min(0).sqrt()   # whitened singular values, descending [min(out, in)]
+        self.vectors = vec.flip(1)
+
+    def factors(self, W: Tensor, rank: int, bias: Optional[Tensor] = None) -> Factors:
+        """Optimal rank-``rank`` factors of ``W`` (the weight this basis was built from)."""
+        rank = _check_rank(W, rank)
+        wh = self.whitening
+        W64 = W.detach().to(wh.device, torch.float64)
+        V = self.vectors[:, :rank].contiguous()
+        if self.wide:
+            return factors_from(V, V.T @ W64, W, bias)
+        return factors_from(wh.whiten(W64) @ V, wh.unwhiten(V.T.contiguous()), W, bias)
+
+
 def whitened_factors(W: Tensor, gram, rank: int, bias: Optional[Tensor] = None) -> Factors:
     """Activation-aware factors minimising ``trace((W−W′) G (W−W′)ᵀ)`` over rank-r ``W′`` (SVD-LLM closed form).
 
@@ -224,19 +263,8 @@ def whitened_factors(W: Tensor, gram, rank: int, bias: Optional[Tensor] = None) 
     latter to reuse one Cholesky factor across linears reading the same input).
     """
     _check_weight(W)
-    rank = _check_rank(W, rank)
-    wh = whitening(gram, device=W.device)
-    if wh.in_features != W.shape[1]:
-        raise FactorizationError(f"gram is {wh.in_features} x {wh.in_features} but the weight has "
-                                 f"{W.shape[1]} input features")
-    W64 = W.detach().to(wh.device, torch.float64)
-    if W.shape[0] <= W.shape[1]:
-        # top-r eigenvectors U of W G Wᵀ; W′ = U Uᵀ W (no factor of G needed, exact even for singular G)
-        _, U = _top_eigvecs(wh.output_covariance(W64), rank)
-        return factors_from(U, U.T @ W64, W, bias)
-    A = wh.whiten(W64)                                       # W·L [out, in]
-    _, V = _top_eigvecs(symmetric(A.T @ A), rank)           # right singular vectors of W·L
-    return factors_from(A @ V, wh.unwhiten(V.T.contiguous()), W, bias)
+    _check_rank(W, rank)
+    return WhitenedBasis(W, gram).factors(W, rank, bias)
 
 
 def whitened_singular_values(W: Tensor, gram) -> Tensor:
@@ -283,19 +311,3 @@ def relative_output_error(W: Tensor, W_hat: Tensor, gram) -> float:
     if den <= 0:
         return 0.0 if num <= 0 else float("inf")
     return max(num, 0.0) / den
-
-
-def factorize(W: Tensor, rank: int, method: str, gram=None, bias: Optional[Tensor] = None) -> Factors:
-    """Factors of ``W`` at ``rank`` by ``method`` ("svd" or "whitened"; the latter needs ``gram``).
-
-    ``gram`` may be a tensor, ``GramStats`` or a prepared ``Whitening``. ``bias`` is carried over unchanged.
-    """
-    if method == "svd":
-        return svd_factors(W, rank, bias=bias)
-    if method == "whitened":
-        if gram is None:
-            raise FactorizationError("method 'whitened' needs the input Gram matrix (gram=...); "
-                                     "collect it with calibrate.collect_grams or use method 'svd'")
-        return whitened_factors(W, gram, rank, bias=bias)
-    raise FactorizationError(f"unknown factorisation method {method!r}; allowed: {', '.join(FACTOR_METHODS)} "
-                             f"('refit' starts from 'whitened' factors, see refit.py)")

@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .arch import arch_of
 from .data import IGNORE_INDEX, Example, iter_encoded_batches
+from .layerwise import model_device
 from .progress import Progress, ensure_progress
 
-# model types whose logits are exactly lm_head(final hidden state): the head can run on answer tokens only
-PLAIN_HEAD_TYPES = ("llama", "mistral", "qwen2")
 
 
 @dataclass
@@ -43,17 +43,11 @@ def default_batch_size(device) -> int:
     return 8 if str(device).startswith("cuda") else 1
 
 
-def model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
 def _answer_logits(model: nn.Module, input_ids, attention_mask, position_ids, selected) -> torch.Tensor:
     """Logits [n_selected, vocab] at the positions ``selected`` [B, T-1] (those predicting answer tokens)."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    decoder, head = getattr(model, "model", None), getattr(model, "lm_head", None)
-    if model_type in PLAIN_HEAD_TYPES and isinstance(decoder, nn.Module) and isinstance(head, nn.Module):
+    spec = arch_of(model, strict=False)
+    if spec is not None and spec.plain_head:  # logits = head(last hidden): the head runs on answer tokens only
+        decoder, head = spec.decoder_of(model), spec.head_of(model)
         hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          use_cache=False).last_hidden_state
         return head(hidden[:, :-1][selected])

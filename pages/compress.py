@@ -6,12 +6,14 @@ import time
 import pandas as pd
 import streamlit as st
 
-from ui import cache, charts, engine, jobs, state
+from lowrank_core import compress as compress_mod
+from lowrank_core import methods
+from lowrank_core import plan as plan_mod
+from lowrank_core.methods import refit as refit_mod
+from ui import cache, charts, jobs, state
 from ui.entry import ensure_app, stop_page
 
 ensure_app()
-
-compress_mod, refit_mod, plan_mod = engine.require("compress", "refit", "plan")
 FORM_KEY = "lowrank_compress_form"
 ERROR_KEY = "lowrank_compress_error"
 DEFAULTS = dict(method="whitened", batch_size=4, layerwise=False, steps=200, lr=1e-4, batch_tokens=2048,
@@ -26,12 +28,11 @@ def draw_form(v: dict, default_plan: str, n_calib: int, busy: bool) -> dict:
                    "(e.g. `6-29:attn:r16; 0-6:mlp:r16`).")
         plan = st.text_area("Plan", value=default_plan, height=120, key="compress_plan" + sfx, disabled=busy)
         c1, c2, c3, c4 = st.columns(4)
-        methods = list(plan_mod.METHODS)
+        names = list(methods.names())
         out = dict(plan=plan)
         out["method"] = c1.selectbox(
-            "Method (rules without one)", methods, index=methods.index(v["method"]), key="compress_method" + sfx,
-            disabled=busy, help="svd: plain truncated SVD; whitened: activation-aware (SVD-LLM); "
-                                "refit: whitened, then sequential block-level Adam refit")
+            "Method (rules without one)", names, index=names.index(v["method"]), key="compress_method" + sfx,
+            disabled=busy, help=methods.help_text())
         out["calib"] = c2.number_input("Calibration examples", 1, max(1, n_calib), min(v["calib"], max(1, n_calib)),
                                        key="compress_calib" + sfx, disabled=busy,
                                        help="at most the split's calib side")
@@ -54,7 +55,7 @@ def draw_form(v: dict, default_plan: str, n_calib: int, busy: bool) -> dict:
             r5, r6, r7, _ = st.columns(4)
             out["patience"] = r5.number_input("patience", 1, 1000, v["patience"], key="refit_patience" + sfx,
                                               disabled=busy)
-            targets = list(refit_mod.SUPPORTED_TARGETS)
+            targets = list(refit_mod.TARGETS)
             out["target"] = r6.selectbox("target", targets, index=targets.index(v["target"]),
                                          key="refit_target" + sfx, disabled=busy)
             out["train_bias"] = r7.checkbox("train bias", value=v["train_bias"], key="refit_bias" + sfx,

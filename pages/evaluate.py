@@ -4,13 +4,12 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from ui import cache, charts, engine, jobs, state
+from lowrank_core import evaluate as evaluate_mod
+from ui import cache, charts, jobs, state
 from ui.entry import ensure_app
 from ui.progress import run_with_status
 
 ensure_app()
-
-(evaluate_mod,) = engine.require("evaluate")
 
 st.title("Evaluate")
 s = state.settings()

@@ -5,13 +5,12 @@ from pathlib import Path
 
 import streamlit as st
 
-from ui import cache, engine, jobs, state
+from lowrank_core import export as export_mod
+from ui import cache, jobs, state
 from ui.entry import ensure_app, stop_page
 from ui.progress import run_with_status
 
 ensure_app()
-
-(export_mod,) = engine.require("export")
 
 st.title("Export")
 s = state.settings()

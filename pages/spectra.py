@@ -5,14 +5,14 @@ import pandas as pd
 import streamlit as st
 
 from lowrank_core.archmap import num_layers
-from ui import cache, charts, engine, state
+from lowrank_core import spectra as spectra_mod
+from ui import cache, charts, state
 from ui.entry import ensure_app
 from ui.grams import gram_id, grams_for
 from ui.progress import run_with_status
 
 ensure_app()
 
-(spectra_mod,) = engine.require("spectra")
 SPECTRA_CALIB = 16  # default calibration examples of an activation-aware spectrum
 
 st.title("Spectra")

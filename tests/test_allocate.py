@@ -260,7 +260,7 @@ def test_plan_rebuilds_the_same_student_through_compress(trained, split, profile
 def test_refit_stage_is_verified_and_kept_only_when_better(trained, split, profile, binding):
     from dataclasses import replace
 
-    from lowrank_core.refit import RefitSettings
+    from lowrank_core.methods.refit import RefitSettings
 
     model, tok = trained
     cs = replace(profile.settings.compression, refit=RefitSettings(steps=4, lr=1e-3))

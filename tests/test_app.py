@@ -249,7 +249,7 @@ def test_evaluate_scores_teacher_and_student_like_the_engine():
     from lowrank_core.data import make_split
     from lowrank_core.evaluate import evaluate_models
     from lowrank_core.models import load_model
-    from lowrank_core.refit import RefitSettings
+    from lowrank_core.methods.refit import RefitSettings
 
     at = compressed("mlp:r8")
     at.switch_page("pages/evaluate.py").run()
@@ -299,7 +299,7 @@ def test_pages_say_what_to_do_before_any_compression():
 def test_spectra_page_plots_both_spectra_and_caches_them_on_disk():
     from lowrank_core.archmap import linear_map
     from lowrank_core.calibrate import collect_grams
-    from lowrank_core.compress import calibration_batches
+    from lowrank_core.data import calibration_batches
     from lowrank_core.data import make_split
     from lowrank_core.models import load_model
     from lowrank_core.spectra import compute_spectrum
@@ -367,11 +367,3 @@ def test_every_page_renders_on_the_embedded_default(monkeypatch):
         assert not at.error, (page, texts(at.error))
     at.switch_page("pages/spectra.py").run()
     assert [t["name"] for t in plotly_specs(at)["spectra_chart"]["data"]] == ["L17 weight"] * 2
-
-
-def test_a_page_whose_engine_module_is_missing_says_so(monkeypatch):
-    import sys
-
-    monkeypatch.setitem(sys.modules, "lowrank_core.export", None)  # import now fails as if the file were absent
-    at = started("pages/export.py")
-    assert "needs lowrank_core/export.py, which is not part of the engine yet" in texts(at.info)

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from lowrank_core.compress import CompressSettings, RefitSettings, calibration_batches, compress, split_examples
+from lowrank_core.compress import CompressSettings, RefitSettings, compress
+from lowrank_core.data import calibration_batches, split_examples
 from lowrank_core.data import make_split
 from lowrank_core.models import tiny_model
 from lowrank_core.plan import account

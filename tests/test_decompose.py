@@ -2,8 +2,14 @@
 import pytest
 import torch
 
-from lowrank_core.decompose import (FactorizationError, Factors, factorize, relative_output_error, svd_factors,
+from lowrank_core import methods
+from lowrank_core.decompose import (FactorizationError, Factors, relative_output_error, svd_factors,
                                     whitened_factors, whitened_singular_values, whitening)
+
+
+def factorize(W, rank, method, gram=None, bias=None):
+    """A registered method's closed form (the plug-in interface the pipeline calls)."""
+    return methods.get(method).factorize(W, rank, gram=gram, bias=bias)
 
 
 def _data(out_f, in_f, tokens=400, seed=0, dtype=torch.float32):

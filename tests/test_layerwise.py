@@ -80,5 +80,5 @@ def test_hidden_mse_ignores_padding():
 
 
 def test_model_without_decoder_layers_is_rejected():
-    with pytest.raises(ValueError, match="no decoder layers"):
+    with pytest.raises(ValueError, match="unsupported architecture: model_type=None"):
         lw.decoder_layers(torch.nn.Linear(2, 2))

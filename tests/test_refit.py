@@ -5,12 +5,13 @@ import pytest
 import torch
 
 from lowrank_core import layerwise as lw
-from lowrank_core.compress import CompressSettings, _gram_pass, calibration_batches, compress
+from lowrank_core.compress import CompressSettings, _gram_pass, compress
+from lowrank_core.data import calibration_batches
 from lowrank_core.data import make_split
 from lowrank_core.decompose import whitened_factors
 from lowrank_core.lowrank import LowRankLinear
 from lowrank_core.models import tiny_model
-from lowrank_core.refit import BlockObjective, RefitSettings, factor_parameters, refit_layer
+from lowrank_core.methods.refit import BlockObjective, RefitSettings, factor_parameters, refit_layer
 from lowrank_core.student import build_student, changed_tensors, state_checksums
 from test_layerwise import one_thread  # noqa: F401  (autouse fixture)
 
@@ -69,8 +70,8 @@ def test_refit_touches_no_teacher_tensor(setup):
 def test_refit_settings_validation():
     with pytest.raises(ValueError, match="unknown refit target 'kl'"):
         RefitSettings(target="kl").validate()
-    with pytest.raises(ValueError, match="not implemented"):
-        RefitSettings(target="logits").validate()
+    with pytest.raises(ValueError, match="unknown refit target 'logits'; allowed: block, matrix"):
+        RefitSettings(target="logits").validate()  # never implemented: no longer offered
     with pytest.raises(ValueError, match="lr"):
         RefitSettings(lr=0).validate()
     with pytest.raises(ValueError, match="valid_fraction"):

@@ -18,7 +18,7 @@ def grams_for(lm, split, s: Settings, n: int, infos: list, keep: bool = True) ->
     """``{gram_key: GramStats}`` of ``infos`` on the first ``n`` calibration examples; only the keys not yet
     in memory are collected (one forward pass, stopped after the last needed layer)."""
     from lowrank_core.calibrate import collect_grams
-    from lowrank_core.compress import calibration_batches
+    from lowrank_core.data import calibration_batches
 
     gid = gram_id(split, s, n)
     key = lambda gk: (lm.fingerprint, gid, gk)  # noqa: E731

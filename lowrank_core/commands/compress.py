@@ -12,9 +12,10 @@ from ..compress import CompressSettings, RefitSettings, compress
 from ..data import iter_side, make_split
 from ..evaluate import default_batch_size, evaluate_models
 from ..models import DTYPES, load_model
-from ..plan import METHODS, load_plan
+from .. import methods
+from ..plan import load_plan
 from ..progress import TqdmProgress
-from ..refit import TARGETS
+from ..methods.refit import TARGETS
 from ..table import format_table
 
 LAYER_COLUMNS = ["name", "shape", "rank", "method", "params_after", "rel_error", "rel_error_fit"]
@@ -26,7 +27,7 @@ def add_compress_arguments(p) -> None:
     p.add_argument("--data", default="default",
                    help="'default' (ShareGPT), 'chatterbot', local .parquet/.jsonl/.json (OpenOrca columns) or hub id")
     p.add_argument("--plan", required=True, help="plan file (.yaml/.json) or compact string, e.g. 'all:k0.9'")
-    p.add_argument("--method", default="whitened", choices=METHODS, help="method for rules that name none")
+    p.add_argument("--method", default="whitened", choices=methods.names(), help="method for rules that name none")
     p.add_argument("--calib", type=int, default=64, help="calibration examples (calib side of the split)")
     p.add_argument("--eval", type=int, default=200, help="evaluation examples (eval side); 0 skips evaluation")
     p.add_argument("--max-len", type=int, default=512, help="tokens per example (prompt + answer)")

@@ -1,4 +1,4 @@
-"""Refit low-rank factors with Adam, one decoder layer at a time (sequential block-level refit).
+"""``refit``: whitened factors, then an Adam refit of each decoder layer on the student's stream.
 
 On the teacher's own inputs the ``whitened`` factors already minimise each matrix's output error, so a
 refit of that objective cannot beat them. What no closed form solves, and what this module optimises:
@@ -18,6 +18,7 @@ improvement and restores the best-valid factors; the curves are returned.
 """
 from __future__ import annotations
 
+import copy
 import random
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -25,11 +26,13 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .layerwise import LayerInputs, call_layer, to_device
-from .progress import Progress, ensure_progress
+from ..decompose import whitened_factors
+from ..layerwise import LayerInputs, call_layer, to_device
+from ..progress import Progress, ensure_progress
+from ..student import build_student
+from .base import LayerContext, Method, register
 
-TARGETS = ("block", "matrix", "logits")
-SUPPORTED_TARGETS = ("block", "matrix")
+TARGETS = ("block", "matrix")
 
 
 @dataclass
@@ -52,9 +55,6 @@ class RefitSettings:
     def validate(self) -> None:
         if self.target not in TARGETS:
             raise ValueError(f"unknown refit target {self.target!r}; allowed: {', '.join(TARGETS)}")
-        if self.target not in SUPPORTED_TARGETS:
-            raise ValueError(f"refit target {self.target!r} is not implemented yet; use one of "
-                             f"{', '.join(SUPPORTED_TARGETS)}")
         if not 0.0 <= self.valid_fraction < 1.0:
             raise ValueError(f"refit valid_fraction {self.valid_fraction!r} must be in [0, 1)")
         for name in ("steps", "batch_tokens", "patience", "eval_every"):
@@ -216,3 +216,43 @@ def refit_layer(objective: BlockObjective, params: list[nn.Parameter], train: li
             p.copy_(b)
     curve["steps"] = step
     return curve
+
+
+@register
+class Refit(Method):
+    name = "refit"
+    summary = "whitened, then a sequential block-level Adam refit of each decoder layer (student's inputs)"
+    order = 2
+    needs_grams = True
+    sequential = True
+
+    def factorize(self, weight, rank, gram=None, bias=None):
+        return whitened_factors(weight, gram, rank, bias=bias)
+
+    def refine_layer(self, ctx: LayerContext, names: list[str], progress: Progress) -> Optional[dict]:
+        """Block-level refit of ``names`` in float32 (``ctx.settings.refit``); ``ctx.factors`` updated in place."""
+        rs = ctx.settings.refit
+        if rs.steps <= 0:
+            return None
+        work, new = ctx.layer, ctx.factors
+        layer32 = work if next(work.parameters()).dtype == torch.float32 else copy.deepcopy(work).float()
+        trained = {rel: (m if m.down.weight.dtype == torch.float32 else copy.deepcopy(m).float())
+                   for rel, m in new.items()}
+        student = build_student(layer32, trained)
+        s_in = ctx.inputs.with_hidden([x.float() if x.dtype != torch.float32 else x for x in ctx.student_in])
+        targets = [y.float() if y.dtype != torch.float32 else y for y in ctx.teacher_out]
+        teacher_in = ctx.inputs.with_hidden([x.float() for x in ctx.teacher_in]) if rs.target == "matrix" else None
+        objective = BlockObjective(student, ctx.index, rs.target, s_in, targets, ctx.device, teacher_layer=layer32,
+                                   teacher_inputs=teacher_in, names=names)
+        params = factor_parameters({n: trained[n] for n in names}, rs.train_bias)
+        for p in params:
+            p.requires_grad_(True)
+        curve = refit_layer(objective, params, ctx.fit, ctx.held_out, rs, progress=progress,
+                            label=f"refit layer {ctx.index}")
+        for p in params:
+            p.requires_grad_(False)
+        for rel in names:
+            src = trained[rel]
+            if src is not new[rel]:
+                new[rel].load_state_dict({k: v.to(new[rel].down.weight.dtype) for k, v in src.state_dict().items()})
+        return curve

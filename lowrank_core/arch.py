@@ -1,0 +1,146 @@
+"""The architecture table: what the engine knows about each supported decoder family, one entry each.
+
+Every module that needs to find a decoder layer, a linear, the final norm or the head asks the
+:class:`ArchSpec` of the model (``arch_of(model_or_config)``) instead of spelling out paths. A new
+architecture is one entry in :data:`ARCHS` (plus a tiny-model test): its linears and groups, which
+linears read the same input (and so share a Gram), where the decoder layers, the final norm and the
+head live, how tying is configured, and the transformers classes the factorized export subclasses.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Optional
+
+from torch import nn
+
+LLAMA_LINEARS = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
+                 "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
+                 "down_proj": "mlp.down_proj"}
+LLAMA_GROUPS = {"attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
+# Linears that read the same input tensor share one Gram (key relative to the layer).
+LLAMA_INPUTS = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "o_in",
+                "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "down_in"}
+
+
+class UnsupportedArchitectureError(ValueError):
+    """The model is not a decoder this tool knows how to factorise; the message names what was found."""
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """One decoder family. Paths are dotted module paths from the ``*ForCausalLM`` root."""
+
+    model_type: str
+    hf_config: str                      # transformers config class the factorized export subclasses
+    hf_model: str                       # transformers model class the factorized export subclasses
+    linears: Mapping[str, str] = field(default_factory=lambda: dict(LLAMA_LINEARS))  # short -> path in a layer
+    groups: Mapping[str, tuple] = field(default_factory=lambda: dict(LLAMA_GROUPS))  # group -> short names
+    inputs: Mapping[str, str] = field(default_factory=lambda: dict(LLAMA_INPUTS))    # short -> shared input
+    decoder: str = "model"              # the decoder stack (embeddings, layers, final norm)
+    layers: str = "model.layers"        # the ModuleList of decoder layers
+    norm: str = "model.norm"            # the final norm before the head
+    head: str = "lm_head"               # the output projection (a compressible linear, named "lm_head")
+    tie_attr: str = "tie_word_embeddings"
+    plain_head: bool = True             # logits == head(norm(last hidden)) exactly: head on answer tokens only
+    tiny: Mapping[str, object] = field(default_factory=dict)  # overrides of the tiny test config
+
+    # ---- names
+    @property
+    def decoder_modules(self) -> tuple[str, ...]:
+        """Short names of the decoder linears, in execution order within a layer."""
+        return tuple(self.linears)
+
+    @property
+    def head_module(self) -> str:
+        return self.head.rsplit(".", 1)[-1]
+
+    def group_of(self, short: str) -> str:
+        if short == self.head_module:
+            return "head"
+        for group, names in self.groups.items():
+            if short in names:
+                return group
+        raise KeyError(short)
+
+    def layer_prefix(self, index: int) -> str:
+        """``"model.layers.17."``: the path prefix of decoder layer ``index``."""
+        return f"{self.layers}.{index}."
+
+    def linear_name(self, index: Optional[int], short: str) -> str:
+        return self.head if index is None else self.layer_prefix(index) + self.linears[short]
+
+    def input_key(self, index: Optional[int], short: str) -> str:
+        """Key of the input Gram a linear reads (q/k/v share one, gate/up share one; the head its own)."""
+        return "head_in" if index is None else self.layer_prefix(index) + self.inputs[short]
+
+    def tied(self, config) -> bool:
+        return bool(getattr(config, self.tie_attr, False))
+
+    # ---- modules
+    def decoder_of(self, model: nn.Module) -> nn.Module:
+        return _get(model, self.decoder)
+
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        return _get(model, self.layers)
+
+    def final_norm(self, model: nn.Module) -> nn.Module:
+        return _get(model, self.norm)
+
+    def head_of(self, model: nn.Module) -> nn.Module:
+        return _get(model, self.head)
+
+
+def _get(model: nn.Module, path: str) -> nn.Module:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        raise UnsupportedArchitectureError(f"{type(model).__name__} has no module {path!r}") from None
+
+
+ARCHS: dict[str, ArchSpec] = {spec.model_type: spec for spec in (
+    ArchSpec("llama", "LlamaConfig", "LlamaForCausalLM", tiny={"tie_word_embeddings": True}),
+    ArchSpec("mistral", "MistralConfig", "MistralForCausalLM"),
+    ArchSpec("qwen2", "Qwen2Config", "Qwen2ForCausalLM"),
+)}
+SUPPORTED_MODEL_TYPES = tuple(ARCHS)
+FACTORIZED_PREFIX = "lowrank_"  # model_type of a factorized export: lowrank_<base model_type>
+
+
+def model_type_of(model_or_config) -> Optional[str]:
+    """The base ``model_type`` (a factorized export's ``lowrank_llama`` counts as ``llama``)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    base = getattr(config, "lowrank_base_model_type", None)
+    return base or getattr(config, "model_type", None)
+
+
+def arch_of(model_or_config, strict: bool = True) -> Optional[ArchSpec]:
+    """The :class:`ArchSpec` of a model or config; unknown types raise (or give None when not strict)."""
+    model_type = model_type_of(model_or_config)
+    spec = ARCHS.get(model_type)
+    if spec is None and strict:
+        config = getattr(model_or_config, "config", model_or_config)
+        raise UnsupportedArchitectureError(
+            f"unsupported architecture: model_type={model_type!r} "
+            f"(architectures={getattr(config, 'architectures', None)}); "
+            f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    return spec
+
+
+def all_module_names() -> tuple[str, ...]:
+    """Short names any supported architecture accepts in a plan (decoder linears, then heads)."""
+    names: dict[str, None] = {}
+    for spec in ARCHS.values():
+        names.update(dict.fromkeys(spec.decoder_modules))
+    for spec in ARCHS.values():
+        names[spec.head_module] = None
+    return tuple(names)
+
+
+def all_groups() -> dict[str, tuple[str, ...]]:
+    """Group name -> short names, over every architecture; ``all`` = every decoder linear."""
+    groups: dict[str, dict] = {}
+    for spec in ARCHS.values():
+        for group, names in spec.groups.items():
+            groups.setdefault(group, {}).update(dict.fromkeys(names))
+        groups.setdefault("all", {}).update(dict.fromkeys(spec.decoder_modules))
+    return {g: tuple(n) for g, n in groups.items()}
