@@ -49,7 +49,7 @@ from .plan import Assignment, load_plan, resolve_plan
 from .progress import Progress, ensure_progress
 from .student import build_student
 
-__all__ = ["RefitSettings", "CompressSettings", "CompressResult", "compress"]
+__all__ = ["RefitSettings", "CompressSettings", "CompressResult", "CalibrationData", "calibration_data", "compress"]
 
 
 @dataclass
@@ -132,6 +132,30 @@ def _matrix_row(a: Assignment, weight: torch.Tensor, module: LowRankLinear, held
 
 
 # ----------------------------------------------------------------------------- the pipeline
+@dataclass
+class CalibrationData:
+    """The calibration examples of a run as batches: *fit* (Grams, refit training) and *held-out*
+    (errors, early stopping), split by example (``settings.refit.valid_fraction``, ``settings.seed``)."""
+
+    fit: list[dict]
+    held_out: list[dict]
+    info: dict     # examples, fit_examples, held_out_examples, fit_tokens, held_out_tokens
+
+
+def calibration_data(tokenizer, calib_examples: Sequence, settings: CompressSettings) -> CalibrationData:
+    """The first ``settings.calib`` examples as fit / held-out batches, exactly as :func:`compress` uses
+    them (rank allocation calls this too, so its Grams and students match)."""
+    examples = list(calib_examples)[: settings.calib]
+    fit_ex, held_ex = split_examples(examples, settings.refit.valid_fraction, settings.seed)
+    fit_b = calibration_batches(tokenizer, fit_ex, settings.batch_size, settings.max_len)
+    held_b = calibration_batches(tokenizer, held_ex, settings.batch_size, settings.max_len)
+    if examples and not fit_b:
+        raise ValueError(f"no calibration example fits max_len={settings.max_len}; raise max_len")
+    info = {"examples": len(examples), "fit_examples": len(fit_ex), "held_out_examples": len(held_ex),
+            "fit_tokens": batch_tokens(fit_b), "held_out_tokens": batch_tokens(held_b)}
+    return CalibrationData(fit_b, held_b, info)
+
+
 def compress(teacher: nn.Module, tokenizer, plan, calib_examples: Sequence, settings: Optional[CompressSettings] = None,
              progress: Optional[Progress] = None) -> CompressResult:
     """Compress ``teacher`` by ``plan`` with calibration on ``calib_examples``; see the module docstring."""
@@ -145,13 +169,8 @@ def compress(teacher: nn.Module, tokenizer, plan, calib_examples: Sequence, sett
     examples = list(calib_examples)[: settings.calib]
     if not examples and assignments:
         raise ValueError("compress needs at least one calibration example")
-    fit_ex, held_ex = split_examples(examples, settings.refit.valid_fraction, settings.seed)
-    fit_b = calibration_batches(tokenizer, fit_ex, settings.batch_size, settings.max_len)
-    held_b = calibration_batches(tokenizer, held_ex, settings.batch_size, settings.max_len)
-    if examples and not fit_b:
-        raise ValueError(f"no calibration example fits max_len={settings.max_len}; raise max_len")
-    split = {"examples": len(examples), "fit_examples": len(fit_ex), "held_out_examples": len(held_ex),
-             "fit_tokens": batch_tokens(fit_b), "held_out_tokens": batch_tokens(held_b)}
+    calib = calibration_data(tokenizer, examples, settings)
+    fit_b, held_b, split = calib.fit, calib.held_out, calib.info
     sequential = settings.layerwise or any(m.sequential for m in chosen.values())
     run = _sequential if sequential else _fast
     replacements, rows, mse_rows, curves, timings = run(teacher, assignments, fit_b, held_b, settings, progress)
