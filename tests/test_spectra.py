@@ -116,3 +116,59 @@ def test_spectrum_cli_json_and_text(cache, capsys):
     assert "64 x 128" in out and "break-even rank 42" in out and "50%" in out and "activation-aware" not in out
     assert main(["spectrum", "--model", "tiny", "--layer", "7", "--module", "q_proj", "--calib", "0"]) == 2
     assert "--layer 7" in capsys.readouterr().err
+
+
+def test_spectrum_cli_and_app_share_calibration_id_gram_and_cache_entry(cache, capsys, monkeypatch):
+    """The ``spectrum`` command and the app's Spectra path (``ui.grams``) name the same calibration the same
+    way (``data.calibration_id``), calibrate on the same batches (``data.calibration_batches``: a prompt that
+    fills max_len still counts) and so share the Gram and the on-disk spectrum cache entry."""
+    import json
+
+    import lowrank_core.calibrate as calibrate
+    import ui.grams as app_grams
+    from lowrank_core.cli import main
+    from lowrank_core.data import batch_tokens, calibration_batches, calibration_id, make_split
+    from lowrank_core.models import load_model
+    from ui.state import Settings
+
+    n, max_len = 6, 40  # 2 of the first 6 chatterbot calib prompts (seed 0) are longer than 40 tokens
+    cli_grams = []
+    collect = calibrate.collect_grams
+    monkeypatch.setattr(calibrate, "collect_grams", lambda *a, **k: cli_grams.append(collect(*a, **k)) or cli_grams[-1])
+    assert main(["spectrum", "--model", "tiny", "--layer", "1", "--module", "down_proj", "--calib", str(n),
+                 "--data", "chatterbot", "--max-len", str(max_len), "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert len(cli_grams) == 1  # one calibration pass (a cache miss: LOWRANK_CACHE is empty)
+
+    # the app: a split with more calib examples than the spectrum uses (Settings.n_calib > n)
+    s = Settings(model_source="tiny", data_source="chatterbot", n_calib=16, n_eval=8, max_len=max_len)
+    app_split = make_split(s.data_source, n_calib=s.n_calib, n_eval=s.n_eval, seed=s.seed)
+    cli_split = make_split("chatterbot", n_calib=n, n_eval=0, seed=0)
+    cid = app_grams.gram_id(app_split, s, n)
+    assert cid == calibration_id(app_split, n, max_len) == calibration_id(cli_split, n, max_len)
+    assert cid == f"{cli_split.info.fingerprints['calib']}-n{n}-len{max_len}" == d["calibration"]["calibration_id"]
+    assert app_split.calib[:n] == cli_split.calib
+    assert calibration_id(app_split, 16, max_len).startswith(app_split.info.fingerprints["calib"])
+    assert calibration_id(app_split, n, max_len + 1) != cid and calibration_id(app_split, n - 1, max_len) != cid
+    with pytest.raises(ValueError, match="17"):
+        calibration_id(app_split, 17, max_len)
+
+    lm = load_model("tiny", device="cpu")
+    info = next(li for li in linear_map(lm.model) if li.name == "model.layers.1.mlp.down_proj")
+    monkeypatch.setattr(calibrate, "collect_grams", collect)
+    monkeypatch.setattr(app_grams, "run_with_status", lambda label, work: work(None))  # no streamlit page
+    layer = [li for li in linear_map(lm.model) if li.layer == 1]  # the page collects the whole layer at once
+    app_gram = app_grams.grams_for(lm, app_split, s, n, layer, keep=False)[info.gram_key]
+    cli_gram = cli_grams[0][info.gram_key]
+    expected_tokens = batch_tokens(calibration_batches(lm.tokenizer, cli_split.calib, 4, max_len))
+    assert app_gram.tokens == cli_gram.tokens == expected_tokens == n * max_len
+    assert torch.allclose(app_gram.gram, cli_gram.gram, rtol=1e-10, atol=0)
+    np.testing.assert_allclose(d["aware_sv"], spectra.compute_spectrum(lm.model, info, app_gram.gram).aware_sv,
+                               rtol=1e-5)
+
+    # the app's Spectra page asks for this spectrum exactly so: it is the CLI's disk cache entry, no Gram needed
+    def no_gram():
+        raise AssertionError("the app recomputed a spectrum the CLI had cached")
+    hit = spectra.linear_spectrum(lm.model, info, no_gram, fingerprint=lm.fingerprint, gram_id=f"{cid}-{info.gram_key}")
+    assert d["gram_id"] == hit.gram_id == f"{cid}-{info.gram_key}" and d["fingerprint"] == lm.fingerprint
+    np.testing.assert_array_equal(hit.aware_sv, np.array(d["aware_sv"]))

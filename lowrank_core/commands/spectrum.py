@@ -1,10 +1,9 @@
 """``spectrum``: singular values of one linear, of the weight and (with calibration) activation-aware."""
 from __future__ import annotations
 
-import math
-
 from ..archmap import ALL_MODULES, HEAD_MODULE, linear_map
 from ..cli import CliError, print_json
+from ..data import calibration_batches, calibration_id, make_split
 from ..spectra import ENERGY_LEVELS, linear_spectrum
 
 
@@ -44,16 +43,18 @@ def _find_linear(linears, layer, module):
 
 
 def _lazy_gram(loaded, info, examples, args):
+    """The input Gram of ``info`` on ``examples``, computed on the first call (a spectrum cache miss).
+
+    Batches come from ``data.calibration_batches`` (whole examples cut to ``--max-len`` tokens), as in
+    compress and in the app, so the same calibration gives the same Gram everywhere."""
     def compute():
         from ..calibrate import collect_grams
-        from ..data import iter_batches
         from ..progress import TqdmProgress
 
+        batches = calibration_batches(loaded.tokenizer, examples, batch_size=args.batch_size, max_len=args.max_len)
         progress = TqdmProgress("calibration")
         try:
-            batches = iter_batches(loaded.tokenizer, examples, batch_size=args.batch_size, max_len=args.max_len)
-            grams = collect_grams(loaded.model, batches, [info], progress=progress,
-                                  total=math.ceil(len(examples) / args.batch_size))
+            grams = collect_grams(loaded.model, batches, [info], progress=progress)
         finally:
             progress.close()
         return grams[info.gram_key]
@@ -71,13 +72,13 @@ def run(args) -> int:
     info = _find_linear(linear_map(loaded.model), args.layer, args.module)
     gram, gram_id, calib_desc = None, None, None
     if args.calib > 0:
-        from ..data import make_split
-
         split = make_split(args.data, n_calib=args.calib, n_eval=0, seed=args.seed)
-        gram_id = f"{split.info.fingerprint}-n{len(split.calib)}-len{args.max_len}"
+        calib_id = calibration_id(split, len(split.calib), args.max_len)
+        gram_id = f"{calib_id}-{info.gram_key}"  # the app's Spectra page keys its spectra the same way
         gram = _lazy_gram(loaded, info, split.calib, args)
         calib_desc = {"data": split.info.source, "examples": len(split.calib), "seed": args.seed,
-                      "max_len": args.max_len, "split_fingerprint": split.info.fingerprint}
+                      "max_len": args.max_len, "split_fingerprint": split.info.fingerprint,
+                      "calibration_id": calib_id}
     spectrum = linear_spectrum(loaded.model, info, gram, fingerprint=loaded.fingerprint,
                                cache=not args.no_cache, gram_id=gram_id)
     levels = sorted(set(ENERGY_LEVELS) | {args.energy})

