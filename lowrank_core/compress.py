@@ -45,6 +45,7 @@ from .layerwise import (LayerInputs, call_layer, capture_layer_inputs, to_device
                         hidden_mse, layer_on, run_layer)
 from .lowrank import LowRankLinear
 from .methods.refit import RefitSettings
+from .options import option
 from .plan import Assignment, load_plan, resolve_plan
 from .progress import Progress, ensure_progress
 from .student import build_student
@@ -54,24 +55,24 @@ __all__ = ["RefitSettings", "CompressSettings", "CompressResult", "CalibrationDa
 
 @dataclass
 class CompressSettings:
-    """How to compress. ``calib``: calibration examples used (the first ``calib`` given);
-    ``layerwise``: sequential layer-by-layer path (forced by any ``refit`` rule); ``device``: compute
-    device of the layer-by-layer path (default: the teacher's; e.g. ``"cuda"`` for a CPU-resident 7B
-    teacher); ``offload``: keep stored hidden states on CPU; ``hidden_mse``: measure per-layer hidden MSE
-    in the fast path too (costs two forward passes over the held-out batches); ``fit_errors``: also report
-    each matrix's error on the fit tokens (``rel_error_fit``; always given when nothing is held out)."""
+    """How to compress (defaults here only: CLI flags and recipe keys are derived from these fields)."""
 
-    method: str = "whitened"
-    calib: int = 64
-    max_len: int = 512
-    batch_size: int = 4
-    seed: int = 0
-    layerwise: bool = False
-    refit: RefitSettings = field(default_factory=RefitSettings)
-    device: Optional[str] = None
-    offload: bool = False
-    hidden_mse: bool = True
-    fit_errors: bool = False
+    method: str = option("whitened", choices=methods.names, flag="--method", key="name",
+                         help="method for rules that name none: " + methods.help_text())
+    calib: int = option(64, derived=True, help="calibration examples used (the first calib given)")
+    max_len: int = option(512, minimum=8, help="tokens per calibration example (prompt + answer)")
+    batch_size: int = option(4, minimum=1, help="calibration batch size (sequences)")
+    seed: int = option(0, derived=True, help="fit / held-out split seed (the data seed)")
+    layerwise: bool = option(False, help="sequential layer-by-layer path: Grams on the student's inputs, one "
+                                         "layer at a time (always on for a sequential method)")
+    refit: RefitSettings = option(default_factory=RefitSettings)
+    device: Optional[str] = option(None, flag="--layer-device",
+                                   help="compute device of the layer-by-layer path (e.g. cuda for a teacher on "
+                                        "CPU: one layer on the GPU at a time, the 7B path); default: the model's")
+    offload: bool = option(False, help="keep stored hidden states on CPU (big models)")
+    hidden_mse: bool = option(True, help="measure per-layer hidden MSE on held-out batches (two extra passes "
+                                         "in the fast path)")
+    fit_errors: bool = option(False, help="also report each matrix's error on the fit tokens (rel_error_fit)")
 
     def validate(self) -> None:
         methods.get(self.method)  # raises, naming the registered methods
@@ -96,6 +97,16 @@ class CompressResult:
     timings: dict[str, float]
     split: dict = field(default_factory=dict)   # fit / held-out example and token counts
     settings: dict = field(default_factory=dict)
+
+    @property
+    def error_key(self) -> str:
+        """``rel_error`` (held-out tokens) when any matrix has one, else ``rel_error_fit`` (nothing held out)."""
+        return "rel_error" if any(r.get("rel_error") is not None for r in self.layers) else "rel_error_fit"
+
+    def errors(self) -> list[float]:
+        """Each replaced matrix's relative output error: held-out when measured, else on the fit tokens."""
+        values = [r["rel_error"] if r.get("rel_error") is not None else r.get("rel_error_fit") for r in self.layers]
+        return [v for v in values if v is not None]
 
     def to_dict(self) -> dict:
         """Everything but the student, JSON-ready."""

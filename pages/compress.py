@@ -69,8 +69,8 @@ def job_progress(job, name: str) -> None:
     """Progress of the running job, redrawn every 0.5 s; a full rerun once it has finished."""
     if job.finished:
         st.rerun()
-    settings = job.info["settings"]
-    with st.status(f"Compressing {name} ({settings.method}) — {time.monotonic() - job.started:.0f} s", expanded=True):
+    method = job.info["spec"].method.method
+    with st.status(f"Compressing {name} ({method}) — {time.monotonic() - job.started:.0f} s", expanded=True):
         phases = job.snapshot()
         if not phases:
             st.write("preparing calibration batches…")
@@ -106,20 +106,20 @@ if form.pop("submitted"):
         settings = compress_mod.CompressSettings(method=v["method"], calib=v["calib"], max_len=s.max_len,
                                                  batch_size=v["batch_size"], seed=s.seed,
                                                  layerwise=v["layerwise"], refit=refit)
-        settings.validate()
+        spec = jobs.job_spec(s, plan, settings)
+        spec.validate()
         plan_mod.resolve_plan(plan, cache.linears(lm), v["method"])  # a bad rule fails here, before any work
     except ValueError as e:
         st.error(f"Cannot compress: {e}")
     else:
-        key = jobs.job_key(lm.fingerprint, split.info.fingerprint, plan, settings)
+        key = jobs.job_key(lm.fingerprint, split.info.fingerprint, spec)
         if key in state.results():
             st.session_state[state.CURRENT_KEY] = key
             st.success("Same model, data, plan and settings as a finished run: its result is shown, "
                        "nothing was recomputed.")
         else:
             st.session_state[state.JOB_KEY] = jobs.BackgroundJob(
-                key, lambda p, plan=plan, settings=settings: compress_mod.compress(
-                    lm.model, lm.tokenizer, plan, split.calib, settings, progress=p), plan=plan, settings=settings)
+                key, lambda p, spec=spec: jobs.run_app_job(spec, lm, split, p), spec=spec)
             st.rerun()  # draw the form disabled while the job runs
 
 if running and pending.finished:
@@ -129,16 +129,17 @@ if running and pending.finished:
         st.session_state[ERROR_KEY] = f"Compression failed: {e}" if isinstance(e, ValueError) else \
             f"Compression failed: {type(e).__name__}: {e}"
     else:
-        jobs.store_result(pending.key, pending.result, lm, pending.info["plan"], pending.info["settings"])
+        jobs.store_result(pending.key, pending.result)
     st.rerun()  # enable the form again and show the result (or the error)
 if running:
     job_progress(pending, lm.name)
     stop_page()
 
-key, result = state.current_result()
-if result is None:
+key, job = state.current_result()
+if job is None:
     st.info("No compression yet in this session: choose a plan and press **Compress**.")
     stop_page()
+result = job.compressed
 
 st.subheader(jobs.run_label(key))
 c1, c2, c3, c4 = st.columns(4)
@@ -150,8 +151,7 @@ c4.metric("time", f"{result.timings.get('total', 0):.1f} s")
 
 layers = pd.DataFrame(result.layers)
 if not layers.empty:
-    value = "rel_error" if layers["rel_error"].notna().any() else "rel_error_fit"
-    st.plotly_chart(charts.error_bars(result.layers, value), key="compress_errors")
+    st.plotly_chart(charts.error_bars(result.layers, result.error_key), key="compress_errors")
     with st.expander("Per-matrix table"):
         st.dataframe(layers, hide_index=True, key="compress_layers")
 if result.hidden_mse:

@@ -40,7 +40,7 @@ else:
                   if scores[name] is None}
         fresh = run_with_status(
             f"Scoring {' and '.join(models)} on {int(n)} eval examples",
-            lambda p: evaluate_mod.evaluate_models(models, lm.tokenizer, split.eval, n=int(n),
+            lambda p: evaluate_mod.evaluate_models(models, lm.tokenizer, split.eval[: int(n)],
                                                    batch_size=int(batch_size), max_len=s.max_len, progress=p))
         for name, value in fresh.items():
             cache.memo(f"{name}_eval", teacher_key if name == "teacher" else student_key, lambda v=value: v,

@@ -6,6 +6,7 @@ from pathlib import Path
 import streamlit as st
 
 from lowrank_core import export as export_mod
+from lowrank_core import job as job_mod
 from ui import cache, jobs, state
 from ui.entry import ensure_app, stop_page
 from ui.progress import run_with_status
@@ -36,18 +37,10 @@ n_check = st.number_input("Also compare answer loss after reload on N eval examp
                           0, key="export_eval")
 
 if st.button("Export and verify", type="primary", key="export_go"):
-    split = cache.data_split(s)
-    manifest = export_mod.build_manifest(
-        source=s.model_source, fingerprint=lm.fingerprint, plan=jobs.plan_of(chosen), method=run.get("method"),
-        settings=result.settings, split=split.info.to_dict(),
-        teacher_metrics={"loss": run.get("teacher_loss"), "perplexity": run.get("teacher_ppl")},
-        student_metrics={"loss": run.get("student_loss"), "perplexity": run.get("student_ppl")})
+    spec = job_mod.ExportSpec(dir=target, format=fmt, force=force, verify=True, verify_examples=int(n_check))
     try:
-        out = run_with_status(
-            f"Writing a {fmt} export to {target}",
-            lambda p: export_mod.export_student(result.student, lm.tokenizer, target, format=fmt, manifest=manifest,
-                                                force=force, eval_examples=split.eval[: int(n_check)] or None,
-                                                progress=p))
+        out = run_with_status(f"Writing a {fmt} export to {target}",
+                              lambda p: job_mod.export_job(result, spec, progress=p))
     except ValueError as e:
         st.error(f"Export failed: {e}")
     else:

@@ -123,10 +123,12 @@ def test_cli_compress_json(capsys):
                "whitened", "--calib", "8", "--eval", "4", "--max-len", "64", "--json"])
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
-    for key in ("params_before", "params_after", "teacher_loss", "student_loss", "layers", "hidden_mse",
-                "timings", "split", "split_info"):
+    for key in ("params_before", "params_after", "teacher_loss", "student_loss", "compress", "split", "job"):
         assert key in out, key
-    assert out["params_after"] < out["params_before"] and len(out["layers"]) == 14
+    for key in ("layers", "hidden_mse", "timings", "split"):  # the CompressResult record
+        assert key in out["compress"], key
+    assert out["split"]["fingerprint"] and out["job"]["data"]["calib"] == 8
+    assert out["params_after"] < out["params_before"] and len(out["compress"]["layers"]) == 14
     assert out["student_loss"] != out["teacher_loss"] and out["evaluation"]["student"]["examples"] == 4
 
 

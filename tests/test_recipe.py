@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import yaml
 
 from lowrank_core.cli import main
-from lowrank_core.recipe import RecipeError, dry_run, load_recipe, validate_recipe
+from lowrank_core.job import dry_run
+from lowrank_core.recipe import RecipeError, load_recipe, validate_recipe
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 MISTRAL_CONFIG = Path(__file__).resolve().parent / "fixtures" / "mistral-7b-openorca-config.json"
@@ -72,10 +74,10 @@ def test_missing_plan_and_non_mapping_are_errors(tmp_path):
 
 def test_defaults_fill_every_section():
     r = validate_recipe(with_change("method", "svd"))  # shorthand for {name: svd}
-    assert r.model == {"source": "tiny", "dtype": "float32", "device": "auto"}
-    assert r.data == {"source": "default", "seed": 0, "calib": 6, "eval": 6, "val": 0}
-    assert r.export is None and r.method["name"] == "svd" and r.method["refit"]["steps"] == 200
-    settings = r.compress_settings()
+    assert asdict(r.model) == {"source": "tiny", "dtype": "float32", "device": "auto"}
+    assert asdict(r.data) == {"source": "default", "seed": 0, "calib": 6, "eval": 6, "val": 0}
+    assert r.export is None and r.method.method == "svd" and r.method.refit.steps == 200
+    settings = r.settings()
     assert (settings.method, settings.calib, settings.seed) == ("svd", 6, 0)
 
 
@@ -83,14 +85,14 @@ def test_defaults_fill_every_section():
 def test_example_recipes_are_valid_experiment_3(name):
     r = load_recipe(RECIPES / name)
     assert r.plan.to_dict() == {"rules": [{"layers": "17", "modules": ["mlp"], "rank": 16}]}
-    assert r.method["name"] == "svd" and r.export["format"] in ("dense", "factorized")
+    assert r.method.method == "svd" and r.export.format in ("dense", "factorized")
 
 
 def test_mistral_recipe_dry_run_gives_the_seed_number():
     data = yaml.safe_load((RECIPES / "mistral-7b-openorca-exp3.yaml").read_text())
     data["model"]["source"] = str(MISTRAL_CONFIG)  # offline: the model's config.json
     r = validate_recipe(data)
-    assert (r.model["dtype"], r.model["device"], r.data["source"]) == \
+    assert (r.model.dtype, r.model.device, r.data.source) == \
         ("bfloat16", "cuda", "openaccess-ai-collective/oo-gpt4-filtered")
     acc = dry_run(r)
     assert acc.original == 7_241_748_480 and acc.compressed == 7_066_472_448
@@ -130,7 +132,7 @@ def test_run_tiny_recipe_end_to_end(tmp_path, capsys):
     assert x["verified"] and x["path"] == str(tmp_path / "out") and x["format"] == "factorized"
     assert x["reload_loss"] == pytest.approx(x["student_loss"], abs=1e-5)
     manifest = json.loads((tmp_path / "out" / "lowrank.json").read_text())
-    assert manifest["recipe"]["name"] == "tiny" and manifest["method"]["name"] == "svd"
+    assert manifest["job"]["name"] == "tiny" and manifest["method"]["name"] == "svd"
     assert manifest["metrics"]["student"]["loss"] == result["student"]["loss"]
     assert manifest["split"]["fingerprint"] == result["split"]["fingerprint"]
     # a second run is refused before any work, unless forced (here via the CLI override, as dense)

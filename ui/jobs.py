@@ -1,4 +1,8 @@
-"""Compression jobs of the session: a stable key per job, finished results, and the runs table."""
+"""Compression jobs of the session: the app's JobSpec, a stable key per job, finished results, the runs table.
+
+The app runs the engine's one job function (``lowrank_core.job.run_job``) on the model and split it
+keeps cached; evaluation and export are later steps on the same ``JobResult`` (Evaluate and Export pages).
+"""
 from __future__ import annotations
 
 import hashlib
@@ -8,17 +12,33 @@ import time
 
 import streamlit as st
 
+from lowrank_core.job import DataSpec, JobResult, JobSpec, ModelSpec, run_job
+
 from . import state
 from .progress import phase_of
 
-PLANS_KEY = "lowrank_job_plans"  # {job key: Plan}
 MAX_RESULTS = 4  # students kept in memory (each holds its own factor tensors)
 
 
-def job_key(fingerprint: str, split_fingerprint: str, plan, settings) -> str:
+def job_spec(s: state.Settings, plan, settings) -> JobSpec:
+    """The JobSpec of the app's choices: model and data from the Model & data page, the plan and the
+    compression settings from the Compress form (its calibration size is the job's ``data.calib``)."""
+    return JobSpec(plan=plan, name="app",
+                   model=ModelSpec(source=s.model_source, dtype=s.dtype, device=s.device),
+                   data=DataSpec(source=s.data_source, seed=s.seed, calib=settings.calib, eval=s.n_eval, val=s.n_val),
+                   method=settings)
+
+
+def run_app_job(spec: JobSpec, lm, split, progress) -> JobResult:
+    """The app's backend: the engine's ``run_job`` on the cached model and split; evaluation and export
+    are left to the Evaluate and Export pages (``job.evaluate_job`` / ``job.export_job``)."""
+    return run_job(spec, progress=progress, loaded=lm, split=split, evaluate=False, export=False)
+
+
+def job_key(fingerprint: str, split_fingerprint: str, spec: JobSpec) -> str:
     """Same model, data, plan and settings -> same key, so a finished job is reused, never rerun."""
-    blob = json.dumps({"model": fingerprint, "split": split_fingerprint, "plan": plan.to_dict(),
-                       "settings": settings.to_dict()}, sort_keys=True, default=str)
+    blob = json.dumps({"model": fingerprint, "split": split_fingerprint, "job": spec.to_dict()},
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -26,22 +46,18 @@ def describe_plan(plan) -> str:
     return "; ".join(r.describe() for r in plan.rules)
 
 
-def store_result(key: str, result, lm, plan, settings) -> dict:
-    """Keep the result (newest ``MAX_RESULTS``), make it current, and add its row to the runs table."""
+def store_result(key: str, job: JobResult) -> dict:
+    """Keep the JobResult (newest ``MAX_RESULTS``), make it current, and add its row to the runs table."""
     results = state.results()
-    results[key] = result
-    plans = st.session_state.setdefault(PLANS_KEY, {})
-    plans[key] = plan
+    results[key] = job
     for old in list(results)[:-MAX_RESULTS]:
         results.pop(old)
-        plans.pop(old, None)
     st.session_state[state.CURRENT_KEY] = key
-    errors = [r.get("rel_error") if r.get("rel_error") is not None else r.get("rel_error_fit")
-              for r in result.layers]
-    errors = [e for e in errors if e is not None]
+    result, lm, spec = job.compressed, job.loaded, job.spec
+    errors = result.errors()
     row = {"run": len(state.runs()) + 1, "job": key, "time": time.strftime("%H:%M:%S"), "model": lm.name,
-           "fingerprint": lm.fingerprint, "plan": describe_plan(plan), "method": settings.method,
-           "calib": settings.calib, "path": result.split.get("path", ""), "matrices": len(result.layers),
+           "fingerprint": lm.fingerprint, "plan": describe_plan(spec.plan), "method": spec.method.method,
+           "calib": spec.data.calib, "path": result.split.get("path", ""), "matrices": len(result.layers),
            "params_before": result.params_before, "params_after": result.params_after,
            "of_original": result.params_after / max(1, result.params_before),
            "mean_rel_error": sum(errors) / len(errors) if errors else None,
@@ -52,13 +68,12 @@ def store_result(key: str, result, lm, plan, settings) -> dict:
     return row
 
 
-def plan_of(key: str):
-    """The Plan of a finished job still in memory (None if evicted)."""
-    return st.session_state.get(PLANS_KEY, {}).get(key)
-
-
 def record_eval(key: str, n: int, teacher, student) -> None:
-    """Write teacher/student scores into every runs-table row of job ``key``."""
+    """Keep teacher/student scores on the job (its export manifest carries them) and write them into
+    every runs-table row of job ``key``."""
+    job = state.results().get(key)
+    if job is not None:
+        job.evaluation = {"teacher": teacher, "student": student}
     for row in state.runs():
         if row["job"] == key:
             row.update(eval_examples=n, teacher_loss=teacher.loss, student_loss=student.loss,

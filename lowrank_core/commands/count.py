@@ -20,6 +20,12 @@ def run(args) -> int:
     if args.json:
         print_json({"model": args.model, **acc.to_dict()})
         return 0
+    print_accounting(acc)
+    return 0
+
+
+def print_accounting(acc) -> None:
+    """The per-matrix table, totals and warnings of an ``Accounting``."""
     cols = ["name", "shape", "rank", "break_even_rank", "params_before", "params_after", "rule"]
     print(format_table(acc.rows, cols))
     print()
@@ -27,4 +33,3 @@ def run(args) -> int:
     print(f"compressed {acc.compressed:>16,}  ({acc.ratio:.2%} of original, {acc.removed:,} removed)")
     for w in acc.warnings:
         print(f"warning: {w}")
-    return 0

@@ -28,6 +28,7 @@ from torch import nn
 
 from ..decompose import whitened_factors
 from ..layerwise import LayerInputs, call_layer, to_device
+from ..options import option
 from ..progress import Progress, ensure_progress
 from ..student import build_student
 from .base import LayerContext, Method, register
@@ -37,20 +38,19 @@ TARGETS = ("block", "matrix")
 
 @dataclass
 class RefitSettings:
-    """Adam refit of the factors. ``steps``: optimiser steps per decoder layer (at most);
-    ``batch_tokens``: real tokens per step; ``valid_fraction``: share of calibration examples held out
-    (early stopping, held-out errors); ``patience``: evaluations without improvement before stopping;
-    ``eval_every``: steps between evaluations (0: once per pass over the training batches, at most 10)."""
+    """Adam refit of the factors, per decoder layer (see the module docstring)."""
 
-    steps: int = 200
-    lr: float = 1e-4
-    batch_tokens: int = 2048
-    valid_fraction: float = 0.2
-    patience: int = 3
-    target: str = "block"
-    train_bias: bool = False
-    eval_every: int = 0
-    seed: int = 0
+    steps: int = option(200, minimum=0, help="refit: Adam steps per decoder layer (at most)")
+    lr: float = option(1e-4, help="refit: Adam learning rate")
+    batch_tokens: int = option(2048, minimum=1, help="refit: real tokens per step")
+    valid_fraction: float = option(0.2, flag="--valid-fraction",
+                                   help="share of calibration examples held out (errors, refit early stopping)")
+    patience: int = option(3, minimum=1, help="refit: evaluations without improvement before stopping")
+    target: str = option("block", choices=TARGETS,
+                         help="refit: 'block' (decoder-layer outputs) or 'matrix' (each replaced linear's output)")
+    train_bias: bool = option(False, flag="--refit-bias", help="refit: also train a bias on each factorised linear")
+    eval_every: int = option(0, minimum=0, help="refit: steps between evaluations (0: once per pass, at most 10)")
+    seed: int = option(0, derived=True, help="shuffling seed (the split seed)")
 
     def validate(self) -> None:
         if self.target not in TARGETS:

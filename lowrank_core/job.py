@@ -1,0 +1,244 @@
+"""One compression job — load, split, compress, evaluate, export — behind the CLI, recipes and the app.
+
+A :class:`JobSpec` says everything a job needs (its sections are the recipe's sections and the
+``compress`` command's flags, both derived from these dataclasses by ``options.py``);
+:func:`run_job` runs it and returns a :class:`JobResult`, whose :meth:`~JobResult.manifest` is the one
+manifest every export carries. The app calls the same pieces on a model and a split it keeps cached:
+``run_job(spec, loaded=..., split=...)``, then :func:`evaluate_job` and :func:`export_job`.
+Output paths and every option are checked before any model is loaded.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from .compress import CompressResult, CompressSettings, compress
+from .data import Split, make_split
+from .evaluate import default_batch_size, evaluate_models
+from .export import FORMATS, ExportResult, build_manifest, check_target, export_student
+from .models import DEVICES, DTYPES, LoadedModel, load_config, load_model
+from .options import option, to_mapping
+from .plan import Accounting, Plan, account, load_plan
+from .progress import Progress, ensure_progress
+
+
+@dataclass
+class ModelSpec:
+    """The teacher."""
+
+    source: str = option("default", flag="--model", help="'default', a model folder, .gguf, config.json "
+                                                         "(accounting only), hub id or tiny")
+    dtype: str = option("float32", choices=tuple(DTYPES), help="weight dtype")
+    device: str = option("auto", choices=DEVICES, pattern=r"cuda:\d+", help="auto, cpu, cuda or cuda:N")
+
+
+@dataclass
+class DataSpec:
+    """The honest split: calibration (and validation) examples; evaluation examples, never seen before."""
+
+    source: str = option("default", flag="--data", help="'default' (ShareGPT), 'chatterbot', a local "
+                                                        ".parquet/.jsonl/.json (OpenOrca columns) or hub id")
+    seed: int = option(0, minimum=0, help="split seed (also the fit / held-out split of calibration)")
+    calib: int = option(64, minimum=1, help="calibration examples (calib side of the split)")
+    eval: int = option(200, minimum=0, help="evaluation examples scored (eval side); 0 skips evaluation")
+    val: int = option(0, minimum=0, help="validation examples (calib side's validation share)")
+
+
+@dataclass
+class EvalSpec:
+    """How teacher and student are scored on the evaluation examples."""
+
+    examples: Optional[int] = option(None, minimum=1, help="scored examples (default: data.eval)")
+    batch_size: Optional[int] = option(None, minimum=1, help="examples per forward pass (default: 1 on CPU, 8 "
+                                                             "on CUDA)")
+    max_len: Optional[int] = option(None, minimum=8, help="tokens per example (default: the calibration max_len)")
+
+
+@dataclass
+class ExportSpec:
+    """Where and how the student is written (verified by reloading before it lands)."""
+
+    dir: str = option(flag="--export", help="write the student to this folder")
+    format: str = option("dense", choices=FORMATS, help="dense (merged, plain transformers) or factorized "
+                                                        "(smaller)")
+    force: bool = option(False, help="replace an existing export folder")
+    verify: bool = option(True, help="reload the export and compare logits before it lands")
+    verify_examples: int = option(16, minimum=0, help="evaluation examples whose loss is also compared after reload")
+
+
+@dataclass
+class JobSpec:
+    """A whole job. ``method`` holds the compression settings (its ``calib`` and ``seed`` come from
+    ``data``: see :meth:`settings`)."""
+
+    plan: Plan
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    method: CompressSettings = field(default_factory=CompressSettings)
+    evaluate: EvalSpec = field(default_factory=EvalSpec)
+    export: Optional[ExportSpec] = None
+    name: Optional[str] = None
+    description: str = ""
+
+    def __post_init__(self):
+        self.plan = load_plan(self.plan)
+
+    def settings(self) -> CompressSettings:
+        """The compression settings with the data section's calibration size and seed."""
+        refit = dataclasses.replace(self.method.refit, seed=self.data.seed)
+        return dataclasses.replace(self.method, calib=self.data.calib, seed=self.data.seed, refit=refit)
+
+    @property
+    def eval_examples(self) -> int:
+        return self.evaluate.examples or self.data.eval
+
+    def validate(self) -> None:
+        """Every check that needs no weights: settings, evaluation size, device, export target."""
+        if self.evaluate.examples is not None and self.evaluate.examples > self.data.eval:
+            raise ValueError(f"evaluate.examples: {self.evaluate.examples} is more than the split's data.eval = "
+                             f"{self.data.eval} examples")
+        self.settings().validate()
+        if self.export is not None:
+            check_target(Path(self.export.dir), self.export.force)
+
+    def to_dict(self) -> dict:
+        """The recipe form (``load_recipe`` reads it back to an equal spec)."""
+        return {"name": self.name, "description": self.description, "model": to_mapping(self.model),
+                "data": to_mapping(self.data), "plan": self.plan.to_dict(), "method": to_mapping(self.method),
+                "evaluate": to_mapping(self.evaluate),
+                "export": to_mapping(self.export) if self.export is not None else None}
+
+
+@dataclass
+class JobResult:
+    """What a job produced. ``evaluation``: {"teacher", "student"} EvalResults ({} when not scored)."""
+
+    spec: JobSpec
+    loaded: LoadedModel
+    split: Split
+    compressed: CompressResult
+    accounting: Accounting
+    evaluation: dict = field(default_factory=dict)
+    export: Optional[ExportResult] = None
+    seconds: dict = field(default_factory=dict)
+
+    @property
+    def student(self):
+        return self.compressed.student
+
+    def manifest(self) -> dict:
+        """The caller's part of every export's ``lowrank.json``: job, source, plan, method, split,
+        metrics, per-matrix errors and parameter accounting (the one manifest builder)."""
+        ev = self.evaluation
+        return build_manifest(
+            source=self.loaded.name, fingerprint=self.loaded.fingerprint, plan=self.spec.plan,
+            method=self.spec.method.method, settings=self.spec.settings(), split=self.split.info,
+            teacher_metrics=ev.get("teacher"), student_metrics=ev.get("student"), job=self.spec.to_dict(),
+            layers=self.compressed.layers,
+            accounting={k: v for k, v in self.accounting.to_dict().items() if k != "matrices"})
+
+    def to_dict(self) -> dict:
+        """JSON-ready record (what ``compress --json`` and ``run --json`` print)."""
+        ev = {k: v.to_dict() for k, v in self.evaluation.items()}
+        t, s = ev.get("teacher"), ev.get("student")
+        c = self.compressed
+        return {"name": self.spec.name, "job": self.spec.to_dict(), "model": self.loaded.name,
+                "model_fingerprint": self.loaded.fingerprint, "dtype": self.loaded.dtype,
+                "device": self.loaded.device, "data": self.spec.data.source, "plan": self.spec.plan.to_dict(),
+                "method": self.spec.method.method, "params_before": c.params_before,
+                "params_after": c.params_after, "ratio": c.params_after / c.params_before,
+                "accounting": self.accounting.to_dict(), "split": self.split.info.to_dict(),
+                "teacher": t, "student": s, "teacher_loss": t["loss"] if t else None,
+                "student_loss": s["loss"] if s else None, "evaluation": ev, "compress": c.to_dict(),
+                "export": self.export.to_dict() if self.export is not None else None, "seconds": self.seconds}
+
+
+def _phase(progress: Progress, name: str) -> Progress:
+    return lambda done, total, message="": progress(done, total, f"{name}: {message}")
+
+
+class _Laps:
+    def __init__(self):
+        self.seconds: dict = {}
+        self.start = self.last = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self.last
+        self.last = now
+
+
+def dry_run(spec: JobSpec) -> Accounting:
+    """The plan's exact parameter accounting from the model's config alone (no weights loaded)."""
+    return account(load_config(spec.model.source), spec.plan, spec.method.method)
+
+
+def run_job(spec: JobSpec, progress: Optional[Progress] = None, log: Optional[Callable[[str], None]] = None,
+            loaded: Optional[LoadedModel] = None, split: Optional[Split] = None, evaluate: bool = True,
+            export: bool = True) -> JobResult:
+    """Run ``spec``: load (unless ``loaded``), split (unless ``split``: the app passes the ones it keeps),
+    compress, score teacher and student on the first ``spec.eval_examples`` of the split's evaluation
+    examples, export when ``spec.export`` is set (``evaluate`` / ``export`` False: leave those phases to
+    :func:`evaluate_job` / :func:`export_job`, as the app does). ``log(message)`` is told when each phase
+    starts. Everything checkable without weights is checked first."""
+    spec.validate()
+    progress, say = ensure_progress(progress), log or (lambda message: None)
+    laps = _Laps()
+    if loaded is None:
+        m = spec.model
+        say(f"loading model {m.source} ({m.dtype}, device {m.device})")
+        loaded = load_model(m.source, dtype=m.dtype, device=m.device)
+        laps("load")
+    accounting = account(loaded.model, spec.plan, spec.method.method)
+    if split is None:
+        d = spec.data
+        say(f"split of {d.source}: {d.calib} calibration / {d.eval} evaluation examples, seed {d.seed}")
+        split = make_split(d.source, n_calib=d.calib, n_eval=d.eval, n_val=d.val, seed=d.seed)
+        laps("data")
+    settings = spec.settings()
+    say(f"compressing {len(accounting.rows)} matrices with {settings.method}")
+    compressed = compress(loaded.model, loaded.tokenizer, spec.plan, split.calib, settings,
+                          progress=_phase(progress, "compress"))
+    laps("compress")
+    result = JobResult(spec, loaded, split, compressed, accounting, seconds=laps.seconds)
+    if evaluate and spec.eval_examples:
+        say(f"evaluating teacher and student on {spec.eval_examples} examples")
+        evaluate_job(result, progress=_phase(progress, "evaluate"))
+        laps("evaluate")
+    if export and spec.export is not None:
+        say(f"exporting {spec.export.format} to {spec.export.dir}")
+        export_job(result, spec.export, progress=_phase(progress, "export"))
+        laps("export")
+    laps.seconds["total"] = time.perf_counter() - laps.start
+    return result
+
+
+def evaluate_job(result: JobResult, n: Optional[int] = None, batch_size: Optional[int] = None,
+                 progress: Optional[Progress] = None) -> dict:
+    """Score teacher and student on the same batches of the first ``n`` (default ``spec.eval_examples``)
+    evaluation examples of the split (those whose prompt fills max_len are counted as skipped); stores
+    and returns {"teacher", "student"} EvalResults."""
+    spec = result.spec
+    batch_size = batch_size or spec.evaluate.batch_size or default_batch_size(result.loaded.device)
+    result.evaluation = evaluate_models({"teacher": result.loaded.model, "student": result.student},
+                                        result.loaded.tokenizer, result.split.eval[: n or spec.eval_examples],
+                                        batch_size=batch_size, max_len=eval_max_len(spec), progress=progress)
+    return result.evaluation
+
+
+def eval_max_len(spec: JobSpec) -> int:
+    return spec.evaluate.max_len or spec.method.max_len
+
+
+def export_job(result: JobResult, export: ExportSpec, progress: Optional[Progress] = None) -> ExportResult:
+    """Write the job's student with its manifest, verified on the first ``export.verify_examples``
+    evaluation examples; stores and returns the ExportResult."""
+    result.export = export_student(result.student, result.loaded.tokenizer, export.dir, export.format,
+                                   result.manifest(), force=export.force, verify=export.verify,
+                                   eval_examples=result.split.eval[: export.verify_examples] or None,
+                                   progress=progress)
+    return result.export
+
