@@ -85,6 +85,7 @@ class JobSpec:
 
     def __post_init__(self):
         self.plan = load_plan(self.plan)
+        self.method = self.settings()  # the derived fields (calibration size, seeds) follow the data section
 
     def settings(self) -> CompressSettings:
         """The compression settings with the data section's calibration size and seed."""
