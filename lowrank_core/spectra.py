@@ -223,3 +223,36 @@ def energy_rank_table(spectra: Iterable[Spectrum], fraction: float = 0.9, kind: 
                      "break_even_rank": s.break_even_rank, "rank_fraction": r / s.max_rank,
                      "saves": r < s.break_even_rank})
     return rows
+
+
+def spectrum_label(spectrum: Spectrum, kind: str) -> str:
+    """``"L17 activation-aware"`` / ``"lm_head weight"``: the legend name of one curve."""
+    where = "lm_head" if spectrum.layer is None else f"L{spectrum.layer}"
+    return f"{where} {'activation-aware' if kind == 'aware' else 'weight'}"
+
+
+def spectrum_curves(spectra: Iterable[Spectrum], kinds: Iterable[str]) -> tuple[dict, dict]:
+    """({label: singular values / the largest}, {label: cumulative energy}) for each spectrum and kind."""
+    curves, energies = {}, {}
+    for sp in spectra:
+        for kind in kinds:
+            values = sp.values(kind)
+            curves[spectrum_label(sp, kind)] = (values / values[0]).tolist() if values[0] > 0 else values.tolist()
+            energies[spectrum_label(sp, kind)] = sp.energy(kind).tolist()
+    return curves, energies
+
+
+def spectrum_rows(spectra: Iterable[Spectrum], rank: int, kinds: Iterable[str],
+                  levels: Iterable[float] = ENERGY_LEVELS) -> list[dict]:
+    """One row per spectrum and kind: energy kept at ``rank`` (capped at each matrix's max rank), the
+    relative output error it implies (activation-aware only: exact on the calibration tokens), the rank
+    needed for each energy level, break-even and max rank."""
+    rows = []
+    for sp in spectra:
+        for kind in kinds:
+            kept = float(sp.energy(kind)[min(int(rank), sp.max_rank) - 1])
+            rows.append({"matrix": sp.name, "spectrum": kind, "energy kept at rank": kept,
+                         "rel. output error at rank": (1 - kept) if kind == "aware" else None,
+                         **{f"rank for {lv:.0%}": sp.rank_for_energy(lv, kind) for lv in levels},
+                         "break-even rank": sp.break_even_rank, "max rank": sp.max_rank})
+    return rows

@@ -63,21 +63,9 @@ else:
     spectra = [spectra_mod.linear_spectrum(lm.model, li, gram=lazy(li) if aware else None,
                                            fingerprint=lm.fingerprint,
                                            gram_id=f"{gid}-{li.gram_key}" if aware else None) for li in chosen]
-    curves, energies, rows = {}, {}, []
     kinds = ("weight", "aware") if aware else ("weight",)
-    for sp in spectra:
-        label = "lm_head" if sp.layer is None else f"L{sp.layer}"
-        for kind in kinds:
-            values = sp.values(kind)
-            name = f"{label} {'activation-aware' if kind == 'aware' else 'weight'}"
-            curves[name] = (values / values[0]).tolist() if values[0] > 0 else values.tolist()
-            energies[name] = sp.energy(kind).tolist()
-            r = min(int(rank), sp.max_rank)
-            kept = float(sp.energy(kind)[r - 1])
-            rows.append({"matrix": sp.name, "spectrum": kind, "energy kept at rank": kept,
-                         "rel. output error at rank": (1 - kept) if kind == "aware" else None,
-                         **{f"rank for {lv:.0%}": sp.rank_for_energy(lv, kind) for lv in spectra_mod.ENERGY_LEVELS},
-                         "break-even rank": sp.break_even_rank, "max rank": sp.max_rank})
+    curves, energies = spectra_mod.spectrum_curves(spectra, kinds)
+    rows = spectra_mod.spectrum_rows(spectra, int(rank), kinds)
     info0 = chosen[0]
     title = f"{module} ({info0.out_features} x {info0.in_features}): singular values / the largest one"
     st.plotly_chart(charts.spectrum_figure(curves, energies, int(rank), info0.break_even_rank, title),
