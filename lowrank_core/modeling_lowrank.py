@@ -2,17 +2,21 @@
 
 ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`` finds this file through the
 ``auto_map`` entry of the export's ``config.json``. It depends on torch and transformers only (never on
-``lowrank_core``): the classes below subclass the base architecture's Hugging Face classes and, before
-any weight is loaded, swap every matrix listed in ``config.lowrank_ranks`` (``{module name: rank}``)
-for a :class:`LowRankLinear` whose ``down.weight [rank, in]`` and ``up.weight [out, rank]`` (and
-``up.bias``) are read from the export's safetensors.
+``lowrank_core``). The export writes a copy with the three ``BASE_*`` lines below set to the base
+architecture's model_type and transformers class names (from ``lowrank_core.arch``); the classes
+subclass those and, before any weight is loaded, swap every matrix listed in ``config.lowrank_ranks``
+(``{module name: rank}``) for a :class:`LowRankLinear` whose ``down.weight [rank, in]`` and
+``up.weight [out, rank]`` (and ``up.bias``) are read from the export's safetensors.
 """
 from __future__ import annotations
 
 import torch
+import transformers
 from torch import nn
-from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                          Qwen2ForCausalLM)
+
+BASE_MODEL_TYPE = "llama"
+BASE_CONFIG_CLASS = "LlamaConfig"
+BASE_MODEL_CLASS = "LlamaForCausalLM"
 
 
 class LowRankLinear(nn.Module):
@@ -51,33 +55,9 @@ class _LowRankMixin:
 
 
 # Extra config keys (``lowrank_ranks``, ``lowrank_base_model_type``) are kept as attributes by transformers.
-class LowRankLlamaConfig(LlamaConfig):
-    model_type = "lowrank_llama"
+class LowRankConfig(getattr(transformers, BASE_CONFIG_CLASS)):
+    model_type = "lowrank_" + BASE_MODEL_TYPE
 
 
-class LowRankMistralConfig(MistralConfig):
-    model_type = "lowrank_mistral"
-
-
-class LowRankQwen2Config(Qwen2Config):
-    model_type = "lowrank_qwen2"
-
-
-class LowRankLlamaForCausalLM(_LowRankMixin, LlamaForCausalLM):
-    config_class = LowRankLlamaConfig
-
-
-class LowRankMistralForCausalLM(_LowRankMixin, MistralForCausalLM):
-    config_class = LowRankMistralConfig
-
-
-class LowRankQwen2ForCausalLM(_LowRankMixin, Qwen2ForCausalLM):
-    config_class = LowRankQwen2Config
-
-
-# model_type of the base architecture -> (config class name, model class name) for ``auto_map``
-CLASS_NAMES = {
-    "llama": ("LowRankLlamaConfig", "LowRankLlamaForCausalLM"),
-    "mistral": ("LowRankMistralConfig", "LowRankMistralForCausalLM"),
-    "qwen2": ("LowRankQwen2Config", "LowRankQwen2ForCausalLM"),
-}
+class LowRankForCausalLM(_LowRankMixin, getattr(transformers, BASE_MODEL_CLASS)):
+    config_class = LowRankConfig

@@ -6,8 +6,10 @@ Sources:
 - a local Hugging Face folder (``config.json`` + weights), or a ``config.json`` file (config only);
 - a local ``.gguf`` file (dequantised on load);
 - a hub id such as ``Open-Orca/Mistral-7B-OpenOrca`` (needs network or a populated HF cache);
-- ``tiny``, ``tiny-llama``, ``tiny-mistral``, ``tiny-qwen2``: small random models with a byte-level
-  ChatML tokenizer, for tests and quick UI checks.
+- a factorized lowrank export (``config.json`` lists ``lowrank_ranks``): built with lowrank_core's own
+  ``LowRankLinear`` from safetensors, no remote code;
+- ``tiny`` (Llama) and ``tiny-<model_type>`` for every arch-table entry: small random models with a
+  byte-level ChatML tokenizer, for tests and quick UI checks.
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ import torch
 from torch import nn
 
 from .arch import ARCHS
+from .archmap import check_supported
+from .lowrank import LowRankLinear
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICES = ("auto", "cpu", "cuda")
@@ -229,15 +233,54 @@ def load_config(source: str = "default"):
                            f"a .gguf file, a hub id (org/name) or one of {', '.join(TINY_SOURCES)}")
 
 
-def _is_factorized_export(source: str) -> bool:
-    """A folder written by ``export.export_student(format="factorized")`` (its config lists ranks)."""
+def factorized_export_config(source) -> Optional[dict]:
+    """The ``config.json`` dict of a folder written as a factorized export (it lists ``lowrank_ranks``), else None."""
     config = Path(source).expanduser() / "config.json"
     if not config.is_file():
-        return False
+        return None
     try:
-        return "lowrank_ranks" in json.loads(config.read_text())
+        raw = json.loads(config.read_text())
     except (OSError, json.JSONDecodeError):
-        return False
+        return None
+    return raw if isinstance(raw, dict) and "lowrank_ranks" in raw else None
+
+
+def _factorized_model(folder: Path, raw: dict) -> nn.Module:
+    """The base architecture with a LowRankLinear for every entry of ``lowrank_ranks``, weights assigned as
+    stored (safetensors only, their dtype, CPU); tied embeddings are re-tied."""
+    from accelerate import init_empty_weights
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    raw = dict(raw)
+    ranks = raw.pop("lowrank_ranks")
+    base = raw.pop("lowrank_base_model_type", None)
+    if base is None:
+        raise ModelSourceError(f"{folder}/config.json lists lowrank_ranks but no lowrank_base_model_type")
+    for key in ("auto_map", "architectures", "model_type"):
+        raw.pop(key, None)
+    config = AutoConfig.for_model(base, **raw)
+    check_supported(config)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config)
+        for name, rank in ranks.items():
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            old = getattr(parent, child)
+            setattr(parent, child, LowRankLinear(old.in_features, old.out_features, rank, bias=old.bias is not None))
+    state: dict[str, torch.Tensor] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(str(path)))
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise ModelSourceError(f"{folder}: weights do not match the recorded ranks: missing {missing}, "
+                               f"unexpected {unexpected}")
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    if (folder / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(str(folder))
+    return model
 
 
 def load_model(source: str = "default", dtype: str = "float32", device: str = "auto") -> LoadedModel:
@@ -246,11 +289,11 @@ def load_model(source: str = "default", dtype: str = "float32", device: str = "a
 
     source = str(source)
     torch_dtype, dev = resolve_dtype(dtype), resolve_device(device)
-    if _is_factorized_export(source):
-        from .export import load_factorized
-
-        return load_factorized(source, dtype=dtype, device=str(dev))
-    if source in TINY_SOURCES:
+    factorized = factorized_export_config(source)
+    if factorized is not None:
+        folder = Path(source).expanduser()
+        model, tokenizer = _factorized_model(folder, factorized), AutoTokenizer.from_pretrained(str(folder))
+    elif source in TINY_SOURCES:
         model, tokenizer = tiny_model("llama" if source == "tiny" else source.split("-", 1)[1])
     else:
         path = Path(source).expanduser()
@@ -275,8 +318,6 @@ def load_model(source: str = "default", dtype: str = "float32", device: str = "a
             raise ModelSourceError(f"could not load model from {source!r}: {e}") from None
         if kw:  # a GGUF load: drop the quantisation marker so the model behaves like a dense one
             model.config.__dict__.pop("quantization_config", None)
-    from .archmap import check_supported
-
     check_supported(model.config)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

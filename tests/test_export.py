@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from lowrank_core import __version__, export
+from lowrank_core.arch import ARCHS
 from lowrank_core.archmap import count_parameters, linear_map
 from lowrank_core.decompose import svd_factors
 from lowrank_core.export import ExportError, ExportVerificationError, build_manifest, export_student, load_factorized
@@ -135,7 +136,9 @@ def test_factorized_export_reloads_both_ways_and_is_smaller(exported):
     config = json.loads((Path(fac.path) / "config.json").read_text())
     ranks = {n: a.rank for n, a in resolve_plan(load_plan(FACTORIZED_PLAN), linear_map(teacher)).items()}
     assert config["lowrank_ranks"] == ranks == fac.ranks and ranks["lm_head"] == 8
-    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_lowrank.LowRankLlamaForCausalLM"
+    assert config["auto_map"] == {"AutoConfig": "modeling_lowrank.LowRankConfig",
+                                  "AutoModelForCausalLM": "modeling_lowrank.LowRankForCausalLM"}
+    assert config["architectures"] == ["LowRankForCausalLM"] and config["model_type"] == "lowrank_llama"
     assert not any(n.endswith((".bin", ".pt", ".pkl")) for n in os.listdir(fac.path))
 
     loaded = load_factorized(fac.path)
@@ -143,21 +146,51 @@ def test_factorized_export_reloads_both_ways_and_is_smaller(exported):
     assert count_parameters(loaded.model) == expected_params == fac.parameters
     assert lm_loss(loaded.model, ids) == pytest.approx(lm_loss(student, ids), abs=1e-5)
 
-    assert out["fac"]["class"] == "LowRankLlamaForCausalLM" and not out["lowrank_loaded"]
+    assert out["fac"]["class"] == "LowRankForCausalLM" and not out["lowrank_loaded"]
     assert out["fac"]["params"] == expected_params
     assert out["fac"]["loss"] == pytest.approx(lm_loss(student, ids), abs=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+@pytest.mark.parametrize("arch", list(ARCHS))
 def test_factorized_roundtrip_other_architectures(tmp_path, ids, arch):
-    """Mistral (untied head) and Qwen2 (q/k/v biases -> up.bias) reload through the remote-code path."""
+    """Every arch-table entry (e.g. Mistral: untied head, Qwen2: q/k/v biases -> up.bias) reloads through
+    the remote-code path, whose modeling file subclasses the entry's transformers classes."""
     teacher, tok = tiny_model(arch)
     student = make_student(teacher, "attn:r4; 1:mlp:r4")
     result = export_student(student, tok, tmp_path / arch, "factorized")
     assert result.verified and result.max_logit_diff < 1e-5
+    spec = ARCHS[arch]
+    modeling = (tmp_path / arch / "modeling_lowrank.py").read_text()
+    for line in (f'BASE_MODEL_TYPE = "{arch}"', f'BASE_CONFIG_CLASS = "{spec.hf_config}"',
+                 f'BASE_MODEL_CLASS = "{spec.hf_model}"'):
+        assert line in modeling.splitlines()
+    assert "lowrank_core" not in modeling.split('"""', 2)[2]  # no import of lowrank_core below the docstring
+    config = json.loads((tmp_path / arch / "config.json").read_text())
+    assert config["model_type"] == "lowrank_" + arch and config["lowrank_base_model_type"] == arch
     loaded = load_factorized(tmp_path / arch)
     assert lm_loss(loaded.model, ids) == pytest.approx(lm_loss(student, ids), abs=1e-5)
     assert count_parameters(loaded.model) == account(teacher.config, "attn:r4; 1:mlp:r4").compressed
+
+
+def test_unsupported_model_type_is_named(tmp_path):
+    """A factorized export of a model outside the arch table fails before anything is written."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=259, n_positions=64)).eval()
+    with pytest.raises(ExportError, match="'gpt2'.*" + ", ".join(ARCHS)):
+        export_student(model, None, tmp_path / "x", "factorized")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_modeling_template_lines_are_checked(tmp_path, monkeypatch):
+    """The modeling file is written only if its three BASE_* lines are found (a plain text substitution)."""
+    from lowrank_core.export import write
+
+    template = tmp_path / "modeling_lowrank.py"
+    template.write_text(write.MODELING_TEMPLATE.read_text().replace('BASE_CONFIG_CLASS = "LlamaConfig"', ""))
+    monkeypatch.setattr(write, "MODELING_TEMPLATE", template)
+    with pytest.raises(ExportError, match="BASE_CONFIG_CLASS"):
+        write.modeling_source(ARCHS["mistral"])
 
 
 def test_sharded_dense_export_reloads(tmp_path, ids):
@@ -245,7 +278,7 @@ def test_failed_verification_raises_and_leaves_nothing(tmp_path, monkeypatch):
             model.model.layers[1].mlp.down_proj.weight.mul_(3.0)
         return model, info
 
-    monkeypatch.setattr(export, "reload_export", corrupted)
+    monkeypatch.setattr("lowrank_core.export.verify.reload_export", corrupted)
     with pytest.raises(ExportVerificationError, match="logit"):
         export_student(student, tok, tmp_path / "new", "dense")
     with pytest.raises(ExportVerificationError):
@@ -258,14 +291,14 @@ def test_missing_weights_fail_verification(tmp_path, monkeypatch):
     """A writer that drops a tensor is caught by the reload's missing keys, not silently re-initialised."""
     teacher, tok = tiny_model("mistral")
     student = make_student(teacher, DENSE_PLAN)
-    real = export._factorized_tensors
+    real = export.write._factorized_tensors
 
     def dropping(model):
         tensors = real(model)
         tensors.pop("model.layers.0.mlp.down_proj.down.weight")
         return tensors
 
-    monkeypatch.setattr(export, "_factorized_tensors", dropping)
+    monkeypatch.setattr("lowrank_core.export.write._factorized_tensors", dropping)
     with pytest.raises(ExportVerificationError, match="missing"):
         export_student(student, tok, tmp_path / "x", "factorized")
     assert list(tmp_path.iterdir()) == []

@@ -1,6 +1,9 @@
 """Model sources: tiny models, error messages, the embedded default (integration)."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -63,11 +66,12 @@ def test_embedded_default(embedded):
 
 
 def test_factorized_export_is_a_model_source(tmp_path, tiny):
-    """``load_model(<factorized export>)`` goes through export.load_factorized: same logits, fewer params."""
+    """``load_model(<factorized export>)`` builds the LowRankLinear model itself: same logits, fewer params."""
     from test_export import make_student
 
     from lowrank_core.archmap import count_parameters
     from lowrank_core.export import export_student
+    from lowrank_core.lowrank import LowRankLinear
 
     teacher, tok = tiny
     student = make_student(teacher, "mlp:r4")
@@ -77,3 +81,12 @@ def test_factorized_export_is_a_model_source(tmp_path, tiny):
     with torch.no_grad():
         assert torch.allclose(loaded.model(ids).logits, student(ids).logits, atol=1e-5)
     assert count_parameters(loaded.model) == count_parameters(student) < count_parameters(teacher)
+    assert isinstance(loaded.model.model.layers[0].mlp.down_proj, LowRankLinear)
+
+
+def test_models_does_not_import_export():
+    """The dependency goes one way: export.load uses models, models never imports export."""
+    code = ("import sys, lowrank_core.models; "
+            "assert not [m for m in sys.modules if m.startswith('lowrank_core.export')], sorted(sys.modules); "
+            "import lowrank_core.export")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=120)

@@ -1,0 +1,18 @@
+"""Exporting a compressed student, one job per module (dependencies point downwards only):
+
+- :mod:`.write`: tensors, configs, modeling file and safetensors shards of a ``dense`` or ``factorized``
+  export, and :func:`export_student` (write into a temporary sibling -> verify -> move into place);
+- :mod:`.verify`: reload an export as a user would and compare it with the in-memory student;
+- :mod:`.manifest`: ``lowrank.json`` (what was compressed, how, with what result);
+- :mod:`.load`: load a factorized export with lowrank_core's own ``LowRankLinear``;
+- :mod:`.common`: ``ExportError``, ``FORMATS``, finding a student's low-rank modules.
+"""
+from .common import FORMATS, ExportError, low_rank_modules
+from .load import load_factorized
+from .manifest import MANIFEST, build_manifest, read_manifest
+from .verify import ExportVerificationError, reload_export, verify_export
+from .write import ExportResult, check_target, export_student, write_export
+
+__all__ = ["FORMATS", "MANIFEST", "ExportError", "ExportResult", "ExportVerificationError", "build_manifest",
+           "check_target", "export_student", "load_factorized", "low_rank_modules", "read_manifest",
+           "reload_export", "verify_export", "write_export"]
