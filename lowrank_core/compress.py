@@ -58,7 +58,7 @@ class CompressSettings:
     """How to compress (defaults here only: CLI flags and recipe keys are derived from these fields)."""
 
     method: str = option("whitened", choices=methods.names, flag="--method", key="name",
-                         help="method for rules that name none: " + methods.help_text())
+                         help=lambda: "method for rules that name none: " + methods.help_text())
     calib: int = option(64, derived=True, help="calibration examples used (the first calib given)")
     max_len: int = option(512, minimum=8, help="tokens per calibration example (prompt + answer)")
     batch_size: int = option(4, minimum=1, help="calibration batch size (sequences)")

@@ -23,7 +23,7 @@ class OptionError(ValueError):
     """A value that does not fit its option; the message starts with the key path."""
 
 
-def option(default: Any = MISSING, *, help: str = "", choices: Union[tuple, Callable[[], tuple], None] = None,
+def option(default: Any = MISSING, *, help: Union[str, Callable[[], str]] = "", choices: Union[tuple, Callable[[], tuple], None] = None,
            minimum: Optional[float] = None, pattern: Optional[str] = None, flag: Optional[str] = None,
            key: Optional[str] = None, derived: bool = False, default_factory: Any = MISSING):
     """A dataclass field with the metadata that CLI flags and recipe keys are derived from.
@@ -48,7 +48,7 @@ class Option:
     types: tuple                 # accepted Python types (bool never counts as int)
     optional: bool               # None is accepted
     default: Any                 # REQUIRED when the field has no default
-    help: str
+    help: Union[str, Callable[[], str]]  # a callable is evaluated when the flag is built (e.g. a registry)
     choices_spec: Any
     minimum: Optional[float]
     pattern: Optional[str]
@@ -135,7 +135,8 @@ def add_arguments(parser, cls, section: str, prefix: str = "", optional: bool = 
             add_arguments(parser, opt.nested, dest, f"{prefix}{opt.name.replace('_', '-')}-", optional)
             continue
         shown = "" if opt.default in (REQUIRED, None) or isinstance(opt.default, bool) else f" (default: {opt.default})"
-        kw: dict = {"dest": dest, "help": (opt.help + shown) or None}
+        text = opt.help() if callable(opt.help) else opt.help
+        kw: dict = {"dest": dest, "help": (text + shown) or None}
         if bool not in opt.types:
             kw["metavar"] = opt.name.upper()
         if bool in opt.types:

@@ -320,10 +320,10 @@ def test_compress_cli_exports(tmp_path, capsys):
             "--max-len", "256", "--export", str(target), "--format", "factorized", "--json"]
     assert main(argv) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["export_dir"] == str(target) and summary["verified"] is True
+    assert summary["export"]["path"] == str(target) and summary["export"]["verified"] is True
     assert summary["export"]["parameters"] == summary["params_after"]
     m = export.read_manifest(target)
-    assert m["format"] == "factorized" and m["split"] == summary["split_info"]
+    assert m["format"] == "factorized" and m["split"] == summary["split"]
     assert m["metrics"]["student"]["loss"] == summary["student_loss"]
     assert main(argv) == 2  # refused before any work: the folder exists
     assert "already exists" in capsys.readouterr().err
