@@ -141,7 +141,7 @@ def test_defaults_live_in_the_dataclasses(tmp_path):
 
 @pytest.mark.parametrize("argv,message", [
     (["--calib", "0"], "--calib: 0 is below the minimum 1"),
-    (["--format", "dense"], "--format need(s) --export DIR"),
+    (["--format", "dense"], "export options --format need --export DIR"),
     (["--device", "tpu"], "--device: 'tpu' is not one of auto, cpu, cuda or cuda"),
 ])
 def test_bad_flags_fail_before_any_work(argv, message, capsys):

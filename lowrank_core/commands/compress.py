@@ -31,7 +31,7 @@ def job_from_args(args) -> JobSpec:
     if hasattr(args, "export__dir"):
         export = from_args(ExportSpec, args, "export")
     elif given(ExportSpec, args, "export"):
-        raise CliError(f"{', '.join(given(ExportSpec, args, 'export'))} need(s) --export DIR")
+        raise CliError(f"export options {', '.join(given(ExportSpec, args, 'export'))} need --export DIR")
     spec = JobSpec(plan=args.plan, model=from_args(ModelSpec, args, "model"), data=from_args(DataSpec, args, "data"),
                    method=from_args(CompressSettings, args, "method"), evaluate=from_args(EvalSpec, args, "evaluate"),
                    export=export, name="compress")
