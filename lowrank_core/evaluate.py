@@ -22,7 +22,6 @@ from .layerwise import model_device
 from .progress import Progress, ensure_progress
 
 
-
 @dataclass
 class EvalResult:
     loss: float             # mean answer-token cross-entropy, nats
@@ -43,17 +42,29 @@ def default_batch_size(device) -> int:
     return 8 if str(device).startswith("cuda") else 1
 
 
-def _answer_logits(model: nn.Module, input_ids, attention_mask, position_ids, selected) -> torch.Tensor:
-    """Logits [n_selected, vocab] at the positions ``selected`` [B, T-1] (those predicting answer tokens)."""
-    spec = arch_of(model, strict=False)
-    if spec is not None and spec.plain_head:  # logits = head(last hidden): the head runs on answer tokens only
-        decoder, head = spec.decoder_of(model), spec.head_of(model)
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         use_cache=False).last_hidden_state
-        return head(hidden[:, :-1][selected])
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   use_cache=False).logits
-    return logits[:, :-1][selected]
+def answer_loss_from_hidden(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+    """(Σ cross-entropy over answer tokens in float64, number of answer tokens) from final hidden states.
+
+    ``hidden`` [B, T, H]: the decoder's last hidden states, after the final norm; ``labels`` [B, T]: the
+    batch's labels (``IGNORE_INDEX`` outside answers; token t is predicted from position t-1). The
+    model's head (from the arch table) runs on the answer positions only. Shared by
+    :func:`answer_loss_sum` and rank allocation's suffix loss, so both score exactly the same way.
+    """
+    spec = arch_of(model)
+    if not spec.plain_head:
+        raise ValueError(f"{spec.model_type}: logits are not head(last hidden state); score through the model")
+    targets = labels[:, 1:].to(hidden.device)
+    selected = targets != IGNORE_INDEX
+    n = int(selected.sum())
+    if n == 0:
+        return 0.0, 0
+    logits = spec.head_of(model)(hidden[:, :-1][selected])
+    return _cross_entropy_sum(logits, targets[selected]), n
+
+
+def _cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """Σ per-token cross-entropy (computed in float32, summed in float64)."""
+    return float(F.cross_entropy(logits.float(), targets, reduction="none").double().sum())
 
 
 def answer_loss_sum(model: nn.Module, batch: dict) -> tuple[float, int]:
@@ -65,7 +76,8 @@ def answer_loss_sum(model: nn.Module, batch: dict) -> tuple[float, int]:
     device = model_device(model)
     input_ids = batch["input_ids"].to(device)
     attention_mask = batch["attention_mask"].to(device)
-    targets = batch["labels"].to(device)[:, 1:]
+    labels = batch["labels"].to(device)
+    targets = labels[:, 1:]
     selected = targets != IGNORE_INDEX
     n = int(selected.sum())
     if n == 0:
@@ -73,9 +85,14 @@ def answer_loss_sum(model: nn.Module, batch: dict) -> tuple[float, int]:
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     if bool(attention_mask.all()):  # no padding: let the model take its plain causal path
         attention_mask = None
-    logits = _answer_logits(model, input_ids, attention_mask, position_ids, selected)
-    losses = F.cross_entropy(logits.float(), targets[selected], reduction="none")
-    return float(losses.double().sum()), n
+    spec = arch_of(model, strict=False)
+    if spec is not None and spec.plain_head:  # logits = head(last hidden): the head runs on answer tokens only
+        hidden = spec.decoder_of(model)(input_ids=input_ids, attention_mask=attention_mask,
+                                        position_ids=position_ids, use_cache=False).last_hidden_state
+        return answer_loss_from_hidden(model, hidden, labels)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   use_cache=False).logits
+    return _cross_entropy_sum(logits[:, :-1][selected], targets[selected]), n
 
 
 def evaluate_models(models: dict, tokenizer, examples: Iterable[Example], n: Optional[int] = None,

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from lowrank_core.allocate import (BudgetError, MatrixProfile, SearchSettings, allocate, build_profile,
-                                   candidate_ranks, error_curve, greedy_path, parse_budget, plan_from_ranks)
+                                   candidate_ranks, error_curve, greedy_path, low_rank_module, parse_budget,
+                                   plan_from_ranks)
 from lowrank_core.archmap import LinearInfo, count_parameters, linear_map
 from lowrank_core.compress import CompressSettings, compress
 from lowrank_core.data import iter_batches, make_split
@@ -95,18 +96,27 @@ def test_candidates_save_parameters():
 
 @pytest.mark.parametrize("shape", [(24, 40), (40, 24)])
 def test_whitened_basis_matches_decompose(shape):
-    from lowrank_core.allocate import WhitenedBasis
-    from lowrank_core.decompose import whitened_factors, whitened_singular_values, whitening
+    """Allocation solves each matrix once with the whitened method's basis (the one solver): its spectrum
+    is the whitened singular values and its factors at any rank are bit-identical to compression's."""
+    from lowrank_core import methods
+    from lowrank_core.decompose import WhitenedBasis, whitened_factors, whitened_singular_values, whitening
+    from lowrank_core.lowrank import LowRankLinear
 
     g = torch.Generator().manual_seed(0)
     W = torch.randn(*shape, generator=g)
     X = torch.randn(200, shape[1], generator=g, dtype=torch.float64)
     wh = whitening(X.T @ X)
-    basis = WhitenedBasis(W, wh)
+    basis = methods.get("whitened").basis(W, wh)
+    assert isinstance(basis, WhitenedBasis)
     assert torch.allclose(basis.values, whitened_singular_values(W, wh), rtol=1e-8, atol=1e-8)
+    linear = torch.nn.Linear(shape[1], shape[0], bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(W)
     for r in (1, 7, 20):
-        mine, ref = basis.factors(W, wh, r), whitened_factors(W, wh, r)
+        mine, ref = basis.factors(W, r), whitened_factors(W, wh, r)
         assert torch.equal(mine.up, ref.up) and torch.equal(mine.down, ref.down)
+        module, expected = low_rank_module(linear, basis, r), LowRankLinear.from_factors(ref, dtype=W.dtype)
+        assert all(torch.equal(a, b) for a, b in zip(module.state_dict().values(), expected.state_dict().values()))
 
 
 def _profile(name, layer, sens, errors, cands):
@@ -133,7 +143,7 @@ def test_greedy_takes_best_ratio_first_and_skips_a_bad_intermediate_rank():
 
 
 def test_probes_that_lower_the_loss_get_a_median_sensitivity():
-    from lowrank_core.allocate import _set_sensitivities
+    from lowrank_core.allocate.profile import _set_sensitivities
 
     errors = [1.0, 0.5, 0.25, 0.0]
     ps = [_profile("up_proj", i, 0.0, errors, [2, 1]) for i in range(4)]
@@ -191,14 +201,32 @@ def test_matrix_probe_measures_each_matrix_alone(trained, split, settings, profi
 
 
 def test_verification_backs_off_when_the_prediction_is_optimistic(trained, split, profile, binding):
+    """A profile whose prediction is optimistic by construction: every sensitivity so small that the
+    predicted Δloss of the WHOLE path is below the budget, while the budget (``binding``) is a third of
+    the measured Δloss of compressing everything. The first prefix verified is then the whole path,
+    measured over budget whatever the numbers, and the search must back off to a prefix within budget
+    (at worst prefix 0, the teacher)."""
+    from dataclasses import replace
+
     optimistic = copy.copy(profile)
+    optimistic.settings = replace(profile.settings, max_verify=8)
     optimistic.matrices = {n: copy.copy(p) for n, p in profile.matrices.items()}
+    tiny = binding / (2 * len(optimistic.matrices))   # err <= 1: whole-path prediction <= binding / 2
     for p in optimistic.matrices.values():
-        p.sensitivity /= 1000.0
+        p.sensitivity = tiny
+    steps = greedy_path(optimistic.matrices)
+    assert steps and steps[-1].predicted < binding, "premise: the whole path is predicted within budget"
+
     result = _alloc(trained, split, optimistic, budget=binding)
-    assert any(not v["ok"] for v in result.verified), "the optimistic prefix must fail verification"
+    assert result.path_length == len(steps)
+    whole = next(v for v in result.verified if v["steps"] == result.path_length)   # verified first
+    assert whole["delta"] == pytest.approx(3 * binding) and not whole["ok"]
+    assert any(not v["ok"] for v in result.verified)
     assert result.val_loss - result.teacher_loss <= result.budget
     assert result.steps < max(v["steps"] for v in result.verified)
+    assert result.steps < result.path_length and result.predicted_delta < binding
+    # the returned plan is the student that was measured: a verified prefix within budget, or the teacher
+    assert result.steps == 0 or next(v for v in result.verified if v["steps"] == result.steps)["ok"]
 
 
 def test_plan_is_valid_and_params_match(trained, split, profile, binding):

@@ -98,6 +98,28 @@ def test_batched_equals_unbatched(arch):
     assert abs(generic.loss - one.loss) < 1e-4
 
 
+def test_loss_from_final_hidden_states_is_the_one_answer_loss(tiny):
+    """``answer_loss_from_hidden`` (head on final-norm hidden states; rank allocation scores with it too)
+    is what ``answer_loss_sum`` returns, and equals CE over the full logits at answer positions."""
+    from lowrank_core.evaluate import answer_loss_from_hidden, answer_loss_sum
+
+    model, tok = tiny
+    batch = next(data.iter_batches(tok, varied_examples()[:4], 4, 512))
+    with torch.no_grad():
+        position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             position_ids=position_ids).last_hidden_state
+        total, n = answer_loss_from_hidden(model, hidden, batch["labels"])
+        assert (total, n) == answer_loss_sum(model, batch)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=position_ids).logits[:, :-1]
+    targets = batch["labels"][:, 1:]
+    assert n == int((targets != -100).sum()) > 0
+    expected = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+    assert total == pytest.approx(float(expected), rel=1e-5)
+    assert answer_loss_from_hidden(model, hidden, torch.full_like(batch["labels"], -100)) == (0.0, 0)
+
+
 def test_streams_a_generator_and_stops_at_n(tiny):
     model, tok = tiny
     pulled = []

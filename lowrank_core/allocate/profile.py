@@ -1,0 +1,281 @@
+"""Per-matrix profiles: exact error curves and measured sensitivities, computed once per search.
+
+- **Spectra, exact and free.** The whitened singular values ``s`` of each matrix (``W·L``, ``L Lᵀ = G``
+  the calibration Gram; the ``whitened`` method's :class:`~lowrank_core.decompose.WhitenedBasis`) give its
+  relative output error at every rank without a forward pass: ``err(r) = Σ_{j>r} s_j² / Σ s_j²``.
+- **Sensitivity, measured.** On a validation split carved from the calibration side (never the
+  evaluation split) each matrix is compressed alone to a probe rank and the validation answer loss is
+  measured (``probe="matrix"``: the decoder suffix is run for every matrix; ``probe="layer"``: one suffix
+  run per decoder layer with all its matrices compressed gives the layer's loss per unit of
+  layer-output error, and each matrix's own layer-output error — one layer of compute — splits it).
+  ``sensitivity = Δloss(probe) / err(probe)``, so the predicted ``Δloss_i(r) = sensitivity_i · err_i(r)``
+  (additive across matrices; second order in the perturbation, hence linear in ``err``). A probe that
+  does not raise the loss is treated as noise, not as a free step: it gets its module type's median.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+from .. import methods
+from ..arch import arch_of
+from ..archmap import ATTN_MODULES, MLP_MODULES, LinearInfo, linear_map
+from ..calibrate import collect_grams
+from ..compress import CompressSettings, calibration_data
+from ..data import IGNORE_INDEX, encode_example, end_of_turn_id, iter_batches
+from ..decompose import Whitening, WhitenedBasis, whitening
+from ..evaluate import answer_loss_from_hidden
+from ..layerwise import LayerInputs, capture_layer_inputs, masked_square_error, run_layer
+from ..lowrank import LowRankLinear
+from ..plan import rank_for_keep
+from ..progress import Progress, ensure_progress
+from ..student import build_student
+
+DEFAULT_KEEPS = (0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
+PROBES = ("layer", "matrix")
+ELIGIBLE = ATTN_MODULES + MLP_MODULES
+
+
+@dataclass
+class SearchSettings:
+    """``keeps``: candidate keep fractions per matrix (``rank = floor(keep·out·in/(out+in))``), or
+    ``ranks``: explicit candidate ranks (either way only ranks that save parameters survive);
+    ``modules``: eligible short names; ``probe_keep``: the probe rank's keep fraction; ``probe``:
+    ``layer`` (cheap) or ``matrix`` (one suffix pass per matrix); ``val_batch_size``/``val_max_len``:
+    validation batches; ``max_verify``: forward passes spent verifying; ``compression``: calibration
+    settings shared with :func:`~lowrank_core.compress.compress` (same Grams, hence the same student)."""
+
+    keeps: Sequence[float] = DEFAULT_KEEPS
+    ranks: Optional[Sequence[int]] = None
+    modules: Sequence[str] = ELIGIBLE
+    probe_keep: float = 0.5
+    probe: str = "layer"
+    val_batch_size: int = 8
+    val_max_len: int = 256
+    max_verify: int = 8
+    refit: bool = False
+    compression: CompressSettings = field(default_factory=CompressSettings)
+
+    def validate(self) -> None:
+        if self.probe not in PROBES:
+            raise ValueError(f"unknown probe {self.probe!r}; allowed: {', '.join(PROBES)}")
+        if not 0 < self.probe_keep < 1:
+            raise ValueError(f"probe_keep {self.probe_keep!r} must be in (0, 1)")
+        if self.ranks is None and (not self.keeps or any(not 0 < k < 1 for k in self.keeps)):
+            raise ValueError(f"keeps {list(self.keeps)!r} must be a non-empty list of fractions in (0, 1)")
+        if self.ranks is not None and (not self.ranks or any(int(r) < 1 for r in self.ranks)):
+            raise ValueError(f"ranks {list(self.ranks)!r} must be a non-empty list of integers >= 1")
+        bad = [m for m in self.modules if m not in ELIGIBLE]
+        if bad or not self.modules:
+            raise ValueError(f"modules {list(self.modules)!r}: allowed {', '.join(ELIGIBLE)}")
+        for name in ("val_batch_size", "val_max_len", "max_verify"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer")
+        self.compression.validate()
+
+
+@dataclass
+class MatrixProfile:
+    """One matrix: its candidate ranks (descending), exact relative output error per rank, sensitivity."""
+
+    info: LinearInfo
+    candidates: list[int]          # ranks strictly below break-even, descending
+    errors: list[float]            # err(r) for r = 0 .. len(s)  (err[0] = 1)
+    probe_rank: int = 0
+    probe_delta: float = 0.0       # measured (or layer-split) Δ validation loss at probe_rank, nats
+    sensitivity: float = 0.0       # nats per unit of relative output error (> 0)
+    imputed: bool = False          # the probe did not raise the loss: a median sensitivity stands in
+
+    def error(self, rank: Optional[int]) -> float:
+        return 0.0 if rank is None else self.errors[min(rank, len(self.errors) - 1)]
+
+    def params(self, rank: Optional[int]) -> int:
+        return self.info.params if rank is None else self.info.factor_params(rank)
+
+    def predicted(self, rank: Optional[int]) -> float:
+        return self.sensitivity * self.error(rank)
+
+    def row(self) -> dict:
+        return {"name": self.info.name, "layer": self.info.layer, "module": self.info.module,
+                "probe_rank": self.probe_rank, "probe_error": self.error(self.probe_rank),
+                "probe_delta": self.probe_delta, "sensitivity": self.sensitivity, "imputed": self.imputed}
+
+
+def candidate_ranks(info: LinearInfo, settings: SearchSettings) -> list[int]:
+    """Distinct ranks >= 1 whose factors save parameters (``r·(in+out) < out·in``), descending."""
+    raw = settings.ranks if settings.ranks is not None else [rank_for_keep(info, k) for k in settings.keeps]
+    ok = {int(r) for r in raw if 1 <= int(r) <= info.max_rank and info.factor_params(int(r)) < info.params}
+    return sorted(ok, reverse=True)
+
+
+def error_curve(s: torch.Tensor) -> list[float]:
+    """err(r) = Σ_{j>r} s_j² / Σ s_j² for r = 0 .. len(s)."""
+    e = s.double().pow(2).flip(0).cumsum(0).flip(0)
+    total = float(e[0]) if len(e) else 0.0
+    if total <= 0:
+        return [0.0] * (len(s) + 1)
+    return [float(v) / total for v in e] + [0.0]
+
+
+@dataclass
+class Profile:
+    """Everything the search needs, computed once per (teacher, calibration, validation):
+    matrix profiles, whitened calibration Grams (one per input), each matrix's solved whitened basis,
+    the captured validation inputs and the teacher's loss on them."""
+
+    matrices: dict[str, MatrixProfile]
+    whitenings: dict[str, Whitening]
+    bases: dict[str, WhitenedBasis]
+    val_inputs: LayerInputs
+    val_batches: list[dict]
+    teacher_loss: float
+    val_examples: int
+    val_tokens: int            # answer tokens scored on the validation split
+    timings: dict[str, float]
+    settings: SearchSettings
+
+
+def low_rank_module(linear, basis: WhitenedBasis, rank: int) -> LowRankLinear:
+    """Whitened rank-``rank`` replacement of ``linear`` (the weight ``basis`` was solved for), on its
+    device and dtype: the factors :func:`~lowrank_core.compress.compress` builds, bit for bit."""
+    W = linear.weight.detach()
+    return LowRankLinear.from_factors(basis.factors(W, rank, linear.bias), dtype=W.dtype).to(W.device)
+
+
+@torch.no_grad()
+def suffix_loss(model, inputs: LayerInputs, batches: list[dict], start: int, hidden: list[torch.Tensor]) -> float:
+    """Mean answer loss when ``hidden`` enters decoder layer ``start`` of ``model`` (layers run to the end,
+    then the final norm, then :func:`~lowrank_core.evaluate.answer_loss_from_hidden`: the evaluation's loss)."""
+    spec = arch_of(model)
+    layers = spec.decoder_layers(model)
+    for i in range(start, len(layers)):
+        hidden = run_layer(layers[i], inputs, i, hidden=hidden)
+    norm = spec.final_norm(model)
+    total, tokens = 0.0, 0
+    for h, batch in zip(hidden, batches):
+        loss_sum, n = answer_loss_from_hidden(model, norm(h), batch["labels"])
+        total, tokens = total + loss_sum, tokens + n
+    if tokens == 0:
+        raise ValueError("the validation batches hold no answer tokens; raise val_max_len or add examples")
+    return total / tokens
+
+
+def fitting_examples(tokenizer, examples, n: int, max_len: int, min_answer: int = 16) -> list:
+    """The first ``n`` examples that keep at least ``min_answer`` answer tokens (or their whole answer)
+    within ``max_len`` tokens: long prompts would otherwise be dropped and leave a tiny validation set."""
+    eot, out = end_of_turn_id(tokenizer), []
+    for ex in examples:
+        enc = encode_example(tokenizer, ex, max_len, end_of_turn=eot)
+        if enc is not None and (enc.answer_tokens >= min_answer or len(enc.input_ids) < max_len):
+            out.append(ex)
+            if len(out) == n:
+                break
+    return out
+
+
+def build_profile(teacher, tokenizer, calib_examples, val_examples, settings: Optional[SearchSettings] = None,
+                  progress: Optional[Progress] = None) -> Profile:
+    """Grams, exact error curves and measured sensitivities of every eligible matrix (see module doc)."""
+    settings = settings or SearchSettings()
+    settings.validate()
+    progress = ensure_progress(progress)
+    timings = {}
+    t0 = time.perf_counter()
+    infos = [li for li in linear_map(teacher) if li.layer is not None and li.module in settings.modules]
+    fit = calibration_data(tokenizer, calib_examples, settings.compression).fit  # compress's fit batches
+    if not fit:
+        raise ValueError("rank allocation needs at least one calibration example")
+    grams = collect_grams(teacher, fit, infos, progress=progress)
+    whitenings = {key: whitening(stats) for key, stats in grams.items()}
+    del grams
+    timings["calibration"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    modules = dict(teacher.named_modules())
+    solver = methods.get("whitened")
+    matrices, bases = {}, {}
+    for k, li in enumerate(infos):
+        cands = candidate_ranks(li, settings)
+        if not cands:
+            continue
+        bases[li.name] = basis = solver.basis(modules[li.name].weight, whitenings[li.gram_key])
+        probe = max(1, min(rank_for_keep(li, settings.probe_keep), cands[0]))
+        matrices[li.name] = MatrixProfile(li, cands, error_curve(basis.values), probe_rank=probe)
+        progress(k + 1, len(infos), f"spectrum {li.name}")
+    timings["spectra"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    batches = list(iter_batches(tokenizer, val_examples, settings.val_batch_size, settings.val_max_len))
+    if not batches:
+        raise ValueError("rank allocation needs at least one validation example that fits val_max_len")
+    inputs = capture_layer_inputs(teacher, batches)
+    teacher_loss = suffix_loss(teacher, inputs, batches, 0, inputs.hidden)
+    _probe(teacher, matrices, bases, inputs, batches, teacher_loss, settings.probe, progress)
+    timings["sensitivity"] = time.perf_counter() - t0
+    tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+    return Profile(matrices, whitenings, bases, inputs, batches, teacher_loss, sum(len(b["input_ids"]) for b in batches),
+                   tokens, timings, settings)
+
+
+def _probe(teacher, matrices, bases, inputs, batches, teacher_loss, mode, progress) -> None:
+    """Fill ``probe_delta`` and ``sensitivity`` of every profile, walking the decoder layer by layer."""
+    spec = arch_of(teacher)
+    layers = spec.decoder_layers(teacher)
+    modules = dict(teacher.named_modules())
+    hidden = inputs.hidden
+    rates: dict[int, float] = {}      # layer mode: Δloss per unit of squared layer-output error
+    local: dict[str, float] = {}      # squared layer-output error with one matrix at its probe rank
+    for i, layer in enumerate(layers):
+        prefix = spec.layer_prefix(i)
+        mine = [m for m in matrices.values() if m.info.layer == i]
+        out_t = run_layer(layer, inputs, i, hidden=hidden)
+        if mine:
+            reps = {m.info.name[len(prefix):]: low_rank_module(modules[m.info.name], bases[m.info.name], m.probe_rank)
+                    for m in mine}
+            for m in mine:
+                rel = m.info.name[len(prefix):]
+                out = run_layer(build_student(layer, {rel: reps[rel]}), inputs, i, hidden=hidden)
+                local[m.info.name] = _square_error(out, out_t, inputs)
+                if mode == "matrix":
+                    m.probe_delta = suffix_loss(teacher, inputs, batches, i + 1, out) - teacher_loss
+            if mode == "layer":
+                out = run_layer(build_student(layer, reps), inputs, i, hidden=hidden)
+                joint = _square_error(out, out_t, inputs)
+                delta = suffix_loss(teacher, inputs, batches, i + 1, out) - teacher_loss
+                rates[i] = delta / joint if joint > 0 and delta > 0 else math.nan
+        hidden = out_t
+        progress(i + 1, len(layers), f"sensitivity layer {i}")
+    if mode == "layer":
+        fallback = _median([r for r in rates.values() if r > 0])
+        for m in matrices.values():
+            rate = rates[m.info.layer]
+            m.probe_delta = (rate if rate > 0 else fallback) * local[m.info.name]
+            m.imputed = not rate > 0
+    _set_sensitivities(matrices.values())
+
+
+def _square_error(a: list, b: list, inputs: LayerInputs) -> float:
+    return sum(masked_square_error(x, y, m)[0] for x, y, m in zip(a, b, inputs.masks))
+
+
+def _median(values: list[float], default: float = 1.0) -> float:
+    values = sorted(values)
+    return values[len(values) // 2] if values else default
+
+
+def _set_sensitivities(profiles) -> None:
+    """sensitivity = Δloss(probe) / err(probe). A probe that did not raise the loss (Δ <= 0: noise of a
+    small validation split, or a LASER-like gain) is not taken as a free step: it gets the median
+    sensitivity of its module type (``imputed``), so no step has a zero predicted cost unless its
+    output error is exactly zero."""
+    profiles = list(profiles)
+    raw = {p.info.name: p.probe_delta / p.error(p.probe_rank)
+           for p in profiles if p.probe_delta > 0 and p.error(p.probe_rank) > 0}
+    overall = _median(list(raw.values()))
+    by_module = {mod: _median([v for n, v in raw.items() if n.endswith("." + mod)], overall)
+                 for mod in {p.info.module for p in profiles}}
+    for p in profiles:
+        p.sensitivity = raw.get(p.info.name, by_module[p.info.module])
+        p.imputed = p.imputed or p.info.name not in raw
