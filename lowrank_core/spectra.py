@@ -25,6 +25,7 @@ from torch import nn
 
 from .archmap import LinearInfo
 from .decompose import weight_singular_values, whitened_singular_values, whitening
+from .models import cache_dir, model_fingerprint
 from .progress import Progress, ensure_progress
 
 KINDS = ("weight", "aware")
@@ -121,8 +122,6 @@ def _weight(model: nn.Module, info: LinearInfo) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- disk cache
 def spectra_dir(fingerprint: str) -> Path:
-    from .models import cache_dir
-
     return cache_dir() / "spectra" / fingerprint
 
 
@@ -173,8 +172,6 @@ def linear_spectrum(model: nn.Module, info: LinearInfo, gram: Any = None, finger
     if not cache:
         return compute_spectrum(model, info, gram() if lazy else gram, gram_id)
     if fingerprint is None:
-        from .models import model_fingerprint
-
         fingerprint = model_fingerprint(model)
     path = _cache_path(fingerprint, info.name, gram_id)
     if path.is_file():
@@ -196,8 +193,6 @@ def model_spectra(model: nn.Module, linears: list[LinearInfo], grams: Optional[d
     """
     progress = ensure_progress(progress)
     if cache and fingerprint is None:
-        from .models import model_fingerprint
-
         fingerprint = model_fingerprint(model)
     prepared: dict = {}
     out = []

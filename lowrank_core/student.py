@@ -15,7 +15,8 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from .decompose import Factors
+from .archmap import linear_map
+from .decompose import Factors, relative_output_error
 from .lowrank import LowRankLinear
 
 
@@ -103,9 +104,6 @@ def matrix_error_rows(teacher: nn.Module, student_or_replacements, grams: Mappin
     replaced) or ``{name: module}``. ``grams``: ``{gram_key: GramStats | tensor | Whitening}``. Rows:
     name, layer, module, rank, rel_error (``trace(ΔW G ΔWᵀ)/trace(W G Wᵀ)``; None without a Gram), tokens.
     """
-    from .archmap import linear_map
-    from .decompose import relative_output_error
-
     infos = linears if linears is not None else linear_map(teacher)
     if isinstance(student_or_replacements, nn.Module):
         student = student_or_replacements

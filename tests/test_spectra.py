@@ -134,7 +134,8 @@ def test_spectrum_cli_and_app_share_calibration_id_gram_and_cache_entry(cache, c
     n, max_len = 6, 40  # 2 of the first 6 chatterbot calib prompts (seed 0) are longer than 40 tokens
     cli_grams = []
     collect = calibrate.collect_grams
-    monkeypatch.setattr(calibrate, "collect_grams", lambda *a, **k: cli_grams.append(collect(*a, **k)) or cli_grams[-1])
+    monkeypatch.setattr("lowrank_core.commands.spectrum.collect_grams",
+                        lambda *a, **k: cli_grams.append(collect(*a, **k)) or cli_grams[-1])
     assert main(["spectrum", "--model", "tiny", "--layer", "1", "--module", "down_proj", "--calib", str(n),
                  "--data", "chatterbot", "--max-len", str(max_len), "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
@@ -172,3 +173,19 @@ def test_spectrum_cli_and_app_share_calibration_id_gram_and_cache_entry(cache, c
     hit = spectra.linear_spectrum(lm.model, info, no_gram, fingerprint=lm.fingerprint, gram_id=f"{cid}-{info.gram_key}")
     assert d["gram_id"] == hit.gram_id == f"{cid}-{info.gram_key}" and d["fingerprint"] == lm.fingerprint
     np.testing.assert_array_equal(hit.aware_sv, np.array(d["aware_sv"]))
+
+
+def test_page_rows_and_curves_come_from_the_engine():
+    """The Spectra page's table and curves: energy kept at a rank, the output error it implies, ranks per level."""
+    from lowrank_core.spectra import Spectrum, spectrum_curves, spectrum_rows
+
+    sp = Spectrum(name="model.layers.2.mlp.down_proj", weight_sv=np.array([2.0, 1.0, 1.0]),
+                  aware_sv=np.array([3.0, 1.0, 0.0]), break_even_rank=1, max_rank=3, layer=2, module="down_proj")
+    curves, energies = spectrum_curves([sp], ("weight", "aware"))
+    assert list(curves) == ["L2 weight", "L2 activation-aware"]
+    assert curves["L2 weight"] == [1.0, 0.5, 0.5] and energies["L2 activation-aware"] == pytest.approx([0.9, 1.0, 1.0])
+    weight, aware = spectrum_rows([sp], rank=1, kinds=("weight", "aware"))
+    assert weight["energy kept at rank"] == pytest.approx(4 / 6) and weight["rel. output error at rank"] is None
+    assert aware["rel. output error at rank"] == pytest.approx(0.1)  # 1 - 9/10: exact on the calibration tokens
+    assert aware["rank for 90%"] == 1 and weight["rank for 90%"] == 3
+    assert spectrum_rows([sp], rank=99, kinds=("aware",))[0]["energy kept at rank"] == pytest.approx(1.0)  # capped

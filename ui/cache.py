@@ -12,6 +12,8 @@ from typing import Callable, Hashable
 
 import streamlit as st
 
+from lowrank_core.archmap import linear_map, meta_model
+from lowrank_core.data import make_split
 from lowrank_core.models import load_config, load_model
 
 from .entry import stop_page
@@ -88,15 +90,11 @@ def require_model(s: Settings):
 
 def linears(lm) -> list:
     """``archmap.linear_map`` of a loaded model, cached by its fingerprint."""
-    from lowrank_core.archmap import linear_map
-
     return memo("linear_map", lm.fingerprint, lambda: linear_map(lm.model))
 
 
 def config_linears(source: str) -> tuple:
     """(meta-device model, its linears) from a source's config alone: no weights are read."""
-    from lowrank_core.archmap import linear_map, meta_model
-
     meta = memo("meta_model", source, lambda: meta_model(model_config(source)), max_entries=4)
     return meta, memo("meta_linears", source, lambda: linear_map(meta), max_entries=4)
 
@@ -107,8 +105,6 @@ def split_key(s: Settings) -> tuple:
 
 def data_split(s: Settings):
     """``data.Split`` of the settings (calib / val / eval examples), cached by source, sizes and seed."""
-    from lowrank_core.data import make_split
-
     def compute():
         with st.spinner(f"Reading data {s.data_source!r} and splitting it…"):
             return make_split(s.data_source, n_calib=s.n_calib, n_eval=s.n_eval, n_val=s.n_val, seed=s.seed)

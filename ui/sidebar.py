@@ -7,6 +7,7 @@ import torch
 from lowrank_core.models import device_description
 
 from . import cache, state
+from .jobs import run_label
 
 
 def draw_sidebar(box) -> None:
@@ -37,8 +38,6 @@ def draw_sidebar(box) -> None:
         box.caption("A compression is running in the background (see **Compress**).")
     key, _ = state.current_result()
     if key is not None:
-        from .jobs import run_label
-
         box.markdown("#### Current student")
         box.caption(run_label(key))
 

@@ -4,14 +4,16 @@ from __future__ import annotations
 from ..cli import print_json
 from ..data import SIDES, iter_side
 from ..evaluate import default_batch_size, evaluate
-from ..models import DTYPES, load_model
+from ..job import ModelSpec
+from ..models import load_model
+from ..options import add_arguments, from_args
 from ..progress import TqdmProgress
 from ..table import format_table
 
 
 def register(sub) -> None:
     p = sub.add_parser("evaluate", help="answer loss / perplexity of a model on held-out instruction data")
-    p.add_argument("--model", default="default", help="'default', model folder, .gguf, hub id or tiny")
+    add_arguments(p, ModelSpec, "model")
     p.add_argument("--data", default="default",
                    help="'default' (ShareGPT), 'chatterbot', local .parquet/.jsonl/.json (OpenOrca columns) or hub id")
     p.add_argument("--n", type=int, default=200, help="number of examples to score")
@@ -21,15 +23,14 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=None,
                    help="examples per forward pass (default: 8 on CUDA, 1 on CPU, where padding only costs time)")
     p.add_argument("--max-len", type=int, default=512, help="tokens per example (prompt + answer)")
-    p.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     examples = iter_side(args.data, args.split, seed=args.seed)  # validates the source before loading a model
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    m = from_args(ModelSpec, args, "model")
+    loaded = load_model(m.source, dtype=m.dtype, device=m.device)
     batch_size = default_batch_size(loaded.device) if args.batch_size is None else args.batch_size
     bar = TqdmProgress("evaluate")
     try:
@@ -40,7 +41,7 @@ def run(args) -> int:
     split = {"side": args.split, "seed": args.seed, "source": args.data, "fingerprint": result.fingerprint}
     record = {"model": loaded.name, "model_fingerprint": loaded.fingerprint, "data": args.data,
               "split": args.split, **result.to_dict(), "split_info": split, "batch_size": batch_size,
-              "max_len": args.max_len, "dtype": args.dtype, "device": loaded.device}
+              "max_len": args.max_len, "dtype": m.dtype, "device": loaded.device}
     if args.json:
         print_json(record)
         return 0

@@ -3,13 +3,19 @@ from __future__ import annotations
 
 from ..archmap import ALL_MODULES, HEAD_MODULE, linear_map
 from ..cli import CliError, print_json
+from ..calibrate import collect_grams
 from ..data import calibration_batches, calibration_id, make_split
+from ..job import ModelSpec
+from ..models import load_model
+from ..options import add_arguments, from_args
+from ..progress import TqdmProgress
 from ..spectra import ENERGY_LEVELS, linear_spectrum
+from ..table import format_table
 
 
 def register(sub) -> None:
     p = sub.add_parser("spectrum", help="singular-value spectrum of one linear (weight and activation-aware)")
-    p.add_argument("--model", default="default", help="model folder, .gguf, hub id, 'default' or tiny")
+    add_arguments(p, ModelSpec, "model")
     p.add_argument("--layer", type=int, help="decoder layer index (not needed for lm_head)")
     p.add_argument("--module", required=True, choices=ALL_MODULES, help="which linear of the layer")
     p.add_argument("--calib", type=int, default=32,
@@ -20,8 +26,6 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--energy", type=float, default=0.9, help="also report the rank keeping this energy fraction")
     p.add_argument("--top", type=int, default=10, help="how many leading singular values to print")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="float32")
     p.add_argument("--no-cache", action="store_true", help="recompute even if the spectrum is cached")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=run)
@@ -48,9 +52,6 @@ def _lazy_gram(loaded, info, examples, args):
     Batches come from ``data.calibration_batches`` (whole examples cut to ``--max-len`` tokens), as in
     compress and in the app, so the same calibration gives the same Gram everywhere."""
     def compute():
-        from ..calibrate import collect_grams
-        from ..progress import TqdmProgress
-
         batches = calibration_batches(loaded.tokenizer, examples, batch_size=args.batch_size, max_len=args.max_len)
         progress = TqdmProgress("calibration")
         try:
@@ -62,13 +63,12 @@ def _lazy_gram(loaded, info, examples, args):
 
 
 def run(args) -> int:
-    from ..models import load_model
-
     if args.calib < 0:
         raise CliError(f"--calib {args.calib} is not allowed; use 0 (weight spectrum only) or more examples")
     if not 0 < args.energy <= 1:
         raise CliError(f"--energy {args.energy} is not allowed; use a fraction in (0, 1]")
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    m = from_args(ModelSpec, args, "model")
+    loaded = load_model(m.source, dtype=m.dtype, device=m.device)
     info = _find_linear(linear_map(loaded.model), args.layer, args.module)
     gram, gram_id, calib_desc = None, None, None
     if args.calib > 0:
@@ -85,7 +85,7 @@ def run(args) -> int:
     ranks = spectrum.energy_ranks(levels)
     if args.json:
         d = spectrum.to_dict()
-        d.update(model=args.model, fingerprint=loaded.fingerprint, calibration=calib_desc, energy_ranks=ranks,
+        d.update(model=m.source, fingerprint=loaded.fingerprint, calibration=calib_desc, energy_ranks=ranks,
                  params=info.params)
         print_json(d)
         return 0
@@ -94,8 +94,6 @@ def run(args) -> int:
 
 
 def _print_summary(spectrum, info, ranks, levels, calib_desc, top) -> None:
-    from ..table import format_table
-
     print(f"{info.name}  {info.out_features} x {info.in_features}  ({info.params:,} parameters)")
     print(f"max rank {info.max_rank}; break-even rank {info.break_even_rank} "
           f"(factors save parameters only below it)")
