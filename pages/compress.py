@@ -16,8 +16,10 @@ from ui.entry import ensure_app, stop_page
 ensure_app()
 FORM_KEY = "lowrank_compress_form"
 ERROR_KEY = "lowrank_compress_error"
-DEFAULTS = dict(method="whitened", batch_size=4, layerwise=False, steps=200, lr=1e-4, batch_tokens=2048,
-                valid=0.2, patience=3, target="block", train_bias=False)
+_C, _R = compress_mod.CompressSettings(), refit_mod.RefitSettings()  # the defaults live in the engine's dataclasses
+DEFAULTS = dict(method=_C.method, batch_size=_C.batch_size, layerwise=_C.layerwise, steps=_R.steps, lr=_R.lr,
+                batch_tokens=_R.batch_tokens, valid=_R.valid_fraction, patience=_R.patience, target=_R.target,
+                train_bias=_R.train_bias)
 
 def draw_form(v: dict, default_plan: str, n_calib: int, busy: bool) -> dict:
     """The job form, filled from ``v``. While a job runs it is drawn disabled under other keys (disabling

@@ -12,6 +12,9 @@ from dataclasses import asdict, dataclass, replace
 
 import streamlit as st
 
+from lowrank_core.compress import CompressSettings
+from lowrank_core.job import DataSpec, ModelSpec
+
 SETTINGS_KEY = "lowrank_settings"
 PLAN_KEY = "lowrank_plan"          # dict: {"plan": Plan, "text": yaml, "source": str}
 RUNS_KEY = "lowrank_runs"          # list[dict]: one row per finished compression run
@@ -24,15 +27,15 @@ JOB_KEY = "lowrank_pending_job"    # jobs.BackgroundJob of the compression runni
 class Settings:
     """What the Model & data page chose. Sizes are numbers of examples."""
 
-    model_source: str = "default"
-    dtype: str = "float32"
-    device: str = "auto"
-    data_source: str = "default"
-    n_calib: int = 64
-    n_val: int = 0
-    n_eval: int = 200
-    seed: int = 0
-    max_len: int = 512
+    model_source: str = ModelSpec.source      # defaults: the engine's job dataclasses
+    dtype: str = ModelSpec.dtype
+    device: str = ModelSpec.device
+    data_source: str = DataSpec.source
+    n_calib: int = DataSpec.calib
+    n_val: int = DataSpec.val
+    n_eval: int = DataSpec.eval
+    seed: int = DataSpec.seed
+    max_len: int = CompressSettings.max_len
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -13,8 +13,10 @@ from ..allocate import DEFAULT_KEEPS, PROBES, SearchSettings, allocate, decoder_
 from ..cli import CliError, print_json
 from ..compress import CompressSettings
 from ..data import make_split
-from ..evaluate import evaluate_models
-from ..models import DTYPES, load_model
+from ..evaluate import default_batch_size, evaluate_models
+from ..job import DataSpec, EvalSpec, ModelSpec
+from ..models import load_model
+from ..options import add_arguments, from_args
 from ..progress import TqdmProgress
 from ..table import format_table
 
@@ -30,24 +32,23 @@ def _floats(text: str) -> list[float]:
 
 def register(sub) -> None:
     p = sub.add_parser("search", help="rank allocation under a loss budget, verified on a validation split")
-    p.add_argument("--model", default="default", help="'default', model folder, .gguf, hub id or tiny")
-    p.add_argument("--data", default="default", help="'default' (ShareGPT), 'chatterbot', local file or hub id")
+    add_arguments(p, ModelSpec, "model")
+    add_arguments(p, DataSpec, "data")
+    # a search needs a validation split (carved from the calibration side): DataSpec's default is none
+    p.set_defaults(data__val=32)
     target = p.add_mutually_exclusive_group()
     target.add_argument("--budget", default=None,
                         help="allowed Δ validation loss: nats (0.02) or percent of the teacher loss ('1%%'); default 1%%")
     target.add_argument("--keep-params", type=float, default=None,
                         help="parameter target instead: keep this fraction of the eligible linears' parameters")
     target.add_argument("--target-params", type=int, default=None, help="parameter target: total parameters after")
-    p.add_argument("--calib", type=int, default=64, help="calibration examples (Grams)")
-    p.add_argument("--val", type=int, default=32,
-                   help="validation examples (sensitivity and verification): the first of the calibration side's "
-                        "validation share whose answer survives --val-max-len")
-    p.add_argument("--eval", type=int, default=200, help="evaluation examples scored once at the end")
-    p.add_argument("--seed", type=int, default=0, help="split seed")
-    p.add_argument("--max-len", type=int, default=512, help="tokens per calibration / evaluation example")
+    p.add_argument("--max-len", type=int, default=CompressSettings.max_len,
+                   help="tokens per calibration / evaluation example")
     p.add_argument("--val-max-len", type=int, default=256, help="tokens per validation example")
-    p.add_argument("--batch-size", type=int, default=4, help="calibration batch size (as in compress)")
-    p.add_argument("--eval-batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=CompressSettings.batch_size,
+                   help="calibration batch size (as in compress)")
+    p.add_argument("--eval-batch-size", type=int, default=EvalSpec.batch_size,
+                   help="default: 1 on CPU, 8 on CUDA")
     p.add_argument("--probe", default="layer", choices=PROBES,
                    help="sensitivity: 'layer' (one suffix pass per decoder layer) or 'matrix' (one per matrix)")
     p.add_argument("--probe-keep", type=float, default=0.5, help="keep fraction of the probe rank")
@@ -55,8 +56,6 @@ def register(sub) -> None:
     p.add_argument("--max-verify", type=int, default=8, help="validation passes spent verifying the budget")
     p.add_argument("--refit", action="store_true", help="final stage: refit the found plan, keep it if better")
     p.add_argument("--out", default=None, help="save the plan (.yaml or .json)")
-    p.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=run)
 
@@ -64,15 +63,19 @@ def register(sub) -> None:
 def run(args) -> int:
     start = time.perf_counter()
     # a few times more validation-side examples than asked: long prompts do not fit --val-max-len
-    split = make_split(args.data, n_calib=args.calib, n_eval=args.eval, n_val=VAL_OVERDRAW * args.val, seed=args.seed)
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
-    val = fitting_examples(loaded.tokenizer, split.val, args.val, args.val_max_len)
+    m, d = from_args(ModelSpec, args, "model"), from_args(DataSpec, args, "data")
+    if d.val < 1 or d.eval < 1:
+        raise CliError(f"--val {d.val} and --eval {d.eval} must be at least 1: the search is verified on validation "
+                       "examples and its plan scored on evaluation examples")
+    split = make_split(d.source, n_calib=d.calib, n_eval=d.eval, n_val=VAL_OVERDRAW * d.val, seed=d.seed)
+    loaded = load_model(m.source, dtype=m.dtype, device=m.device)
+    val = fitting_examples(loaded.tokenizer, split.val, d.val, args.val_max_len)
     if not val:
         raise CliError(f"no validation example fits --val-max-len {args.val_max_len}; raise it")
     settings = SearchSettings(keeps=_floats(args.keeps), probe_keep=args.probe_keep, probe=args.probe,
                               val_max_len=args.val_max_len, max_verify=args.max_verify, refit=args.refit,
-                              compression=CompressSettings(calib=args.calib, max_len=args.max_len,
-                                                           batch_size=args.batch_size, seed=args.seed))
+                              compression=CompressSettings(calib=d.calib, max_len=args.max_len,
+                                                           batch_size=args.batch_size, seed=d.seed))
     target = None
     if args.keep_params is not None:
         target = decoder_target(loaded.model, args.keep_params, settings.modules)
@@ -84,12 +87,13 @@ def run(args) -> int:
         result = allocate(loaded.model, loaded.tokenizer, split.calib, val, budget=budget,
                           target_params=target, settings=settings, progress=bar)
         scores = evaluate_models({"teacher": loaded.model, "student": result.student}, loaded.tokenizer,
-                                 split.eval, batch_size=args.eval_batch_size, max_len=args.max_len, progress=bar)
+                                 split.eval, batch_size=args.eval_batch_size or default_batch_size(loaded.device),
+                                 max_len=args.max_len, progress=bar)
     finally:
         bar.close()
     if args.out:
         result.plan.save(args.out)
-    record = {"model": loaded.name, "data": args.data, "budget_arg": budget, **result.to_dict(),
+    record = {"model": loaded.name, "data": d.source, "budget_arg": budget, **result.to_dict(),
               "teacher_val_loss": result.teacher_loss,
               "teacher_loss": scores["teacher"].loss, "eval_loss": scores["student"].loss,
               "eval_delta": scores["student"].loss - scores["teacher"].loss, "eval_examples": scores["student"].examples,
