@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .arch import ARCHS
+from .arch import ARCHS, arch_of
 from .archmap import check_supported
 from .lowrank import LowRankLinear
 
@@ -118,10 +118,10 @@ def convert_gguf(gguf_path: Path, target: Path) -> Path:
     config.dtype = torch.float32
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    missing = _untied_missing(missing, config)
     if missing or unexpected:
         raise ModelSourceError(f"GGUF conversion of {gguf_path}: missing {missing}, unexpected {unexpected}")
-    if config.tie_word_embeddings:
+    if arch_of(config).tied(config):
         model.tie_weights()
     if not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = CHATML_TEMPLATE
@@ -165,6 +165,12 @@ def tiny_tokenizer():
                                    pad_token="<|endoftext|>", unk_token="<|endoftext|>")
     fast.chat_template = CHATML_TEMPLATE
     return fast
+
+
+def _untied_missing(missing: list, config) -> list:
+    """Missing state-dict keys, without a tied head's weight (it is the embedding, re-tied after loading)."""
+    spec = arch_of(config)
+    return [k for k in missing if not (k == spec.head + ".weight" and spec.tied(config))]
 
 
 def tiny_config(arch: str = "llama", vocab_size: int = 259, layers: int = 2):
@@ -272,11 +278,11 @@ def _factorized_model(folder: Path, raw: dict) -> nn.Module:
     for path in sorted(folder.glob("*.safetensors")):
         state.update(load_file(str(path)))
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    missing = _untied_missing(missing, config)
     if missing or unexpected:
         raise ModelSourceError(f"{folder}: weights do not match the recorded ranks: missing {missing}, "
                                f"unexpected {unexpected}")
-    if config.tie_word_embeddings:
+    if arch_of(config).tied(config):
         model.tie_weights()
     if (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(str(folder))

@@ -61,7 +61,7 @@ class ExportResult:
 
 
 def _tied_head(model: nn.Module) -> bool:
-    return bool(getattr(model.config, "tie_word_embeddings", False))
+    return arch_of(model).tied(model.config)
 
 
 # ----------------------------------------------------------------------------- tensors to write
@@ -106,7 +106,7 @@ def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
     for key, tensor in model.state_dict(keep_vars=False).items():
         ident = (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
         if tensor.numel() and ident in seen:
-            if key == "lm_head.weight" and _tied_head(model):
+            if key == arch_of(model).head + ".weight" and _tied_head(model):
                 continue
             raise ExportError(f"{key} shares its storage with {seen[ident]} but is not a tied lm_head; "
                               "cannot write it without duplicating it")
@@ -167,8 +167,9 @@ def write_safetensors(thunks: dict[str, Callable[[], torch.Tensor]], sizes: dict
 # ----------------------------------------------------------------------------- configs and modeling file
 def _dense_config(model: nn.Module):
     config = copy.deepcopy(model.config)
-    if "lm_head" in low_rank_modules(model) and _tied_head(model):
-        config.tie_word_embeddings = False  # the merged head is its own matrix now
+    spec = arch_of(model)
+    if spec.head in low_rank_modules(model) and _tied_head(model):
+        setattr(config, spec.tie_attr, False)  # the merged head is its own matrix now
     config.dtype = model_dtype(model)
     return config
 
@@ -189,8 +190,8 @@ def _factorized_config(model: nn.Module, spec: ArchSpec) -> dict:
              lowrank_base_model_type=spec.model_type, lowrank_ranks=ranks,
              dtype=str(model_dtype(model)).replace("torch.", ""),
              auto_map={"AutoConfig": f"{module}.{CONFIG_CLASS}", "AutoModelForCausalLM": f"{module}.{MODEL_CLASS}"})
-    if "lm_head" in ranks:
-        d["tie_word_embeddings"] = False
+    if spec.head in ranks:
+        d[spec.tie_attr] = False  # the factorised head is its own matrix
     return d
 
 
