@@ -19,6 +19,7 @@ from typing import Iterable, Optional
 import torch
 from torch import Tensor, nn
 
+from .arch import arch_of
 from .archmap import ALL_MODULES, LinearInfo
 from .progress import Progress, ensure_progress
 
@@ -108,10 +109,11 @@ class _StopForward(Exception):
 
 
 def _forward_target(model: nn.Module, reps: dict[str, LinearInfo]) -> nn.Module:
-    """The decoder alone (``model.model``) unless an input of the head itself is needed."""
-    needs_head = any(info.layer is None for info in reps.values())
-    decoder = getattr(model, "model", None)
-    return model if needs_head or not isinstance(decoder, nn.Module) else decoder
+    """The decoder stack alone (the arch table's ``decoder``) unless an input of the head itself is needed."""
+    spec = arch_of(model, strict=False)
+    if spec is None or any(info.layer is None for info in reps.values()):
+        return model
+    return spec.decoder_of(model)
 
 
 def _pieces(input_ids: Tensor, mask: Tensor, unpad: bool):
