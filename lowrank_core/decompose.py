@@ -193,7 +193,8 @@ def _balance(up: Tensor, down: Tensor) -> tuple[Tensor, Tensor]:
 def factors_from(up: Tensor, down: Tensor, like: Tensor, bias: Optional[Tensor]) -> Factors:
     """Balanced ``Factors`` from float64 ``up [out, r]``, ``down [r, in]``, cast to ``like``'s dtype/device.
 
-    Every factorisation (here and in ``allocate``) ends here, so equal maths gives bit-identical factors.
+    Every factorisation ends here (one ``WhitenedBasis`` serves compression and rank allocation), so equal
+    maths gives bit-identical factors.
     """
     up, down = _balance(up, down)
     if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
