@@ -19,6 +19,7 @@ from .compress import CompressResult, CompressSettings, compress
 from .data import Split, make_split
 from .evaluate import default_batch_size, evaluate_models
 from .export import FORMATS, ExportResult, build_manifest, check_target, export_student
+from .heal import HealResult, HealSettings, heal
 from .models import DEVICES, DTYPES, LoadedModel, load_config, load_model
 from .options import option, to_mapping
 from .plan import Accounting, Plan, account, load_plan
@@ -78,6 +79,7 @@ class JobSpec:
     model: ModelSpec = field(default_factory=ModelSpec)
     data: DataSpec = field(default_factory=DataSpec)
     method: CompressSettings = field(default_factory=CompressSettings)
+    heal: HealSettings = field(default_factory=HealSettings)
     evaluate: EvalSpec = field(default_factory=EvalSpec)
     export: Optional[ExportSpec] = None
     name: Optional[str] = None
@@ -86,6 +88,7 @@ class JobSpec:
     def __post_init__(self):
         self.plan = load_plan(self.plan)
         self.method = self.settings()  # the derived fields (calibration size, seeds) follow the data section
+        self.heal = dataclasses.replace(self.heal, seed=self.data.seed)
 
     def settings(self) -> CompressSettings:
         """The compression settings with the data section's calibration size and seed."""
@@ -96,12 +99,18 @@ class JobSpec:
     def eval_examples(self) -> int:
         return self.evaluate.examples or self.data.eval
 
+    @property
+    def calib_examples(self) -> int:
+        """Calibration-side examples the split must hold: for the Grams and for healing."""
+        return max(self.data.calib, self.heal.examples if self.heal.enabled else 0)
+
     def validate(self) -> None:
         """Every check that needs no weights: settings, evaluation size, device, export target."""
         if self.evaluate.examples is not None and self.evaluate.examples > self.data.eval:
             raise ValueError(f"evaluate.examples: {self.evaluate.examples} is more than the split's data.eval = "
                              f"{self.data.eval} examples")
         self.settings().validate()
+        self.heal.validate()
         if self.export is not None:
             check_target(Path(self.export.dir), self.export.force)
 
@@ -109,7 +118,7 @@ class JobSpec:
         """The recipe form (``load_recipe`` reads it back to an equal spec)."""
         return {"name": self.name, "description": self.description, "model": to_mapping(self.model),
                 "data": to_mapping(self.data), "plan": self.plan.to_dict(), "method": to_mapping(self.method),
-                "evaluate": to_mapping(self.evaluate),
+                "heal": to_mapping(self.heal), "evaluate": to_mapping(self.evaluate),
                 "export": to_mapping(self.export) if self.export is not None else None}
 
 
@@ -123,6 +132,7 @@ class JobResult:
     compressed: CompressResult
     accounting: Accounting
     evaluation: dict = field(default_factory=dict)
+    healed: Optional[HealResult] = None
     export: Optional[ExportResult] = None
     seconds: dict = field(default_factory=dict)
 
@@ -138,7 +148,7 @@ class JobResult:
             source=self.loaded.name, fingerprint=self.loaded.fingerprint, plan=self.spec.plan,
             method=self.spec.method.method, settings=self.spec.settings(), split=self.split.info,
             teacher_metrics=ev.get("teacher"), student_metrics=ev.get("student"), job=self.spec.to_dict(),
-            layers=self.compressed.layers,
+            layers=self.compressed.layers, heal=_heal_summary(self.healed),
             accounting={k: v for k, v in self.accounting.to_dict().items() if k != "matrices"})
 
     def to_dict(self) -> dict:
@@ -154,7 +164,15 @@ class JobResult:
                 "accounting": self.accounting.to_dict(), "split": self.split.info.to_dict(),
                 "teacher": t, "student": s, "teacher_loss": t["loss"] if t else None,
                 "student_loss": s["loss"] if s else None, "evaluation": ev, "compress": c.to_dict(),
+                "heal": self.healed.to_dict() if self.healed is not None else None,
                 "export": self.export.to_dict() if self.export is not None else None, "seconds": self.seconds}
+
+
+def _heal_summary(healed: Optional[HealResult]) -> Optional[dict]:
+    """What a manifest says of healing: tokens, steps, validation loss before / after (no per-step curve)."""
+    if healed is None:
+        return None
+    return {k: v for k, v in healed.to_dict().items() if k != "curve"}
 
 
 def _phase(progress: Progress, name: str) -> Progress:
@@ -196,8 +214,8 @@ def run_job(spec: JobSpec, progress: Optional[Progress] = None, log: Optional[Ca
     accounting = account(loaded.model, spec.plan, spec.method.method)
     if split is None:
         d = spec.data
-        say(f"split of {d.source}: {d.calib} calibration / {d.eval} evaluation examples, seed {d.seed}")
-        split = make_split(d.source, n_calib=d.calib, n_eval=d.eval, n_val=d.val, seed=d.seed)
+        say(f"split of {d.source}: {spec.calib_examples} calibration / {d.eval} evaluation examples, seed {d.seed}")
+        split = make_split(d.source, n_calib=spec.calib_examples, n_eval=d.eval, n_val=d.val, seed=d.seed)
         laps("data")
     settings = spec.settings()
     say(f"compressing {len(accounting.rows)} matrices with {settings.method}")
@@ -205,6 +223,10 @@ def run_job(spec: JobSpec, progress: Optional[Progress] = None, log: Optional[Ca
                           progress=_phase(progress, "compress"))
     laps("compress")
     result = JobResult(spec, loaded, split, compressed, accounting, seconds=laps.seconds)
+    if spec.heal.enabled:
+        say(f"healing on {spec.heal.tokens:,} tokens ({spec.heal.loss})")
+        heal_job(result, progress=_phase(progress, "heal"))
+        laps("heal")
     if evaluate and spec.eval_examples:
         say(f"evaluating teacher and student on {spec.eval_examples} examples")
         evaluate_job(result, progress=_phase(progress, "evaluate"))
@@ -215,6 +237,18 @@ def run_job(spec: JobSpec, progress: Optional[Progress] = None, log: Optional[Ca
         laps("export")
     laps.seconds["total"] = time.perf_counter() - laps.start
     return result
+
+
+def heal_job(result: JobResult, progress: Optional[Progress] = None) -> HealResult:
+    """Heal the job's student in place on the first ``heal.examples`` (default ``data.calib``) examples of
+    the split's calibration side; stores and returns the HealResult."""
+    spec = result.spec
+    n = spec.heal.examples or spec.data.calib
+    if len(result.split.calib) < n:
+        raise ValueError(f"healing needs {n} calibration-side examples, the split holds {len(result.split.calib)}")
+    result.healed = heal(result.loaded.model, result.student, result.loaded.tokenizer, result.split.calib[:n],
+                         spec.heal, progress=progress)
+    return result.healed
 
 
 def evaluate_job(result: JobResult, n: Optional[int] = None, batch_size: Optional[int] = None,

@@ -25,15 +25,17 @@ class OptionError(ValueError):
 
 def option(default: Any = MISSING, *, help: Union[str, Callable[[], str]] = "", choices: Union[tuple, Callable[[], tuple], None] = None,
            minimum: Optional[float] = None, pattern: Optional[str] = None, flag: Optional[str] = None,
-           key: Optional[str] = None, derived: bool = False, default_factory: Any = MISSING):
+           key: Optional[str] = None, derived: bool = False, convert: Optional[Callable[[str], Any]] = None,
+           default_factory: Any = MISSING):
     """A dataclass field with the metadata that CLI flags and recipe keys are derived from.
 
     ``choices`` may be a callable (e.g. a registry's names) evaluated when used; ``pattern`` is a regular
     expression also accepted besides ``choices`` (e.g. ``cuda:\\d+``); ``derived``: set from another
-    section (no flag, no recipe key).
+    section (no flag, no recipe key); ``convert``: parses a text value (a flag, or a string in a recipe),
+    e.g. :func:`parse_count` for ``"2M"``.
     """
     metadata = {"help": help, "choices": choices, "minimum": minimum, "pattern": pattern, "flag": flag,
-                "key": key, "derived": derived}
+                "key": key, "derived": derived, "convert": convert}
     if default_factory is not MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -55,6 +57,7 @@ class Option:
     flag: Optional[str]
     derived: bool
     nested: Optional[type]       # a settings dataclass held by this field
+    convert: Optional[Callable[[str], Any]] = None
 
     @property
     def choices(self) -> tuple:
@@ -67,6 +70,11 @@ class Option:
             if self.optional:
                 return None
             raise OptionError(f"{path}: a value is required")
+        if self.convert is not None and isinstance(value, str):
+            try:
+                value = self.convert(value)
+            except ValueError as e:
+                raise OptionError(f"{path}: {e}") from None
         ok = isinstance(value, self.types) and not (isinstance(value, bool) and bool not in self.types)
         if not ok and float in self.types and isinstance(value, int) and not isinstance(value, bool):
             value, ok = float(value), True
@@ -111,8 +119,22 @@ def options_of(cls) -> list[Option]:
         out.append(Option(name=f.name, key=meta.get("key") or f.name, types=kinds, optional=optional,
                           default=default, help=meta.get("help", ""), choices_spec=meta.get("choices"),
                           minimum=meta.get("minimum"), pattern=meta.get("pattern"), flag=meta.get("flag"),
-                          derived=bool(meta.get("derived")), nested=nested))
+                          derived=bool(meta.get("derived")), nested=nested, convert=meta.get("convert")))
     return out
+
+
+def parse_count(text: str) -> int:
+    """``"2M"`` -> 2_000_000, ``"500k"`` -> 500_000, ``"1.5M"``, ``"12000"``: a count of tokens or examples."""
+    t = str(text).strip().lower().replace("_", "").replace(",", "")
+    scale = {"k": 10 ** 3, "m": 10 ** 6, "g": 10 ** 9, "b": 10 ** 9}.get(t[-1:], 1)
+    number = t[:-1] if scale > 1 else t
+    try:
+        value = float(number) * scale
+    except ValueError:
+        raise ValueError(f"{text!r} is not a count; use e.g. 2000000, 500k or 2M") from None
+    if value != int(value):
+        raise ValueError(f"{text!r} is not a whole count")
+    return int(value)
 
 
 # ----------------------------------------------------------------------------- argparse
@@ -143,7 +165,7 @@ def add_arguments(parser, cls, section: str, prefix: str = "", optional: bool = 
             kw["action"] = argparse.BooleanOptionalAction if opt.default is True else "store_true"
             kw["default"] = bool(opt.default)
         else:
-            kw["type"] = opt.types[0] if opt.types[0] in (int, float, str) else str
+            kw["type"] = str if opt.convert else (opt.types[0] if opt.types[0] in (int, float, str) else str)
             if opt.default is REQUIRED and not optional:
                 kw["required"] = True
             elif opt.default is not REQUIRED:

@@ -8,12 +8,14 @@ Sections (every key optional unless marked; relative paths are relative to the c
     data:     {source: default, seed: 0, calib: 64, eval: 200, val: 0}    # the honest split
     plan:     "17:mlp:r16"                   # REQUIRED: compact string, plan file, rule list or {rules: [...]}
     method:   {name: whitened, max_len: 512, batch_size: 4, layerwise: false, refit: {steps: 200, ...}}
+    heal:     {tokens: 200k, loss: kl, lr: 1.0e-4, batch_tokens: 2048, max_len: 256}  # end-to-end distillation
     evaluate: {examples: 200, batch_size: 8, max_len: 512}                 # examples: <= data.eval
     export:   {format: dense, dir: exports/x, force: false, verify: true, verify_examples: 16}
 
-The keys of ``model``, ``data``, ``method``, ``evaluate`` and ``export`` are the fields of ``ModelSpec``,
-``DataSpec``, ``CompressSettings`` (``name`` for its ``method``; ``calib`` and ``seed`` come from
-``data``), ``EvalSpec`` and ``ExportSpec``, with their defaults: nothing is listed twice.
+The keys of ``model``, ``data``, ``method``, ``heal``, ``evaluate`` and ``export`` are the fields of
+``ModelSpec``, ``DataSpec``, ``CompressSettings`` (``name`` for its ``method``; ``calib`` and ``seed``
+come from ``data``), ``HealSettings``, ``EvalSpec`` and ``ExportSpec``, with their defaults: nothing is
+listed twice.
 ``method: svd`` is short for ``method: {name: svd}``. Unknown keys and bad values raise
 :class:`RecipeError` naming the key path, e.g. ``export.format: 'onnx' is not one of dense, factorized``.
 """
@@ -23,13 +25,14 @@ from pathlib import Path
 from typing import Optional, Union
 
 from .compress import CompressSettings
+from .heal import HealSettings
 from .job import DataSpec, EvalSpec, ExportSpec, JobSpec, ModelSpec
 from .options import OptionError, check_mapping
 from .plan import PlanError, load_plan
 
-SECTIONS = {"model": ModelSpec, "data": DataSpec, "method": CompressSettings, "evaluate": EvalSpec,
-            "export": ExportSpec}
-TOP_KEYS = ("name", "description", "model", "data", "plan", "method", "evaluate", "export")
+SECTIONS = {"model": ModelSpec, "data": DataSpec, "method": CompressSettings, "heal": HealSettings,
+            "evaluate": EvalSpec, "export": ExportSpec}
+TOP_KEYS = ("name", "description", "model", "data", "plan", "method", "heal", "evaluate", "export")
 
 
 class RecipeError(ValueError):
@@ -67,7 +70,8 @@ def validate_recipe(data, path: Optional[str] = None) -> JobSpec:
     name = _text(data, "name") or (Path(path).stem if path else "recipe")
     spec = JobSpec(plan=plan, name=name, description=_text(data, "description") or "",
                    export=sections.pop("export", None), **sections)
-    checks = (("method.refit", spec.settings().refit.validate), ("method", spec.settings().validate))
+    checks = (("method.refit", spec.settings().refit.validate), ("method", spec.settings().validate),
+              ("heal", spec.heal.validate))
     for where, check in checks:
         try:
             check()

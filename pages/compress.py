@@ -7,6 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from lowrank_core import compress as compress_mod
+from lowrank_core import heal as heal_mod
 from lowrank_core import methods
 from lowrank_core import plan as plan_mod
 from lowrank_core.methods import refit as refit_mod
@@ -16,10 +17,11 @@ from ui.entry import ensure_app, stop_page
 ensure_app()
 FORM_KEY = "lowrank_compress_form"
 ERROR_KEY = "lowrank_compress_error"
-_C, _R = compress_mod.CompressSettings(), refit_mod.RefitSettings()  # the defaults live in the engine's dataclasses
+_C, _R, _H = compress_mod.CompressSettings(), refit_mod.RefitSettings(), heal_mod.HealSettings()  # engine defaults
 DEFAULTS = dict(method=_C.method, batch_size=_C.batch_size, layerwise=_C.layerwise, steps=_R.steps, lr=_R.lr,
                 batch_tokens=_R.batch_tokens, valid=_R.valid_fraction, patience=_R.patience, target=_R.target,
-                train_bias=_R.train_bias)
+                train_bias=_R.train_bias, heal_tokens=_H.tokens, heal_lr=_H.lr, heal_loss=_H.loss,
+                heal_batch_tokens=_H.batch_tokens)
 
 def draw_form(v: dict, default_plan: str, n_calib: int, busy: bool) -> dict:
     """The job form, filled from ``v``. While a job runs it is drawn disabled under other keys (disabling
@@ -62,6 +64,19 @@ def draw_form(v: dict, default_plan: str, n_calib: int, busy: bool) -> dict:
                                          key="refit_target" + sfx, disabled=busy)
             out["train_bias"] = r7.checkbox("train bias", value=v["train_bias"], key="refit_bias" + sfx,
                                             disabled=busy)
+        with st.expander("Healing: end-to-end distillation after compression (any method)"):
+            h1, h2, h3, h4 = st.columns(4)
+            out["heal_tokens"] = h1.number_input("training tokens (0 = off)", 0, 100_000_000, v["heal_tokens"],
+                                                 step=1000, key="heal_tokens" + sfx, disabled=busy,
+                                                 help="real tokens of calibration-side examples the student trains "
+                                                      "on against the teacher's next-token distributions")
+            out["heal_lr"] = h2.number_input("learning rate", 1e-7, 1.0, v["heal_lr"], format="%.1e",
+                                             key="heal_lr" + sfx, disabled=busy)
+            out["heal_loss"] = h3.selectbox("loss", list(heal_mod.LOSSES), index=list(heal_mod.LOSSES).index(
+                v["heal_loss"]), key="heal_loss" + sfx, disabled=busy,
+                help="kl: KL(teacher ‖ student) over every real token; ce: answer-token cross-entropy")
+            out["heal_batch_tokens"] = h4.number_input("tokens per step", 16, 1_000_000, v["heal_batch_tokens"],
+                                                       key="heal_batch_tokens" + sfx, disabled=busy)
         out["submitted"] = st.form_submit_button("Compress", type="primary", disabled=busy)
     return out
 
@@ -79,6 +94,11 @@ def job_progress(job, name: str) -> None:
         for done, total, message in phases:
             st.progress(min(1.0, done / total) if total > 0 else 0.0,
                         text=f"{message} ({done}/{total})" if total > 0 else message)
+        if job.heal_curve:
+            tokens, train, valid = zip(*job.heal_curve)
+            st.plotly_chart(charts.line_chart({"train (last step)": train, "valid (last check)": valid},
+                                              "healing loss while it runs", "training tokens", "loss per token",
+                                              x=tokens), key="compress_heal_live")
         st.caption("Runs in the background: other pages stay usable and nothing restarts it.")
 
 
@@ -108,7 +128,9 @@ if form.pop("submitted"):
         settings = compress_mod.CompressSettings(method=v["method"], calib=v["calib"], max_len=s.max_len,
                                                  batch_size=v["batch_size"], seed=s.seed,
                                                  layerwise=v["layerwise"], refit=refit)
-        spec = jobs.job_spec(s, plan, settings)
+        heal = heal_mod.HealSettings(tokens=int(v["heal_tokens"]), lr=v["heal_lr"], loss=v["heal_loss"],
+                                     batch_tokens=int(v["heal_batch_tokens"]), max_len=min(s.max_len, _H.max_len))
+        spec = jobs.job_spec(s, plan, settings, heal)
         spec.validate()
         plan_mod.resolve_plan(plan, cache.linears(lm), v["method"])  # a bad rule fails here, before any work
     except ValueError as e:
@@ -161,6 +183,13 @@ if result.hidden_mse:
     col = "rel_mse" if "rel_mse" in mse else "mse"
     st.plotly_chart(charts.line_chart({col: mse[col].tolist()}, "teacher vs student hidden states per decoder "
                                       "layer", "layer", col, log=True, x=mse["layer"].tolist()), key="compress_mse")
+if job.healed is not None:
+    h = job.healed
+    st.subheader("Healing")
+    st.caption(f"{h.tokens:,} training tokens in {h.steps} steps ({h.seconds:.0f} s): validation {h.settings['loss']} "
+               f"{h.initial_valid:.4f} → {h.best_valid:.4f} per token (best at step {h.best_step}; "
+               f"{h.train_examples} training / {h.valid_examples} held-out calibration-side examples).")
+    st.plotly_chart(charts.refit_figure(h.curve, f"{h.settings['loss']} per token", what="healing"), key="compress_heal")
 if result.refit_curves:
     st.subheader("Refit curves")
     name = st.selectbox("Layer", list(result.refit_curves), key="compress_curve")

@@ -244,6 +244,16 @@ def test_compress_refit_shows_train_and_valid_curves():
     assert [t["name"] for t in curve] == ["train", "valid"] and curve[0]["y"]
 
 
+def test_compress_heals_and_draws_the_healing_curve():
+    at = compressed("all:k0.3", "whitened", heal_tokens=1500, heal_batch_tokens=256)
+    assert not at.error, texts(at.error)
+    assert "Healing" in texts(at.subheader)
+    job = at.session_state["lowrank_results"][at.session_state["lowrank_current_job"]]
+    assert job.healed is not None and job.healed.tokens >= 1 and job.spec.heal.tokens == 1500
+    curve = plotly_specs(at)["compress_heal"]["data"]
+    assert [t["name"] for t in curve] == ["train", "valid"] and len(curve[0]["y"]) == job.healed.steps
+
+
 def test_evaluate_scores_teacher_and_student_like_the_engine():
     from lowrank_core.compress import CompressSettings, compress
     from lowrank_core.data import make_split

@@ -15,6 +15,7 @@ from lowrank_core.commands.compress import job_from_args
 from lowrank_core.compress import CompressSettings
 from lowrank_core.data import make_split
 from lowrank_core.export import read_manifest
+from lowrank_core.heal import HealSettings
 from lowrank_core.job import DataSpec, EvalSpec, ExportSpec, JobSpec, ModelSpec, evaluate_job, export_job
 from lowrank_core.methods.refit import RefitSettings
 from lowrank_core.models import load_model
@@ -119,7 +120,7 @@ def test_every_compress_flag_comes_from_a_spec_field():
     flags = {s for a in sub._actions for s in a.option_strings if s.startswith("--")}
     derived = set()
     for cls, prefix in ((ModelSpec, ""), (DataSpec, ""), (CompressSettings, ""), (RefitSettings, "refit-"),
-                        (EvalSpec, "eval-"), (ExportSpec, "")):
+                        (HealSettings, "heal-"), (EvalSpec, "eval-"), (ExportSpec, "")):
         for opt in options_of(cls):
             if opt.derived or opt.nested is not None:
                 continue

@@ -98,8 +98,8 @@ def teacher_student_bars(results: dict[str, object]) -> go.Figure:
     return fig
 
 
-def refit_figure(curve: dict, title: str) -> go.Figure:
-    """Refit loss: train per step, valid at its evaluation steps (log y)."""
+def refit_figure(curve: dict, title: str, what: str = "refit") -> go.Figure:
+    """Training curve (refit or healing): train per step, valid at its evaluation steps (log y)."""
     fig = go.Figure()
     train = curve.get("train", [])
     fig.add_trace(go.Scatter(x=list(range(1, len(train) + 1)), y=train, mode="lines", name="train"))
@@ -108,7 +108,7 @@ def refit_figure(curve: dict, title: str) -> go.Figure:
     fig.add_trace(go.Scatter(x=steps[: len(valid)], y=valid, mode="lines+markers", name="valid"))
     if curve.get("best_step") is not None:
         fig.add_vline(x=curve["best_step"], line=dict(color="gray", dash="dot"), annotation_text="best")
-    fig.update_layout(title=f"refit loss — {title}", xaxis_title="step", yaxis_title="loss", height=340,
+    fig.update_layout(title=f"{what} loss — {title}", xaxis_title="step", yaxis_title="loss", height=340,
                       margin=dict(t=50, b=40, l=40, r=20))
     fig.update_yaxes(type="log")
     return fig

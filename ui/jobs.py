@@ -12,6 +12,7 @@ import time
 
 import streamlit as st
 
+from lowrank_core.heal import HealSettings, progress_point
 from lowrank_core.job import DataSpec, JobResult, JobSpec, ModelSpec, run_job
 
 from . import state
@@ -20,13 +21,13 @@ from .progress import phase_of
 MAX_RESULTS = 4  # students kept in memory (each holds its own factor tensors)
 
 
-def job_spec(s: state.Settings, plan, settings) -> JobSpec:
-    """The JobSpec of the app's choices: model and data from the Model & data page, the plan and the
-    compression settings from the Compress form (its calibration size is the job's ``data.calib``)."""
+def job_spec(s: state.Settings, plan, settings, heal: HealSettings | None = None) -> JobSpec:
+    """The JobSpec of the app's choices: model and data from the Model & data page, the plan, the
+    compression and healing settings from the Compress form (its calibration size is ``data.calib``)."""
     return JobSpec(plan=plan, name="app",
                    model=ModelSpec(source=s.model_source, dtype=s.dtype, device=s.device),
                    data=DataSpec(source=s.data_source, seed=s.seed, calib=settings.calib, eval=s.n_eval, val=s.n_val),
-                   method=settings)
+                   method=settings, heal=heal or HealSettings())
 
 
 def run_app_job(spec: JobSpec, lm, split, progress) -> JobResult:
@@ -111,6 +112,7 @@ class BackgroundJob:
         self.error: BaseException | None = None
         self.started = time.monotonic()
         self._phases: dict[str, tuple[int, int, str]] = {}
+        self.heal_curve: list[tuple[int, float, float]] = []  # (tokens, train loss, valid loss) while healing
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, args=(work,), name=f"lowrank-job-{key}", daemon=True)
         self._thread.start()
@@ -122,8 +124,11 @@ class BackgroundJob:
             self.error = e
 
     def progress(self, done: int, total: int, message: str = "") -> None:
+        point = progress_point(message)
         with self._lock:
             self._phases[phase_of(message)] = (done, total, message)
+            if point is not None:
+                self.heal_curve.append((done, *point))
 
     def snapshot(self) -> list[tuple[int, int, str]]:
         with self._lock:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from ..cli import CliError, print_json
 from ..compress import CompressSettings
+from ..heal import HealSettings
 from ..job import DataSpec, EvalSpec, ExportSpec, JobSpec, ModelSpec, run_job
 from ..options import add_arguments, from_args, given
 from ..progress import TqdmProgress
@@ -21,6 +22,7 @@ def add_job_arguments(p) -> None:
     add_arguments(p, DataSpec, "data")
     p.add_argument("--plan", required=True, help="plan file (.yaml/.json) or compact string, e.g. 'all:k0.9'")
     add_arguments(p, CompressSettings, "method")
+    add_arguments(p, HealSettings, "heal", prefix="heal-")
     add_arguments(p, EvalSpec, "evaluate", prefix="eval-")
     add_arguments(p, ExportSpec, "export", optional=True)
 
@@ -33,7 +35,8 @@ def job_from_args(args) -> JobSpec:
     elif given(ExportSpec, args, "export"):
         raise CliError(f"export options {', '.join(given(ExportSpec, args, 'export'))} need --export DIR")
     spec = JobSpec(plan=args.plan, model=from_args(ModelSpec, args, "model"), data=from_args(DataSpec, args, "data"),
-                   method=from_args(CompressSettings, args, "method"), evaluate=from_args(EvalSpec, args, "evaluate"),
+                   method=from_args(CompressSettings, args, "method"), heal=from_args(HealSettings, args, "heal"),
+                   evaluate=from_args(EvalSpec, args, "evaluate"),
                    export=export, name="compress")
     spec.validate()
     return spec
@@ -61,6 +64,10 @@ def print_report(record: dict) -> None:
         t, s = record["teacher"], record["student"]
         print(f"teacher loss  {t['loss']:.4f}   student loss {s['loss']:.4f}   delta {s['loss'] - t['loss']:+.4f} nats "
               f"({t['examples']} eval examples, {t['tokens']:,} answer tokens)")
+    h = record["heal"]
+    if h is not None:
+        print(f"healing: {h['tokens']:,} tokens, {h['steps']} steps, validation {h['settings']['loss']} "
+              f"{h['initial_valid']:.4f} -> {h['best_valid']:.4f} ({h['seconds']:.0f} s)")
     sp = c["split"]
     print(f"calibration: {sp['fit_examples']} fit + {sp['held_out_examples']} held-out examples "
           f"({sp['fit_tokens']:,} + {sp['held_out_tokens']:,} tokens), {sp['path']} path")
