@@ -1,6 +1,6 @@
-"""Benchmark on the embedded model: uniform plain SVD vs uniform whitened vs whitened + rank allocation
-(at the uniform plan's parameter count) vs allocation + refit, at keep 0.95 / 0.9 / 0.8 of the decoder
-linears' parameters. Measures answer loss on the evaluation split, wall times and peak resident memory,
+"""Benchmark on the embedded model: uniform plain SVD, whitened, anchored, whitened/anchored + healing,
+whitened + rank allocation (at the uniform plan's parameter count), allocation + refit / + healing, at
+keep 0.95 / 0.9 / 0.8 of the decoder linears' parameters, and loss budgets. Measures answer loss on the evaluation split, wall times and peak resident memory,
 prints a markdown table and writes it (with command, machine and date) to ``--out``.
 
     python bench/benchmark.py --out docs/benchmarks.md
@@ -30,12 +30,14 @@ from lowrank_core.archmap import count_parameters  # noqa: E402
 from lowrank_core.compress import CompressSettings, compress  # noqa: E402
 from lowrank_core.data import make_split  # noqa: E402
 from lowrank_core.evaluate import EvalResult, evaluate  # noqa: E402
+from lowrank_core.heal import HealSettings, heal  # noqa: E402
+from lowrank_core.options import parse_count  # noqa: E402
 from lowrank_core.models import load_model  # noqa: E402
 from lowrank_core.plan import account  # noqa: E402
 from lowrank_core.methods.refit import RefitSettings  # noqa: E402
 
 COLUMNS = ["keep", "method", "params", "kept", "teacher_loss", "student_loss", "delta",
-           "calibration_s", "compression_s", "total_s", "peak_rss_gib"]
+           "calibration_s", "compression_s", "total_s", "cpu_s", "peak_rss_gib"]
 
 
 def parse_args(argv=None):
@@ -43,8 +45,15 @@ def parse_args(argv=None):
     p.add_argument("--model", default="default")
     p.add_argument("--data", default="default")
     p.add_argument("--keeps", default="0.95,0.9,0.8")
-    p.add_argument("--methods", default="svd,whitened,alloc,alloc+refit",
-                   help="subset of svd, whitened, alloc, alloc+refit")
+    p.add_argument("--methods", default="svd,whitened,anchored,whitened+heal,alloc,alloc+refit,alloc+heal",
+                   help="subset of svd, whitened, anchored, whitened+heal, anchored+heal, alloc, alloc+refit, "
+                        "alloc+heal")
+    p.add_argument("--probe", default="layer", help="allocation sensitivity probe: layer, matrix or gradient")
+    p.add_argument("--heal-tokens", default="16k", help="training tokens of the +heal rows")
+    p.add_argument("--heal-examples", type=int, default=256, help="calibration-side examples healing trains on")
+    p.add_argument("--heal-lr", type=float, default=1e-4)
+    p.add_argument("--heal-batch-tokens", type=int, default=1024)
+    p.add_argument("--heal-max-len", type=int, default=256)
     p.add_argument("--calib", type=int, default=64)
     p.add_argument("--max-len", type=int, default=512, help="tokens per calibration example")
     p.add_argument("--val", type=int, default=16, help="validation examples (allocation sensitivity)")
@@ -121,7 +130,10 @@ def main(argv=None) -> int:
     started = datetime.datetime.now(datetime.timezone.utc)
     loaded = load_model(args.model, dtype="float32", device="cpu")
     teacher, tok = loaded.model, loaded.tokenizer
-    split = make_split(args.data, n_calib=args.calib, n_eval=args.eval * args.eval_overdraw, n_val=4 * args.val, seed=0)
+    n_calib = max(args.calib, args.heal_examples if any("heal" in m for m in methods) else 0)
+    split = make_split(args.data, n_calib=n_calib, n_eval=args.eval * args.eval_overdraw, n_val=4 * args.val, seed=0)
+    heal_settings = HealSettings(tokens=parse_count(args.heal_tokens), lr=args.heal_lr, batch_size=1,
+                                 batch_tokens=args.heal_batch_tokens, max_len=args.heal_max_len)
     val = fitting_examples(tok, split.val, args.val, args.val_max_len)
     eval_examples = fitting_examples(tok, split.eval, args.eval, args.eval_max_len)
     cs = CompressSettings(calib=args.calib, max_len=args.max_len, hidden_mse=False)
@@ -136,21 +148,33 @@ def main(argv=None) -> int:
           f"answer tokens ({time.perf_counter() - t0:.0f} s)", flush=True)
     rows, notes = [], []
 
-    def record(keep, method, student, params, timings, peak, extra=""):
+    def record(keep, method, student, params, timings, peak, extra="", cpu=0.0):
         loss = evaluate(student, tok, eval_examples, **ev).loss
         row = {"keep": keep, "method": method, "params": params, "kept": params / count_parameters(teacher),
                "teacher_loss": teacher_eval.loss, "student_loss": loss, "delta": loss - teacher_eval.loss,
                "calibration_s": timings.get("calibration", 0.0), "compression_s": timings.get("compression", 0.0),
-               "total_s": timings.get("total", 0.0), "peak_rss_gib": peak}
+               "total_s": timings.get("total", 0.0), "cpu_s": cpu, "peak_rss_gib": peak}
         rows.append(row)
         print(format_row(row), extra, flush=True)
         if args.out:  # rewritten after every row: a long run leaves its partial table behind
             now = datetime.datetime.now(datetime.timezone.utc)
             Path(args.out).write_text(markdown(rows, notes, args, argv, started, now, teacher_eval))
 
+    def healed(keep, label, student, params, timings, cpu0):
+        with PeakRSS() as mem:
+            t = time.perf_counter()
+            h = heal(teacher, student, tok, split.calib[: args.heal_examples], heal_settings)
+        notes.append(f"{label} at keep {keep}: healed on {h.tokens:,} tokens in {h.steps} steps, {h.seconds:.0f} s "
+                     f"({h.tokens / max(h.seconds, 1e-9):.0f} tokens/s; validation KL {h.initial_valid:.4f} -> "
+                     f"{h.best_valid:.4f}, {h.train_examples} training examples)")
+        seconds = {"calibration": timings.get("calibration", 0.0),
+                   "compression": timings.get("compression", 0.0) + (time.perf_counter() - t),
+                   "total": timings.get("total", 0.0) + (time.perf_counter() - t)}
+        record(keep, label, student, params, seconds, mem.gib, cpu=time.process_time() - cpu0)
+
     profile, allocations = None, {}
     if any(m.startswith("alloc") for m in methods) or budgets:
-        settings = SearchSettings(val_max_len=args.val_max_len, compression=cs)
+        settings = SearchSettings(val_max_len=args.val_max_len, compression=cs, probe=args.probe)
         with PeakRSS() as mem:
             t0 = time.perf_counter()
             profile = build_profile(teacher, tok, split.calib, val, settings)
@@ -165,14 +189,19 @@ def main(argv=None) -> int:
     # phase 1: uniform plans and allocation at their parameter count
     for keep in keeps:
         uniform = f"all:k{keep}"
-        for method in ("whitened", "svd"):
-            if method in methods:
+        for method in ("whitened", "svd", "anchored"):
+            if method in methods or f"{method}+heal" in methods:
+                cpu0 = time.process_time()
                 with PeakRSS() as mem:
                     res = compress(teacher, tok, uniform, split.calib, replace(cs, method=method))
-                record(keep, f"uniform {method}", res.student, res.params_after,
-                       {"calibration": res.timings.get("calibration", 0.0),
-                        "compression": res.timings.get("decomposition", 0.0), "total": res.timings.get("total", 0.0)},
-                       mem.gib)
+                timings = {"calibration": res.timings.get("calibration", 0.0),
+                           "compression": res.timings.get("decomposition", 0.0) + res.timings.get("refit", 0.0),
+                           "total": res.timings.get("total", 0.0)}
+                if method in methods:
+                    record(keep, f"uniform {method}", res.student, res.params_after, timings, mem.gib,
+                           cpu=time.process_time() - cpu0)
+                if f"{method}+heal" in methods:
+                    healed(keep, f"uniform {method} + heal", res.student, res.params_after, timings, cpu0)
                 del res
             if method == "whitened" and "alloc" in methods:
                 target = account(teacher, uniform).compressed
@@ -196,7 +225,16 @@ def main(argv=None) -> int:
                alloc.params_after, {**alloc_cost, "compression": t, "total": alloc_cost["calibration"] + t}, mem.gib,
                f"(val Δ {alloc.val_loss - alloc.teacher_loss:+.4f}, budget {alloc.budget:.4f})")
         del alloc
-    # phase 3: refit of the allocated plans (the slowest rows last)
+    # phase 3: refit / healing of the allocated plans (the slowest rows last)
+    if "alloc+heal" in methods:
+        infos = [p.info for p in profile.matrices.values()]
+        for keep, ranks in allocations.items():
+            cpu0 = time.process_time()
+            res = compress(teacher, tok, plan_from_ranks(ranks, infos), split.calib, cs)
+            healed(keep, "allocation + heal", res.student, res.params_after,
+                   {"calibration": res.timings.get("calibration", 0.0),
+                    "compression": res.timings.get("decomposition", 0.0), "total": res.timings.get("total", 0.0)}, cpu0)
+            del res
     if "alloc+refit" in methods:
         infos = [p.info for p in profile.matrices.values()]
         for keep, ranks in allocations.items():
@@ -220,7 +258,7 @@ def format_row(row: dict) -> str:
     return ("| " + " | ".join(["—" if row["keep"] is None else f"{row['keep']:.2f}", row["method"], f"{row['params']:,}", f"{row['kept']:.1%}",
                                f"{row['teacher_loss']:.4f}", f"{row['student_loss']:.4f}", f"{row['delta']:+.4f}",
                                f"{row['calibration_s']:.1f}", f"{row['compression_s']:.1f}", f"{row['total_s']:.1f}",
-                               f"{row['peak_rss_gib']:.2f}"]) + " |")
+                               f"{row['cpu_s']:.0f}", f"{row['peak_rss_gib']:.2f}"]) + " |")
 
 
 def markdown(rows, notes, args, argv, started, finished, teacher_eval) -> str:
@@ -239,8 +277,8 @@ def markdown(rows, notes, args, argv, started, finished, teacher_eval) -> str:
         "(parameter-target mode, within one greedy step). Times in seconds (wall); peak = peak resident "
         "memory of the process during that row.", "",
         "| keep | method | params | kept | teacher loss | student loss | Δ loss | calibration s | compression s | "
-        "total s | peak GiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "total s | CPU s | peak GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
         *[format_row(r) for r in rows], "",
         "Notes:", "",
         *[f"- {n}" for n in notes],
