@@ -15,8 +15,8 @@ folder) the trainable tensors, Adam's moments and the curve are saved (safetenso
 at every evaluation and a rerun resumes from there.
 
 On CPU, float32 (bf16 autocast trains far slower there: ``docs/benchmarks.md``); on CUDA, bf16 autocast.
-A 7B student on one GPU: bf16 weights (14.5 GB) + float32 factors and their Adam moments; teacher and
-student forward, student backward of one batch (``batch_size`` x ``max_len`` tokens).
+A 7B student on one GPU: see ``docs/7b-path.md`` (bf16 weights shared with the teacher, the factors and
+their Adam moments, one batch's activations — one layer's with ``checkpointing``).
 """
 from __future__ import annotations
 
@@ -75,6 +75,8 @@ class HealSettings:
     train_bias: bool = option(False, help="healing: also train the factorised linears' biases")
     train_norms: bool = option(False, help="healing: also train (copies of) the RMSNorm weights")
     autocast: str = option("auto", choices=AUTOCAST, help="healing: bf16 autocast (auto: on CUDA only)")
+    checkpointing: bool = option(False, help="healing: gradient checkpointing of the student's decoder layers "
+                                             "(activations of one layer kept for backward: a 7B on one GPU)")
     checkpoint: Optional[str] = option(None, help="healing: folder to save progress to and resume from")
     seed: int = option(0, derived=True, help="shuffling and held-out seed (the data seed)")
 
@@ -299,6 +301,9 @@ def heal(teacher: nn.Module, student: nn.Module, tokenizer, examples: Sequence, 
         p.requires_grad_(True)
     rng = random.Random(settings.seed)
     position = 0  # steps walked through in this run's (seeded, hence repeatable) data order
+    if settings.checkpointing:  # the student's own module tree: the teacher's modules are not touched
+        _checkpointing(student, True)
+        student.train()  # transformers checkpoints only in training mode (these models have no dropout)
     try:
         while state["seen"] < int(settings.tokens) and state["bad"] < settings.patience:
             order = list(range(len(train)))
@@ -346,6 +351,9 @@ def heal(teacher: nn.Module, student: nn.Module, tokenizer, examples: Sequence, 
         for p in params:
             p.requires_grad_(False)
             p.grad = None
+        if settings.checkpointing:
+            _checkpointing(student, False)
+            student.eval()
     with torch.no_grad():
         for p, b in zip(params, best):
             p.copy_(b)
@@ -354,6 +362,19 @@ def heal(teacher: nn.Module, student: nn.Module, tokenizer, examples: Sequence, 
                       trained_parameters=sum(p.numel() for p in params), train_examples=len(train_ex),
                       valid_examples=len(valid_ex), seconds=time.perf_counter() - start, resumed_from=resumed,
                       settings=asdict(settings))
+
+
+def _checkpointing(model: nn.Module, on: bool) -> None:
+    """Activation (gradient) checkpointing on/off, in the spelling this transformers version has."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        if on:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
 
 
 def copy_student(student: nn.Module) -> nn.Module:

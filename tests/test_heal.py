@@ -112,6 +112,18 @@ def test_checkpoint_resume_continues_the_same_run(compressed, split, tmp_path):
     assert json.loads((tmp_path / "heal.json").read_text())["step"] == second.steps
 
 
+def test_gradient_checkpointing_trains_the_same_factors(compressed, split):
+    teacher, tok, student = compressed
+    common = dict(tokens=800, lr=3e-3, batch_tokens=256, max_len=MAX_LEN, eval_every=1, patience=100)
+    plain, checkpointed = copy_student(student), copy_student(student)
+    heal(teacher, plain, tok, split.calib, HealSettings(**common))
+    heal(teacher, checkpointed, tok, split.calib, HealSettings(checkpointing=True, **common))
+    a, b = plain.state_dict(), checkpointed.state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert not checkpointed.training and not teacher.training
+    assert not getattr(teacher.model, "gradient_checkpointing", False)
+
+
 def test_settings_are_checked_and_counts_parse():
     assert parse_count("2M") == 2_000_000 and parse_count("500k") == 500_000 and parse_count("1200") == 1200
     with pytest.raises(ValueError, match="'lots' is not a count"):
