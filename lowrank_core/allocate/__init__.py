@@ -2,24 +2,30 @@
 
 1. ``profile``: each eligible matrix's exact relative output error at every rank (its whitened
    spectrum, free) and its measured sensitivity on a validation split from the calibration side, so
-   ``predicted Δloss_i(r) = sensitivity_i · err_i(r)``;
+   ``predicted Δloss_i(r) = sensitivity_i · err_i(r)``; or (``probe="gradient"``, ``gradient``) a score
+   per whitened singular component from one backward pass per validation example, so
+   ``predicted Δloss_i(r) = Σ_{j≥r} score_ij`` (the components rank ``r`` removes);
 2. ``path``: from all-dense, the greedy sequence of moves with the most parameters saved per predicted
    Δloss (only ranks that save parameters); a path prefix is a set of ranks, i.e. a plan;
 3. ``search``: the prefix is verified with real forward passes (bisected until the measured Δloss meets
    the budget) or chosen at a parameter target; optionally refitted; returned as an :class:`Allocation`.
 
-Modules: ``profile`` (``SearchSettings``, ``MatrixProfile``, ``Profile``, ``build_profile``, the probes,
-the suffix loss), ``path`` (``Step``, ``greedy_path``, ``ranks_after``, ``plan_from_ranks``), ``search``
-(``BudgetError``, ``parse_budget``, ``decoder_target``, ``Allocation``, the verifier, ``allocate``, refit).
+Modules: ``gradient`` (``component_inner``, ``example_gradients``, ``gradient_scores``, ``ComponentScores``:
+the gradient probe's maths), ``profile`` (``SearchSettings``, ``MatrixProfile``, ``Profile``,
+``build_profile``, the probes, the suffix loss), ``path`` (``Step``, ``greedy_path``, ``ranks_after``,
+``plan_from_ranks``), ``search`` (``BudgetError``, ``parse_budget``, ``decoder_target``, ``Allocation``,
+the verifier, ``allocate``, refit).
 """
 from __future__ import annotations
 
+from .gradient import GRADIENT_SCORES, ComponentScores, GradientResult, component_inner, gradient_scores
 from .path import Step, greedy_path, plan_from_ranks, ranks_after
 from .profile import (DEFAULT_KEEPS, ELIGIBLE, PROBES, MatrixProfile, Profile, SearchSettings, build_profile,
                       candidate_ranks, error_curve, fitting_examples, low_rank_module, suffix_loss)
 from .search import Allocation, BudgetError, allocate, decoder_target, parse_budget
 
-__all__ = ["DEFAULT_KEEPS", "ELIGIBLE", "PROBES", "Allocation", "BudgetError", "MatrixProfile", "Profile",
-           "SearchSettings", "Step", "allocate", "build_profile", "candidate_ranks", "decoder_target",
-           "error_curve", "fitting_examples", "greedy_path", "low_rank_module", "parse_budget",
-           "plan_from_ranks", "ranks_after", "suffix_loss"]
+__all__ = ["DEFAULT_KEEPS", "ELIGIBLE", "GRADIENT_SCORES", "PROBES", "Allocation", "BudgetError", "ComponentScores",
+           "GradientResult", "MatrixProfile", "Profile", "SearchSettings", "Step", "allocate", "build_profile",
+           "candidate_ranks", "component_inner", "decoder_target", "error_curve", "fitting_examples",
+           "gradient_scores", "greedy_path", "low_rank_module", "parse_budget", "plan_from_ranks", "ranks_after",
+           "suffix_loss"]

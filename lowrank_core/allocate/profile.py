@@ -11,6 +11,10 @@
   ``sensitivity = Δloss(probe) / err(probe)``, so the predicted ``Δloss_i(r) = sensitivity_i · err_i(r)``
   (additive across matrices; second order in the perturbation, hence linear in ``err``). A probe that
   does not raise the loss is treated as noise, not as a free step: it gets its module type's median.
+- **Or gradient scores** (``probe="gradient"``, :mod:`.gradient`): one backward pass per validation
+  example scores every whitened singular component of every matrix (``|first-order| + empirical-Fisher``
+  term, or the Fisher term alone: ``gradient_score``), and the predicted ``Δloss_i(r)`` is the sum of the
+  scores of the components rank ``r`` removes (``MatrixProfile.tail``); no per-matrix forward probe.
 """
 from __future__ import annotations
 
@@ -34,9 +38,10 @@ from ..lowrank import LowRankLinear
 from ..plan import rank_for_keep
 from ..progress import Progress, ensure_progress
 from ..student import build_student
+from .gradient import GRADIENT_SCORES, ComponentScores, gradient_scores
 
 DEFAULT_KEEPS = (0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
-PROBES = ("layer", "matrix")
+PROBES = ("layer", "matrix", "gradient")
 ELIGIBLE = ATTN_MODULES + MLP_MODULES
 
 
@@ -45,7 +50,9 @@ class SearchSettings:
     """``keeps``: candidate keep fractions per matrix (``rank = floor(keep·out·in/(out+in))``), or
     ``ranks``: explicit candidate ranks (either way only ranks that save parameters survive);
     ``modules``: eligible short names; ``probe_keep``: the probe rank's keep fraction; ``probe``:
-    ``layer`` (cheap) or ``matrix`` (one suffix pass per matrix); ``val_batch_size``/``val_max_len``:
+    ``layer`` (cheap), ``matrix`` (one suffix pass per matrix) or ``gradient`` (one backward pass per
+    validation example; ``gradient_score``: ``taylor`` = ``|first order| + Fisher``, or ``fisher``: see
+    :mod:`.gradient`; the probe rank is then only reported); ``val_batch_size``/``val_max_len``:
     validation batches; ``max_verify``: forward passes spent verifying; ``compression``: calibration
     settings shared with :func:`~lowrank_core.compress.compress` (same Grams, hence the same student)."""
 
@@ -54,6 +61,7 @@ class SearchSettings:
     modules: Sequence[str] = ELIGIBLE
     probe_keep: float = 0.5
     probe: str = "layer"
+    gradient_score: str = "taylor"
     val_batch_size: int = 8
     val_max_len: int = 256
     max_verify: int = 8
@@ -63,6 +71,8 @@ class SearchSettings:
     def validate(self) -> None:
         if self.probe not in PROBES:
             raise ValueError(f"unknown probe {self.probe!r}; allowed: {', '.join(PROBES)}")
+        if self.gradient_score not in GRADIENT_SCORES:
+            raise ValueError(f"unknown gradient_score {self.gradient_score!r}; allowed: {', '.join(GRADIENT_SCORES)}")
         if not 0 < self.probe_keep < 1:
             raise ValueError(f"probe_keep {self.probe_keep!r} must be in (0, 1)")
         if self.ranks is None and (not self.keeps or any(not 0 < k < 1 for k in self.keeps)):
@@ -80,7 +90,11 @@ class SearchSettings:
 
 @dataclass
 class MatrixProfile:
-    """One matrix: its candidate ranks (descending), exact relative output error per rank, sensitivity."""
+    """One matrix: its candidate ranks (descending), exact relative output error per rank, sensitivity.
+
+    With the gradient probe, ``tail`` (``Σ_{i≥r} score_i`` for r = 0 .. len(s)) is the predicted Δloss
+    per rank and ``scores`` its per-component terms; ``probe_delta`` is then ``tail[probe_rank]`` and
+    ``sensitivity`` the equivalent ``tail[probe_rank] / err(probe_rank)``, both for display only."""
 
     info: LinearInfo
     candidates: list[int]          # ranks strictly below break-even, descending
@@ -89,6 +103,8 @@ class MatrixProfile:
     probe_delta: float = 0.0       # measured (or layer-split) Δ validation loss at probe_rank, nats
     sensitivity: float = 0.0       # nats per unit of relative output error (> 0)
     imputed: bool = False          # the probe did not raise the loss: a median sensitivity stands in
+    tail: Optional[list[float]] = None          # gradient probe: predicted Δloss at r = 0 .. len(s)
+    scores: Optional[ComponentScores] = None    # gradient probe: per-component first-order / Fisher terms
 
     def error(self, rank: Optional[int]) -> float:
         return 0.0 if rank is None else self.errors[min(rank, len(self.errors) - 1)]
@@ -97,12 +113,18 @@ class MatrixProfile:
         return self.info.params if rank is None else self.info.factor_params(rank)
 
     def predicted(self, rank: Optional[int]) -> float:
+        if rank is not None and self.tail is not None:
+            return self.tail[min(rank, len(self.tail) - 1)]
         return self.sensitivity * self.error(rank)
 
     def row(self) -> dict:
-        return {"name": self.info.name, "layer": self.info.layer, "module": self.info.module,
-                "probe_rank": self.probe_rank, "probe_error": self.error(self.probe_rank),
-                "probe_delta": self.probe_delta, "sensitivity": self.sensitivity, "imputed": self.imputed}
+        row = {"name": self.info.name, "layer": self.info.layer, "module": self.info.module,
+               "probe_rank": self.probe_rank, "probe_error": self.error(self.probe_rank),
+               "probe_delta": self.probe_delta, "sensitivity": self.sensitivity, "imputed": self.imputed}
+        if self.scores is not None:   # the gradient probe's first-order and Fisher parts at the probe rank
+            row["first_order"] = self.scores.first_order(self.probe_rank)
+            row["fisher"] = float(self.scores.fisher[self.probe_rank:].sum())
+        return row
 
 
 def candidate_ranks(info: LinearInfo, settings: SearchSettings) -> list[int]:
@@ -212,7 +234,10 @@ def build_profile(teacher, tokenizer, calib_examples, val_examples, settings: Op
         raise ValueError("rank allocation needs at least one validation example that fits val_max_len")
     inputs = capture_layer_inputs(teacher, batches)
     teacher_loss = suffix_loss(teacher, inputs, batches, 0, inputs.hidden)
-    _probe(teacher, matrices, bases, inputs, batches, teacher_loss, settings.probe, progress)
+    if settings.probe == "gradient":
+        _gradient_probe(teacher, matrices, bases, batches, settings.gradient_score, progress)
+    else:
+        _probe(teacher, matrices, bases, inputs, batches, teacher_loss, settings.probe, progress)
     timings["sensitivity"] = time.perf_counter() - t0
     tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
     return Profile(matrices, whitenings, bases, inputs, batches, teacher_loss, sum(len(b["input_ids"]) for b in batches),
@@ -254,6 +279,20 @@ def _probe(teacher, matrices, bases, inputs, batches, teacher_loss, mode, progre
             m.probe_delta = (rate if rate > 0 else fallback) * local[m.info.name]
             m.imputed = not rate > 0
     _set_sensitivities(matrices.values())
+
+
+def _gradient_probe(teacher, matrices, bases, batches, kind, progress) -> None:
+    """Fill ``scores`` and ``tail`` (the prediction) of every profile from one backward pass per
+    validation example; ``probe_delta`` / ``sensitivity`` at the probe rank are reported, not used."""
+    if not matrices:
+        return
+    result = gradient_scores(teacher, {name: bases[name] for name in matrices}, batches, progress)
+    for name, m in matrices.items():
+        m.scores = result.scores[name]
+        m.tail = m.scores.tail(kind)
+        m.probe_delta = m.predicted(m.probe_rank)
+        err = m.error(m.probe_rank)
+        m.sensitivity = m.probe_delta / err if err > 0 else 0.0
 
 
 def _square_error(a: list, b: list, inputs: LayerInputs) -> float:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import time
 
-from ..allocate import DEFAULT_KEEPS, PROBES, SearchSettings, allocate, decoder_target, fitting_examples
+from ..allocate import (DEFAULT_KEEPS, GRADIENT_SCORES, PROBES, SearchSettings, allocate, decoder_target,
+                        fitting_examples)
 from ..cli import CliError, print_json
 from ..compress import CompressSettings
 from ..data import make_split
@@ -50,7 +51,10 @@ def register(sub) -> None:
     p.add_argument("--eval-batch-size", type=int, default=EvalSpec.batch_size,
                    help="default: 1 on CPU, 8 on CUDA")
     p.add_argument("--probe", default="layer", choices=PROBES,
-                   help="sensitivity: 'layer' (one suffix pass per decoder layer) or 'matrix' (one per matrix)")
+                   help="sensitivity: 'layer' (one suffix pass per decoder layer), 'matrix' (one per matrix) or "
+                        "'gradient' (one backward pass per validation example scores every singular component)")
+    p.add_argument("--gradient-score", default=SearchSettings.gradient_score, choices=GRADIENT_SCORES,
+                   help="with --probe gradient: 'taylor' (|first order| + Fisher term) or 'fisher' (Fisher term only)")
     p.add_argument("--probe-keep", type=float, default=0.5, help="keep fraction of the probe rank")
     p.add_argument("--keeps", default=",".join(str(k) for k in DEFAULT_KEEPS), help="candidate keep fractions")
     p.add_argument("--max-verify", type=int, default=8, help="validation passes spent verifying the budget")
@@ -73,6 +77,7 @@ def run(args) -> int:
     if not val:
         raise CliError(f"no validation example fits --val-max-len {args.val_max_len}; raise it")
     settings = SearchSettings(keeps=_floats(args.keeps), probe_keep=args.probe_keep, probe=args.probe,
+                              gradient_score=args.gradient_score,
                               val_max_len=args.val_max_len, max_verify=args.max_verify, refit=args.refit,
                               compression=CompressSettings(calib=d.calib, max_len=args.max_len,
                                                            batch_size=args.batch_size, seed=d.seed))
