@@ -121,6 +121,9 @@ def machine() -> str:
             f"no GPU; Python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}")
 
 
+LOAD_AT_START = os.getloadavg()
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -265,7 +268,8 @@ def markdown(rows, notes, args, argv, started, finished, teacher_eval) -> str:
     command = "python bench/benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = [
         "# Benchmarks", "",
-        f"Measured {started:%Y-%m-%d %H:%M} – {finished:%H:%M} UTC on {machine()}.", "",
+        f"Measured {started:%Y-%m-%d %H:%M} – {finished:%H:%M} UTC on {machine()}; load average at the start "
+        f"{LOAD_AT_START[0]:.2f}, now {os.getloadavg()[0]:.2f} (1-minute).", "",
         "```", command, "```", "",
         f"Model {args.model!r}, data {args.data!r}: calibration {args.calib} examples "
         f"(≤ {args.max_len} tokens, 80 % fit / 20 % held out as in `compress`), allocation validation split "
