@@ -353,3 +353,29 @@ def test_gpu_check_script_runs_on_cpu_at_toy_sizes(capsys):
     assert len(record["per_layer_seconds"]) == 2 and record["layer_seconds"] > 0
     assert record["extrapolated_full_seconds"] >= 32 * record["layer_seconds"]
     assert record["shape"]["hidden_size"] == 256 and record["peak_gpu_gib"] is None
+
+
+def test_allocation_with_healing_in_the_loop_respects_the_budget(trained, split, profile, binding):
+    """Every verified student is healed first (calibration examples), the budget is checked after
+    healing, the returned student is the healed one, and the teacher and the shared factors stay put."""
+    from dataclasses import replace
+
+    from lowrank_core.heal import HealSettings
+    from lowrank_core.student import changed_tensors, state_checksums
+
+    model, tok = trained
+    healing = copy.copy(profile)
+    healing.settings = replace(profile.settings, heal=HealSettings(tokens=600, lr=1e-3, batch_tokens=200,
+                                                                   max_len=MAX_LEN, patience=50))
+    snapshot = state_checksums(model)
+    plain = _alloc(trained, split, profile, budget=binding)
+    result = _alloc(trained, split, healing, budget=binding)
+    assert changed_tensors(model, snapshot) == []
+    assert result.heal and all(k in result.heal for k in (v["steps"] for v in result.verified))
+    assert all(h["tokens"] > 0 and h["steps"] > 0 for h in result.heal.values())
+    assert result.val_loss - result.teacher_loss <= result.budget
+    kw = dict(batch_size=profile.settings.val_batch_size, max_len=profile.settings.val_max_len)
+    measured = evaluate(result.student, tok, split.val, **kw).loss - evaluate(model, tok, split.val, **kw).loss
+    assert measured == pytest.approx(result.val_loss - result.teacher_loss, abs=1e-5) and measured <= binding + 1e-6
+    assert plain.heal is None and result.student is not plain.student
+    assert json.loads(json.dumps(result.to_dict()))["heal"]

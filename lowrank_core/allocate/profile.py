@@ -37,6 +37,7 @@ from ..layerwise import LayerInputs, capture_layer_inputs, masked_square_error, 
 from ..lowrank import LowRankLinear
 from ..plan import rank_for_keep
 from ..progress import Progress, ensure_progress
+from ..heal import HealSettings
 from ..student import build_student
 from .gradient import GRADIENT_SCORES, ComponentScores, gradient_scores
 
@@ -54,7 +55,9 @@ class SearchSettings:
     validation example; ``gradient_score``: ``taylor`` = ``|first order| + Fisher``, or ``fisher``: see
     :mod:`.gradient`; the probe rank is then only reported); ``val_batch_size``/``val_max_len``:
     validation batches; ``max_verify``: forward passes spent verifying; ``compression``: calibration
-    settings shared with :func:`~lowrank_core.compress.compress` (same Grams, hence the same student)."""
+    settings shared with :func:`~lowrank_core.compress.compress` (same Grams, hence the same student);
+    ``heal``: when enabled, every verified prefix's student is healed first (on the calibration examples)
+    and the budget is checked after healing."""
 
     keeps: Sequence[float] = DEFAULT_KEEPS
     ranks: Optional[Sequence[int]] = None
@@ -67,6 +70,7 @@ class SearchSettings:
     max_verify: int = 8
     refit: bool = False
     compression: CompressSettings = field(default_factory=CompressSettings)
+    heal: HealSettings = field(default_factory=HealSettings)
 
     def validate(self) -> None:
         if self.probe not in PROBES:
@@ -86,6 +90,7 @@ class SearchSettings:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer")
         self.compression.validate()
+        self.heal.validate()
 
 
 @dataclass

@@ -4,8 +4,10 @@ at a parameter target), as a plan.
 With a loss budget, the path prefix whose prediction meets the budget is measured with real forward
 passes on the validation split, then the prefix length is bisected (forward when there is slack, back
 when over) until the measured Δloss ≤ budget. With a parameter target the prefix is the first one at or
-below the target (within one step), measured once. An optional final stage refits the found plan
-(method ``refit``) and keeps it when the validation loss drops.
+below the target (within one step), measured once. With healing in the loop (``SearchSettings.heal``)
+every measured student is healed first (on the calibration examples), so the budget is checked after
+healing. An optional final stage refits the found plan (method ``refit``) and keeps it when the
+validation loss drops.
 
 The result is an ordinary :class:`~lowrank_core.plan.Plan` (per-matrix ranks, method per rule) and a
 Pareto table (parameters vs validation loss along the greedy path, verified points marked).
@@ -20,6 +22,7 @@ from typing import Optional, Sequence, Union
 
 from ..archmap import count_parameters, linear_map
 from ..compress import compress
+from ..heal import copy_student, heal
 from ..lowrank import LowRankLinear
 from ..plan import Plan
 from ..progress import Progress, ensure_progress
@@ -75,6 +78,7 @@ class Allocation:
     timings: dict[str, float]
     method: str = "whitened"
     refit: Optional[dict] = None
+    heal: Optional[dict] = None  # healing in the loop: {prefix length: HealResult summary}
     student: object = None     # the verified student (nn.Module), not serialised
 
     @property
@@ -90,14 +94,21 @@ class Allocation:
 
 
 class _Verifier:
-    """Measures validation loss of the student for a path prefix; memoises factors and results."""
+    """Measures validation loss of the student for a path prefix (healed first when the settings say
+    so); memoises factors and results."""
 
-    def __init__(self, teacher, profile: Profile, steps: list[Step]):
+    def __init__(self, teacher, profile: Profile, steps: list[Step], tokenizer=None, heal_examples=(),
+                 progress: Optional[Progress] = None):
         self.teacher, self.profile, self.steps = teacher, profile, steps
         self.modules = dict(teacher.named_modules())
         self.cache: dict[tuple, LowRankLinear] = {}
         self.results: dict[int, float] = {0: profile.teacher_loss}
         self.passes = 0
+        self.tokenizer, self.heal_examples = tokenizer, list(heal_examples)
+        self.healing = profile.settings.heal
+        self.progress = ensure_progress(progress)
+        self.healed: dict[int, object] = {}       # the latest healed student, by prefix length
+        self.heal_results: dict[int, dict] = {}   # every healing: prefix length -> HealResult summary
 
     def student(self, k: int):
         """The student after ``k`` steps; factors are kept only for the latest student (memory bound)."""
@@ -110,10 +121,21 @@ class _Verifier:
         self.cache = cache
         return build_student(self.teacher, reps)
 
+    def final_student(self, k: int):
+        """The student of prefix ``k`` as verified (healed when healing is on)."""
+        return self.healed.get(k) or self.student(k)
+
     def loss(self, k: int) -> float:
         if k not in self.results:
+            student = self.student(k)
+            if self.healing.enabled and k:
+                student = copy_student(student)  # the memoised factors stay the closed-form ones
+                h = heal(self.teacher, student, self.tokenizer, self.heal_examples, self.healing,
+                         progress=lambda d, t, m: self.progress(d, t, f"healing prefix {k}: {m}"))
+                self.heal_results[k] = {key: v for key, v in h.to_dict().items() if key not in ("curve", "settings")}
+                self.healed = {k: student}  # one healed student kept (memory bound)
             pi = self.profile.val_inputs
-            self.results[k] = suffix_loss(self.student(k), pi, self.profile.val_batches, 0, pi.hidden)
+            self.results[k] = suffix_loss(student, pi, self.profile.val_batches, 0, pi.hidden)
             self.passes += 1
         return self.results[k]
 
@@ -178,7 +200,10 @@ def allocate(teacher, tokenizer, calib_examples, val_examples, budget: Union[str
     start = time.perf_counter()
     params_before = count_parameters(teacher)
     steps = greedy_path(profile.matrices)
-    verifier = _Verifier(teacher, profile, steps)
+    if settings.heal.enabled and not list(calib_examples):
+        raise BudgetError("allocation with healing needs calibration examples to heal on")
+    heal_examples = list(calib_examples)[: settings.heal.examples or None]
+    verifier = _Verifier(teacher, profile, steps, tokenizer, heal_examples, progress)
     nats = None
     if target_params is not None:
         target_params = int(target_params)
@@ -204,7 +229,7 @@ def allocate(teacher, tokenizer, calib_examples, val_examples, budget: Union[str
         budget=nats, target_params=target_params, predicted_delta=steps[k - 1].predicted if k else 0.0,
         steps=k, path_length=len(steps), pareto=_pareto(steps, params_before, profile.teacher_loss, verifier.results),
         verified=verified, matrices=matrix_rows, timings={**profile.timings, "search": time.perf_counter() - start},
-        student=verifier.student(k))
+        student=verifier.final_student(k), heal=verifier.heal_results or None)
     if settings.refit and ranks:
         _refit_stage(result, teacher, tokenizer, calib_examples, profile, progress)
     return result

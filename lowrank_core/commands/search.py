@@ -8,6 +8,7 @@ the same student.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 from ..allocate import (DEFAULT_KEEPS, GRADIENT_SCORES, PROBES, SearchSettings, allocate, decoder_target,
                         fitting_examples)
@@ -17,6 +18,7 @@ from ..data import make_split
 from ..evaluate import default_batch_size, evaluate_models
 from ..job import DataSpec, EvalSpec, ModelSpec
 from ..models import load_model
+from ..heal import HealSettings
 from ..options import add_arguments, from_args
 from ..progress import TqdmProgress
 from ..table import format_table
@@ -59,6 +61,7 @@ def register(sub) -> None:
     p.add_argument("--keeps", default=",".join(str(k) for k in DEFAULT_KEEPS), help="candidate keep fractions")
     p.add_argument("--max-verify", type=int, default=8, help="validation passes spent verifying the budget")
     p.add_argument("--refit", action="store_true", help="final stage: refit the found plan, keep it if better")
+    add_arguments(p, HealSettings, "heal", prefix="heal-")  # healing in the loop: each verified student healed
     p.add_argument("--out", default=None, help="save the plan (.yaml or .json)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=run)
@@ -80,7 +83,9 @@ def run(args) -> int:
                               gradient_score=args.gradient_score,
                               val_max_len=args.val_max_len, max_verify=args.max_verify, refit=args.refit,
                               compression=CompressSettings(calib=d.calib, max_len=args.max_len,
-                                                           batch_size=args.batch_size, seed=d.seed))
+                                                           batch_size=args.batch_size, seed=d.seed),
+                              heal=replace(from_args(HealSettings, args, "heal"), seed=d.seed))
+    settings.validate()  # bad options fail here, before the profile is built
     target = None
     if args.keep_params is not None:
         target = decoder_target(loaded.model, args.keep_params, settings.modules)
