@@ -46,8 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--data", default="default")
     p.add_argument("--keeps", default="0.95,0.9,0.8")
     p.add_argument("--methods", default="svd,whitened,anchored,whitened+heal,alloc,alloc+refit,alloc+heal",
-                   help="subset of svd, whitened, anchored, whitened+heal, anchored+heal, alloc, alloc+refit, "
-                        "alloc+heal")
+                   help="subset of svd, whitened, anchored, refit, whitened+heal, anchored+heal, alloc, "
+                        "alloc+refit, alloc+heal")
     p.add_argument("--probe", default="layer", help="allocation sensitivity probe: layer, matrix or gradient")
     p.add_argument("--heal-tokens", default="16k", help="training tokens of the +heal rows")
     p.add_argument("--heal-examples", type=int, default=256, help="calibration-side examples healing trains on")
@@ -192,11 +192,12 @@ def main(argv=None) -> int:
     # phase 1: uniform plans and allocation at their parameter count
     for keep in keeps:
         uniform = f"all:k{keep}"
-        for method in ("whitened", "svd", "anchored"):
+        for method in ("whitened", "svd", "anchored", "refit"):
             if method in methods or f"{method}+heal" in methods:
                 cpu0 = time.process_time()
+                settings = replace(cs, method=method, refit=RefitSettings(steps=args.refit_steps))
                 with PeakRSS() as mem:
-                    res = compress(teacher, tok, uniform, split.calib, replace(cs, method=method))
+                    res = compress(teacher, tok, uniform, split.calib, settings)
                 timings = {"calibration": res.timings.get("calibration", 0.0),
                            "compression": res.timings.get("decomposition", 0.0) + res.timings.get("refit", 0.0),
                            "total": res.timings.get("total", 0.0)}
