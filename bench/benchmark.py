@@ -63,6 +63,7 @@ def parse_args(argv=None):
                    help="tokens per evaluation example; the first --eval evaluation examples whose answer "
                         "survives it are scored")
     p.add_argument("--eval-overdraw", type=int, default=3, help="evaluation-side examples drawn per one scored")
+    p.add_argument("--eval-batch-size", type=int, default=1, help="examples per forward pass (1: no padding on CPU)")
     p.add_argument("--budgets", default="1%", help="loss budgets for verified allocation rows ('' = none)")
     p.add_argument("--refit-steps", type=int, default=30, help="Adam steps per decoder layer for alloc+refit")
     p.add_argument("--threads", type=int, default=2)
@@ -140,7 +141,7 @@ def main(argv=None) -> int:
     val = fitting_examples(tok, split.val, args.val, args.val_max_len)
     eval_examples = fitting_examples(tok, split.eval, args.eval, args.eval_max_len)
     cs = CompressSettings(calib=args.calib, max_len=args.max_len, hidden_mse=False)
-    ev = dict(batch_size=8, max_len=args.eval_max_len)
+    ev = dict(batch_size=args.eval_batch_size, max_len=args.eval_max_len)
     t0 = time.perf_counter()
     if args.teacher:  # reuse a teacher measurement of the same evaluation examples (parallel runs)
         loss, examples, tokens = (float(v) for v in args.teacher.split(","))
