@@ -3,6 +3,7 @@ tensors (the teacher stays bit-identical), resumes from a checkpoint exactly, an
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -154,3 +155,12 @@ def test_mean_loss_of_the_teacher_against_itself_is_zero(compressed, split):
     teacher, tok, _ = compressed
     batches = calibration_batches(tok, split.calib[:4], 2, MAX_LEN)
     assert mean_loss(teacher, teacher, batches, "kl", lambda: torch.no_grad()) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_progress_messages_carry_the_live_curve():
+    from lowrank_core.heal import progress_point
+
+    assert progress_point("heal: heal kl 0.1234 valid 0.2 (3/10)") == (0.1234, 0.2)
+    train, valid = progress_point("heal ce 2.5e-01 valid nan")
+    assert train == 0.25 and math.isnan(valid)
+    assert progress_point("compress: layer 3") is None
