@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .arch import arch_of
-from .data import IGNORE_INDEX, batch_tokens, calibration_batches, split_examples
+from .data import IGNORE_INDEX, batch_tokens, calibration_batches, split_examples, token_groups
 from .export import low_rank_modules
 from .layerwise import model_device
 from .options import option, parse_count
@@ -251,19 +251,6 @@ def _load_checkpoint(folder: Path, params, opt: torch.optim.Adam) -> Optional[tu
 
 
 # ----------------------------------------------------------------------------- training
-def _step_groups(order: list[int], tokens: list[int], batch_tokens_: int) -> list[list[int]]:
-    groups, cur, n = [], [], 0
-    for i in order:
-        cur.append(i)
-        n += tokens[i]
-        if n >= batch_tokens_:
-            groups.append(cur)
-            cur, n = [], 0
-    if cur:
-        groups.append(cur)
-    return groups
-
-
 def heal(teacher: nn.Module, student: nn.Module, tokenizer, examples: Sequence, settings: HealSettings,
          progress: Optional[Progress] = None) -> HealResult:
     """Distil ``student`` towards ``teacher`` on ``examples`` (calibration side) for ``settings.tokens``
@@ -308,7 +295,7 @@ def heal(teacher: nn.Module, student: nn.Module, tokenizer, examples: Sequence, 
         while state["seen"] < int(settings.tokens) and state["bad"] < settings.patience:
             order = list(range(len(train)))
             rng.shuffle(order)
-            for group in _step_groups(order, tokens, settings.batch_tokens):
+            for group in token_groups(order, tokens, settings.batch_tokens):
                 position += 1
                 if position <= state["step"]:
                     continue  # consumed before the checkpoint this run resumed from

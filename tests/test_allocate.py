@@ -44,6 +44,7 @@ def trained(split):
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
+        p.grad = None
     return model, tok
 
 

@@ -22,35 +22,7 @@ from lowrank_core.decompose import WhitenedBasis, Whitening
 from lowrank_core.evaluate import evaluate
 from lowrank_core.plan import account, load_plan
 
-MAX_LEN = 96
-
-
-@pytest.fixture(scope="module")
-def split():
-    return make_split("chatterbot", n_calib=32, n_eval=16, n_val=12, seed=0)
-
-
-@pytest.fixture(scope="module")
-def trained(split):
-    """(model, tokenizer): tiny Llama after 60 Adam steps on calibration examples (as in test_allocate)."""
-    from lowrank_core.models import tiny_model
-
-    model, tok = tiny_model("llama", seed=0)
-    batches = list(iter_batches(tok, split.calib, 8, MAX_LEN))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    torch.manual_seed(0)
-    model.train()
-    for step in range(60):
-        b = batches[step % len(batches)]
-        loss = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-        p.grad = None
-    return model, tok
+from test_allocate import MAX_LEN, split, trained  # noqa: F401  (the shared tiny trained model fixtures)
 
 
 @pytest.fixture(scope="module")

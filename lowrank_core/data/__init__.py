@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from .encoding import (IGNORE_INDEX, Encoded, answer_ids, batch_tokens, calibration_batches, collate,
                        encode_example, end_of_turn_id, iter_batches, iter_encoded_batches, pad_id,
-                       prompt_messages)
+                       prompt_messages, token_groups)
 from .sources import (ALLOWED_SOURCES, ASSISTANT_ROLES, CHATTERBOT_PACKAGE, DATA_SOURCES, HUMAN_ROLES,
                       LOCAL_SUFFIXES, ORCA_COLUMNS, SHAREGPT_FILE, SHAREGPT_PACKAGE, DataSourceError, Example,
                       examples_of, iter_chatterbot, iter_examples, iter_json_records, iter_orca,
@@ -34,5 +34,5 @@ __all__ = [
     "make_split", "split_examples",
     # encoding
     "IGNORE_INDEX", "Encoded", "answer_ids", "batch_tokens", "calibration_batches", "collate", "encode_example",
-    "end_of_turn_id", "iter_batches", "iter_encoded_batches", "pad_id", "prompt_messages",
+    "end_of_turn_id", "iter_batches", "iter_encoded_batches", "pad_id", "prompt_messages", "token_groups",
 ]

@@ -197,3 +197,19 @@ def calibration_batches(tokenizer, examples: Sequence, batch_size: int = 4, max_
 def batch_tokens(batches: list[dict]) -> int:
     """Real (non-padding) tokens of a list of batches."""
     return int(sum(int(b["attention_mask"].sum()) for b in batches))
+
+
+def token_groups(order: Sequence[int], tokens: Sequence[int], batch_tokens: int) -> list[list[int]]:
+    """Batch indices (in ``order``) grouped into steps of about ``batch_tokens`` real tokens each
+    (``tokens[i]``: batch ``i``'s real tokens; every group holds at least one batch): the optimiser steps
+    of refit and healing."""
+    groups, cur, n = [], [], 0
+    for i in order:
+        cur.append(i)
+        n += tokens[i]
+        if n >= batch_tokens:
+            groups.append(cur)
+            cur, n = [], 0
+    if cur:
+        groups.append(cur)
+    return groups

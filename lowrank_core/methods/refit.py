@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..data import token_groups
 from ..decompose import whitened_factors
 from ..layerwise import LayerInputs, call_layer, to_device
 from ..options import option
@@ -75,20 +76,6 @@ def factor_parameters(modules: dict[str, nn.Module], train_bias: bool = False) -
         if train_bias and mod.up.bias is not None:
             params.append(mod.up.bias)
     return params
-
-
-def _step_groups(order: list[int], tokens: list[int], batch_tokens: int) -> list[list[int]]:
-    """Consecutive batch indices grouped to about ``batch_tokens`` real tokens (at least one batch each)."""
-    groups, cur, n = [], [], 0
-    for i in order:
-        cur.append(i)
-        n += tokens[i]
-        if n >= batch_tokens:
-            groups.append(cur)
-            cur, n = [], 0
-    if cur:
-        groups.append(cur)
-    return groups
 
 
 class _OutputTap:
@@ -173,7 +160,7 @@ def refit_layer(objective: BlockObjective, params: list[nn.Parameter], train: li
     tokens = [int(m.sum()) for m in objective.inputs.masks]
     rng = random.Random(settings.seed)
     opt = torch.optim.Adam(params, lr=settings.lr)
-    steps_per_pass = len(_step_groups(train, tokens, settings.batch_tokens))
+    steps_per_pass = len(token_groups(train, tokens, settings.batch_tokens))
     eval_every = settings.eval_every or max(1, min(steps_per_pass, 10))
     score = (lambda: objective.mean_loss(valid)) if valid else (lambda: objective.mean_loss(train))
     initial = score()
@@ -184,7 +171,7 @@ def refit_layer(objective: BlockObjective, params: list[nn.Parameter], train: li
     while step < settings.steps and bad < settings.patience:
         order = list(train)
         rng.shuffle(order)
-        for group in _step_groups(order, tokens, settings.batch_tokens):
+        for group in token_groups(order, tokens, settings.batch_tokens):
             n_tok = sum(tokens[b] for b in group)
             grads = [torch.zeros_like(p) for p in params]
             step_loss = 0.0
