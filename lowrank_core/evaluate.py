@@ -67,32 +67,41 @@ def _cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> float:
     return float(F.cross_entropy(logits.float(), targets, reduction="none").double().sum())
 
 
-def answer_loss_sum(model: nn.Module, batch: dict) -> tuple[float, int]:
-    """(Σ cross-entropy over answer tokens in float64, number of answer tokens) for one padded batch.
-
-    Token t is predicted from positions < t; positions are counted from each row's first real token,
-    and padding is masked, so right padding leaves every row's result unchanged.
-    """
+def logits_at(model: nn.Module, batch: dict, positions: torch.Tensor) -> torch.Tensor:
+    """Logits [n, vocab] at ``positions`` [B, T] (bool) of a right-padded batch; positions are counted
+    from each row's first real token and padding is masked. For a plain-head architecture (arch table)
+    the head runs on those positions only. Shared by scoring and healing."""
     device = model_device(model)
     input_ids = batch["input_ids"].to(device)
     attention_mask = batch["attention_mask"].to(device)
-    labels = batch["labels"].to(device)
-    targets = labels[:, 1:]
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    if bool(attention_mask.all()):  # no padding: let the model take its plain causal path
+        attention_mask = None
+    positions = positions.to(device)
+    spec = arch_of(model, strict=False)
+    if spec is not None and spec.plain_head:
+        hidden = spec.decoder_of(model)(input_ids=input_ids, attention_mask=attention_mask,
+                                        position_ids=position_ids, use_cache=False).last_hidden_state
+        return spec.head_of(model)(hidden[positions])
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                 use_cache=False).logits[positions]
+
+
+def answer_loss_sum(model: nn.Module, batch: dict) -> tuple[float, int]:
+    """(Σ cross-entropy over answer tokens in float64, number of answer tokens) for one padded batch.
+
+    Token t is predicted from position t-1 (``logits_at`` the positions before answer tokens), so right
+    padding leaves every row's result unchanged.
+    """
+    targets = batch["labels"][:, 1:]
     selected = targets != IGNORE_INDEX
     n = int(selected.sum())
     if n == 0:
         return 0.0, 0
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    if bool(attention_mask.all()):  # no padding: let the model take its plain causal path
-        attention_mask = None
-    spec = arch_of(model, strict=False)
-    if spec is not None and spec.plain_head:  # logits = head(last hidden): the head runs on answer tokens only
-        hidden = spec.decoder_of(model)(input_ids=input_ids, attention_mask=attention_mask,
-                                        position_ids=position_ids, use_cache=False).last_hidden_state
-        return answer_loss_from_hidden(model, hidden, labels)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   use_cache=False).logits
-    return _cross_entropy_sum(logits[:, :-1][selected], targets[selected]), n
+    positions = torch.zeros_like(batch["labels"], dtype=torch.bool)
+    positions[:, :-1] = selected
+    logits = logits_at(model, batch, positions)
+    return _cross_entropy_sum(logits, targets[selected].to(logits.device)), n
 
 
 def evaluate_models(models: dict, tokenizer, examples: Iterable[Example], n: Optional[int] = None,

@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .arch import arch_of
 from .data import IGNORE_INDEX, batch_tokens, calibration_batches, split_examples, token_groups
+from .evaluate import logits_at
 from .export import low_rank_modules
 from .layerwise import model_device
 from .options import option, parse_count
@@ -154,20 +154,6 @@ def _own_norms(student: nn.Module, teacher: nn.Module) -> None:
 
 
 # ----------------------------------------------------------------------------- the objective
-def _real_logits(model: nn.Module, batch: dict, positions: torch.Tensor) -> torch.Tensor:
-    """Logits [n, vocab] at the ``positions`` [B, T] (bool) of a right-padded batch."""
-    device = model_device(model)
-    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    attention = None if bool(mask.all()) else mask
-    spec = arch_of(model, strict=False)
-    if spec is not None and spec.plain_head:
-        hidden = spec.decoder_of(model)(input_ids=ids, attention_mask=attention, position_ids=position_ids,
-                                        use_cache=False).last_hidden_state
-        return spec.head_of(model)(hidden[positions])
-    return model(input_ids=ids, attention_mask=attention, position_ids=position_ids, use_cache=False).logits[positions]
-
-
 def batch_loss(teacher: nn.Module, student: nn.Module, batch: dict, loss: str) -> tuple[torch.Tensor, int]:
     """(summed loss over the batch's scored tokens — differentiable w.r.t. the student —, token count).
 
@@ -182,11 +168,11 @@ def batch_loss(teacher: nn.Module, student: nn.Module, batch: dict, loss: str) -
         n = int(positions.sum())
         if n == 0:
             return torch.zeros((), device=device), 0
-        logits = _real_logits(student, batch, positions)
+        logits = logits_at(student, batch, positions)
         return F.cross_entropy(logits.float(), targets[positions[:, :-1]], reduction="sum"), n
     with torch.no_grad():
-        t_logp = F.log_softmax(_real_logits(teacher, batch, mask).float(), dim=-1)
-    s_logp = F.log_softmax(_real_logits(student, batch, mask).float(), dim=-1)
+        t_logp = F.log_softmax(logits_at(teacher, batch, mask).float(), dim=-1)
+    s_logp = F.log_softmax(logits_at(student, batch, mask).float(), dim=-1)
     kl = (t_logp.exp() * (t_logp - s_logp)).sum()
     return kl, int(mask.sum())
 

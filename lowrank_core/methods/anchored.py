@@ -40,11 +40,12 @@ from torch import Tensor, nn
 
 from ..arch import ARCHS, arch_of
 from ..calibrate import _add_symmetric_product
-from ..decompose import (Factors, FactorizationError, WhitenedBasis, Whitening, solver_threads, whitened_factors,
+from ..decompose import (Factors, FactorizationError, WhitenedBasis, Whitening, solver_threads,
                          whitening)
 from ..layerwise import call_layer, to_device
 from ..progress import Progress, ensure_progress
-from .base import LayerContext, Method, register
+from .base import LayerContext, register
+from .whitened import Whitened
 
 __all__ = ["Anchored", "anchored_target", "anchored_factors", "input_keys"]
 
@@ -115,7 +116,7 @@ class _Done(Exception):
 
 # ----------------------------------------------------------------------------- the method
 @register
-class Anchored(Method):
+class Anchored(Whitened):
     name = "anchored"
     summary = ("sequential closed form: each layer's matrices map the student's inputs to the teacher's "
                "outputs (whitened truncation of the least-squares map)")
@@ -123,11 +124,7 @@ class Anchored(Method):
     needs_grams = True
     sequential = True
 
-    def factorize(self, weight, rank, gram=None, bias=None):
-        if gram is None:
-            raise FactorizationError(f"method {self.name!r} needs the input Gram matrix (gram=...); collect it "
-                                     "with calibrate.collect_grams or use method 'svd'")
-        return whitened_factors(weight, gram, rank, bias=bias)
+    # factorize: the whitened closed form (inherited); refine_layer re-solves each layer below
 
     @torch.no_grad()
     def layer_statistics(self, ctx: LayerContext, names: list[str],

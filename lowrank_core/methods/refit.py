@@ -27,12 +27,12 @@ import torch
 from torch import nn
 
 from ..data import token_groups
-from ..decompose import whitened_factors
 from ..layerwise import LayerInputs, call_layer, to_device
 from ..options import option
 from ..progress import Progress, ensure_progress
 from ..student import build_student
-from .base import LayerContext, Method, register
+from .base import LayerContext, register
+from .whitened import Whitened
 
 TARGETS = ("block", "matrix")
 
@@ -206,15 +206,13 @@ def refit_layer(objective: BlockObjective, params: list[nn.Parameter], train: li
 
 
 @register
-class Refit(Method):
+class Refit(Whitened):
+    """The whitened closed form (inherited ``factorize``), then :meth:`refine_layer`."""
+
     name = "refit"
     summary = "whitened, then a sequential block-level Adam refit of each decoder layer (student's inputs)"
     order = 2
-    needs_grams = True
     sequential = True
-
-    def factorize(self, weight, rank, gram=None, bias=None):
-        return whitened_factors(weight, gram, rank, bias=bias)
 
     def refine_layer(self, ctx: LayerContext, names: list[str], progress: Progress) -> Optional[dict]:
         """Block-level refit of ``names`` in float32 (``ctx.settings.refit``); ``ctx.factors`` updated in place."""
