@@ -11,7 +11,7 @@ import importlib
 import json
 import sys
 
-COMMANDS = ("count", "evaluate", "compress", "spectrum", "run", "search")
+COMMANDS = ("count", "evaluate", "compare", "compress", "spectrum", "run", "search")
 
 
 class CliError(Exception):

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+from .compare import CompareSettings, Comparison, compare_models
 from .compress import CompressResult, CompressSettings, compress
 from .data import Split, make_split
-from .evaluate import default_batch_size, evaluate_models
+from .evaluate import default_batch_size
 from .export import FORMATS, ExportResult, build_manifest, check_target, export_student
 from .heal import HealResult, HealSettings, heal
 from .models import DEVICES, DTYPES, LoadedModel, load_config, load_model
@@ -56,6 +57,11 @@ class EvalSpec:
     batch_size: Optional[int] = option(None, minimum=1, help="examples per forward pass (default: 1 on CPU, 8 "
                                                              "on CUDA)")
     max_len: Optional[int] = option(None, minimum=8, help="tokens per example (default: the calibration max_len)")
+    margin: str = option(CompareSettings.margin, help="equivalence margin of the paired comparison: nats (0.02) or "
+                                                      "percent of the teacher loss ('1%')")
+
+    def compare_settings(self, examples: int, batch_size: int, max_len: int) -> CompareSettings:
+        return CompareSettings(examples=examples, batch_size=batch_size, max_len=max_len, margin=self.margin)
 
 
 @dataclass
@@ -111,6 +117,7 @@ class JobSpec:
                              f"{self.data.eval} examples")
         self.settings().validate()
         self.heal.validate()
+        self.evaluate.compare_settings(1, 1, 8).validate()
         if self.export is not None:
             check_target(Path(self.export.dir), self.export.force)
 
@@ -124,7 +131,8 @@ class JobSpec:
 
 @dataclass
 class JobResult:
-    """What a job produced. ``evaluation``: {"teacher", "student"} EvalResults ({} when not scored)."""
+    """What a job produced. ``evaluation``: {"teacher", "student"} EvalResults ({} when not scored);
+    ``comparison``: the paired comparison behind them (``Comparison``), None when not scored."""
 
     spec: JobSpec
     loaded: LoadedModel
@@ -132,6 +140,7 @@ class JobResult:
     compressed: CompressResult
     accounting: Accounting
     evaluation: dict = field(default_factory=dict)
+    comparison: Optional[Comparison] = None
     healed: Optional[HealResult] = None
     export: Optional[ExportResult] = None
     seconds: dict = field(default_factory=dict)
@@ -148,8 +157,12 @@ class JobResult:
             source=self.loaded.name, fingerprint=self.loaded.fingerprint, plan=self.spec.plan,
             method=self.spec.method.method, settings=self.spec.settings(), split=self.split.info,
             teacher_metrics=ev.get("teacher"), student_metrics=ev.get("student"), job=self.spec.to_dict(),
-            layers=self.compressed.layers, heal=_heal_summary(self.healed),
+            layers=self.compressed.layers, heal=_heal_summary(self.healed), comparison=self.comparison_summary(),
             accounting={k: v for k, v in self.accounting.to_dict().items() if k != "matrices"})
+
+    def comparison_summary(self) -> Optional[dict]:
+        """The paired comparison's report (``Comparison.summary``), None when the job was not scored."""
+        return self.comparison.summary() if self.comparison is not None else None
 
     def to_dict(self) -> dict:
         """JSON-ready record (what ``compress --json`` and ``run --json`` print)."""
@@ -163,7 +176,8 @@ class JobResult:
                 "params_after": c.params_after, "ratio": c.params_after / c.params_before,
                 "accounting": self.accounting.to_dict(), "split": self.split.info.to_dict(),
                 "teacher": t, "student": s, "teacher_loss": t["loss"] if t else None,
-                "student_loss": s["loss"] if s else None, "evaluation": ev, "compress": c.to_dict(),
+                "student_loss": s["loss"] if s else None, "evaluation": ev,
+                "comparison": self.comparison_summary(), "compress": c.to_dict(),
                 "heal": self.healed.to_dict() if self.healed is not None else None,
                 "export": self.export.to_dict() if self.export is not None else None, "seconds": self.seconds}
 
@@ -253,14 +267,16 @@ def heal_job(result: JobResult, progress: Optional[Progress] = None) -> HealResu
 
 def evaluate_job(result: JobResult, n: Optional[int] = None, batch_size: Optional[int] = None,
                  progress: Optional[Progress] = None) -> dict:
-    """Score teacher and student on the same batches of the first ``n`` (default ``spec.eval_examples``)
-    evaluation examples of the split (those whose prompt fills max_len are counted as skipped); stores
-    and returns {"teacher", "student"} EvalResults."""
+    """The paired comparison of teacher and student on the same batches of the first ``n`` (default
+    ``spec.eval_examples``) evaluation examples of the split (those whose prompt fills max_len are counted
+    as skipped); stores the Comparison and returns (and stores) its {"teacher", "student"} EvalResults."""
     spec = result.spec
     batch_size = batch_size or spec.evaluate.batch_size or default_batch_size(result.loaded.device)
-    result.evaluation = evaluate_models({"teacher": result.loaded.model, "student": result.student},
-                                        result.loaded.tokenizer, result.split.eval[: n or spec.eval_examples],
-                                        batch_size=batch_size, max_len=eval_max_len(spec), progress=progress)
+    n = n or spec.eval_examples
+    settings = spec.evaluate.compare_settings(n, batch_size, eval_max_len(spec))
+    result.comparison = compare_models(result.loaded.model, {"student": result.student}, result.loaded.tokenizer,
+                                       result.split.eval[:n], settings, progress=progress)["student"]
+    result.evaluation = {side: result.comparison.eval_result(side) for side in ("teacher", "student")}
     return result.evaluation
 
 

@@ -50,6 +50,7 @@ def _comparable(manifest: dict) -> dict:
     m.pop("created")
     for side in ("teacher", "student"):
         m["metrics"][side].pop("seconds")
+    m["comparison"].pop("seconds")
     m["job"].pop("name")
     m["job"]["export"].pop("dir")
     return m

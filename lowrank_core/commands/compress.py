@@ -64,6 +64,8 @@ def print_report(record: dict) -> None:
         t, s = record["teacher"], record["student"]
         print(f"teacher loss  {t['loss']:.4f}   student loss {s['loss']:.4f}   delta {s['loss'] - t['loss']:+.4f} nats "
               f"({t['examples']} eval examples, {t['tokens']:,} answer tokens)")
+        if record.get("comparison"):
+            print(record["comparison"]["verdict_text"])
     h = record["heal"]
     if h is not None:
         print(f"healing: {h['tokens']:,} tokens, {h['steps']} steps, validation {h['settings']['loss']} "

@@ -59,6 +59,8 @@ def summary(record: dict) -> str:
                 for name, r in (("teacher", t), ("student", s))]
         lines += [format_table(rows, ["model", "loss", "perplexity", "tokens", "examples", "skipped"]),
                   f"loss change  {s['loss'] - t['loss']:+.4f}"]
+        if record.get("comparison"):
+            lines.append(f"verdict      {record['comparison']['verdict_text']}")
     lines.append(f"parameters   {acc['original']:,} -> {acc['compressed']:,} ({acc['ratio']:.2%})")
     x = record["export"]
     if x is not None:

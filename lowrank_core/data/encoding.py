@@ -139,36 +139,46 @@ def collate(encoded: list, pad_token_id: int) -> dict:
 
 
 def iter_encoded_batches(tokenizer, examples: Iterable[Example], batch_size: int = 8, max_len: int = 512,
-                         limit: Optional[int] = None, stats: Optional[dict] = None) -> Iterator[tuple]:
+                         limit: Optional[int] = None, stats: Optional[dict] = None,
+                         sort_window: int = 1) -> Iterator[tuple]:
     """(batch dict, the batch's examples): ``iter_batches`` that also hands back the examples.
 
     Consumes ``examples`` lazily; stops after ``limit`` encoded examples (None = all). Examples whose
     answer does not survive truncation are skipped; ``stats["skipped"]`` counts them when given.
+    ``sort_window`` > 1 buffers ``batch_size * sort_window`` encoded examples and batches them sorted by
+    length (little padding; memory stays bounded); 1 keeps source order.
     """
     if int(batch_size) < 1:
         raise ValueError(f"batch_size {batch_size!r} must be >= 1")
+    if int(sort_window) < 1:
+        raise ValueError(f"sort_window {sort_window!r} must be >= 1")
     stats = stats if stats is not None else {}
     stats.setdefault("skipped", 0)
     if limit is not None and limit <= 0:
         return
     eot, pad = end_of_turn_id(tokenizer), pad_id(tokenizer)
-    encoded, group, taken = [], [], 0
+    buffer, taken, capacity = [], 0, int(batch_size) * int(sort_window)
+
+    def flush():
+        if sort_window > 1:
+            buffer.sort(key=lambda pair: len(pair[0].input_ids))
+        for i in range(0, len(buffer), batch_size):
+            chunk = buffer[i:i + batch_size]
+            yield collate([e for e, _ in chunk], pad), [x for _, x in chunk]
+        buffer.clear()
+
     for example in examples:
         enc = encode_example(tokenizer, example, max_len, end_of_turn=eot)
         if enc is None:
             stats["skipped"] += 1
             continue
-        encoded.append(enc)
-        group.append(example)
+        buffer.append((enc, example))
         taken += 1
-        last = limit is not None and taken >= limit
-        if len(encoded) == batch_size or last:
-            yield collate(encoded, pad), group
-            encoded, group = [], []
-        if last:
-            return
-    if encoded:
-        yield collate(encoded, pad), group
+        if len(buffer) == capacity:
+            yield from flush()
+        if limit is not None and taken >= limit:
+            break
+    yield from flush()
 
 
 def iter_batches(tokenizer, examples: Iterable[Example], batch_size: int = 8, max_len: int = 512) -> Iterator[dict]:

@@ -4,9 +4,11 @@
   export, and :func:`export_student` (write into a temporary sibling -> verify -> move into place);
 - :mod:`.verify`: reload an export as a user would and compare it with the in-memory student;
 - :mod:`.manifest`: ``lowrank.json`` (what was compressed, how, with what result);
+- :mod:`.card`: ``README.md``, the Hugging Face model card drawn from the manifest, and ``recipe.yaml``;
 - :mod:`.load`: load a factorized export with lowrank_core's own ``LowRankLinear``;
 - :mod:`.common`: ``ExportError``, ``FORMATS``, finding a student's low-rank modules.
 """
+from .card import model_card
 from .common import FORMATS, ExportError, low_rank_modules
 from .load import load_factorized
 from .manifest import MANIFEST, build_manifest, read_manifest
@@ -14,5 +16,5 @@ from .verify import ExportVerificationError, reload_export, verify_export
 from .write import ExportResult, check_target, export_student, write_export
 
 __all__ = ["FORMATS", "MANIFEST", "ExportError", "ExportResult", "ExportVerificationError", "build_manifest",
-           "check_target", "export_student", "load_factorized", "low_rank_modules", "read_manifest",
+           "check_target", "export_student", "load_factorized", "low_rank_modules", "model_card", "read_manifest",
            "reload_export", "verify_export", "write_export"]

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 FORMATS = ("dense", "factorized")
+MODELING_FILE = "modeling_lowrank.py"  # copied into every factorized export
 
 
 class ExportError(ValueError):

@@ -12,6 +12,7 @@ from torch import nn
 from .. import __version__
 from ..archmap import count_parameters
 from ..plan import load_plan
+from .card import invocation
 from .common import low_rank_modules, ranks_of
 
 MANIFEST = "lowrank.json"
@@ -56,9 +57,11 @@ def dense_parameter_count(model: nn.Module) -> int:
 
 
 def complete_manifest(manifest: Optional[dict], student: nn.Module, format: str) -> dict:
-    """The caller's ``manifest`` plus format, ranks, parameters (in memory / stored), tool version, UTC time."""
+    """The caller's ``manifest`` plus format, ranks, parameters (in memory / stored), tool version, UTC time,
+    and ``command`` (the CLI invocation, or None) unless the caller gave one."""
     m = build_manifest()
     m.update(_plain(manifest or {}))
+    m.setdefault("command", invocation())
     stored = count_parameters(student) if format == "factorized" else dense_parameter_count(student)
     m.update(format=format, ranks=ranks_of(student),
              parameters={"student": count_parameters(student), "stored": stored},

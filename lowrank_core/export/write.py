@@ -9,8 +9,9 @@
   architecture's transformers classes (from the arch table) filled in.
 
 :func:`export_student` writes into a temporary sibling folder, verifies it (:mod:`.verify`) and renames
-it into place; any error (also Ctrl-C) removes it. The student shares tensors with the teacher:
-nothing is modified.
+it into place; any error (also Ctrl-C) removes it. Every export also holds ``lowrank.json`` (:mod:`.manifest`),
+``README.md``, a Hugging Face model card, and ``recipe.yaml``, the job's recipe (:mod:`.card`).
+The student shares tensors with the teacher: nothing is modified.
 """
 from __future__ import annotations
 
@@ -30,11 +31,11 @@ from torch import nn
 
 from ..arch import FACTORIZED_PREFIX, ArchSpec, UnsupportedArchitectureError, arch_of
 from ..progress import Progress, ensure_progress
-from .common import FORMATS, ExportError, low_rank_modules, model_dtype, ranks_of
+from .card import write_card
+from .common import FORMATS, MODELING_FILE, ExportError, low_rank_modules, model_dtype, ranks_of
 from .manifest import MANIFEST, complete_manifest, write_manifest
 from .verify import verify_export
 
-MODELING_FILE = "modeling_lowrank.py"
 MODELING_TEMPLATE = Path(__file__).resolve().parent.parent / MODELING_FILE
 CONFIG_CLASS, MODEL_CLASS = "LowRankConfig", "LowRankForCausalLM"  # the classes of modeling_lowrank.py
 MAX_SHARD_BYTES = 4 * 1024 ** 3
@@ -283,14 +284,21 @@ def _folder_bytes(folder: Path, suffix: str = "") -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and p.name.endswith(suffix))
 
 
+def _write_records(folder: Path, manifest: dict) -> None:
+    """``lowrank.json``, ``README.md`` (the model card) and ``recipe.yaml`` of ``manifest``."""
+    write_manifest(folder, manifest)
+    write_card(folder, manifest)
+
+
 def export_student(student: nn.Module, tokenizer, target_dir: Union[str, Path], format: str = "dense",
                    manifest: Optional[dict] = None, force: bool = False, verify: bool = True, probe=None,
                    eval_examples=None, tolerance: Optional[float] = None,
                    max_shard_bytes: int = MAX_SHARD_BYTES, progress: Optional[Progress] = None) -> ExportResult:
     """Write ``student`` to ``target_dir`` as a ``dense`` or ``factorized`` export and verify it.
 
-    ``manifest``: the caller's part of ``lowrank.json`` (see :func:`.manifest.build_manifest`); ranks,
-    parameters, tool version, creation time and the verification result are added here. ``probe``: texts
+    ``manifest``: the caller's part of ``lowrank.json`` (see :func:`.manifest.build_manifest`; it may hold
+    ``comparison`` and ``command``); ranks, parameters, tool version, creation time and the verification
+    result are added here, and ``README.md`` (:mod:`.card`) and ``recipe.yaml`` are written from it. ``probe``: texts
     or input ids [B, T] for the logit comparison (default: two short chat prompts). ``eval_examples``:
     examples whose answer loss is computed on the reloaded export and on the student. Raises ExportError
     for a bad format, an unsupported model (factorized) or an existing target without ``force``;
@@ -306,13 +314,13 @@ def export_student(student: nn.Module, tokenizer, target_dir: Union[str, Path], 
     try:
         full = complete_manifest(manifest, student, format)
         write_export(student, tokenizer, tmp, format, max_shard_bytes, progress)
-        write_manifest(tmp, full)
+        _write_records(tmp, full)
         t_write = time.perf_counter() - t0
         check = {"max_logit_diff": None, "tolerance": None, "reload_loss": None, "student_loss": None}
         if verify:
             check = verify_export(student, tokenizer, tmp, format, probe, eval_examples, tolerance, progress)
             full["verification"] = check
-            write_manifest(tmp, full)
+            _write_records(tmp, full)
         t_verify = time.perf_counter() - t0 - t_write
         _ordinary_permissions(tmp)
         check_target(target, force)  # the target may have appeared meanwhile

@@ -1,0 +1,292 @@
+"""Paired teacher/student comparison on held-out examples: one streaming pass, per-example sums, a verdict.
+
+Teacher and every student see the same batches. For each example only scalars are kept (answer tokens,
+Σ CE of the teacher and of the student, Σ KL(teacher ‖ student), top-1 agreements), never per-token
+tensors, so memory grows by a few floats per example whatever N; the worst examples are kept in a heap
+of fixed size. :func:`compare_models` returns one :class:`Comparison` per student; its
+:meth:`~Comparison.summary` (the ``compare --json`` report, the manifest's ``comparison``, the model
+card's evaluation) carries Δloss with a paired bootstrap interval, the z-test, the TOST verdict at a
+margin, KL, top-1 agreement and both perplexities (``stats.py`` holds the statistics).
+
+A progress callback that raises :class:`StopComparison` ends the pass early: the examples scored so far
+are kept and the comparison is marked ``stopped``.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import heapq
+import math
+import time
+from array import array
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import stats
+from .data import IGNORE_INDEX, Example, iter_encoded_batches
+from .evaluate import EvalResult, default_batch_size, logits_at
+from .layerwise import model_device
+from .options import option
+from .progress import Progress, ensure_progress
+
+EXCERPT_CHARS = 240
+
+
+class StopComparison(Exception):
+    """Raised by a progress callback to end a comparison early, keeping what was scored."""
+
+
+@dataclass
+class CompareSettings:
+    """How a comparison is run and judged."""
+
+    examples: int = option(200, minimum=1, flag="--n", help="evaluation examples scored (eval side of the split)")
+    margin: str = option("1%", help="equivalence margin: nats (0.02) or percent of the teacher loss ('1%')")
+    level: float = option(0.95, help="confidence level of the reported interval")
+    alpha: float = option(0.05, help="level of each one-sided test of the equivalence verdict")
+    bootstrap: int = option(2000, minimum=1, help="paired bootstrap replicates (examples resampled)")
+    worst: int = option(10, minimum=0, help="examples where the student loses most, kept for the report")
+    batch_size: Optional[int] = option(None, minimum=1, flag="--eval-batch-size", help="examples per forward pass (default: 1 on CPU, 8 on "
+                                                             "CUDA; batches are length-bucketed)")
+    max_len: int = option(512, minimum=8, flag="--eval-max-len", help="tokens per evaluation example (prompt + answer)")
+    bf16: bool = option(False, help="bfloat16 autocast for the forward passes (CUDA; losses stay float32)")
+    seed: int = option(0, minimum=0, flag="--bootstrap-seed", help="bootstrap seed")
+
+    def validate(self, teacher_loss: float = 1.0) -> None:
+        """Every check that needs no model: levels, margin syntax."""
+        if not 0.0 < self.level < 1.0:
+            raise ValueError(f"level {self.level!r} must be in (0, 1)")
+        if not 0.0 < self.alpha < 0.5:
+            raise ValueError(f"alpha {self.alpha!r} must be in (0, 0.5)")
+        stats.parse_margin(self.margin, teacher_loss)
+
+
+@dataclass
+class Comparison:
+    """One student against the teacher on the same examples: per-example scalars (scoring order) and the
+    worst examples. Losses in nats; ``diff`` = student − teacher Σ CE per example."""
+
+    settings: CompareSettings
+    keys: list = field(default_factory=list)
+    tokens: array = field(default_factory=lambda: array("q"))
+    teacher: array = field(default_factory=lambda: array("d"))
+    student: array = field(default_factory=lambda: array("d"))
+    kl: array = field(default_factory=lambda: array("d"))
+    agree: array = field(default_factory=lambda: array("q"))
+    worst_heap: list = field(default_factory=list)  # (diff, order, key, prompt excerpt, tokens)
+    skipped: int = 0
+    stopped: bool = False
+    seconds: float = 0.0
+    _summary: Optional[dict] = field(default=None, repr=False)  # computed once: the bootstrap is not free
+
+    @property
+    def examples(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def diff(self) -> list:
+        return [s - t for s, t in zip(self.student, self.teacher)]
+
+    def loss(self, which: str) -> float:
+        values = self.teacher if which == "teacher" else self.student
+        return math.fsum(values) / max(1, sum(self.tokens))
+
+    def fingerprint(self) -> str:
+        """sha256 (16 hex) over the sorted keys of the scored examples (order-free: batches are bucketed)."""
+        h = hashlib.sha256()
+        for key in sorted(self.keys):
+            h.update(key.encode("ascii") + b"\n")
+        return h.hexdigest()[:16]
+
+    def eval_result(self, which: str) -> EvalResult:
+        """The token-weighted mean of one side, as :func:`evaluate.evaluate_models` reports it."""
+        loss = self.loss(which)
+        return EvalResult(loss=loss, perplexity=_perplexity(loss), tokens=int(sum(self.tokens)),
+                          examples=self.examples, seconds=self.seconds, skipped=self.skipped,
+                          fingerprint=self.fingerprint())
+
+    def test(self) -> stats.PairedTest:
+        s = self.settings
+        margin = stats.parse_margin(s.margin, self.loss("teacher"))
+        return stats.paired_test(self.tokens, self.diff, margin, level=s.level, alpha=s.alpha, reps=s.bootstrap,
+                                 seed=s.seed)
+
+    def worst(self) -> list[dict]:
+        rows = sorted(self.worst_heap, reverse=True)
+        return [{"key": key, "prompt": prompt, "delta": d, "delta_per_token": d / max(1, n), "tokens": n}
+                for d, _, key, prompt, n in rows]
+
+    def summary(self) -> dict:
+        """The report: sizes, both losses and perplexities, Δ with interval, tests, verdict, KL, top-1."""
+        if self._summary is None:
+            self._summary = self._report()
+        return self._summary
+
+    def _report(self) -> dict:
+        if not self.examples or sum(self.tokens) == 0:
+            raise ValueError(f"no answer tokens were scored ({self.skipped} examples skipped because the prompt "
+                             f"filled max_len={self.settings.max_len}); nothing to compare")
+        t_loss, s_loss, test = self.loss("teacher"), self.loss("student"), self.test()
+        n_tokens = int(sum(self.tokens))
+        return {"examples": self.examples, "tokens": n_tokens, "skipped": self.skipped, "stopped": self.stopped,
+                "fingerprint": self.fingerprint(), "teacher_loss": t_loss, "student_loss": s_loss,
+                "teacher_perplexity": _perplexity(t_loss), "student_perplexity": _perplexity(s_loss),
+                "delta": test.delta, "delta_se": test.se, "delta_ci": list(test.ci), "ci_level": test.level,
+                "p_value": test.p_value, "margin": test.margin, "margin_arg": str(self.settings.margin),
+                "alpha": test.alpha, "tost_ci": list(test.tost_ci), "tost_p": test.tost_p,
+                "verdict": test.verdict, "verdict_text": stats.verdict_sentence(test, t_loss),
+                "more_examples": test.more_examples, "kl": math.fsum(self.kl) / n_tokens,
+                "top1_agreement": sum(self.agree) / n_tokens, "bootstrap": self.settings.bootstrap,
+                "worst": self.worst(), "seconds": self.seconds}
+
+    def rows(self) -> list[dict]:
+        """Per-example rows (scoring order): key, tokens, teacher/student Σ CE and mean CE, Δ, KL, top-1."""
+        out = []
+        for i, key in enumerate(self.keys):
+            n = self.tokens[i]
+            out.append({"key": key, "tokens": n, "teacher_sum": self.teacher[i], "student_sum": self.student[i],
+                        "teacher_loss": self.teacher[i] / n, "student_loss": self.student[i] / n,
+                        "delta": (self.student[i] - self.teacher[i]) / n, "kl": self.kl[i] / n,
+                        "top1_agreement": self.agree[i] / n})
+        return out
+
+    def interval_path(self, points: int = 12) -> list[dict]:
+        s = self.settings
+        return stats.interval_path(self.tokens, self.diff, level=s.level, reps=min(500, s.bootstrap), seed=s.seed,
+                                   points=points)
+
+
+def _perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else math.inf
+
+
+def _autocast(model: nn.Module, enabled: bool):
+    if not enabled:
+        return contextlib.nullcontext()
+    device = model_device(model)
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+
+
+def _per_example(values: torch.Tensor, rows: torch.Tensor, batch: int) -> list[float]:
+    """Per-row float64 sums of per-token ``values`` [n] at batch rows ``rows`` [n]."""
+    return torch.zeros(batch, dtype=torch.float64).index_add_(0, rows, values.double().cpu()).tolist()
+
+
+def _excerpt(example: Example) -> str:
+    text = " ".join(example.user.split())
+    return text if len(text) <= EXCERPT_CHARS else text[: EXCERPT_CHARS - 1] + "…"
+
+
+def score_batch(teacher: nn.Module, students: dict, batch: dict, bf16: bool = False) -> dict:
+    """Per-row scalars of one padded batch: {"tokens": [B], "teacher": [B] Σ CE, name: {"ce", "kl", "agree"}}.
+
+    Positions are those predicting answer tokens (token t from position t-1); KL(teacher ‖ student) is
+    summed over the vocabulary per token (float32) and over tokens per row (float64)."""
+    targets = batch["labels"][:, 1:]
+    selected = targets != IGNORE_INDEX
+    positions = torch.zeros_like(batch["labels"], dtype=torch.bool)
+    positions[:, :-1] = selected
+    rows = positions.nonzero()[:, 0]
+    size = batch["labels"].shape[0]
+    out = {"tokens": selected.sum(dim=1).tolist()}
+    if not bool(selected.any()):
+        out["teacher"] = [0.0] * size
+        for name in students:
+            out[name] = {"ce": [0.0] * size, "kl": [0.0] * size, "agree": [0] * size}
+        return out
+    with _autocast(teacher, bf16):
+        t_logits = logits_at(teacher, batch, positions).float()
+    goal = targets[selected].to(t_logits.device)
+    t_logp = F.log_softmax(t_logits, dim=-1)
+    del t_logits
+    out["teacher"] = _per_example(-t_logp.gather(1, goal[:, None])[:, 0], rows, size)
+    t_top = t_logp.argmax(dim=-1)
+    t_p = t_logp.exp()
+    for name, student in students.items():
+        with _autocast(student, bf16):
+            s_logp = F.log_softmax(logits_at(student, batch, positions).float(), dim=-1).to(t_logp.device)
+        kl = (t_p * (t_logp - s_logp)).sum(dim=-1)
+        out[name] = {"ce": _per_example(-s_logp.gather(1, goal[:, None])[:, 0], rows, size),
+                     "kl": _per_example(kl, rows, size),
+                     "agree": [int(v) for v in _per_example((s_logp.argmax(dim=-1) == t_top).double(), rows, size)]}
+        del s_logp, kl
+    return out
+
+
+def compare_models(teacher: nn.Module, students: dict, tokenizer, examples: Iterable[Example],
+                   settings: Optional[CompareSettings] = None, progress: Optional[Progress] = None) -> dict:
+    """{student name: Comparison}: teacher and every student scored on the same batches of (up to
+    ``settings.examples`` of) ``examples``, consumed lazily. ``progress(done, total, message)`` after each
+    batch, the message holding the first student's running Δ ± its 95% half-width."""
+    settings = settings or CompareSettings()
+    settings.validate()
+    if not students:
+        raise ValueError("compare needs at least one student")
+    if "teacher" in students:
+        raise ValueError("'teacher' cannot name a student")
+    progress = ensure_progress(progress)
+    n = int(settings.examples)
+    total = min(n, len(examples)) if hasattr(examples, "__len__") else n
+    batch_size = settings.batch_size or default_batch_size(model_device(teacher))
+    results = {name: Comparison(settings) for name in students}
+    first = next(iter(students))
+    running = {"n": 0.0, "d": 0.0, "nn": 0.0, "nd": 0.0, "dd": 0.0}
+    counts = {"skipped": 0}
+    start = time.perf_counter()
+    order = 0
+    with torch.inference_mode():
+        try:
+            for batch, group in iter_encoded_batches(tokenizer, examples, batch_size, settings.max_len, limit=n,
+                                                     stats=counts, sort_window=8 if batch_size > 1 else 1):
+                scored = score_batch(teacher, students, batch, settings.bf16)
+                for row, example in enumerate(group):
+                    k = scored["tokens"][row]
+                    for name, result in results.items():
+                        _add(result, example, order, k, scored["teacher"][row], scored[name], row)
+                    d = scored[first]["ce"][row] - scored["teacher"][row]
+                    for key, value in (("n", k), ("d", d), ("nn", k * k), ("nd", k * d), ("dd", d * d)):
+                        running[key] += value
+                    order += 1
+                progress(order, total, _running_message(order, running))
+        except StopComparison:
+            for result in results.values():
+                result.stopped = True
+    elapsed = time.perf_counter() - start
+    for result in results.values():
+        result.skipped, result.seconds = counts["skipped"], elapsed
+    return results
+
+
+def _add(result: Comparison, example: Example, order: int, tokens: int, teacher_ce: float, scored: dict,
+         row: int) -> None:
+    """Append one example's scalars (encoding drops examples without answer tokens, so ``tokens`` >= 1)."""
+    result.keys.append(example.key())
+    result.tokens.append(tokens)
+    result.teacher.append(teacher_ce)
+    result.student.append(scored["ce"][row])
+    result.kl.append(scored["kl"][row])
+    result.agree.append(scored["agree"][row])
+    item = (scored["ce"][row] - teacher_ce, order, example.key(), _excerpt(example), tokens)
+    if result.settings.worst:
+        if len(result.worst_heap) < result.settings.worst:
+            heapq.heappush(result.worst_heap, item)
+        elif item > result.worst_heap[0]:
+            heapq.heapreplace(result.worst_heap, item)
+
+
+def _running_message(count: int, sums: dict) -> str:
+    if sums["n"] <= 0:
+        return "no answer tokens yet"
+    delta, se = sums["d"] / sums["n"], stats.running_se(count, sums)
+    half = f" ± {1.96 * se:.4f}" if math.isfinite(se) else ""
+    return f"Δloss {delta:+.4f}{half} nats/token"
+
+
+def compare(teacher: nn.Module, student: nn.Module, tokenizer, examples: Iterable[Example],
+            settings: Optional[CompareSettings] = None, progress: Optional[Progress] = None) -> Comparison:
+    """One student against the teacher (see :func:`compare_models`)."""
+    return compare_models(teacher, {"student": student}, tokenizer, examples, settings, progress)["student"]
