@@ -14,6 +14,7 @@ are kept and the comparison is marked ``stopped``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import heapq
 import math
@@ -108,6 +109,12 @@ class Comparison:
         return EvalResult(loss=loss, perplexity=_perplexity(loss), tokens=int(sum(self.tokens)),
                           examples=self.examples, seconds=self.seconds, skipped=self.skipped,
                           fingerprint=self.fingerprint())
+
+    def judged(self, margin: str) -> "Comparison":
+        """The same scores judged at another equivalence ``margin`` (nothing is rescored)."""
+        stats.parse_margin(margin, self.loss("teacher"))
+        return dataclasses.replace(self, settings=dataclasses.replace(self.settings, margin=str(margin)),
+                                   _summary=None)
 
     def test(self) -> stats.PairedTest:
         s = self.settings

@@ -298,7 +298,9 @@ def load_model(source: str = "default", dtype: str = "float32", device: str = "a
     factorized = factorized_export_config(source)
     if factorized is not None:
         folder = Path(source).expanduser()
-        model, tokenizer = _factorized_model(folder, factorized), AutoTokenizer.from_pretrained(str(folder))
+        # the tokenizer is a plain one: never let its config's auto_map run (or prompt for) remote code
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+        model = _factorized_model(folder, factorized)
     elif source in TINY_SOURCES:
         model, tokenizer = tiny_model("llama" if source == "tiny" else source.split("-", 1)[1])
     else:

@@ -197,19 +197,25 @@ def test_compress_builds_the_student_and_reuses_a_finished_job():
     assert at.text_area(key="compress_plan").value == "mlp:r8"  # the form keeps what was submitted
 
 
-def test_compress_job_runs_in_the_background_with_the_form_disabled(monkeypatch):
+def hold_back(monkeypatch, module, name: str):
+    """Make ``module.<name>`` wait (up to 60 s) for the returned event: a job that stays running."""
     import threading
 
-    import lowrank_core.compress
-
     release = threading.Event()
-    real = lowrank_core.compress.compress
+    real = getattr(module, name)
 
     def held_back(*args, **kwargs):
         release.wait(60)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(lowrank_core.compress, "compress", held_back)
+    monkeypatch.setattr(module, name, held_back)
+    return release
+
+
+def test_compress_job_runs_in_the_background_with_the_form_disabled(monkeypatch):
+    import lowrank_core.compress
+
+    release = hold_back(monkeypatch, lowrank_core.compress, "compress")
     at = started("pages/compress.py")
     at.text_area(key="compress_plan").set_value("mlp:r8")
     at.form_submit_button[0].click().run()
@@ -254,29 +260,101 @@ def test_compress_heals_and_draws_the_healing_curve():
     assert [t["name"] for t in curve] == ["train", "valid"] and len(curve[0]["y"]) == job.healed.steps
 
 
-def test_evaluate_scores_teacher_and_student_like_the_engine():
+def evaluated(plan: str = "mlp:r8") -> AppTest:
+    at = compressed(plan)
+    at.switch_page("pages/evaluate.py").run()
+    at.button(key="eval_go").click().run()
+    assert not at.exception, at.exception
+    assert at.session_state["lowrank_pending_compare"].wait(120)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_evaluate_compares_teacher_and_student_like_the_engine():
+    from lowrank_core.compare import CompareSettings, compare
     from lowrank_core.compress import CompressSettings, compress
     from lowrank_core.data import make_split
     from lowrank_core.evaluate import evaluate_models
     from lowrank_core.models import load_model
     from lowrank_core.methods.refit import RefitSettings
 
-    at = compressed("mlp:r8")
-    at.switch_page("pages/evaluate.py").run()
-    at.button(key="eval_go").click().run()
-    assert not at.exception, at.exception
-    table = at.dataframe[0].value.set_index("model")
+    at = evaluated()
     lm = load_model("tiny", device="cpu")
     split = make_split("chatterbot", n_calib=16, n_eval=32, seed=0)
     student = compress(lm.model, lm.tokenizer, "mlp:r8", split.calib,
                        CompressSettings(calib=16, max_len=128, refit=RefitSettings(seed=0))).student
     expected = evaluate_models({"teacher": lm.model, "student": student}, lm.tokenizer, split.eval, max_len=128)
-    assert table.loc["teacher", "loss"] == pytest.approx(expected["teacher"].loss, abs=1e-6)
-    assert table.loc["student", "loss"] == pytest.approx(expected["student"].loss, abs=1e-6)
-    assert set(plotly_specs(at)) >= {"eval_bars"}
+    engine = compare(lm.model, student, lm.tokenizer, split.eval, CompareSettings(examples=32, max_len=128)).summary()
+    shown = metrics(at)
+    assert shown["Δ loss (student − teacher)"] == f"{expected['student'].loss - expected['teacher'].loss:+.4f}"
+    assert shown["95% interval"] == "[{:+.4f}, {:+.4f}]".format(*engine["delta_ci"])
+    assert shown["top-1 agreement"] == f"{engine['top1_agreement']:.1%}"
+    verdict = texts(at.success) + texts(at.error) + texts(at.warning)
+    assert engine["verdict_text"] in verdict
+    assert {"eval_hist", "eval_scatter", "eval_path"} <= set(plotly_specs(at))
+    worst = at.dataframe[0].value
+    assert len(worst) == 10 and worst["delta"].is_monotonic_decreasing
     runs = at.dataframe[-1].value
     assert runs.loc[0, "student_loss"] == pytest.approx(expected["student"].loss, abs=1e-6)
-    assert at.download_button(key="runs_csv").label == "Download runs as CSV"
+    assert runs.loc[0, "verdict"] == engine["verdict"] and runs.loc[0, "eval_examples"] == 32
+    assert list(runs.columns[:8]) == ["run", "time", "plan", "method", "of_original", "eval_examples",
+                                      "teacher_loss", "student_loss"]
+    for key in ("eval_json", "eval_csv", "runs_csv"):
+        assert at.download_button(key=key)
+    job = at.session_state["lowrank_results"][at.session_state["lowrank_current_job"]]
+    assert job.comparison_summary()["delta"] == pytest.approx(engine["delta"], abs=1e-9)  # the export carries it
+
+
+def test_evaluate_margin_rejudges_without_rescoring_and_bad_margin_is_an_error():
+    at = evaluated()
+    before = at.session_state["lowrank_comparisons"]
+    at.text_input(key="eval_margin").set_value("1000%").run()
+    assert "Equivalent" in texts(at.success)
+    assert at.session_state["lowrank_comparisons"] is before and "lowrank_pending_compare" not in at.session_state
+    at.text_input(key="eval_margin").set_value("lots").run()
+    assert "bad margin 'lots'" in texts(at.error)
+    assert "eval_hist" not in plotly_specs(at) and not [b for b in at.button if b.key == "eval_go"]
+
+
+def test_evaluate_shows_answers_side_by_side():
+    at = evaluated()
+    at.number_input(key="answers_k").set_value(2)
+    at.number_input(key="answers_tokens").set_value(6).run()
+    at.button(key="answers_go").click().run()
+    assert not at.exception, at.exception
+    captions = texts(at.caption)
+    assert captions.count("teacher · ") == 4 and captions.count("student · ") == 4  # 2 prompts x greedy, sampled
+    assert "greedy" in texts(at.markdown) and "sampled" in texts(at.markdown)
+
+
+def test_evaluate_stop_keeps_the_examples_scored(monkeypatch):
+    import threading
+
+    import lowrank_core.compare as compare_mod
+
+    gate, real = threading.Event(), compare_mod.score_batch
+    calls = []
+
+    def slow(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 3:
+            gate.wait(30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(compare_mod, "score_batch", slow)
+    at = compressed("mlp:r8")
+    at.switch_page("pages/evaluate.py").run()
+    at.button(key="eval_go").click().run()
+    job = at.session_state["lowrank_pending_compare"]
+    job.request_stop()
+    gate.set()
+    assert job.wait(60)
+    at.run()
+    assert not at.exception, at.exception
+    (comparison,) = at.session_state["lowrank_comparisons"].values()
+    assert comparison.stopped and 1 <= comparison.examples < 32
+    assert "stopped early" in texts(at.success) + texts(at.error) + texts(at.warning)
 
 
 def test_export_writes_a_verified_folder_and_refuses_to_overwrite(tmp_path):

@@ -174,11 +174,17 @@ def test_click_through_every_page(tmp_path):
         shot(page, "4-compress")
 
         open_page(page, "Evaluate")
-        page.get_by_role("button", name="Evaluate on 32 examples").click()
-        page.get_by_text("Student loss").wait_for()
+        page.get_by_role("button", name="Compare on 32 examples").click()
+        page.get_by_text("Where the student loses most").wait_for()
+        page.get_by_role("button", name="Generate answers for 3 prompts").click()
+        page.get_by_text("student · ").first.wait_for()
         wait_idle(page)
-        assert "Runs of this session" in main_text(page)
+        text = main_text(page)
+        assert "Runs of this session" in text and "95% interval" in text and "KL(teacher" in text
+        assert any(v in text for v in ("Equivalent:", "Not equivalent:", "Inconclusive at"))
+        assert page.locator(".js-plotly-plot").count() == 3  # histogram, scatter, interval path
         assert page.get_by_role("button", name="Download runs as CSV").count() == 1
+        assert page.get_by_role("button", name="Download the report (JSON)").count() == 1
         shot(page, "5-evaluate")
 
         open_page(page, "Export")
@@ -191,6 +197,8 @@ def test_click_through_every_page(tmp_path):
         wait_idle(page)
         shot(page, "6-export")
         assert (export_dir / "lowrank.json").is_file() and (export_dir / "config.json").is_file()
+        card = (export_dir / "README.md").read_text()
+        assert "## Evaluation" in card and "Paired comparison on 32 held-out examples" in card
         assert not errors, errors
 
 

@@ -257,3 +257,18 @@ def test_cli_refuses_bad_input_before_loading_anything(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["compare", "--teacher", "tiny", "--student", str(tmp_path / "empty")]) == 2
     assert "config.json" in capsys.readouterr().err
+
+
+def test_cli_compares_an_export_folder_like_the_job_that_wrote_it(tmp_path, capsys):
+    folder = tmp_path / "student"
+    common = ["--data", "chatterbot", "--calib", "8", "--max-len", "64"]
+    assert main(["compress", "--model", "tiny", "--plan", "mlp:r8", *common, "--eval", "12", "--export", str(folder),
+                 "--format", "factorized", "--json"]) == 0
+    job = json.loads(capsys.readouterr().out)["comparison"]
+    assert main(["compare", "--teacher", "tiny", "--student", str(folder), *common, "--n", "12",
+                 "--eval-max-len", "64", "--json"]) == 0
+    (s,) = json.loads(capsys.readouterr().out)["students"]
+    assert s["examples"] == job["examples"] == 12 and s["fingerprint"] == job["fingerprint"]
+    assert s["delta"] == pytest.approx(job["delta"], abs=1e-6) and s["verdict"] == job["verdict"]
+    card = (folder / "README.md").read_text()
+    assert job["verdict_text"] in card

@@ -12,6 +12,7 @@ import time
 
 import streamlit as st
 
+from lowrank_core.compare import StopComparison
 from lowrank_core.heal import HealSettings, progress_point
 from lowrank_core.job import DataSpec, JobResult, JobSpec, ModelSpec, run_job
 
@@ -63,22 +64,30 @@ def store_result(key: str, job: JobResult) -> dict:
            "of_original": result.params_after / max(1, result.params_before),
            "mean_rel_error": sum(errors) / len(errors) if errors else None,
            "max_rel_error": max(errors) if errors else None, "seconds": result.timings.get("total"),
-           "eval_examples": None, "teacher_loss": None, "student_loss": None,
+           "data": spec.data.source, "seed": spec.data.seed, "split": job.split.info.fingerprint,
+           "eval_examples": None, "teacher_loss": None, "student_loss": None, "delta": None, "delta_lo": None,
+           "delta_hi": None, "verdict": None, "margin": None, "kl": None, "top1": None,
            "teacher_ppl": None, "student_ppl": None}
     state.runs().append(row)
     return row
 
 
-def record_eval(key: str, n: int, teacher, student) -> None:
-    """Keep teacher/student scores on the job (its export manifest carries them) and write them into
-    every runs-table row of job ``key``."""
+def record_eval(key: str, n: int, teacher, student, comparison=None) -> None:
+    """Keep teacher/student scores (and the paired ``comparison`` behind them) on the job, so its export
+    manifest and model card carry them, and write them into every runs-table row of job ``key``."""
     job = state.results().get(key)
     if job is not None:
         job.evaluation = {"teacher": teacher, "student": student}
+        job.comparison = comparison
+    extra = {}
+    if comparison is not None:
+        s = comparison.summary()
+        extra = {"delta": s["delta"], "delta_lo": s["delta_ci"][0], "delta_hi": s["delta_ci"][1],
+                 "verdict": s["verdict"], "margin": s["margin"], "kl": s["kl"], "top1": s["top1_agreement"]}
     for row in state.runs():
         if row["job"] == key:
-            row.update(eval_examples=n, teacher_loss=teacher.loss, student_loss=student.loss,
-                       teacher_ppl=teacher.perplexity, student_ppl=student.perplexity)
+            row.update(eval_examples=student.examples, teacher_loss=teacher.loss, student_loss=student.loss,
+                       teacher_ppl=teacher.perplexity, student_ppl=student.perplexity, **extra)
 
 
 def run_label(key: str) -> str:
@@ -114,6 +123,7 @@ class BackgroundJob:
         self._phases: dict[str, tuple[int, int, str]] = {}
         self.heal_curve: list[tuple[int, float, float]] = []  # (tokens, train loss, valid loss) while healing
         self._lock = threading.Lock()
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(work,), name=f"lowrank-job-{key}", daemon=True)
         self._thread.start()
 
@@ -123,7 +133,18 @@ class BackgroundJob:
         except BaseException as e:  # noqa: BLE001 - reported on the page
             self.error = e
 
+    def request_stop(self) -> None:
+        """Ask the work to stop: its next progress report raises ``StopComparison`` (work that catches it
+        keeps what it has; other work fails with it)."""
+        self._stop.set()
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop.is_set()
+
     def progress(self, done: int, total: int, message: str = "") -> None:
+        if self._stop.is_set():
+            raise StopComparison
         point = progress_point(message)
         with self._lock:
             self._phases[phase_of(message)] = (done, total, message)
@@ -133,6 +154,11 @@ class BackgroundJob:
     def snapshot(self) -> list[tuple[int, int, str]]:
         with self._lock:
             return list(self._phases.values())
+
+    def failure(self, what: str) -> str:
+        """The page's message for the error that ended the job: '<what> failed: ...'."""
+        e = self.error
+        return f"{what} failed: {e}" if isinstance(e, ValueError) else f"{what} failed: {type(e).__name__}: {e}"
 
     @property
     def finished(self) -> bool:

@@ -126,8 +126,8 @@ def _how_to_load(m: dict) -> str:
         return ("## How to load\n\n```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
                 'path = "path/to/this/folder"\n'
                 "model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)\n"
-                "tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)\n```\n\n"
-                f"`trust_remote_code=True` runs one file only: the bundled `{MODELING_FILE}` (torch and "
+                "tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)  # no custom code\n```\n\n"
+                f"For the model, `trust_remote_code=True` runs one file only: the bundled `{MODELING_FILE}` (torch and "
                 "transformers, nothing else), which subclasses the base architecture's transformers classes "
                 "and builds each matrix listed in `config.json` (`lowrank_ranks`) as two linears, "
                 "`down [r × in]` then `up [out × r]`. Read it before loading; when loading from the Hub, pin "

@@ -80,7 +80,7 @@ def _check_tokenizer(folder: Path, format: str, probes: Sequence[torch.Tensor], 
     """The saved tokenizer (and chat template) must encode the probe texts exactly as the original."""
     from transformers import AutoTokenizer
 
-    saved = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=(format == "factorized"))
+    saved = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     for a, b in zip(probes, _probe_ids(saved, probe, device)):
         if not torch.equal(a, b):
             raise ExportVerificationError(f"the tokenizer saved in {folder} encodes the probe text differently "
