@@ -13,6 +13,7 @@ st.set_page_config(page_title="lowrank lab", page_icon=":material/compress:", la
 PAGES = [
     st.Page("pages/model_data.py", title="Model & data", icon=":material/memory:", default=True),
     st.Page("pages/budget.py", title="Budget", icon=":material/calculate:"),
+    st.Page("pages/search.py", title="Search", icon=":material/query_stats:"),
     st.Page("pages/spectra.py", title="Spectra", icon=":material/show_chart:"),
     st.Page("pages/compress.py", title="Compress", icon=":material/compress:"),
     st.Page("pages/evaluate.py", title="Evaluate", icon=":material/balance:"),

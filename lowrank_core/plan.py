@@ -258,7 +258,8 @@ def _number(value) -> Optional[float]:
 
 
 def load_plan(source: Union[str, Path, Plan, dict]) -> Plan:
-    """A plan from a Plan, a dict, a ``.yaml``/``.yml``/``.json`` file, or the compact string form."""
+    """A plan from a Plan, a dict, a ``.yaml``/``.yml``/``.json`` file, YAML or JSON text of a mapping
+    (``rules: ...``, as :meth:`Plan.to_yaml` writes it), or the compact string form."""
     if isinstance(source, Plan):
         return source
     if isinstance(source, (dict, list)):
@@ -274,15 +275,22 @@ def load_plan(source: Union[str, Path, Plan, dict]) -> Plan:
                 data = json.loads(raw)
             except json.JSONDecodeError as e:
                 raise PlanError(f"plan file {text!r} is not valid JSON: {e}") from None
-        else:
-            import yaml
-
-            try:
-                data = yaml.safe_load(raw)
-            except yaml.YAMLError as e:
-                raise PlanError(f"plan file {text!r} is not valid YAML: {e}") from None
-        return plan_from_dict(data)
+            return plan_from_dict(data)
+        return _plan_from_yaml(raw, f"plan file {text!r}")
+    if text.lstrip().startswith(("rules", "{")):  # a mapping's text: never a compact rule
+        return _plan_from_yaml(text, "plan text")
     return parse_plan_string(text)
+
+
+def _plan_from_yaml(raw: str, what: str) -> Plan:
+    """``plan_from_dict`` of YAML text (JSON text is YAML too)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise PlanError(f"{what} is not valid YAML: {e}") from None
+    return plan_from_dict(data)
 
 
 @dataclass(frozen=True)

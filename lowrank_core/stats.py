@@ -95,17 +95,25 @@ def percentile_interval(replicates: np.ndarray, level: float) -> tuple[float, fl
     return float(lo), float(hi)
 
 
-def parse_margin(margin: Union[str, float], teacher_loss: float) -> float:
-    """Equivalence margin in nats: ``"1%"`` = 1 % of ``teacher_loss``; ``0.02`` / ``"0.02"`` = 0.02 nats."""
-    text = str(margin).strip()
+def loss_difference(value: Union[str, float], teacher_loss: float, what: str = "margin",
+                    allow_zero: bool = False) -> float:
+    """A loss difference in nats: ``"1%"`` = 1 % of ``teacher_loss``; ``0.02`` / ``"0.02"`` = 0.02 nats.
+    ``what`` names it in errors (ValueError); it must be finite and > 0 (>= 0 with ``allow_zero``)."""
+    text = str(value).strip()
     try:
-        value = float(text[:-1]) * teacher_loss / 100.0 if text.endswith("%") else float(text)
+        nats = float(text[:-1]) * teacher_loss / 100.0 if text.endswith("%") else float(text)
     except ValueError:
-        raise ValueError(f"bad margin {margin!r}; use nats (e.g. 0.02) or a percent of the teacher loss "
+        raise ValueError(f"bad {what} {value!r}; use nats (e.g. 0.02) or a percent of the teacher loss "
                          "(e.g. '1%')") from None
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"margin {margin!r} must be a finite number > 0 (nats or percent of the teacher loss)")
-    return value
+    if not math.isfinite(nats) or nats < 0 or (nats == 0 and not allow_zero):
+        raise ValueError(f"{what} {value!r} must be a finite number {'>=' if allow_zero else '>'} 0 (nats or "
+                         "percent of the teacher loss)")
+    return nats
+
+
+def parse_margin(margin: Union[str, float], teacher_loss: float) -> float:
+    """Equivalence margin in nats (see :func:`loss_difference`; 0 is not a margin)."""
+    return loss_difference(margin, teacher_loss, "margin")
 
 
 @dataclass

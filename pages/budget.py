@@ -15,6 +15,7 @@ ensure_app()
 
 MISTRAL_FIXTURE = "tests/fixtures/mistral-7b-openorca-config.json"
 COLUMNS = ["layers", "modules", "rank", "keep", "dense", "method"]
+SOURCE = "Budget page"  # the plan source this page stores under
 DEFAULT_ROWS = [{"layers": "all", "modules": "mlp", "rank": None, "keep": 0.9, "dense": False, "method": ""}]
 
 
@@ -47,8 +48,12 @@ st.caption("Later rules override earlier ones. modules: attn, mlp, all, or names
            "layers: all, 17, 6-31 (inclusive), 0-3,8; give a rank, a keep fraction (of the matrix's "
            "parameters) or tick dense to leave matrices alone.")
 presets = preset_plans(n_layers)
-version = st.session_state.setdefault("budget_editor_version", 0)
 stored = state.stored_plan()
+if stored and stored["source"] != SOURCE and st.session_state.get("budget_rows"):
+    # a plan opened on another page (Search) since this page last stored its rows: show that plan, not them
+    st.session_state["budget_rows"] = rows_from_plan(stored["plan"])
+    st.session_state["budget_editor_version"] = st.session_state.get("budget_editor_version", 0) + 1
+version = st.session_state.setdefault("budget_editor_version", 0)
 initial = st.session_state.get("budget_rows") or (rows_from_plan(stored["plan"]) if stored else DEFAULT_ROWS)
 with st.expander("Start from a preset or import a plan"):
     c1, c2 = st.columns([2, 3])
@@ -88,7 +93,7 @@ except PlanError as e:
     st.error(f"Plan error: {e}")
     stop_page()
 st.session_state["budget_rows"] = rows_from_plan(plan)
-state.store_plan(plan, "Budget page")
+state.store_plan(plan, SOURCE)
 
 c1, c2, c3, c4 = st.columns(4)
 c1.metric("original parameters", f"{acc.original:,}")

@@ -1,7 +1,6 @@
 """Compress: build a student from a plan, with progress; per-matrix errors, hidden MSE and refit curves."""
 from __future__ import annotations
 
-import time
 
 import pandas as pd
 import streamlit as st
@@ -13,6 +12,7 @@ from lowrank_core import plan as plan_mod
 from lowrank_core.methods import refit as refit_mod
 from ui import cache, charts, jobs, state
 from ui.entry import ensure_app, stop_page
+from ui.progress import job_status
 
 ensure_app()
 FORM_KEY = "lowrank_compress_form"
@@ -28,8 +28,8 @@ def draw_form(v: dict, default_plan: str, n_calib: int, busy: bool) -> dict:
     a widget resets it), so the real widgets come back afterwards showing the submitted values."""
     sfx = "_busy" if busy else ""
     with st.form("compress_form"):
-        st.caption("Plan: prefilled from the Budget page when you built one there; YAML or the compact form "
-                   "(e.g. `6-29:attn:r16; 0-6:mlp:r16`).")
+        st.caption("Plan: prefilled from the Budget page (or a point opened on the Search page); YAML or the "
+                   "compact form (e.g. `6-29:attn:r16; 0-6:mlp:r16`).")
         plan = st.text_area("Plan", value=default_plan, height=120, key="compress_plan" + sfx, disabled=busy)
         c1, c2, c3, c4 = st.columns(4)
         names = list(methods.names())
@@ -84,16 +84,8 @@ def draw_form(v: dict, default_plan: str, n_calib: int, busy: bool) -> dict:
 @st.fragment(run_every=0.5)
 def job_progress(job, name: str) -> None:
     """Progress of the running job, redrawn every 0.5 s; a full rerun once it has finished."""
-    if job.finished:
-        st.rerun()
     method = job.info["spec"].method.method
-    with st.status(f"Compressing {name} ({method}) — {time.monotonic() - job.started:.0f} s", expanded=True):
-        phases = job.snapshot()
-        if not phases:
-            st.write("preparing calibration batches…")
-        for done, total, message in phases:
-            st.progress(min(1.0, done / total) if total > 0 else 0.0,
-                        text=f"{message} ({done}/{total})" if total > 0 else message)
+    with job_status(job, f"Compressing {name} ({method})", "preparing calibration batches…"):
         if job.heal_curve:
             tokens, train, valid = zip(*job.heal_curve)
             st.plotly_chart(charts.line_chart({"train (last step)": train, "valid (last check)": valid},
@@ -149,9 +141,7 @@ if form.pop("submitted"):
 if running and pending.finished:
     st.session_state.pop(state.JOB_KEY, None)
     if pending.error is not None:
-        e = pending.error
-        st.session_state[ERROR_KEY] = f"Compression failed: {e}" if isinstance(e, ValueError) else \
-            f"Compression failed: {type(e).__name__}: {e}"
+        st.session_state[ERROR_KEY] = pending.failure("Compression")
     else:
         jobs.store_result(pending.key, pending.result)
     st.rerun()  # enable the form again and show the result (or the error)

@@ -3,7 +3,6 @@ side by side; the runs table."""
 from __future__ import annotations
 
 import json
-import time
 
 import pandas as pd
 import streamlit as st
@@ -14,7 +13,7 @@ from lowrank_core.compare import CompareSettings, compare_models
 from lowrank_core.generate import side_by_side
 from ui import cache, jobs, proof, state
 from ui.entry import ensure_app, stop_page
-from ui.progress import draw_phases, run_with_status
+from ui.progress import job_status, run_with_status
 
 ensure_app()
 
@@ -29,10 +28,7 @@ RUN_COLUMNS = ["run", "time", "plan", "method", "of_original", "eval_examples", 
 @st.fragment(run_every=0.5)
 def compare_progress(job) -> None:
     """Progress of the running comparison (its running Δ ± half-width), a Stop button; full rerun at the end."""
-    if job.finished:
-        st.rerun()
-    with st.status(f"Comparing teacher and student — {time.monotonic() - job.started:.0f} s", expanded=True):
-        draw_phases(job.snapshot(), "encoding the first batch…")
+    with job_status(job, "Comparing teacher and student", "encoding the first batch…"):
         if st.button("Stop and keep what is scored", key="compare_stop", disabled=job.stop_requested):
             job.request_stop()
         st.caption("Runs in the background: other pages stay usable. Stopping keeps every example scored so far.")

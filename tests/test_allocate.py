@@ -275,6 +275,37 @@ def test_parameter_target_within_one_step(trained, split, profile):
         _alloc(trained, split, profile, budget="1%", target_params=target)
 
 
+def test_every_pareto_point_opens_as_a_plan(trained, split, profile, binding):
+    model, _ = trained
+    result = _alloc(trained, split, profile, budget=binding)
+    assert result.plan_at(result.steps).to_dict() == result.plan.to_dict()
+    assert result.ranks_at(result.steps) == result.ranks and result.ranks_at(0) == {}
+    for row in result.pareto:
+        acc = account(model, result.plan_at(row["steps"]))
+        assert acc.compressed == row["params"] and row["kept"] == pytest.approx(row["params"] / result.params_before)
+    assert {r["method"] for r in result.plan_at(result.steps, method="refit").to_dict()["rules"]} == {"refit"}
+    with pytest.raises(ValueError, match="must be in 0 .. "):
+        result.plan_at(result.path_length + 1)
+    record = json.loads(json.dumps(result.to_dict()))
+    assert "path" not in record and "infos" not in record
+
+
+def test_search_goal_checks_the_goal_before_any_work(trained):
+    from lowrank_core.allocate import decoder_target, search_goal
+
+    model, _ = trained
+    assert search_goal(model) == ("1%", None)
+    assert search_goal(model, budget="0.02") == ("0.02", None)
+    assert search_goal(model, keep_params=0.5) == (None, decoder_target(model, 0.5))
+    assert search_goal(model, target_params=50_000) == (None, 50_000)
+    with pytest.raises(BudgetError, match="bad loss budget 'lots'"):
+        search_goal(model, budget="lots")
+    with pytest.raises(BudgetError, match="at most one"):
+        search_goal(model, budget="1%", keep_params=0.5)
+    with pytest.raises(BudgetError, match="must be in 1 .. "):
+        search_goal(model, target_params=10**12)
+
+
 def test_plan_rebuilds_the_same_student_through_compress(trained, split, profile, settings, binding, tmp_path):
     model, tok = trained
     result = _alloc(trained, split, profile, budget=binding)

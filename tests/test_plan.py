@@ -119,6 +119,17 @@ def test_plan_roundtrip(tmp_path, mistral_config):
     assert isinstance(plan, Plan) and plan.rules[1].method == "whitened"
 
 
+def test_plan_text_in_yaml_or_json_loads_like_its_file():
+    """The app's text areas hold ``Plan.to_yaml()`` text (a plan stored by the Budget or Search page)."""
+    plan = load_plan("6-31:attn:r16; 0-6:mlp:k0.5:whitened; lm_head:r16")
+    assert load_plan(plan.to_yaml()) == plan
+    assert load_plan(json.dumps(plan.to_dict())) == plan
+    with pytest.raises(PlanError, match="plan text is not valid YAML"):
+        load_plan("rules: [")
+    with pytest.raises(PlanError, match="unknown key.*rnak"):
+        load_plan("rules:\n  - {layers: all, modules: [attn], rnak: 16}\n")
+
+
 def test_tied_head_frees_nothing(tiny):
     model, _ = tiny
     acc = account(model, "lm_head:r4")

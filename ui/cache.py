@@ -53,6 +53,13 @@ def memo(kind: str, key: Hashable, compute: Callable[[], object], max_entries: i
     return value
 
 
+def forget(kind: str) -> None:
+    """Drop every memoised value of ``kind`` (the next page that needs one computes it again)."""
+    store = _store()
+    with store["lock"]:
+        store["kinds"].pop(kind, None)
+
+
 def cached(kind: str, key: Hashable):
     """The memoised value or None, without computing anything."""
     table = _store()["kinds"].get(kind, {})

@@ -112,3 +112,43 @@ def refit_figure(curve: dict, title: str, what: str = "refit") -> go.Figure:
                       margin=dict(t=50, b=40, l=40, r=20))
     fig.update_yaxes(type="log")
     return fig
+
+
+def pareto_figure(rows: Sequence[dict], teacher_loss: float, budget: Optional[float] = None,
+                  target_kept: Optional[float] = None, found: Optional[int] = None, chosen: Optional[int] = None,
+                  evaluation: Optional[tuple[float, float]] = None) -> go.Figure:
+    """Answer loss against the share of parameters kept along the greedy path (an allocation's Pareto rows):
+    the predicted validation loss (line), the measured one at verified points (markers), the teacher's
+    validation loss and the budget (horizontal lines), a parameter target (vertical line), the found and
+    the chosen points (by their ``steps``), and ``evaluation`` = (teacher, found student) losses on the
+    evaluation side: other examples, hence their own series."""
+    by_steps = {r["steps"]: r for r in rows}
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=[r["kept"] for r in rows], y=[r["predicted_loss"] for r in rows], mode="lines",
+                             name="predicted validation loss", line=dict(color=PALETTE[0])))
+    verified = [r for r in rows if r["verified"]]
+    fig.add_trace(go.Scatter(x=[r["kept"] for r in verified], y=[r["val_loss"] for r in verified], mode="markers",
+                             name="measured validation loss", marker=dict(color=PALETTE[1], size=9)))
+    points = (("found", found, "star", PALETTE[3]), ("chosen", chosen, "circle-open", "black"))
+    for label, steps, symbol, color in points:
+        row = by_steps.get(steps)
+        if row is not None:
+            y = row["val_loss"] if row["verified"] else row["predicted_loss"]
+            fig.add_trace(go.Scatter(x=[row["kept"]], y=[y], mode="markers", name=f"{label} point",
+                                     marker=dict(symbol=symbol, size=16, color=color, line=dict(width=2))))
+    if evaluation is not None and found in by_steps and 0 in by_steps:
+        fig.add_trace(go.Scatter(x=[by_steps[0]["kept"], by_steps[found]["kept"]], y=list(evaluation),
+                                 mode="markers+text", text=["teacher", "found"], textposition="top center",
+                                 name="evaluation loss", marker=dict(symbol="diamond", size=11, color=PALETTE[2])))
+    fig.add_hline(y=teacher_loss, line=dict(color="gray", dash="dot"), annotation_text="teacher (validation)",
+                  annotation_position="bottom left")
+    if budget is not None:
+        fig.add_hline(y=teacher_loss + budget, line=dict(color="crimson", dash="dash"),
+                      annotation_text=f"budget +{budget:.4f} nats", annotation_position="top left")
+    if target_kept is not None:
+        fig.add_vline(x=target_kept, line=dict(color="crimson", dash="dash"), annotation_text="parameter target")
+    fig.update_layout(title="loss along the greedy path (Pareto curve)",
+                      xaxis_title="parameters kept (of the original)", yaxis_title="answer loss (nats/token)", height=440, margin=dict(t=50, b=40, l=40, r=20),
+                      legend=dict(orientation="h", y=-0.2))
+    fig.update_xaxes(tickformat=".0%")
+    return fig

@@ -121,6 +121,8 @@ class BackgroundJob:
         self.error: BaseException | None = None
         self.started = time.monotonic()
         self._phases: dict[str, tuple[int, int, str]] = {}
+        self._phase_start: dict[str, tuple[float, int]] = {}  # phase -> (time, done) of its first report
+        self._last_phase: str | None = None
         self.heal_curve: list[tuple[int, float, float]] = []  # (tokens, train loss, valid loss) while healing
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -146,10 +148,28 @@ class BackgroundJob:
         if self._stop.is_set():
             raise StopComparison
         point = progress_point(message)
+        now = time.monotonic()
         with self._lock:
-            self._phases[phase_of(message)] = (done, total, message)
+            phase = phase_of(message)
+            if phase not in self._phase_start or done < self._phases[phase][0]:
+                self._phase_start[phase] = (now, done)
+            self._phases[phase] = (done, total, message)
+            self._last_phase = phase
             if point is not None:
                 self.heal_curve.append((done, *point))
+
+    def seconds_left(self) -> float | None:
+        """Estimated seconds left in the phase reported last (its rate so far), None before a rate exists."""
+        with self._lock:
+            phase = self._last_phase
+            if phase is None:
+                return None
+            done, total, _ = self._phases[phase]
+            start, first = self._phase_start[phase]
+        elapsed = time.monotonic() - start
+        if total <= 0 or done <= first or elapsed <= 0:
+            return None
+        return (total - done) * elapsed / (done - first)
 
     def snapshot(self) -> list[tuple[int, int, str]]:
         with self._lock:

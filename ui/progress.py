@@ -1,6 +1,7 @@
 """The app's ``progress(done, total, message)`` adapter: ``st.progress`` bars inside a container."""
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 
@@ -37,6 +38,33 @@ class StreamlitProgress:
             self._bars[phase] = self._container.progress(frac, text=text)
         else:
             self._bars[phase].progress(frac, text=text)
+
+
+def draw_phases(phases: list[tuple[int, int, str]], waiting: str) -> None:
+    """One bar per phase of a background job's ``snapshot()``; ``waiting`` before its first report."""
+    if not phases:
+        st.write(waiting)
+    for done, total, message in phases:
+        st.progress(min(1.0, done / total) if total > 0 else 0.0,
+                    text=f"{message} ({done}/{total})" if total > 0 else message)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
+@contextlib.contextmanager
+def job_status(job, label: str, waiting: str):
+    """Inside a polling fragment: rerun the page once ``job`` (a ``jobs.BackgroundJob``) has finished, else
+    an open ``st.status`` with the elapsed time, an estimate of the time left and one bar per phase; the
+    caller adds its own lines inside."""
+    if job.finished:
+        st.rerun()
+    left = job.seconds_left()
+    eta = f", about {_duration(left)} left" if left is not None else ""
+    with st.status(f"{label} — {_duration(time.monotonic() - job.started)}{eta}", expanded=True):
+        draw_phases(job.snapshot(), waiting)
+        yield
 
 
 def run_with_status(label: str, work, done_label: str | None = None):

@@ -36,6 +36,8 @@ def draw_sidebar(box) -> None:
         box.caption(f"{len(plan['plan'].rules)} rule(s) from {plan['source']}")
     if state.JOB_KEY in st.session_state:
         box.caption("A compression is running in the background (see **Compress**).")
+    if state.SEARCH_JOB_KEY in st.session_state:
+        box.caption("A rank-allocation search is running in the background (see **Search**).")
     key, _ = state.current_result()
     if key is not None:
         box.markdown("#### Current student")

@@ -21,6 +21,8 @@ RUNS_KEY = "lowrank_runs"          # list[dict]: one row per finished compressio
 RESULTS_KEY = "lowrank_results"    # {job key: CompressResult}
 CURRENT_KEY = "lowrank_current_job"  # job key of the result the Evaluate and Export pages use
 JOB_KEY = "lowrank_pending_job"    # jobs.BackgroundJob of the compression running now
+SEARCH_KEY = "lowrank_search"      # dict: the last finished rank-allocation search (see store_search)
+SEARCH_JOB_KEY = "lowrank_pending_search"  # jobs.BackgroundJob of the search running now
 
 
 @dataclass(frozen=True)
@@ -76,9 +78,26 @@ def current_result():
 
 
 def stored_plan():
-    """The plan the Budget page saved: dict(plan=Plan, text=yaml, source=str) or None."""
+    """The plan the Budget page saved (or the Search page opened): dict(plan=Plan, text=yaml, source=str)
+    or None."""
     return st.session_state.get(PLAN_KEY)
 
 
 def store_plan(plan, source: str) -> None:
     st.session_state[PLAN_KEY] = {"plan": plan, "text": plan.to_yaml(), "source": source}
+
+
+def search_result():
+    """The Search page's last finished search (dict, see ``store_search``) or None."""
+    return st.session_state.get(SEARCH_KEY)
+
+
+def store_search(result, evaluation: dict, model: str, fingerprint: str, goal: str) -> dict:
+    """Keep a finished search of this session: ``result`` (``allocate.Allocation``), ``evaluation``
+    ({"teacher", "student"}: EvalResult on the first evaluation examples), the model's name and
+    fingerprint, the goal as asked; ``run`` counts the session's searches."""
+    previous = search_result()
+    found = {"result": result, "evaluation": evaluation, "model": model, "fingerprint": fingerprint,
+             "goal": goal, "run": (previous["run"] if previous else 0) + 1}
+    st.session_state[SEARCH_KEY] = found
+    return found

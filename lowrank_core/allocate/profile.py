@@ -44,6 +44,7 @@ from .gradient import GRADIENT_SCORES, ComponentScores, gradient_scores
 DEFAULT_KEEPS = (0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
 PROBES = ("layer", "matrix", "gradient")
 ELIGIBLE = ATTN_MODULES + MLP_MODULES
+VAL_OVERDRAW = 4  # validation-side examples read per one wanted: long prompts do not fit val_max_len
 
 
 @dataclass
@@ -193,7 +194,8 @@ def suffix_loss(model, inputs: LayerInputs, batches: list[dict], start: int, hid
 
 def fitting_examples(tokenizer, examples, n: int, max_len: int, min_answer: int = 16) -> list:
     """The first ``n`` examples that keep at least ``min_answer`` answer tokens (or their whole answer)
-    within ``max_len`` tokens: long prompts would otherwise be dropped and leave a tiny validation set."""
+    within ``max_len`` tokens: long prompts would otherwise be dropped and leave a tiny validation set
+    (read ``VAL_OVERDRAW · n`` validation-side examples to get ``n``)."""
     eot, out = end_of_turn_id(tokenizer), []
     for ex in examples:
         enc = encode_example(tokenizer, ex, max_len, end_of_turn=eot)

@@ -10,22 +10,23 @@ healing. An optional final stage refits the found plan (method ``refit``) and ke
 validation loss drops.
 
 The result is an ordinary :class:`~lowrank_core.plan.Plan` (per-matrix ranks, method per rule) and a
-Pareto table (parameters vs validation loss along the greedy path, verified points marked).
+Pareto table (parameters vs validation loss along the greedy path, verified points marked); any of its
+points opens as a plan (:meth:`Allocation.plan_at`).
 Losses are mean answer-token cross-entropy in nats.
 """
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Optional, Sequence, Union
 
-from ..archmap import count_parameters, linear_map
+from ..archmap import LinearInfo, count_parameters, linear_map
 from ..compress import compress
 from ..heal import copy_student, heal
 from ..lowrank import LowRankLinear
 from ..plan import Plan
 from ..progress import Progress, ensure_progress
+from ..stats import loss_difference
 from ..student import build_student
 from .path import Step, greedy_path, plan_from_ranks, ranks_after
 from .profile import ELIGIBLE, Profile, SearchSettings, build_profile, low_rank_module, suffix_loss
@@ -36,16 +37,11 @@ class BudgetError(ValueError):
 
 
 def parse_budget(budget: Union[str, float, int], teacher_loss: float) -> float:
-    """Absolute Δloss in nats: ``"1%"`` = 1 % of ``teacher_loss``; ``0.02`` / ``"0.02"`` = 0.02 nats."""
-    text = str(budget).strip()
+    """Absolute Δloss in nats: ``"1%"`` = 1 % of ``teacher_loss``; ``0.02`` / ``"0.02"`` = 0.02 nats; >= 0."""
     try:
-        value = float(text[:-1]) * teacher_loss / 100.0 if text.endswith("%") else float(text)
-    except ValueError:
-        raise BudgetError(f"bad loss budget {budget!r}; use nats (e.g. 0.02) or a percent of the teacher "
-                          "loss (e.g. '1%')") from None
-    if not math.isfinite(value) or value < 0:
-        raise BudgetError(f"loss budget {budget!r} must be a finite number >= 0")
-    return value
+        return loss_difference(budget, teacher_loss, "loss budget", allow_zero=True)
+    except ValueError as e:
+        raise BudgetError(str(e)) from None
 
 
 def decoder_target(model, keep: float, modules: Sequence[str] = None) -> int:
@@ -55,6 +51,30 @@ def decoder_target(model, keep: float, modules: Sequence[str] = None) -> int:
     modules = ELIGIBLE if modules is None else tuple(modules)
     eligible = sum(li.params for li in linear_map(model) if li.layer is not None and li.module in modules)
     return count_parameters(model) - int(round((1 - keep) * eligible))
+
+
+def search_goal(model, budget: Union[str, float, None] = None, keep_params: Optional[float] = None,
+                target_params: Optional[int] = None,
+                modules: Sequence[str] = None) -> tuple[Union[str, float, None], Optional[int]]:
+    """``(budget, target_params)`` for :func:`allocate` from at most one of a loss budget (nats or ``"N%"``),
+    a keep fraction of the eligible decoder linears' parameters (:func:`decoder_target`) or a total
+    parameter target; none given = a budget of ``"1%"``. A malformed goal raises :class:`BudgetError`
+    here, before any long work (a percent budget's nats need the teacher's validation loss, measured later)."""
+    if sum(v is not None for v in (budget, keep_params, target_params)) > 1:
+        raise BudgetError("give at most one of a loss budget, a keep fraction or a parameter target")
+    if keep_params is not None:
+        return None, decoder_target(model, keep_params, modules)
+    if target_params is not None:
+        total = count_parameters(model)
+        if not 0 < int(target_params) <= total:
+            raise BudgetError(f"target_params {target_params:,} must be in 1 .. {total:,} (the model's parameters)")
+        return None, int(target_params)
+    budget = "1%" if budget is None else budget
+    parse_budget(budget, 1.0)  # its form only
+    return budget, None
+
+
+_NOT_SERIALISED = ("plan", "student", "path", "infos")
 
 
 @dataclass
@@ -80,13 +100,29 @@ class Allocation:
     refit: Optional[dict] = None
     heal: Optional[dict] = None  # healing in the loop: {prefix length: HealResult summary}
     student: object = None     # the verified student (nn.Module), not serialised
+    path: list[Step] = field(default_factory=list, repr=False)          # the greedy path, not serialised
+    infos: list[LinearInfo] = field(default_factory=list, repr=False)   # the profiled matrices, not serialised
 
     @property
     def removed(self) -> int:
         return self.params_before - self.params_after
 
+    def ranks_at(self, steps: int) -> dict[str, int]:
+        """{matrix name: rank} after the first ``steps`` moves of the greedy path (a Pareto row's ``steps``)."""
+        if not 0 <= int(steps) <= len(self.path):
+            raise ValueError(f"steps {steps!r} must be in 0 .. {len(self.path)} (the greedy path's length)")
+        return ranks_after(self.path, int(steps))
+
+    def plan_at(self, steps: int, method: Optional[str] = None) -> Plan:
+        """The plan of any point of the greedy path (a Pareto row's ``steps``): one rule per (module, rank).
+        ``method`` defaults to the one the search measured there: the found plan's (``refit`` when the refit
+        stage was kept) at the found prefix, ``whitened`` (the path's closed form) anywhere else."""
+        if method is None:
+            method = self.method if int(steps) == self.steps else "whitened"
+        return plan_from_ranks(self.ranks_at(steps), self.infos, method=method)
+
     def to_dict(self) -> dict:
-        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("plan", "student")}
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _NOT_SERIALISED}
         d["plan"] = self.plan.to_dict()
         d["removed"] = self.removed
         d["val_delta"] = self.val_loss - self.teacher_loss
@@ -177,8 +213,8 @@ def _pareto(steps: list[Step], params_before: int, teacher_loss: float, verified
         removed = steps[k - 1].removed if k else 0
         predicted = steps[k - 1].predicted if k else 0.0
         rows.append({"steps": k, "params": params_before - removed, "removed": removed,
-                     "predicted_loss": teacher_loss + predicted, "val_loss": verified.get(k),
-                     "verified": k in verified})
+                     "kept": (params_before - removed) / params_before, "predicted_loss": teacher_loss + predicted,
+                     "val_loss": verified.get(k), "verified": k in verified})
     return rows
 
 
@@ -229,7 +265,7 @@ def allocate(teacher, tokenizer, calib_examples, val_examples, budget: Union[str
         budget=nats, target_params=target_params, predicted_delta=steps[k - 1].predicted if k else 0.0,
         steps=k, path_length=len(steps), pareto=_pareto(steps, params_before, profile.teacher_loss, verifier.results),
         verified=verified, matrices=matrix_rows, timings={**profile.timings, "search": time.perf_counter() - start},
-        student=verifier.final_student(k), heal=verifier.heal_results or None)
+        student=verifier.final_student(k), heal=verifier.heal_results or None, path=steps, infos=infos)
     if settings.refit and ranks:
         _refit_stage(result, teacher, tokenizer, calib_examples, profile, progress)
     return result
@@ -239,7 +275,7 @@ def _refit_stage(result: Allocation, teacher, tokenizer, calib_examples, profile
     """Compress the found plan with method ``refit`` and re-verify; keep it when validation loss drops."""
     t0 = time.perf_counter()
     settings = replace(profile.settings.compression, method="refit")
-    plan = plan_from_ranks(result.ranks, [p.info for p in profile.matrices.values()], method="refit")
+    plan = result.plan_at(result.steps, method="refit")
     out = compress(teacher, tokenizer, plan, calib_examples, settings, progress=progress)
     pi = profile.val_inputs
     loss = suffix_loss(out.student, pi, profile.val_batches, 0, pi.hidden)

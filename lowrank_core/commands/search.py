@@ -10,8 +10,8 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
-from ..allocate import (DEFAULT_KEEPS, GRADIENT_SCORES, PROBES, SearchSettings, allocate, decoder_target,
-                        fitting_examples)
+from ..allocate import (DEFAULT_KEEPS, GRADIENT_SCORES, PROBES, VAL_OVERDRAW, SearchSettings, allocate,
+                        fitting_examples, search_goal)
 from ..cli import CliError, print_json
 from ..compress import CompressSettings
 from ..data import make_split
@@ -22,8 +22,6 @@ from ..heal import HealSettings
 from ..options import add_arguments, from_args
 from ..progress import TqdmProgress
 from ..table import format_table
-
-VAL_OVERDRAW = 4
 
 
 def _floats(text: str) -> list[float]:
@@ -86,12 +84,8 @@ def run(args) -> int:
                                                            batch_size=args.batch_size, seed=d.seed),
                               heal=replace(from_args(HealSettings, args, "heal"), seed=d.seed))
     settings.validate()  # bad options fail here, before the profile is built
-    target = None
-    if args.keep_params is not None:
-        target = decoder_target(loaded.model, args.keep_params, settings.modules)
-    elif args.target_params is not None:
-        target = args.target_params
-    budget = None if target is not None else (args.budget or "1%")
+    budget, target = search_goal(loaded.model, budget=args.budget, keep_params=args.keep_params,
+                                 target_params=args.target_params, modules=settings.modules)
     bar = TqdmProgress("search")
     try:
         result = allocate(loaded.model, loaded.tokenizer, split.calib, val, budget=budget,
