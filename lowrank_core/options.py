@@ -158,7 +158,7 @@ def add_arguments(parser, cls, section: str, prefix: str = "", optional: bool = 
             continue
         shown = "" if opt.default in (REQUIRED, None) or isinstance(opt.default, bool) else f" (default: {opt.default})"
         text = opt.help() if callable(opt.help) else opt.help
-        kw: dict = {"dest": dest, "help": (text + shown) or None}
+        kw: dict = {"dest": dest, "help": (text + shown).replace("%", "%%") or None}  # argparse formats help
         if bool not in opt.types:
             kw["metavar"] = opt.name.upper()
         if bool in opt.types:

@@ -160,6 +160,19 @@ def test_click_through_every_page(tmp_path):
         assert page.locator(".js-plotly-plot").count() == 2
         shot(page, "3-spectra")
 
+        open_page(page, "Search")
+        page.get_by_role("button", name="Search", exact=True).click()
+        page.get_by_text("Open a point as a plan").wait_for()
+        wait_idle(page)
+        text = main_text(page)
+        assert "validation Δloss" in text and "evaluation Δloss" in text
+        assert page.locator(".js-plotly-plot").count() == 1  # the Pareto curve
+        shot(page, "3b-search")
+        page.get_by_role("button", name="Open as plan on Compress page").click()
+        page.get_by_role("heading", name="Compress", exact=True).wait_for()
+        wait_idle(page)
+        assert "rules:" in page.locator('textarea[aria-label="Plan"]').input_value()
+
         open_page(page, "Compress")
         page.locator('textarea[aria-label="Plan"]').fill("mlp:r8")
         page.get_by_role("button", name="Compress").click()

@@ -31,7 +31,8 @@ def register(sub) -> None:
     p = sub.add_parser("compare", help="paired teacher/student comparison on held-out data: Δloss with its "
                                        "interval, equivalence verdict, KL, top-1 agreement, worst examples")
     add_arguments(p, ModelSpec, "model")
-    p.add_argument("--teacher", dest="model__source", default=argparse.SUPPRESS, help="the teacher (= --model)")
+    p.add_argument("--teacher", dest="model__source", default=argparse.SUPPRESS, metavar="SOURCE",
+                   help="the teacher (= --model)")
     p.add_argument("--student", action="append", required=True,
                    help="an export folder or a plan (file or compact string, e.g. 'all:k0.8'); repeat to compare "
                         "several students on the same batches")
