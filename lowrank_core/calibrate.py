@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from .arch import arch_of
 from .archmap import ALL_MODULES, LinearInfo
 from .progress import Progress, ensure_progress
+from .student import private_view
 
 
 @dataclass
@@ -152,6 +153,7 @@ def collect_grams(model: nn.Module, batches: Iterable[dict], linears: list[Linea
     reps = gram_representatives(linears)
     if not reps:
         raise ValueError("collect_grams needs at least one linear (got an empty list)")
+    model = private_view(model)  # the hooks below must never sit on a model another caller may be running
     modules = {}
     for key, info in reps.items():
         try:

@@ -48,7 +48,7 @@ from .methods.refit import RefitSettings
 from .options import option
 from .plan import Assignment, load_plan, resolve_plan
 from .progress import Progress, ensure_progress
-from .student import build_student
+from .student import build_student, private_view
 
 __all__ = ["RefitSettings", "CompressSettings", "CompressResult", "CalibrationData", "calibration_data", "compress"]
 
@@ -306,7 +306,7 @@ def _sequential(teacher, assignments, fit_b, held_b, settings, progress):
         home = next(layer.parameters()).device
         prefix = spec.layer_prefix(i)
         local = {n[len(prefix):]: a for n, a in assignments.items() if n.startswith(prefix)}
-        work = layer_on(layer, device)
+        work = private_view(layer_on(layer, device))  # hooks and taps go on a view: the teacher stays hook-free
         t0 = time.perf_counter()
         if not local:
             yt = run_layer(work, inputs, i, hidden=xt, device=device)

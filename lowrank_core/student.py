@@ -55,6 +55,12 @@ def build_student(teacher: nn.Module, replacements: Mapping[str, nn.Module]) -> 
     return copy.deepcopy(teacher, memo)
 
 
+def private_view(model: nn.Module) -> nn.Module:
+    """A new module tree sharing every tensor of ``model``: hooks put on it are seen by no other caller of
+    ``model`` (another session may be running the same teacher), and it costs no weight memory."""
+    return build_student(model, {})
+
+
 def low_rank_student(teacher: nn.Module, factors: Mapping[str, Factors], dtype=None) -> nn.Module:
     """``build_student`` with a ``LowRankLinear`` made from each entry of ``factors`` ({name: Factors})."""
     return build_student(teacher, {name: LowRankLinear.from_factors(f, dtype=dtype) for name, f in factors.items()})

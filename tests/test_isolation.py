@@ -1,0 +1,97 @@
+"""Two callers on one teacher: a compression (hooks, taps) running while another caller scores the same model
+gets exactly the results of solo runs, and leaves no hook behind."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from lowrank_core.compare import CompareSettings, compare
+from lowrank_core.compress import CompressSettings, compress
+from lowrank_core.data import make_split
+from lowrank_core.evaluate import evaluate_models
+from lowrank_core.methods.refit import RefitSettings
+from lowrank_core.models import tiny_model
+
+JOBS = [("all:k0.5", CompressSettings(calib=8, max_len=64, method="whitened")),
+        ("all:k0.5", CompressSettings(calib=8, max_len=64, method="anchored")),
+        ("mlp:k0.5", CompressSettings(calib=8, max_len=64, method="refit", refit=RefitSettings(steps=2)))]
+
+
+def _hooks(model) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def _factors(result) -> dict:
+    return {k: v.clone() for k, v in result.student.state_dict().items() if k.endswith((".down.weight", ".up.weight"))}
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    model, tok = tiny_model("llama")
+    split = make_split("chatterbot", n_calib=8, n_eval=12, seed=0)
+    return model, tok, split
+
+
+def test_compression_beside_evaluation_equals_solo_runs(setup):
+    model, tok, split = setup
+    solo_eval = evaluate_models({"teacher": model}, tok, split.eval, batch_size=3, max_len=64)["teacher"].loss
+    solo_factors = [_factors(compress(model, tok, plan, split.calib, s)) for plan, s in JOBS]
+    errors, losses, factors = [], [], []
+    running = threading.Event()
+
+    def compressing():
+        try:
+            for _ in range(3):
+                for plan, s in JOBS:
+                    factors.append(_factors(compress(model, tok, plan, split.calib, s)))
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+        finally:
+            running.set()
+
+    worker = threading.Thread(target=compressing)
+    worker.start()
+    while not running.is_set():
+        try:
+            losses.append(evaluate_models({"teacher": model}, tok, split.eval, batch_size=3, max_len=64)["teacher"].loss)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+            break
+    worker.join()
+    assert not errors, errors
+    assert len(losses) >= 2 and all(loss == solo_eval for loss in losses), (solo_eval, losses)
+    assert len(factors) == 3 * len(JOBS)
+    for i, got in enumerate(factors):
+        want = solo_factors[i % len(JOBS)]
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[k], want[k]) for k in want), JOBS[i % len(JOBS)]
+    assert _hooks(model) == 0
+
+
+def test_compare_beside_compression_equals_solo(setup):
+    model, tok, split = setup
+    student = compress(model, tok, "all:k0.5", split.calib, JOBS[0][1]).student
+    settings = CompareSettings(examples=12, batch_size=2, max_len=64, bootstrap=100)
+    solo = compare(model, student, tok, split.eval, settings).summary()
+    done, errors = threading.Event(), []
+
+    def compressing():
+        try:
+            while not done.is_set():
+                compress(model, tok, "all:k0.5", split.calib, JOBS[0][1])
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    worker = threading.Thread(target=compressing)
+    worker.start()
+    try:
+        runs = [compare(model, student, tok, split.eval, settings).summary() for _ in range(4)]
+    finally:
+        done.set()
+        worker.join()
+    assert not errors, errors
+    for r in runs:
+        assert (r["teacher_loss"], r["student_loss"], r["kl"]) == (solo["teacher_loss"], solo["student_loss"], solo["kl"])
