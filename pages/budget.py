@@ -7,8 +7,10 @@ import streamlit as st
 from lowrank_core.archmap import num_layers
 from lowrank_core import methods
 from lowrank_core.plan import PlanError, account, load_plan, plan_from_rows, rows_from_plan
+from lowrank_core.workspace import PLAN_SUFFIXES, app_source, plan_source, writable_file
 from ui import cache, state
 from ui.entry import ensure_app, stop_page
+from ui.paths import workspace_caption
 from ui.presets import preset_plans
 
 ensure_app()
@@ -31,10 +33,12 @@ targets = {f"Current model ({s.model_source})": s.model_source,
 choice = st.radio("Count parameters for", list(targets), horizontal=True, key="budget_target")
 source = targets[choice]
 if not source:
-    source = st.text_input("Path of a config.json or model folder", key="budget_config_path").strip()
-    if not source:
+    typed = st.text_input("Path of a config.json or model folder", key="budget_config_path").strip()
+    workspace_caption()
+    if not typed:
         stop_page()
 try:
+    source = source or app_source(typed, "config path")
     meta, linears = cache.config_linears(source)
 except ValueError as e:
     st.error(str(e))
@@ -68,7 +72,7 @@ with st.expander("Start from a preset or import a plan"):
             import yaml
 
             parsed = yaml.safe_load(text) if "rules" in text else None
-            imported = load_plan(parsed if parsed is not None else text.strip())
+            imported = load_plan(parsed if parsed is not None else plan_source(text))
             st.session_state["budget_rows"] = rows_from_plan(imported)
             st.session_state["budget_editor_version"] = version + 1
             st.rerun()
@@ -124,12 +128,18 @@ st.subheader("Save")
 yaml_text = plan.to_yaml()
 c1, c2 = st.columns(2)
 c1.download_button("Download plan.yaml", yaml_text, file_name="plan.yaml", mime="text/yaml", key="budget_download")
-path = c2.text_input("or save to a file", value="plan.yaml", key="budget_save_path")
+path = c2.text_input("or save to a file", value="plans/plan.yaml", key="budget_save_path")
+overwrite = c2.checkbox("Overwrite", value=False, key="budget_overwrite",
+                        help="replace a file of that name; without it an existing file is never touched")
+workspace_caption(c2)
 if c2.button("Save", key="budget_save"):
     try:
-        plan.save(path)
-        c2.success(f"Saved {path}")
+        target = writable_file(path, "plan file", overwrite=overwrite, suffixes=PLAN_SUFFIXES)
+        plan.save(target)
+        c2.success(f"Saved {target}")
+    except ValueError as e:
+        c2.error(f"Not saved: {e}")
     except OSError as e:
-        c2.error(f"Could not save {path}: {e}")
+        c2.error(f"Could not save {path!r}: {e}")
 with st.expander("Plan as YAML"):
     st.code(yaml_text, language="yaml")

@@ -10,6 +10,7 @@ from lowrank_core import heal as heal_mod
 from lowrank_core import methods
 from lowrank_core import plan as plan_mod
 from lowrank_core.methods import refit as refit_mod
+from lowrank_core.workspace import plan_source
 from ui import cache, charts, jobs, state
 from ui.entry import ensure_app, stop_page
 from ui.progress import job_status
@@ -113,7 +114,7 @@ if ERROR_KEY in st.session_state:
 if form.pop("submitted"):
     v.update(form, budget_text=budget_text)
     try:
-        plan = plan_mod.load_plan(v["plan"].strip())
+        plan = plan_mod.load_plan(plan_source(v["plan"].strip()))  # plan files only inside the workspace
         refit = refit_mod.RefitSettings(steps=v["steps"], lr=v["lr"], batch_tokens=v["batch_tokens"],
                                         valid_fraction=v["valid"], patience=v["patience"], target=v["target"],
                                         train_bias=v["train_bias"], seed=s.seed)

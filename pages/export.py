@@ -7,8 +7,10 @@ import streamlit as st
 
 from lowrank_core import export as export_mod
 from lowrank_core import job as job_mod
+from lowrank_core.workspace import export_folder
 from ui import cache, jobs, state
 from ui.entry import ensure_app, stop_page
+from ui.paths import workspace_caption
 from ui.progress import run_with_status
 
 ensure_app()
@@ -30,18 +32,25 @@ run = next((r for r in reversed(state.runs()) if r["job"] == chosen), {})
 fmt = st.radio("Format", export_mod.FORMATS, horizontal=True, key="export_format",
                help="dense: factors merged back into ordinary weights (plain transformers loads it); "
                     "factorized: the factors themselves (smaller), loadable with trust_remote_code or lowrank_core")
-default_dir = str(Path("exports") / f"{lm.name.replace('/', '_')}-run{run.get('run', 0)}-{fmt}")
+name = Path(lm.name).name if Path(lm.name).is_absolute() else lm.name.replace("/", "_")
+default_dir = str(Path("exports") / f"{name}-run{run.get('run', 0)}-{fmt}")
 target = st.text_input("Target folder", value=default_dir, key=f"export_dir_{fmt}_{chosen}")
-force = st.checkbox("Overwrite an existing folder", value=False, key="export_force")
+workspace_caption()
+replace = st.checkbox("Replace the existing folder", value=False, key="export_replace",
+                      help="without it an existing folder is never touched; a folder that is not a lowrank "
+                           "export is never replaced")
 n_check = st.number_input("Also compare answer loss after reload on N eval examples (0 = skip)", 0, 10_000,
                           0, key="export_eval")
 
 if st.button("Export and verify", type="primary", key="export_go"):
-    spec = job_mod.ExportSpec(dir=target, format=fmt, force=force, verify=True, verify_examples=int(n_check))
+    st.session_state.pop("lowrank_last_export", None)  # a failed export must not leave an earlier success
     try:
-        out = run_with_status(f"Writing a {fmt} export to {target}",
+        folder = export_folder(target, replace)
+        spec = job_mod.ExportSpec(dir=str(folder), format=fmt, force=replace, verify=True,
+                                  verify_examples=int(n_check))
+        out = run_with_status(f"Writing a {fmt} export to {folder}",
                               lambda p: job_mod.export_job(result, spec, progress=p))
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         st.error(f"Export failed: {e}")
     else:
         st.session_state["lowrank_last_export"] = out

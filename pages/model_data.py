@@ -9,8 +9,10 @@ import streamlit as st
 
 from lowrank_core.evaluate import default_batch_size, evaluate
 from lowrank_core.models import DEVICES, DTYPES
+from lowrank_core.workspace import app_source
 from ui import cache, state
 from ui.entry import ensure_app, stop_page
+from ui.paths import typed_or_current, workspace_caption
 from ui.progress import run_with_status
 
 ensure_app()
@@ -29,18 +31,26 @@ def kind_of(source: str, fixed: tuple[str, ...]) -> str:
     return "path" if Path(source).expanduser().exists() else "hub"
 
 
-def choose_source(label: str, kinds: dict, current: str, fixed: tuple[str, ...], key: str) -> str:
+def choose_source(label: str, kinds: dict, current: str, fixed: tuple[str, ...], key: str) -> tuple[str, bool]:
+    """(the source chosen, whether it was typed as a local path); "" when nothing is typed yet."""
     labels = list(kinds)
     now = kind_of(current, fixed)
     choice = st.selectbox(label, labels, index=[kinds[k] for k in labels].index(now), key=f"{key}_kind")
     kind = kinds[choice]
     if kind in ("path", "hub"):
-        hint = "/path/to/folder-or-file" if kind == "path" else "org/name"
+        hint = "folder/or/file in the workspace" if kind == "path" else "org/name"
         text = st.text_input(f"{label}: {'path' if kind == 'path' else 'hub id'}",
                              value=current if kind_of(current, fixed) == kind else "", placeholder=hint,
                              key=f"{key}_text")
-        return text.strip()
-    return current if kind == "tiny" and current.startswith("tiny") else kind
+        if kind == "path":
+            workspace_caption()
+        return text.strip(), kind == "path"
+    return (current if kind == "tiny" and current.startswith("tiny") else kind), False
+
+
+def checked_source(chosen: str, current: str, local: bool, what: str) -> str:
+    """A changed source as the engine may read it (local paths only inside the workspace)."""
+    return current if chosen == current else app_source(chosen, what, local=local)
 
 
 st.title("Model & data")
@@ -48,13 +58,14 @@ s = state.settings()
 left, right = st.columns(2)
 with left:
     st.subheader("Model")
-    source = choose_source("Model source", MODEL_KINDS, s.model_source, ("default",), "model")
+    source, model_local = choose_source("Model source", MODEL_KINDS, s.model_source, ("default",), "model")
     dtype = st.selectbox("dtype", list(DTYPES), index=list(DTYPES).index(s.dtype), key="model_dtype")
     device = st.selectbox("Device", list(DEVICES), index=list(DEVICES).index(s.device), key="model_device",
                           help="auto = CUDA when available, else CPU")
 with right:
     st.subheader("Data")
-    data_source = choose_source("Data source", DATA_KINDS, s.data_source, ("default", "chatterbot"), "data")
+    data_source, data_local = choose_source("Data source", DATA_KINDS, s.data_source, ("default", "chatterbot"),
+                                            "data")
     c1, c2, c3, c4 = st.columns(4)
     n_calib = c1.number_input("calib", 1, 100_000, s.n_calib, key="data_calib", help="calibration examples")
     n_val = c2.number_input("val", 0, 100_000, s.n_val, key="data_val",
@@ -63,13 +74,21 @@ with right:
     seed = c4.number_input("seed", 0, 2**31 - 1, s.seed, key="data_seed", help="decides each example's side")
     max_len = st.number_input("max tokens per example", 16, 32_768, s.max_len, step=64, key="data_maxlen")
 
-chosen = replace(s, model_source=source or s.model_source, dtype=dtype, device=device,
-                 data_source=data_source or s.data_source, n_calib=int(n_calib), n_val=int(n_val),
+chosen = replace(s, model_source=typed_or_current(source, s.model_source), dtype=dtype, device=device,
+                 data_source=typed_or_current(data_source, s.data_source), n_calib=int(n_calib), n_val=int(n_val),
                  n_eval=int(n_eval), seed=int(seed), max_len=int(max_len))
 if chosen != s:
     if st.button("Apply", type="primary", key="apply_settings"):
-        state.set_settings(chosen)
-        st.rerun()
+        try:  # local paths must lie in the workspace; the last good settings stay until they do
+            checked = replace(chosen, model_source=checked_source(chosen.model_source, s.model_source, model_local,
+                                                                  "model source"),
+                              data_source=checked_source(chosen.data_source, s.data_source, data_local,
+                                                         "data source"))
+        except ValueError as e:
+            st.error(f"Not applied: {e}")
+        else:
+            state.set_settings(checked)
+            st.rerun()
     st.caption("Changes take effect when you press **Apply**.")
 
 st.divider()

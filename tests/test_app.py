@@ -18,6 +18,7 @@ def tiny_env(monkeypatch, tmp_path):
     monkeypatch.setenv("LOWRANK_APP_MODEL", "tiny")
     monkeypatch.setenv("LOWRANK_APP_DATA", "chatterbot")
     monkeypatch.setenv("LOWRANK_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LOWRANK_WORKSPACE", str(tmp_path / "workspace"))  # where typed paths may point
 
 
 def _run_entrypoint_every_time(monkeypatch) -> None:
@@ -94,16 +95,21 @@ def test_model_page_apply_changes_the_split_everywhere():
 def test_bad_model_source_is_a_clear_error():
     at = started()
     at.selectbox(key="model_kind").set_value("Local folder, config.json or .gguf").run()
-    at.text_input(key="model_text").set_value("/nonexistent/model").run()
+    at.text_input(key="model_text").set_value("nonexistent/model").run()
     at.button(key="apply_settings").click().run()
     assert not at.exception, at.exception
-    assert "/nonexistent/model" in texts(at.error) and "not found" in texts(at.error)
+    assert "nonexistent/model" in texts(at.error) and "not found" in texts(at.error)
 
 
 def test_model_page_maps_a_config_only_source():
+    import shutil
+
+    from lowrank_core.workspace import workspace_dir
+
+    shutil.copy(MISTRAL_CONFIG, workspace_dir() / "mistral-config.json")
     at = started()
     at.selectbox(key="model_kind").set_value("Local folder, config.json or .gguf").run()
-    at.text_input(key="model_text").set_value(str(MISTRAL_CONFIG)).run()
+    at.text_input(key="model_text").set_value("mistral-config.json").run()
     at.button(key="apply_settings").click().run()
     assert not at.exception, at.exception
     assert "holds a config only" in texts(at.error)
@@ -357,14 +363,16 @@ def test_evaluate_stop_keeps_the_examples_scored(monkeypatch):
     assert "stopped early" in texts(at.success) + texts(at.error) + texts(at.warning)
 
 
-def test_export_writes_a_verified_folder_and_refuses_to_overwrite(tmp_path):
+def test_export_writes_a_verified_folder_and_refuses_to_overwrite():
     import json
+
+    from lowrank_core.workspace import workspace_dir
 
     at = compressed("mlp:r8")
     at.switch_page("pages/export.py").run()
     at.radio(key="export_format").set_value("factorized").run()
-    target = tmp_path / "student"
-    at.text_input[0].set_value(str(target))
+    target = workspace_dir() / "student"
+    at.text_input[0].set_value("student")  # relative to the workspace
     at.button(key="export_go").click().run()
     assert not at.exception, at.exception
     assert "Verified" in texts(at.success), texts(at.error)

@@ -126,8 +126,8 @@ def test_click_through_every_page(tmp_path):
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
     env = {"LOWRANK_APP_MODEL": "tiny", "LOWRANK_APP_DATA": "chatterbot", "LOWRANK_CACHE": str(tmp_path / "cache"),
-           "OMP_NUM_THREADS": "2"}
-    export_dir = tmp_path / "export"
+           "LOWRANK_WORKSPACE": str(tmp_path / "workspace"), "OMP_NUM_THREADS": "2"}
+    export_dir = tmp_path / "workspace" / "export"  # typed relative to the workspace
     with streamlit_server(env, tmp_path / "streamlit.log") as url, chromium() as page:
         errors: list[str] = []
         page.on("pageerror", lambda e: errors.append(str(e)))
@@ -202,7 +202,7 @@ def test_click_through_every_page(tmp_path):
 
         open_page(page, "Export")
         target = page.locator('input[aria-label="Target folder"]')
-        target.fill(str(export_dir))
+        target.fill("export")
         target.press("Enter")
         wait_idle(page)
         page.get_by_role("button", name="Export and verify").click()

@@ -31,6 +31,7 @@ from torch import nn
 
 from ..arch import FACTORIZED_PREFIX, ArchSpec, UnsupportedArchitectureError, arch_of
 from ..progress import Progress, ensure_progress
+from ..tempdirs import mark_complete, temp_sibling
 from .card import write_card
 from .common import FORMATS, MODELING_FILE, ExportError, low_rank_modules, model_dtype, ranks_of
 from .manifest import MANIFEST, complete_manifest, write_manifest
@@ -244,10 +245,8 @@ def check_target(target: Path, force: bool) -> None:
 
 
 def _temp_sibling(target: Path, tag: str) -> Path:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{tag}-", dir=target.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; an export folder gets ordinary permissions
-    return tmp
+    # mkdtemp makes 0700; an export folder gets ordinary permissions
+    return temp_sibling(target, tag, mode=0o777 & ~_umask())
 
 
 def _umask() -> int:
@@ -269,7 +268,7 @@ def _move_into_place(tmp: Path, target: Path) -> None:
     if not target.exists():
         os.replace(tmp, target)
         return
-    backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-{os.getpid()}-", dir=target.parent))
     os.rmdir(backup)
     os.replace(target, backup)
     try:
@@ -323,6 +322,7 @@ def export_student(student: nn.Module, tokenizer, target_dir: Union[str, Path], 
             _write_records(tmp, full)
         t_verify = time.perf_counter() - t0 - t_write
         _ordinary_permissions(tmp)
+        mark_complete(tmp)
         check_target(target, force)  # the target may have appeared meanwhile
         _move_into_place(tmp, target)
     except BaseException:
