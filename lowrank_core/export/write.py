@@ -228,6 +228,22 @@ def write_export(student: nn.Module, tokenizer, folder: Path, format: str,
         generation.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
+    _strip_foreign_code(folder, format)
+
+
+def _strip_foreign_code(folder: Path, format: str) -> None:
+    """No export may point at code of the source model: drop every ``auto_map`` but the factorized config's
+    own (which names only our modeling file) and every Python file but that modeling file."""
+    for name in ("tokenizer_config.json", "processor_config.json", "preprocessor_config.json") + \
+            (("config.json",) if format == "dense" else ()):
+        path = folder / name
+        if path.is_file():
+            data = json.loads(path.read_text())
+            if isinstance(data, dict) and data.pop("auto_map", None) is not None:
+                path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    for code in folder.glob("*.py"):
+        if format == "dense" or code.name != MODELING_FILE:
+            code.unlink()
 
 
 # ----------------------------------------------------------------------------- safe writing
