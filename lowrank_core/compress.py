@@ -45,8 +45,9 @@ from .layerwise import (LayerInputs, call_layer, capture_layer_inputs, to_device
                         hidden_mse, layer_on, run_layer)
 from .lowrank import LowRankLinear
 from .methods.refit import RefitSettings
+from .models import ModelSourceError, resolve_device
 from .options import option
-from .plan import Assignment, load_plan, resolve_plan
+from .plan import Assignment, check_replaces_something, load_plan, resolve_plan
 from .progress import Progress, ensure_progress
 from .student import build_student, private_view
 
@@ -80,6 +81,8 @@ class CompressSettings:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer")
         self.refit.validate()
+        if self.device is not None:
+            resolve_device(self.device, "--layer-device (method.device)")  # unknown, or a CUDA device not here
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -174,8 +177,14 @@ def compress(teacher: nn.Module, tokenizer, plan, calib_examples: Sequence, sett
     settings.validate()
     progress = ensure_progress(progress)
     start = time.perf_counter()
+    factorized = next((name for name, m in teacher.named_modules() if isinstance(m, LowRankLinear)), None)
+    if factorized is not None:
+        raise ModelSourceError(f"the teacher is already factorized ({factorized} is a LowRankLinear): a factorized "
+                               "lowrank export cannot be compressed again; compress its base model")
     linears = linear_map(teacher)
-    assignments = resolve_plan(load_plan(plan), linears, settings.method)
+    plan = load_plan(plan)
+    assignments = resolve_plan(plan, linears, settings.method)
+    check_replaces_something(plan, assignments)
     chosen = {a.method: methods.get(a.method) for a in assignments.values()}  # unknown names raise here
     examples = list(calib_examples)[: settings.calib]
     if not examples and assignments:

@@ -22,6 +22,10 @@ from .layerwise import model_device
 from .progress import Progress, ensure_progress
 
 
+class EvaluationError(ValueError):
+    """Nothing could be scored (no answer token fits), or a score is not a finite number."""
+
+
 @dataclass
 class EvalResult:
     loss: float             # mean answer-token cross-entropy, nats
@@ -140,16 +144,24 @@ def evaluate_models(models: dict, tokenizer, examples: Iterable[Example], n: Opt
             progress(done, total, f"loss {sums[first] / max(tokens, 1):.4f}")
     skipped = stats.get("skipped", 0)
     if tokens == 0:
-        raise ValueError(f"no answer tokens to score: {done} examples scored, {skipped} skipped because the "
-                         f"prompt filled max_len={max_len}; pass more examples or a larger max_len")
+        raise EvaluationError(f"no answer tokens to score: {done} examples scored, {skipped} skipped because the "
+                              f"prompt filled max_len={max_len}; pass more examples or a larger max_len")
     shared = (time.perf_counter() - start) - sum(forward_seconds.values())
     results = {}
     for name in models:
         loss = sums[name] / tokens
+        check_finite_loss(loss, name, f"{done} examples")
         results[name] = EvalResult(loss=loss, perplexity=math.exp(loss) if loss < 700 else math.inf,
                                    tokens=tokens, examples=done, seconds=shared + forward_seconds[name],
                                    skipped=skipped, fingerprint=keys.hexdigest()[:16])
     return results
+
+
+def check_finite_loss(loss: float, name: str, scored: str) -> None:
+    """``EvaluationError`` when ``loss`` is NaN or infinite: a number no comparison or JSON record can hold."""
+    if not math.isfinite(loss):
+        raise EvaluationError(f"{name}: the answer loss on {scored} is {loss} (not a finite number): its outputs "
+                              "overflow or hold NaN; try --dtype float32 or check the model's weights")
 
 
 def evaluate(model: nn.Module, tokenizer, examples: Iterable[Example], n: Optional[int] = None,

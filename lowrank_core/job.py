@@ -21,9 +21,10 @@ from .data import Split, make_split
 from .evaluate import default_batch_size
 from .export import FORMATS, ExportResult, build_manifest, check_target, export_student
 from .heal import HealResult, HealSettings, heal
-from .models import DEVICES, DTYPES, LoadedModel, load_config, load_model
-from .options import option, to_mapping
-from .plan import Accounting, Plan, account, load_plan
+from .models import DEVICES, DTYPES, LoadedModel, load_config, load_model, refuse_factorized, resolve_device
+from .options import OptionError, checked, option, to_mapping
+from .paths import check_output_folder
+from .plan import Accounting, Plan, account, check_replaces_something, load_plan
 from .progress import Progress, ensure_progress
 
 
@@ -111,14 +112,19 @@ class JobSpec:
         return max(self.data.calib, self.heal.examples if self.heal.enabled else 0)
 
     def validate(self) -> None:
-        """Every check that needs no weights: settings, evaluation size, device, export target."""
+        """Every check that needs no weights: settings, evaluation size, devices, a plan that replaces
+        something, a teacher that is not already factorized, the export target and its parent folder."""
         if self.evaluate.examples is not None and self.evaluate.examples > self.data.eval:
-            raise ValueError(f"evaluate.examples: {self.evaluate.examples} is more than the split's data.eval = "
-                             f"{self.data.eval} examples")
-        self.settings().validate()
-        self.heal.validate()
-        self.evaluate.compare_settings(1, 1, 8).validate()
+            raise OptionError(f"evaluate.examples: {self.evaluate.examples} is more than the split's data.eval = "
+                              f"{self.data.eval} examples")
+        checked("method", self.settings().validate)
+        checked("heal", self.heal.validate)
+        checked("evaluate", self.evaluate.compare_settings(1, 1, 8).validate)
+        resolve_device(self.model.device, "model.device")
+        refuse_factorized(self.model.source)
+        check_replaces_something(self.plan)
         if self.export is not None:
+            check_output_folder(self.export.dir, "export target")
             check_target(Path(self.export.dir), self.export.force)
 
     def to_dict(self) -> dict:

@@ -17,6 +17,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from .arch import ARCHS, arch_of
@@ -66,13 +68,19 @@ def cache_dir() -> Path:
     return root
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    if device not in DEVICES and not str(device).startswith("cuda:"):
-        raise ModelSourceError(f"unknown device {device!r}; allowed: {', '.join(DEVICES)} or cuda:N")
+def resolve_device(device: str = "auto", what: str = "device") -> torch.device:
+    """``device`` ('auto', 'cpu', 'cuda' or 'cuda:N') as a torch device; ``ModelSourceError`` (naming ``what``,
+    e.g. a flag) for an unknown name or a CUDA device this machine does not have."""
+    device = str(device)
+    if device not in DEVICES and not re.fullmatch(r"cuda:\d+", device):
+        raise ModelSourceError(f"unknown {what} {device!r}; allowed: {', '.join(DEVICES)} or cuda:N")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ModelSourceError(f"device {device!r} requested but CUDA is not available; use 'cpu' or 'auto'")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelSourceError(f"{what} {device!r} requested but CUDA is not available; use 'cpu' or 'auto'")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise ModelSourceError(f"{what} {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                               f"allowed: cuda:0..cuda:{torch.cuda.device_count() - 1}")
     return torch.device(device)
 
 
@@ -209,6 +217,19 @@ def _hub_error(source: str, err: Exception) -> ModelSourceError:
         f"{source} --local-dir /path/to/folder`) and pass that folder as the model source instead.")
 
 
+def _local_config(location: str, source: str, **kw):
+    """``AutoConfig.from_pretrained`` of a local file or folder; an unreadable config (not JSON, an unknown
+    ``model_type``...) is a ``ModelSourceError`` naming the source."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(location, trust_remote_code=False, **kw)  # never prompt, never run it
+    except (OSError, ValueError) as e:
+        first = (str(e).splitlines() or [""])[0][:300]
+        raise ModelSourceError(f"the config of model source {source!r} cannot be read ({type(e).__name__}: {first}); "
+                               "expected a Hugging Face config.json") from None
+
+
 def load_config(source: str = "default"):
     """A ``PretrainedConfig`` for any source, without loading weights (for accounting and the arch map)."""
     from transformers import AutoConfig
@@ -220,16 +241,16 @@ def load_config(source: str = "default"):
         return AutoConfig.from_pretrained(str(embedded_model_dir()))
     path = Path(source).expanduser()
     if path.is_file() and path.suffix == ".json":
-        return AutoConfig.from_pretrained(str(path))
+        return _local_config(str(path), source)
     if path.is_file() and path.suffix == ".gguf":
-        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        config = _local_config(str(path.parent), source, gguf_file=path.name)
         if hasattr(config, "quantization_config"):
             delattr(config, "quantization_config")
         return config
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelSourceError(f"folder {source!r} has no config.json; expected a Hugging Face model folder")
-        return AutoConfig.from_pretrained(str(path))
+        return _local_config(str(path), source)
     if _looks_like_hub_id(source):
         try:
             return AutoConfig.from_pretrained(source)
@@ -276,7 +297,10 @@ def _factorized_model(folder: Path, raw: dict) -> nn.Module:
             setattr(parent, child, LowRankLinear(old.in_features, old.out_features, rank, bias=old.bias is not None))
     state: dict[str, torch.Tensor] = {}
     for path in sorted(folder.glob("*.safetensors")):
-        state.update(load_file(str(path)))
+        try:
+            state.update(load_file(str(path)))
+        except SafetensorError as e:
+            raise _weights_error(str(path), e) from None
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = _untied_missing(missing, config)
     if missing or unexpected:
@@ -319,11 +343,22 @@ def load_model(source: str = "default", dtype: str = "float32", device: str = "a
             raise ModelSourceError(f"{source!r} holds a config only; weights are needed to load a model")
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder, **kw)
+        except ValueError as e:  # no tokenizer files it can build a tokenizer from
+            first = (str(e).splitlines() or [""])[0][:200]
+            raise ModelSourceError(f"could not load the tokenizer of {source!r} ({first}); the model folder needs "
+                                   "its tokenizer files (tokenizer.json, tokenizer_config.json)") from None
+        except OSError as e:
+            if _looks_like_hub_id(source):
+                raise _hub_error(source, e) from None
+            raise ModelSourceError(f"could not load model from {source!r}: {e}") from None
+        try:
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, **kw)
         except OSError as e:
             if _looks_like_hub_id(source):
                 raise _hub_error(source, e) from None
             raise ModelSourceError(f"could not load model from {source!r}: {e}") from None
+        except SafetensorError as e:
+            raise _weights_error(source, e) from None
         if kw:  # a GGUF load: drop the quantisation marker so the model behaves like a dense one
             model.config.__dict__.pop("quantization_config", None)
     check_supported(model.config)
@@ -333,7 +368,36 @@ def load_model(source: str = "default", dtype: str = "float32", device: str = "a
         tokenizer.chat_template = CHATML_TEMPLATE
     model = model.to(device=dev, dtype=torch_dtype).eval()
     model.requires_grad_(False)
+    check_finite(model, source, str(dtype))
     return LoadedModel(model, tokenizer, source, model_fingerprint(model), str(dtype), str(dev))
+
+
+def _weights_error(source: str, err: Exception) -> ModelSourceError:
+    first = (str(err).splitlines() or [""])[0][:200]
+    return ModelSourceError(f"the weights of {source!r} cannot be read ({first}): a corrupt or truncated .safetensors "
+                            "file; download or export the model again")
+
+
+def check_finite(model: nn.Module, source: str = "the model", dtype: str = "") -> None:
+    """``ModelSourceError`` naming the first parameter or buffer holding NaN/inf (one ``isfinite`` pass over
+    the weights: scores and factors of such a model are meaningless, so it is refused at load time)."""
+    tensors = list(model.named_parameters()) + [(n, b) for n, b in model.named_buffers() if b.is_floating_point()]
+    for name, tensor in tensors:
+        if tensor.device.type != "meta" and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            hint = "check the checkpoint" + ("" if dtype in ("", "float32") else f", or load it in float32 not {dtype}")
+            raise ModelSourceError(f"model {source!r} has non-finite weights (NaN/inf): {bad:,} of {tensor.numel():,} "
+                                   f"values of {name}; refusing to score or compress it ({hint})")
+
+
+def refuse_factorized(source: str, what: str = "model") -> None:
+    """``ModelSourceError`` when ``source`` is a factorized lowrank export: its linears are already factors
+    (compressing, searching or profiling them again is not supported)."""
+    raw = factorized_export_config(source)
+    if raw is not None:
+        base = raw.get("lowrank_base_model_type", "its base architecture")
+        raise ModelSourceError(f"{what} {source!r} is already a factorized lowrank export ({len(raw['lowrank_ranks'])} "
+                               f"matrices replaced, base {base}); compress its base model instead")
 
 
 def model_fingerprint(model: nn.Module) -> str:

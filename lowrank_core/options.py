@@ -137,6 +137,17 @@ def parse_count(text: str) -> int:
     return int(value)
 
 
+def checked(section: str, validate: Callable[[], None]) -> None:
+    """Run a settings ``validate()``: a plain ``ValueError`` it raises becomes an :class:`OptionError` whose
+    message starts with ``section`` (typed, so the CLI reports it as a user error); typed errors pass."""
+    try:
+        validate()
+    except ValueError as e:
+        if type(e) is not ValueError:
+            raise
+        raise OptionError(f"{section}: {e}") from None
+
+
 # ----------------------------------------------------------------------------- argparse
 def _dest(section: str, name: str) -> str:
     return f"{section}__{name}" if section else name

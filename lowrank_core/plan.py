@@ -86,10 +86,33 @@ def _rule_error(index: int, rule, message: str) -> PlanError:
     return PlanError(f"plan rule {index + 1} ({desc}): {message}")
 
 
-def _as_module_list(value) -> list[str]:
+def _as_module_list(value, index: int, d: dict) -> list[str]:
+    """Module names from a string (comma/space separated) or a list of strings."""
     if isinstance(value, str):
         value = [v for v in re.split(r"[,\s]+", value) if v]
-    return [str(v).strip() for v in value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise PlanError(f"plan rule {index + 1} ({d!r}): modules must be a name, a comma list or a list of names "
+                        f"(e.g. [q_proj, mlp]), got {value!r} ({type(value).__name__})")
+    return [v.strip() for v in value]
+
+
+def _typed(d: dict, index: int) -> None:
+    """Every present key has its type: a string is never a boolean, a boolean never a number."""
+    def bad(key: str, wanted: str) -> PlanError:
+        value = d[key]
+        return PlanError(f"plan rule {index + 1} ({d!r}): {key} must be {wanted}, got {value!r} "
+                         f"({type(value).__name__})")
+
+    if "dense" in d and not isinstance(d["dense"], bool):
+        raise bad("dense", "a boolean (true or false, unquoted)")
+    if d.get("rank") is not None and (isinstance(d["rank"], bool) or not isinstance(d["rank"], int)):
+        raise bad("rank", "an integer")
+    if d.get("keep") is not None and (isinstance(d["keep"], bool) or not isinstance(d["keep"], (int, float))):
+        raise bad("keep", "a number in (0, 1]")
+    if "layers" in d and (isinstance(d["layers"], bool) or not isinstance(d["layers"], (str, int))):
+        raise bad("layers", "'all', a layer number or a range such as '6-31' or '0-3,8'")
+    if d.get("method") is not None and not isinstance(d["method"], str):
+        raise bad("method", f"a method name ({', '.join(methods.names())})")
 
 
 def rule_from_dict(d: dict, index: int = 0) -> Rule:
@@ -100,20 +123,16 @@ def rule_from_dict(d: dict, index: int = 0) -> Rule:
         raise PlanError(f"plan rule {index + 1}: unknown key(s) {sorted(unknown)}; allowed: {sorted(RULE_KEYS)}")
     if "modules" not in d:
         raise PlanError(f"plan rule {index + 1} ({d!r}): 'modules' is required")
+    _typed(d, index)
     given = [k for k in ("rank", "keep") if d.get(k) is not None] + (["dense"] if d.get("dense") else [])
     if len(given) != 1:
         raise PlanError(f"plan rule {index + 1} ({d!r}): give exactly one of rank, keep or dense: true")
-    rule = Rule(modules=_as_module_list(d["modules"]), layers=str(d.get("layers", "all")).strip(),
-                method=d.get("method"), dense=bool(d.get("dense", False)))
+    rule = Rule(modules=_as_module_list(d["modules"], index, d), layers=str(d.get("layers", "all")).strip(),
+                method=d.get("method"), dense=d.get("dense", False))
     if "rank" in given:
-        if isinstance(d["rank"], bool) or not isinstance(d["rank"], int):
-            raise _rule_error(index, rule, f"rank must be an integer, got {d['rank']!r}")
         rule.rank = d["rank"]
     elif "keep" in given:
-        try:
-            rule.keep = float(d["keep"])
-        except (TypeError, ValueError):
-            raise _rule_error(index, rule, f"keep must be a number in (0, 1], got {d['keep']!r}") from None
+        rule.keep = float(d["keep"])
     validate_rule(rule, index)
     return rule
 
@@ -291,6 +310,15 @@ def _plan_from_yaml(raw: str, what: str) -> Plan:
     except yaml.YAMLError as e:
         raise PlanError(f"{what} is not valid YAML: {e}") from None
     return plan_from_dict(data)
+
+
+def check_replaces_something(plan: Plan, replaced: Optional[Sequence] = None) -> None:
+    """``PlanError`` when ``plan`` replaces no matrix: every rule is ``dense``, or (``replaced``: the matrices
+    it resolves to on a model, e.g. ``resolve_plan``'s keys) its rules select nothing to factorise."""
+    if all(rule.dense for rule in plan.rules) or (replaced is not None and not len(replaced)):
+        rules = "; ".join(rule.describe() for rule in plan.rules)
+        raise PlanError(f"the plan ({rules}) replaces no matrix, so there is nothing to compress; give a rule a rank "
+                        "or keep fraction, e.g. 'mlp:k0.5' or {modules: [mlp], rank: 16}")
 
 
 @dataclass(frozen=True)

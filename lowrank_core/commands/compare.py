@@ -13,7 +13,7 @@ import itertools
 from pathlib import Path
 
 from ..archmap import count_parameters
-from ..cli import CliError, print_json
+from ..cli import CliError, at_least, note_dropped, print_json
 from ..compare import CompareSettings, compare_models
 from ..compress import CompressSettings
 from ..data import iter_side, make_split
@@ -21,7 +21,8 @@ from ..generate import side_by_side
 from ..heal import HealSettings
 from ..job import DataSpec, JobSpec, ModelSpec, run_job
 from ..models import load_model
-from ..options import add_arguments, from_args, to_mapping
+from ..options import add_arguments, checked, from_args, to_mapping
+from ..paths import check_output_file
 from ..plan import load_plan
 from ..progress import TqdmProgress
 from ..table import format_table
@@ -66,20 +67,13 @@ def _student_kinds(values: list[str]) -> dict:
     return kinds
 
 
-def _check_output(path: str | None) -> None:
-    if path is None:
-        return
-    out = Path(path).expanduser()
-    if out.is_dir() or not out.parent.is_dir():
-        raise CliError(f"--per-example {path!r}: must be a file path in an existing folder")
-
-
 def run(args) -> int:
     settings = from_args(CompareSettings, args, "compare")
-    settings.validate()
-    if args.generate < 0 or args.max_new_tokens < 1:
-        raise CliError(f"--generate {args.generate} must be >= 0 and --max-new-tokens {args.max_new_tokens} >= 1")
-    _check_output(args.per_example)
+    checked("compare", settings.validate)
+    at_least(0, generate=args.generate, seed=args.seed)
+    at_least(1, max_new_tokens=args.max_new_tokens, calib=args.calib)
+    if args.per_example is not None:
+        check_output_file(args.per_example, "--per-example")
     kinds = _student_kinds(args.student)
     m = from_args(ModelSpec, args, "model")
     data = DataSpec(source=args.data, seed=args.seed, calib=args.calib, eval=0)
@@ -90,7 +84,8 @@ def run(args) -> int:
         spec.validate()
     split = make_split(args.data, n_calib=max(spec.calib_examples for spec in jobs.values()), n_eval=0,
                        seed=args.seed) if jobs else None
-    examples = iter_side(args.data, "eval", seed=args.seed)  # streamed: memory does not grow with --n
+    dropped: dict = {}  # records of the source that gave no example, by reason (filled while streaming)
+    examples = iter_side(args.data, "eval", seed=args.seed, dropped=dropped)  # streamed: memory stays flat
     teacher = load_model(m.source, dtype=m.dtype, device=m.device)
     bar = TqdmProgress("compare")
     try:
@@ -116,7 +111,8 @@ def run(args) -> int:
               "students": [{"student": label, "params": count_parameters(students[label]),
                             "teacher_params": count_parameters(teacher.model), **results[label].summary()}
                            for label in kinds],
-              "generations": generations}
+              "generations": generations, "dropped": dict(sorted(dropped.items()))}
+    note_dropped({"source": args.data, "dropped": dropped})
     if args.per_example:
         _write_rows(args.per_example, results)
     if args.json:

@@ -1,15 +1,18 @@
 """``compress``: run one job (build a student by a plan, compare teacher and student, optionally export).
 
 Every flag is derived from the :class:`~lowrank_core.job.JobSpec` dataclasses (``options.py``): the
-defaults live there only. ``--json`` prints the :meth:`JobResult.to_dict` record.
+defaults live there only. ``--json`` prints the :meth:`JobResult.to_dict` record plus ``warnings`` (the
+plan's accounting warnings, also printed on stderr before any work).
 """
 from __future__ import annotations
 
-from ..cli import CliError, print_json
+from ..cli import CliError, note_dropped, print_json, warn
 from ..compress import CompressSettings
+from ..evaluate import check_finite_loss
 from ..heal import HealSettings
-from ..job import DataSpec, EvalSpec, ExportSpec, JobSpec, ModelSpec, run_job
+from ..job import DataSpec, EvalSpec, ExportSpec, JobSpec, JobResult, ModelSpec, dry_run, run_job
 from ..options import add_arguments, from_args, given
+from ..plan import check_replaces_something
 from ..progress import TqdmProgress
 from ..table import format_table
 
@@ -40,6 +43,30 @@ def job_from_args(args) -> JobSpec:
                    export=export, name="compress")
     spec.validate()
     return spec
+
+
+def preflight(spec: JobSpec) -> list[str]:
+    """Every check before any work: the spec's (``JobSpec.validate``), then the plan's accounting from the
+    model's config alone (no weights): a plan that replaces no matrix fails here; its warnings (ranks above
+    break-even, a tied lm_head: what ``count`` prints) go to stderr and are returned."""
+    spec.validate()
+    accounting = dry_run(spec)
+    check_replaces_something(spec.plan, accounting.rows)
+    for message in accounting.warnings:
+        warn(message)
+    return accounting.warnings
+
+
+def job_record(result: JobResult) -> dict:
+    """``JobResult.to_dict()`` with the plan's ``warnings``; refuses scores that are not finite numbers and
+    notes the records the data source dropped."""
+    record = result.to_dict()
+    for side in ("teacher", "student"):
+        if record[side] is not None:
+            check_finite_loss(record[side]["loss"], side, f"{record[side]['examples']} evaluation examples")
+    record["warnings"] = list(result.accounting.warnings)
+    note_dropped(record["split"])
+    return record
 
 
 def register(sub) -> None:
@@ -83,12 +110,13 @@ def print_report(record: dict) -> None:
 
 def run(args) -> int:
     spec = job_from_args(args)
+    preflight(spec)
     bar = TqdmProgress("compress")
     try:
         result = run_job(spec, progress=bar)
     finally:
         bar.close()
-    record = result.to_dict()
+    record = job_record(result)
     if args.json:
         print_json(record)
     else:

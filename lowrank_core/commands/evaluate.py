@@ -1,7 +1,7 @@
 """``evaluate``: a model's answer loss and perplexity on N examples of one side of the honest split."""
 from __future__ import annotations
 
-from ..cli import print_json
+from ..cli import at_least, note_dropped, print_json
 from ..data import SIDES, iter_side
 from ..evaluate import default_batch_size, evaluate
 from ..job import ModelSpec
@@ -28,7 +28,11 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    examples = iter_side(args.data, args.split, seed=args.seed)  # validates the source before loading a model
+    at_least(1, n=args.n, batch_size=args.batch_size)
+    at_least(8, max_len=args.max_len)
+    at_least(0, seed=args.seed)
+    dropped: dict = {}  # records of the source that gave no example, by reason (filled while streaming)
+    examples = iter_side(args.data, args.split, seed=args.seed, dropped=dropped)  # validates the source now
     m = from_args(ModelSpec, args, "model")
     loaded = load_model(m.source, dtype=m.dtype, device=m.device)
     batch_size = default_batch_size(loaded.device) if args.batch_size is None else args.batch_size
@@ -38,7 +42,9 @@ def run(args) -> int:
                           max_len=args.max_len, progress=bar)
     finally:
         bar.close()
-    split = {"side": args.split, "seed": args.seed, "source": args.data, "fingerprint": result.fingerprint}
+    split = {"side": args.split, "seed": args.seed, "source": args.data, "fingerprint": result.fingerprint,
+             "dropped": dict(sorted(dropped.items()))}
+    note_dropped({"source": args.data, "dropped": dropped})
     record = {"model": loaded.name, "model_fingerprint": loaded.fingerprint, "data": args.data,
               "split": args.split, **result.to_dict(), "split_info": split, "batch_size": batch_size,
               "max_len": args.max_len, "dtype": m.dtype, "device": loaded.device}

@@ -10,6 +10,7 @@ from ..job import dry_run, run_job
 from ..progress import TqdmProgress
 from ..recipe import load_recipe
 from ..table import format_table
+from .compress import job_record, preflight
 from .count import print_accounting
 
 
@@ -35,13 +36,14 @@ def run(args: argparse.Namespace) -> int:
         else:
             print_accounting(acc)
         return 0
+    preflight(spec)
     bar = TqdmProgress(spec.name)
     try:
         result = run_job(spec, progress=bar, log=lambda message: print(f"[{spec.name}] {message}",
                                                                        file=sys.stderr, flush=True))
     finally:
         bar.close()
-    record = result.to_dict()
+    record = job_record(result)
     if args.json:
         print_json(record)
         return 0

@@ -12,14 +12,16 @@ from dataclasses import replace
 
 from ..allocate import (DEFAULT_KEEPS, GRADIENT_SCORES, PROBES, VAL_OVERDRAW, SearchSettings, allocate,
                         fitting_examples, search_goal)
-from ..cli import CliError, print_json
+from ..archmap import meta_model
+from ..cli import CliError, at_least, note_dropped, print_json
 from ..compress import CompressSettings
 from ..data import make_split
 from ..evaluate import default_batch_size, evaluate_models
 from ..job import DataSpec, EvalSpec, ModelSpec
-from ..models import load_model
+from ..models import load_config, load_model, refuse_factorized
 from ..heal import HealSettings
-from ..options import add_arguments, from_args
+from ..options import add_arguments, checked, from_args
+from ..paths import check_output_file
 from ..progress import TqdmProgress
 from ..table import format_table
 
@@ -72,20 +74,26 @@ def run(args) -> int:
     if d.val < 1 or d.eval < 1:
         raise CliError(f"--val {d.val} and --eval {d.eval} must be at least 1: the search is verified on validation "
                        "examples and its plan scored on evaluation examples")
-    split = make_split(d.source, n_calib=d.calib, n_eval=d.eval, n_val=VAL_OVERDRAW * d.val, seed=d.seed)
-    loaded = load_model(m.source, dtype=m.dtype, device=m.device)
-    val = fitting_examples(loaded.tokenizer, split.val, d.val, args.val_max_len)
-    if not val:
-        raise CliError(f"no validation example fits --val-max-len {args.val_max_len}; raise it")
+    at_least(1, eval_batch_size=args.eval_batch_size)
+    if args.out is not None:
+        check_output_file(args.out, "--out", suffixes=(".yaml", ".yml", ".json"))
+    refuse_factorized(m.source)
     settings = SearchSettings(keeps=_floats(args.keeps), probe_keep=args.probe_keep, probe=args.probe,
                               gradient_score=args.gradient_score,
                               val_max_len=args.val_max_len, max_verify=args.max_verify, refit=args.refit,
                               compression=CompressSettings(calib=d.calib, max_len=args.max_len,
                                                            batch_size=args.batch_size, seed=d.seed),
                               heal=replace(from_args(HealSettings, args, "heal"), seed=d.seed))
-    settings.validate()  # bad options fail here, before the profile is built
-    budget, target = search_goal(loaded.model, budget=args.budget, keep_params=args.keep_params,
-                                 target_params=args.target_params, modules=settings.modules)
+    checked("search", settings.validate)  # bad options fail here, before any weight is loaded
+    goal = dict(budget=args.budget, keep_params=args.keep_params, target_params=args.target_params,
+                modules=settings.modules)
+    search_goal(meta_model(load_config(m.source)), **goal)  # so does a bad goal (the config is enough)
+    split = make_split(d.source, n_calib=d.calib, n_eval=d.eval, n_val=VAL_OVERDRAW * d.val, seed=d.seed)
+    loaded = load_model(m.source, dtype=m.dtype, device=m.device)
+    val = fitting_examples(loaded.tokenizer, split.val, d.val, args.val_max_len)
+    if not val:
+        raise CliError(f"no validation example fits --val-max-len {args.val_max_len}; raise it")
+    budget, target = search_goal(loaded.model, **goal)
     bar = TqdmProgress("search")
     try:
         result = allocate(loaded.model, loaded.tokenizer, split.calib, val, budget=budget,
@@ -95,6 +103,7 @@ def run(args) -> int:
                                  max_len=args.max_len, progress=bar)
     finally:
         bar.close()
+    note_dropped(split.info.to_dict())
     if args.out:
         result.plan.save(args.out)
     record = {"model": loaded.name, "data": d.source, "budget_arg": budget, **result.to_dict(),

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 from ..archmap import ALL_MODULES, HEAD_MODULE, linear_map
-from ..cli import CliError, print_json
+from ..cli import CliError, at_least, print_json
 from ..calibrate import collect_grams
 from ..data import calibration_batches, calibration_id, make_split
 from ..job import ModelSpec
-from ..models import load_model
+from ..models import factorized_export_config, load_config, load_model
 from ..options import add_arguments, from_args
 from ..progress import TqdmProgress
 from ..spectra import ENERGY_LEVELS, linear_spectrum
@@ -67,18 +67,23 @@ def run(args) -> int:
         raise CliError(f"--calib {args.calib} is not allowed; use 0 (weight spectrum only) or more examples")
     if not 0 < args.energy <= 1:
         raise CliError(f"--energy {args.energy} is not allowed; use a fraction in (0, 1]")
+    at_least(1, batch_size=args.batch_size, top=args.top)
+    at_least(8, max_len=args.max_len)
+    at_least(0, seed=args.seed)
     m = from_args(ModelSpec, args, "model")
+    if factorized_export_config(m.source) is None:  # a bad --layer / --module fails before any weight loads
+        _find_linear(linear_map(load_config(m.source)), args.layer, args.module)
+    split = make_split(args.data, n_calib=args.calib, n_eval=0, seed=args.seed) if args.calib > 0 else None
     loaded = load_model(m.source, dtype=m.dtype, device=m.device)
     info = _find_linear(linear_map(loaded.model), args.layer, args.module)
     gram, gram_id, calib_desc = None, None, None
-    if args.calib > 0:
-        split = make_split(args.data, n_calib=args.calib, n_eval=0, seed=args.seed)
+    if split is not None:
         calib_id = calibration_id(split, len(split.calib), args.max_len)
         gram_id = f"{calib_id}-{info.gram_key}"  # the app's Spectra page keys its spectra the same way
         gram = _lazy_gram(loaded, info, split.calib, args)
         calib_desc = {"data": split.info.source, "examples": len(split.calib), "seed": args.seed,
                       "max_len": args.max_len, "split_fingerprint": split.info.fingerprint,
-                      "calibration_id": calib_id}
+                      "calibration_id": calib_id, "dropped": split.info.dropped}
     spectrum = linear_spectrum(loaded.model, info, gram, fingerprint=loaded.fingerprint,
                                cache=not args.no_cache, gram_id=gram_id)
     levels = sorted(set(ENERGY_LEVELS) | {args.energy})

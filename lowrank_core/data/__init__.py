@@ -18,7 +18,7 @@ from .encoding import (IGNORE_INDEX, Encoded, answer_ids, batch_tokens, calibrat
                        prompt_messages, token_groups)
 from .sources import (ALLOWED_SOURCES, ASSISTANT_ROLES, CHATTERBOT_PACKAGE, DATA_SOURCES, HUMAN_ROLES,
                       LOCAL_SUFFIXES, ORCA_COLUMNS, SHAREGPT_FILE, SHAREGPT_PACKAGE, DataSourceError, Example,
-                      examples_of, iter_chatterbot, iter_examples, iter_json_records, iter_orca,
+                      describe_dropped, examples_of, iter_chatterbot, iter_examples, iter_json_records, iter_orca,
                       iter_orca_records, iter_sharegpt, make_example, package_dir, sharegpt_path, source_name)
 from .split import (SIDES, Split, SplitInfo, calibration_id, example_side, iter_side, keys_fingerprint,
                     make_split, split_examples)
@@ -26,8 +26,8 @@ from .split import (SIDES, Split, SplitInfo, calibration_id, example_side, iter_
 __all__ = [
     # sources
     "ALLOWED_SOURCES", "ASSISTANT_ROLES", "CHATTERBOT_PACKAGE", "DATA_SOURCES", "HUMAN_ROLES", "LOCAL_SUFFIXES",
-    "ORCA_COLUMNS", "SHAREGPT_FILE", "SHAREGPT_PACKAGE", "DataSourceError", "Example", "examples_of",
-    "iter_chatterbot", "iter_examples", "iter_json_records", "iter_orca", "iter_orca_records", "iter_sharegpt",
+    "ORCA_COLUMNS", "SHAREGPT_FILE", "SHAREGPT_PACKAGE", "DataSourceError", "Example", "describe_dropped",
+    "examples_of", "iter_chatterbot", "iter_examples", "iter_json_records", "iter_orca", "iter_orca_records", "iter_sharegpt",
     "make_example", "package_dir", "sharegpt_path", "source_name",
     # split
     "SIDES", "Split", "SplitInfo", "calibration_id", "example_side", "iter_side", "keys_fingerprint",

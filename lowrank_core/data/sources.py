@@ -12,6 +12,8 @@ Sources (``iter_examples(source)``):
 Every source yields ``Example(system, user, answer)`` (stripped strings; ``system`` may be "") in source
 order, deduplicated by ``Example.key()`` (sha256 of the content; ~100 bytes of memory per example seen).
 A source that cannot be read raises ``DataSourceError`` (a ``ValueError``) naming what is allowed.
+Records that yield no example are counted by reason when a ``dropped`` dict is passed (``{"missing
+question": 3, "duplicate": 1, ...}``): ``make_split`` keeps the counts in its ``SplitInfo``.
 """
 from __future__ import annotations
 
@@ -57,6 +59,23 @@ def make_example(system, user, answer) -> Optional[Example]:
     if not user or not answer:
         return None
     return Example(str(system).strip() if system is not None else "", user, answer)
+
+
+def _drop(dropped: Optional[dict], reason: str) -> None:
+    if dropped is not None:
+        dropped[reason] = dropped.get(reason, 0) + 1
+
+
+def _example_or_drop(system, user, answer, dropped: Optional[dict], fields: tuple) -> Optional[Example]:
+    """``make_example``, counting a record without one under ``missing <field>`` / ``empty <field>``
+    (``fields``: the names of the user and answer fields in the source's layout)."""
+    example = make_example(system, user, answer)
+    if example is None:
+        for value, name in zip((user, answer), fields):
+            if value is None or not str(value).strip():
+                _drop(dropped, f"{'missing' if value is None else 'empty'} {name}")
+                break
+    return example
 
 
 # ----------------------------------------------------------------------------- ShareGPT
@@ -119,30 +138,33 @@ def _skip(buf: str, pos: int, chars: str) -> int:
     return pos
 
 
-def iter_sharegpt(path: Union[str, Path, None] = None) -> Iterator[Example]:
+def iter_sharegpt(path: Union[str, Path, None] = None, dropped: Optional[dict] = None) -> Iterator[Example]:
     """First-turn pairs of a ShareGPT JSON file: the first human turn when the gpt turn follows it.
 
     Records whose conversation does not open (after any system turns) with human -> gpt, or whose
-    texts are empty, are skipped. A leading ``system`` turn becomes ``Example.system``.
+    texts are empty, are skipped (and counted by reason in ``dropped``). A leading ``system`` turn
+    becomes ``Example.system``.
     """
     for record in iter_json_records(path or sharegpt_path()):
         turns = record.get("conversations") if isinstance(record, dict) else None
         if not isinstance(turns, list):
+            _drop(dropped, "missing conversations")
             continue
         system, i = "", 0
         while i < len(turns) and isinstance(turns[i], dict) and turns[i].get("from") == "system":
             system, i = turns[i].get("value") or "", i + 1
-        if i + 1 >= len(turns) or not all(isinstance(t, dict) for t in turns[i:i + 2]):
+        if (i + 1 >= len(turns) or not all(isinstance(t, dict) for t in turns[i:i + 2])
+                or turns[i].get("from") not in HUMAN_ROLES or turns[i + 1].get("from") not in ASSISTANT_ROLES):
+            _drop(dropped, "no human -> assistant first turn")
             continue
-        if turns[i].get("from") not in HUMAN_ROLES or turns[i + 1].get("from") not in ASSISTANT_ROLES:
-            continue
-        example = make_example(system, turns[i].get("value"), turns[i + 1].get("value"))
+        example = _example_or_drop(system, turns[i].get("value"), turns[i + 1].get("value"), dropped,
+                                   ("human value", "assistant value"))
         if example is not None:
             yield example
 
 
 # ----------------------------------------------------------------------------- chatterbot
-def iter_chatterbot(language: str = "english") -> Iterator[Example]:
+def iter_chatterbot(language: str = "english", dropped: Optional[dict] = None) -> Iterator[Example]:
     """Consecutive-line question -> answer pairs of chatterbot-corpus conversations (files sorted)."""
     import yaml
 
@@ -157,10 +179,12 @@ def iter_chatterbot(language: str = "english") -> Iterator[Example]:
             if not isinstance(conversation, list):
                 continue
             for question, answer in zip(conversation, conversation[1:]):
-                if isinstance(question, str) and isinstance(answer, str):
-                    example = make_example("", question, answer)
-                    if example is not None:
-                        yield example
+                if not (isinstance(question, str) and isinstance(answer, str)):
+                    _drop(dropped, "non-text turn")
+                    continue
+                example = _example_or_drop("", question, answer, dropped, ("question", "answer"))
+                if example is not None:
+                    yield example
 
 
 # ----------------------------------------------------------------------------- OpenOrca via datasets
@@ -173,7 +197,24 @@ def _local_files(path: Path) -> tuple[str, list[str]]:
                               f"{ALLOWED_SOURCES}")
     if len(kinds) > 1:
         raise DataSourceError(f"folder {str(path)!r} mixes parquet and json files; keep one kind per folder")
+    for file in files:
+        if _is_empty(file):
+            raise DataSourceError(f"data source {str(path)!r}: {file} is empty (no records); fill it with "
+                                  f"{', '.join(ORCA_COLUMNS)} records or remove it")
     return kinds.pop(), [str(p) for p in files]
+
+
+def _is_empty(file: Path, chunk: int = 1 << 16) -> bool:
+    """True for a file of no bytes, or (json / jsonl) only whitespace: nothing a reader could yield."""
+    if file.stat().st_size == 0:
+        return True
+    if file.suffix == ".parquet":
+        return False
+    with open(file, "rb") as f:
+        while block := f.read(chunk):
+            if block.strip():
+                return False
+    return True
 
 
 def _check_columns(columns, source: str) -> None:
@@ -183,17 +224,19 @@ def _check_columns(columns, source: str) -> None:
                               f"required {list(ORCA_COLUMNS)} (OpenOrca layout)")
 
 
-def iter_orca_records(records: Iterable[dict], source: str) -> Iterator[Example]:
-    """Examples from OpenOrca-style dict records; the first record's columns are checked."""
+def iter_orca_records(records: Iterable[dict], source: str, dropped: Optional[dict] = None) -> Iterator[Example]:
+    """Examples from OpenOrca-style dict records; the first record's columns are checked; records without
+    a question or response are counted in ``dropped`` (``missing question``, ``empty response``...)."""
     for i, record in enumerate(records):
         if i == 0:
             _check_columns(record.keys(), source)
-        example = make_example(record.get("system_prompt"), record.get("question"), record.get("response"))
+        example = _example_or_drop(record.get("system_prompt"), record.get("question"), record.get("response"),
+                                   dropped, ORCA_COLUMNS[1:])
         if example is not None:
             yield example
 
 
-def iter_orca(source: str) -> Iterator[Example]:
+def iter_orca(source: str, dropped: Optional[dict] = None) -> Iterator[Example]:
     """OpenOrca-style examples from a local parquet/jsonl/json file or folder, or a hub id (streaming).
 
     The dataset is opened (and its columns checked when known) at call time, records are read lazily.
@@ -203,7 +246,12 @@ def iter_orca(source: str) -> Iterator[Example]:
     path = Path(source).expanduser()
     if path.exists():
         builder, files = _local_files(path)
-        ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=True)
+        try:
+            ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=True)
+        except Exception as e:  # noqa: BLE001 - re-raised naming the file (datasets raises even StopIteration)
+            first = (str(e).splitlines() or [""])[0][:200]
+            raise DataSourceError(f"data source {source!r} cannot be read as {builder} ({type(e).__name__}: {first}); "
+                                  f"allowed: {ALLOWED_SOURCES}") from None
     else:
         try:
             ds = datasets.load_dataset(source, split="train", streaming=True)
@@ -216,7 +264,7 @@ def iter_orca(source: str) -> Iterator[Example]:
     features = getattr(ds, "features", None)
     if features:
         _check_columns(features.keys(), source)
-    return iter_orca_records(ds, source)
+    return iter_orca_records(ds, source, dropped)
 
 
 # ----------------------------------------------------------------------------- any source
@@ -236,41 +284,54 @@ def _is_sharegpt_file(path: Path) -> bool:
     return isinstance(first, dict) and isinstance(first.get("conversations"), list)
 
 
-def iter_examples(source: Union[str, Path] = "default") -> Iterator[Example]:
-    """Examples of ``source`` in source order, streamed and deduplicated by ``Example.key()``.
+def iter_examples(source: Union[str, Path] = "default", dropped: Optional[dict] = None) -> Iterator[Example]:
+    """Examples of ``source`` in source order, streamed and deduplicated by ``Example.key()``; records
+    that give no example are counted by reason in ``dropped`` (when given), duplicates as ``duplicate``.
 
     The source is validated when this is called (not at the first ``next``), so a bad source fails early.
     """
     source_str = str(source)
     if source_str == "default":
-        raw = iter_sharegpt(sharegpt_path())
+        raw = iter_sharegpt(sharegpt_path(), dropped)
     elif source_str == "chatterbot":
-        raw = iter_chatterbot()
+        raw = iter_chatterbot(dropped=dropped)
     elif Path(source_str).expanduser().exists():
         path = Path(source_str).expanduser()
         _local_files(path)  # validate early
-        raw = iter_sharegpt(path) if _is_sharegpt_file(path) else iter_orca(source_str)
+        raw = iter_sharegpt(path, dropped) if _is_sharegpt_file(path) else iter_orca(source_str, dropped)
     elif _looks_like_hub_id(source_str):
-        raw = iter_orca(source_str)
+        raw = iter_orca(source_str, dropped)
     else:
         raise DataSourceError(f"data source {source_str!r} not found; allowed: {ALLOWED_SOURCES}")
-    return _deduplicated(raw)
+    return _deduplicated(raw, dropped)
 
 
-def _deduplicated(examples: Iterable[Example]) -> Iterator[Example]:
+def _deduplicated(examples: Iterable[Example], dropped: Optional[dict] = None) -> Iterator[Example]:
     seen: set[bytes] = set()  # 32-byte digests: ~100 bytes per example
     for example in examples:
         digest = bytes.fromhex(example.key())
-        if digest not in seen:
-            seen.add(digest)
-            yield example
+        if digest in seen:
+            _drop(dropped, "duplicate")
+            continue
+        seen.add(digest)
+        yield example
 
 
-def examples_of(source) -> Iterator[Example]:
-    """``iter_examples`` for a source name, or an iterable of ``Example`` passed through (deduplicated)."""
+def examples_of(source, dropped: Optional[dict] = None) -> Iterator[Example]:
+    """``iter_examples`` for a source name, or an iterable of ``Example`` passed through (deduplicated);
+    ``dropped`` counts what was left out, by reason."""
     if isinstance(source, (str, Path)):
-        return iter_examples(source)
-    return _deduplicated(source)
+        return iter_examples(source, dropped)
+    return _deduplicated(source, dropped)
+
+
+def describe_dropped(dropped: dict) -> str:
+    """``'3 records dropped (2 missing question, 1 duplicate)'``, or "" when nothing was dropped."""
+    total = sum(dropped.values())
+    if not total:
+        return ""
+    reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(dropped.items(), key=lambda kv: (-kv[1], kv[0])))
+    return f"{total} record{'s' if total != 1 else ''} dropped ({reasons})"
 
 
 def source_name(source) -> str:

@@ -8,7 +8,8 @@ rest, the first val_fraction (default 0.25) -> 'val', the remainder -> 'calib'.
 
 ``make_split`` streams a source until each side holds its requested count (a ``Split`` of three
 lists of ``Example``); its ``SplitInfo`` records source, seed, fractions, counts and fingerprints
-(16-hex sha256 prefixes over the ordered example keys: one per side, and one over the three).
+(16-hex sha256 prefixes over the ordered example keys: one per side, and one over the three), and the
+records read that gave no example, counted by reason (``dropped``: ``{"duplicate": 12, "missing question": 3}``).
 
 ``split_examples`` is a different, positional split: a seeded fit / held-out split of a list of
 calibration examples (held-out errors, refit early stopping).
@@ -22,9 +23,9 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import asdict, dataclass, field
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
-from .sources import Example, examples_of, source_name
+from .sources import DataSourceError, Example, describe_dropped, examples_of, source_name
 
 SIDES = ("calib", "val", "eval")
 
@@ -53,15 +54,16 @@ def example_side(example: Example, seed: int = 0, eval_fraction: float = 0.5, va
 
 
 def iter_side(source="default", side: str = "eval", seed: int = 0, eval_fraction: float = 0.5,
-              val_fraction: float = 0.25) -> Iterator[Example]:
+              val_fraction: float = 0.25, dropped: Optional[dict] = None) -> Iterator[Example]:
     """Examples of one side ('calib', 'val', 'eval', or 'all' = no filter), lazily, in source order.
 
-    ``source`` is a source name (see ``iter_examples``) or an iterable of ``Example``.
+    ``source`` is a source name (see ``iter_examples``) or an iterable of ``Example``; ``dropped`` counts
+    the records read that gave no example, by reason (all sides).
     """
     if side not in SIDES + ("all",):
         raise ValueError(f"unknown split side {side!r}; allowed: {', '.join(SIDES + ('all',))}")
     _check_fractions(eval_fraction, val_fraction)
-    examples = examples_of(source)
+    examples = examples_of(source, dropped)
     if side == "all":
         return examples
     return (ex for ex in examples if example_side(ex, seed, eval_fraction, val_fraction) == side)
@@ -85,6 +87,7 @@ class SplitInfo:
     counts: dict            # {"calib": int, "val": int, "eval": int}
     fingerprint: str        # sha256 (16 hex) over the per-side fingerprints
     fingerprints: dict = field(default_factory=dict)  # per side: keys_fingerprint of its ordered keys
+    dropped: dict = field(default_factory=dict)  # records read that gave no example, by reason (``sources``)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -118,9 +121,9 @@ def make_split(source="default", n_calib: int = 64, n_eval: int = 200, n_val: in
         raise ValueError(f"n_val={n_val} needs val_fraction > 0")
     _check_fractions(eval_fraction, val_fraction)
     sides: dict[str, list] = {k: [] for k in SIDES}
-    seen = 0
+    seen, dropped = 0, {}
     if any(wanted.values()):
-        for ex in examples_of(source):
+        for ex in examples_of(source, dropped):
             seen += 1
             side = example_side(ex, seed, eval_fraction, val_fraction)
             if len(sides[side]) < wanted[side]:
@@ -129,12 +132,15 @@ def make_split(source="default", n_calib: int = 64, n_eval: int = 200, n_val: in
                     break
         else:
             got = {k: f"{len(sides[k])}/{wanted[k]}" for k in SIDES}
-            raise ValueError(f"data source {source_name(source)!r} ran out after {seen} examples before the split "
-                             f"was full: got {got} (calib/val/eval); ask for fewer examples or use a larger source")
+            lost = describe_dropped(dropped)
+            raise DataSourceError(f"data source {source_name(source)!r} ran out after {seen} examples"
+                                  f"{f' ({lost})' if lost else ''} before the split was full: got {got} "
+                                  "(calib/val/eval); ask for fewer examples or use a larger source")
     per_side = {k: keys_fingerprint(ex.key() for ex in sides[k]) for k in SIDES}
     info = SplitInfo(source=source_name(source), seed=int(seed), eval_fraction=float(eval_fraction),
                      val_fraction=float(val_fraction), counts={k: len(sides[k]) for k in SIDES},
-                     fingerprint=keys_fingerprint(f"{k}:{per_side[k]}" for k in SIDES), fingerprints=per_side)
+                     fingerprint=keys_fingerprint(f"{k}:{per_side[k]}" for k in SIDES), fingerprints=per_side,
+                     dropped=dict(sorted(dropped.items())))
     return Split(calib=sides["calib"], val=sides["val"], eval=sides["eval"], info=info)
 
 # ----------------------------------------------------------------------------- fit / held-out
