@@ -19,7 +19,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -31,6 +30,7 @@ from torch import nn
 from .arch import ARCHS, arch_of
 from .archmap import check_supported
 from .lowrank import LowRankLinear
+from .tempdirs import check_complete, mark_complete, stale_siblings, temp_sibling
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICES = ("auto", "cpu", "cuda")
@@ -117,10 +117,11 @@ def convert_gguf(gguf_path: Path, target: Path) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     gguf_path = Path(gguf_path)
-    kw = dict(gguf_file=gguf_path.name)
+    kw = dict(gguf_file=gguf_path.name, trust_remote_code=False)
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), dtype=torch.float32, **kw)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), **kw)
     config = AutoConfig.from_pretrained(str(gguf_path.parent), **kw)
+    config.__dict__.pop("auto_map", None)
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
     config.dtype = torch.float32
@@ -133,12 +134,12 @@ def convert_gguf(gguf_path: Path, target: Path) -> Path:
         model.tie_weights()
     if not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = CHATML_TEMPLATE
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    tmp = temp_sibling(target, "tmp")
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "lowrank-source.json").write_text(json.dumps({"gguf": str(gguf_path), "size": gguf_path.stat().st_size}))
+        mark_complete(tmp)
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
@@ -151,6 +152,8 @@ def convert_gguf(gguf_path: Path, target: Path) -> Path:
 def embedded_model_dir() -> Path:
     """The embedded default as a cached safetensors folder; converted from GGUF on first use."""
     target = cache_dir() / "models" / EMBEDDED_NAME
+    for stale in stale_siblings(target):  # half-converted copies of killed earlier runs
+        shutil.rmtree(stale, ignore_errors=True)
     if (target / "config.json").is_file():
         return target
     return convert_gguf(embedded_gguf_path(), target)
@@ -253,7 +256,7 @@ def load_config(source: str = "default"):
         return _local_config(str(path), source)
     if _looks_like_hub_id(source):
         try:
-            return AutoConfig.from_pretrained(source)
+            return AutoConfig.from_pretrained(source, trust_remote_code=False)
         except Exception as e:  # noqa: BLE001 - re-raised with advice
             raise _hub_error(source, e) from None
     raise ModelSourceError(f"model source {source!r} not found; use 'default', a local folder, a config.json, "
@@ -320,6 +323,8 @@ def load_model(source: str = "default", dtype: str = "float32", device: str = "a
     source = str(source)
     torch_dtype, dev = resolve_dtype(dtype), resolve_device(device)
     factorized = factorized_export_config(source)
+    if Path(source).expanduser().is_dir():
+        check_complete(Path(source).expanduser())  # a half-written export or conversion never loads
     if factorized is not None:
         folder = Path(source).expanduser()
         # the tokenizer is a plain one: never let its config's auto_map run (or prompt for) remote code
@@ -329,11 +334,11 @@ def load_model(source: str = "default", dtype: str = "float32", device: str = "a
         model, tokenizer = tiny_model("llama" if source == "tiny" else source.split("-", 1)[1])
     else:
         path = Path(source).expanduser()
-        kw: dict = {}
+        kw: dict = {"trust_remote_code": False}  # never run (or prompt for) code of a model folder or hub repo
         if source == "default":
             folder = str(embedded_model_dir())
         elif path.is_file() and path.suffix == ".gguf":
-            folder, kw = str(path.parent), {"gguf_file": path.name}
+            folder, kw = str(path.parent), {**kw, "gguf_file": path.name}
         elif path.is_dir():
             folder = str(path)
         elif _looks_like_hub_id(source):
@@ -359,7 +364,7 @@ def load_model(source: str = "default", dtype: str = "float32", device: str = "a
             raise ModelSourceError(f"could not load model from {source!r}: {e}") from None
         except SafetensorError as e:
             raise _weights_error(source, e) from None
-        if kw:  # a GGUF load: drop the quantisation marker so the model behaves like a dense one
+        if "gguf_file" in kw:  # a GGUF load: drop the quantisation marker so the model behaves like a dense one
             model.config.__dict__.pop("quantization_config", None)
     check_supported(model.config)
     if tokenizer.pad_token_id is None:

@@ -81,3 +81,18 @@ w.export_student(model, tok, {str(target)!r}, "dense", verify=False)
     export_student(model, tok, target, "dense", verify=False)
     assert not left.exists() and target.is_dir() and not (target / tempdirs.INCOMPLETE).exists()
     assert [p.name for p in tmp_path.iterdir()] == ["student"]
+
+
+def test_the_conversion_cache_cleans_leftovers_and_half_written_folders_never_load(tmp_path, monkeypatch):
+    from lowrank_core import models
+
+    monkeypatch.setenv("LOWRANK_CACHE", str(tmp_path))
+    target = models.cache_dir() / "models" / models.EMBEDDED_NAME
+    target.mkdir(parents=True)
+    (target / "config.json").write_text("{}")
+    left = target.parent / f".{target.name}.tmp-{_dead_pid()}-abc"
+    left.mkdir()
+    assert models.embedded_model_dir() == target and not left.exists()
+    half = tempdirs.temp_sibling(tmp_path / "export", "tmp")
+    with pytest.raises(ValueError, match="never finished"):
+        models.load_model(str(half))
