@@ -19,9 +19,11 @@ from .compare import CompareSettings, Comparison, compare_models
 from .compress import CompressResult, CompressSettings, compress
 from .data import Split, make_split
 from .evaluate import default_batch_size
-from .export import FORMATS, ExportResult, build_manifest, check_target, export_student
+from .export import (FORMATS, ExportError, ExportResult, ExportVerificationError, build_manifest, check_target,
+                     export_student)
 from .heal import HealResult, HealSettings, heal
-from .models import DEVICES, DTYPES, LoadedModel, load_config, load_model, refuse_factorized, resolve_device
+from .models import (DEVICES, DTYPES, LoadedModel, cache_dir, load_config, load_model, refuse_factorized,
+                     resolve_device)
 from .options import OptionError, checked, option, to_mapping
 from .paths import check_output_folder
 from .plan import Accounting, Plan, account, check_replaces_something, load_plan
@@ -253,10 +255,23 @@ def run_job(spec: JobSpec, progress: Optional[Progress] = None, log: Optional[Ca
         laps("evaluate")
     if export and spec.export is not None:
         say(f"exporting {spec.export.format} to {spec.export.dir}")
-        export_job(result, spec.export, progress=_phase(progress, "export"))
+        try:
+            export_job(result, spec.export, progress=_phase(progress, "export"))
+        except (OSError, ExportError) as e:  # minutes of work must not be lost to a late write failure
+            if isinstance(e, ExportVerificationError):
+                raise
+            rescue = rescue_dir(spec.name or "job")
+            export_job(result, dataclasses.replace(spec.export, dir=str(rescue), verify=False))
+            raise ExportError(f"writing the export to {spec.export.dir} failed ({e}); the student was saved "
+                              f"unverified to {rescue} instead") from e
         laps("export")
     laps.seconds["total"] = time.perf_counter() - laps.start
     return result
+
+
+def rescue_dir(name: str) -> Path:
+    """A fresh folder under the cache for results whose own destination failed at the end."""
+    return cache_dir() / "rescued" / f"{name.replace('/', '_').replace(':', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def heal_job(result: JobResult, progress: Optional[Progress] = None) -> HealResult:

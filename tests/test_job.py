@@ -164,3 +164,26 @@ def test_every_command_prints_its_help(command, capsys):
         main([command, "--help"])
     assert done.value.code == 0
     assert "usage:" in capsys.readouterr().out
+
+
+def test_a_late_write_failure_keeps_the_student_next_to_the_cache(tmp_path, monkeypatch):
+    import lowrank_core.export.write as write
+    from lowrank_core.export import ExportError, read_manifest
+    from lowrank_core.job import run_job
+
+    monkeypatch.setenv("LOWRANK_CACHE", str(tmp_path / "cache"))
+    real, calls = write._move_into_place, []
+
+    def full_disk(tmp, target):
+        calls.append(target)
+        if len(calls) == 1:
+            raise OSError(28, "No space left on device")
+        return real(tmp, target)
+
+    monkeypatch.setattr(write, "_move_into_place", full_disk)
+    spec = _spec(tmp_path / "wanted")
+    with pytest.raises(ExportError, match="saved unverified to") as failed:
+        run_job(spec)
+    rescued = calls[1]
+    assert str(rescued) in str(failed.value) and rescued.parent == tmp_path / "cache" / "rescued"
+    assert read_manifest(rescued)["plan"] == spec.plan.to_dict() and not (tmp_path / "wanted").exists()

@@ -8,6 +8,7 @@ the same student.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from dataclasses import replace
 
 from ..allocate import (DEFAULT_KEEPS, GRADIENT_SCORES, PROBES, VAL_OVERDRAW, SearchSettings, allocate,
@@ -17,7 +18,7 @@ from ..cli import CliError, at_least, note_dropped, print_json
 from ..compress import CompressSettings
 from ..data import make_split
 from ..evaluate import default_batch_size, evaluate_models
-from ..job import DataSpec, EvalSpec, ModelSpec
+from ..job import DataSpec, EvalSpec, ModelSpec, rescue_dir
 from ..models import load_config, load_model, refuse_factorized
 from ..heal import HealSettings
 from ..options import add_arguments, checked, from_args
@@ -105,7 +106,13 @@ def run(args) -> int:
         bar.close()
     note_dropped(split.info.to_dict())
     if args.out:
-        result.plan.save(args.out)
+        try:
+            result.plan.save(args.out)
+        except OSError as e:  # the folder vanished or became read-only during the search: keep the plan
+            rescue = rescue_dir("search").with_suffix(Path(args.out).suffix)
+            rescue.parent.mkdir(parents=True, exist_ok=True)
+            result.plan.save(rescue)
+            raise CliError(f"saving the plan to {args.out} failed ({e}); it was saved to {rescue} instead") from e
     record = {"model": loaded.name, "data": d.source, "budget_arg": budget, **result.to_dict(),
               "teacher_val_loss": result.teacher_loss,
               "teacher_loss": scores["teacher"].loss, "eval_loss": scores["student"].loss,
