@@ -95,3 +95,55 @@ def test_compare_beside_compression_equals_solo(setup):
     assert not errors, errors
     for r in runs:
         assert (r["teacher_loss"], r["student_loss"], r["kl"]) == (solo["teacher_loss"], solo["student_loss"], solo["kl"])
+
+
+def test_two_app_sessions_on_one_teacher(monkeypatch, tmp_path):
+    """Two real AppTest sessions share the process-wide teacher: while one compresses in the background
+    (Gram hooks live, slowed down so the two overlap), the other scores the teacher; both get solo results."""
+    import time as _time
+
+    from streamlit.testing.v1 import AppTest
+
+    from lowrank_core import calibrate
+    from lowrank_core.evaluate import evaluate
+
+    from test_app import APP, _run_entrypoint_every_time, metrics
+
+    from lowrank_core.models import load_model
+
+    _run_entrypoint_every_time(monkeypatch)
+    for name, value in (("LOWRANK_APP_MODEL", "tiny"), ("LOWRANK_APP_DATA", "chatterbot"),
+                        ("LOWRANK_CACHE", str(tmp_path / "cache")), ("LOWRANK_WORKSPACE", str(tmp_path / "ws"))):
+        monkeypatch.setenv(name, value)
+    real_add = calibrate.GramStats.add_
+
+    def slow_add(self, *args, **kwargs):
+        _time.sleep(0.02)
+        return real_add(self, *args, **kwargs)
+
+    monkeypatch.setattr(calibrate.GramStats, "add_", slow_add)
+    split = make_split("chatterbot", n_calib=16, n_eval=32, seed=0)
+    lm = load_model("tiny", device="cpu")
+    model, tok = lm.model, lm.tokenizer
+    solo_loss = evaluate(model, tok, split.eval, max_len=128).loss
+
+    a = AppTest.from_file(APP, default_timeout=120)
+    a.run()
+    a.switch_page("pages/compress.py").run()
+    a.text_area(key="compress_plan").set_value("all:k0.5")
+    a.form_submit_button[0].click().run()
+    job = a.session_state["lowrank_pending_job"]
+    b = AppTest.from_file(APP, default_timeout=120)
+    b.run()
+    overlapped = not job.finished
+    b.button(key="score_teacher").click().run()
+    overlapped = overlapped and not job.finished
+    assert not b.exception, b.exception
+    assert metrics(b)["teacher answer loss"] == f"{solo_loss:.4f}"
+    assert job.wait(120) and job.error is None, job.error
+    assert overlapped  # the teacher was scored while the other session's hooks were live
+    solo = compress(model, tok, "all:k0.5", split.calib, CompressSettings(calib=16, max_len=128, seed=0)).student
+    got = job.result.student.state_dict()
+    for k, v in solo.state_dict().items():
+        assert torch.equal(got[k], v), k
+    assert "lowrank_pending_job" not in b.session_state and "lowrank_runs" not in b.session_state
