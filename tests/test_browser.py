@@ -189,6 +189,9 @@ def test_click_through_every_page(tmp_path):
         open_page(page, "Evaluate")
         page.get_by_role("button", name="Compare on 32 examples").click()
         page.get_by_text("Where the student loses most").wait_for()
+        wait_idle(page)
+        page.get_by_role("heading", name="Evaluate", exact=True).scroll_into_view_if_needed()
+        shot(page, "5-evaluate")
         page.get_by_role("button", name="Generate answers for 3 prompts").click()
         page.get_by_text("student · ").first.wait_for()
         wait_idle(page)
@@ -198,7 +201,7 @@ def test_click_through_every_page(tmp_path):
         assert page.locator(".js-plotly-plot").count() == 3  # histogram, scatter, interval path
         assert page.get_by_role("button", name="Download runs as CSV").count() == 1
         assert page.get_by_role("button", name="Download the report (JSON)").count() == 1
-        shot(page, "5-evaluate")
+        shot(page, "5b-evaluate-answers")
 
         open_page(page, "Export")
         target = page.locator('input[aria-label="Target folder"]')

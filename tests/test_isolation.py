@@ -127,6 +127,9 @@ def test_two_app_sessions_on_one_teacher(monkeypatch, tmp_path):
     model, tok = lm.model, lm.tokenizer
     solo_loss = evaluate(model, tok, split.eval, max_len=128).loss
 
+    from ui import cache
+
+    cache.forget("teacher_eval")  # session b must really score the teacher (earlier tests may have cached it)
     a = AppTest.from_file(APP, default_timeout=120)
     a.run()
     a.switch_page("pages/compress.py").run()

@@ -34,14 +34,17 @@ def loss_scatter(rows: Sequence[dict]) -> go.Figure:
     """Teacher vs student mean answer loss per example (point size ~ answer tokens), with y = x."""
     t = [r["teacher_loss"] for r in rows]
     s = [r["student_loss"] for r in rows]
-    top = max(t + s) if rows else 1.0
+    lo, hi = (min(t + s), max(t + s)) if rows else (0.0, 1.0)
+    pad = 0.05 * (hi - lo) or 0.05
+    lo, hi = lo - pad, hi + pad
     sizes = [4 + min(12, r["tokens"] / 40) for r in rows]
     fig = go.Figure(go.Scatter(x=t, y=s, mode="markers", marker=dict(size=sizes, opacity=0.55, color="#4c78a8"),
                                text=[f"{r['tokens']} tokens" for r in rows], name="examples"))
-    fig.add_trace(go.Scatter(x=[0, top], y=[0, top], mode="lines", line=dict(color="gray", dash="dot"),
+    fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", line=dict(color="gray", dash="dot"),
                              name="student = teacher"))
-    fig.update_layout(title="teacher vs student loss per example", height=360, xaxis_title="teacher (nats/token)",
-                      yaxis_title="student (nats/token)", margin=dict(t=60, b=50, l=50, r=20),
+    fig.update_layout(title="teacher vs student loss per example", height=360,
+                      xaxis=dict(title="teacher (nats/token)", range=[lo, hi]),
+                      yaxis=dict(title="student (nats/token)", range=[lo, hi]), margin=dict(t=60, b=50, l=50, r=20),
                       legend=dict(orientation="h", y=-0.2))
     return fig
 
