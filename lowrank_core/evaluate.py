@@ -10,7 +10,7 @@ import hashlib
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,7 @@ from .arch import arch_of
 from .data import IGNORE_INDEX, Example, iter_encoded_batches
 from .layerwise import model_device
 from .progress import Progress, ensure_progress
+from .stats import normal_quantile, running_se
 
 
 class EvaluationError(ValueError):
@@ -97,15 +98,35 @@ def answer_loss_sum(model: nn.Module, batch: dict) -> tuple[float, int]:
     Token t is predicted from position t-1 (``logits_at`` the positions before answer tokens), so right
     padding leaves every row's result unchanged.
     """
-    targets = batch["labels"][:, 1:]
-    selected = targets != IGNORE_INDEX
+    targets, selected, positions = _answer_positions(batch)
     n = int(selected.sum())
     if n == 0:
         return 0.0, 0
-    positions = torch.zeros_like(batch["labels"], dtype=torch.bool)
-    positions[:, :-1] = selected
     logits = logits_at(model, batch, positions)
     return _cross_entropy_sum(logits, targets[selected].to(logits.device)), n
+
+
+def _answer_positions(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(targets [B, T-1], answer-target mask [B, T-1], positions [B, T] predicting those targets)."""
+    targets = batch["labels"][:, 1:]
+    selected = targets != IGNORE_INDEX
+    positions = torch.zeros_like(batch["labels"], dtype=torch.bool)
+    positions[:, :-1] = selected
+    return targets, selected, positions
+
+
+def answer_loss_rows(model: nn.Module, batch: dict) -> tuple[list[float], list[int]]:
+    """Per row of one padded batch: (Σ cross-entropy over its answer tokens in float64, its answer tokens).
+
+    The same scores as :func:`answer_loss_sum`, kept per example (their sum is its first value)."""
+    targets, selected, positions = _answer_positions(batch)
+    tokens = selected.sum(dim=1).tolist()
+    sums = torch.zeros(len(tokens), dtype=torch.float64)
+    if sum(tokens):
+        logits = logits_at(model, batch, positions)
+        ce = F.cross_entropy(logits.float(), targets[selected].to(logits.device), reduction="none")
+        sums.index_add_(0, positions.nonzero()[:, 0], ce.double().cpu())
+    return sums.tolist(), tokens
 
 
 def evaluate_models(models: dict, tokenizer, examples: Iterable[Example], n: Optional[int] = None,
@@ -144,8 +165,7 @@ def evaluate_models(models: dict, tokenizer, examples: Iterable[Example], n: Opt
             progress(done, total, f"loss {sums[first] / max(tokens, 1):.4f}")
     skipped = stats.get("skipped", 0)
     if tokens == 0:
-        raise EvaluationError(f"no answer tokens to score: {done} examples scored, {skipped} skipped because the "
-                              f"prompt filled max_len={max_len}; pass more examples or a larger max_len")
+        raise _nothing_scored(done, skipped, max_len)
     shared = (time.perf_counter() - start) - sum(forward_seconds.values())
     results = {}
     for name in models:
@@ -155,6 +175,11 @@ def evaluate_models(models: dict, tokenizer, examples: Iterable[Example], n: Opt
                                    tokens=tokens, examples=done, seconds=shared + forward_seconds[name],
                                    skipped=skipped, fingerprint=keys.hexdigest()[:16])
     return results
+
+
+def _nothing_scored(done: int, skipped: int, max_len: int) -> EvaluationError:
+    return EvaluationError(f"no answer tokens to score: {done} examples scored, {skipped} skipped because the "
+                           f"prompt filled max_len={max_len}; pass more examples or a larger max_len")
 
 
 def check_finite_loss(loss: float, name: str, scored: str) -> None:
@@ -169,3 +194,82 @@ def evaluate(model: nn.Module, tokenizer, examples: Iterable[Example], n: Option
     """Token-weighted mean answer loss and perplexity of ``model`` on (up to ``n`` of) ``examples``."""
     return evaluate_models({"model": model}, tokenizer, examples, n=n, batch_size=batch_size,
                            max_len=max_len, progress=progress)["model"]
+
+
+@dataclass
+class LossEstimate:
+    """The answer loss so far in a streaming pass: the token-weighted mean over the examples scored, with
+    its interval (delta-method SE of Σ loss / Σ tokens when examples are resampled; ``stats.ratio_se``)."""
+
+    examples: int           # examples scored so far
+    tokens: int             # answer tokens scored so far
+    loss: float             # Σ CE / Σ tokens, nats
+    se: float               # standard error of ``loss``; inf before two examples
+    level: float            # confidence level of ``interval``
+    total: int              # examples asked for (0 = unknown)
+    seconds: float          # wall time so far
+    skipped: int = 0        # examples dropped so far because no answer token survived max_len
+    fingerprint: str = ""   # as EvalResult's: the ordered keys of the examples scored so far
+    stopped: bool = False   # the pass was ended early (a stop request): a partial estimate
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.loss) if self.loss < 700 else math.inf
+
+    @property
+    def half_width(self) -> float:
+        """Half the width of the ``level`` normal interval (inf before two examples)."""
+        return normal_quantile(0.5 + self.level / 2.0) * self.se if math.isfinite(self.se) else math.inf
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        return self.loss - self.half_width, self.loss + self.half_width
+
+    def describe(self, what: str = "loss") -> str:
+        """'teacher loss 1.6612 ± 0.0521 (95%, 24 examples)'."""
+        size = f"{self.examples:,} example{'s' if self.examples != 1 else ''}"
+        if not math.isfinite(self.half_width):
+            return f"{what} {self.loss:.4f} ({size}; an interval needs two)"
+        return f"{what} {self.loss:.4f} ± {self.half_width:.4f} ({self.level:.0%}, {size})"
+
+    def result(self) -> EvalResult:
+        """The estimate as :func:`evaluate` reports a finished pass."""
+        return EvalResult(loss=self.loss, perplexity=self.perplexity, tokens=self.tokens, examples=self.examples,
+                          seconds=self.seconds, skipped=self.skipped, fingerprint=self.fingerprint)
+
+
+def iter_loss_estimates(model: nn.Module, tokenizer, examples: Iterable[Example], n: Optional[int] = None,
+                        batch_size: int = 8, max_len: int = 512, level: float = 0.95) -> Iterator[LossEstimate]:
+    """A :class:`LossEstimate` after every batch of (up to ``n`` of) ``examples``, scored in the order given
+    on the batches :func:`evaluate` uses, so the last estimate is its result (same loss, tokens,
+    examples, fingerprint) with an interval. Only five running sums are kept: memory does not grow with
+    the number of examples. Stop early by not asking for more (the last estimate is a fair partial one)."""
+    if n is not None and int(n) < 1:
+        raise ValueError(f"n {n!r} must be >= 1 (or None for every example)")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"interval level {level!r} must be in (0, 1)")
+    total = int(n) if n is not None else 0
+    if hasattr(examples, "__len__"):
+        total = min(total, len(examples)) if n is not None else len(examples)
+    sums = {"n": 0.0, "d": 0.0, "nn": 0.0, "nd": 0.0, "dd": 0.0}
+    done = tokens = 0
+    counts: dict = {}
+    keys = hashlib.sha256()
+    start = time.perf_counter()
+    for batch, group in iter_encoded_batches(tokenizer, examples, batch_size, max_len, limit=n, stats=counts):
+        with torch.inference_mode():  # per batch: a suspended generator must not leave the caller in it
+            losses, counts_ = answer_loss_rows(model, batch)
+        for example, loss_sum, k in zip(group, losses, counts_):
+            for key, value in (("n", k), ("d", loss_sum), ("nn", k * k), ("nd", k * loss_sum),
+                               ("dd", loss_sum * loss_sum)):
+                sums[key] += value
+            keys.update(example.key().encode("ascii") + b"\n")
+        done += len(group)
+        tokens += sum(counts_)
+        loss = sums["d"] / max(tokens, 1)
+        check_finite_loss(loss, "model", f"{done} examples")
+        yield LossEstimate(examples=done, tokens=tokens, loss=loss, se=running_se(done, sums), level=level,
+                           total=total, seconds=time.perf_counter() - start, skipped=counts.get("skipped", 0),
+                           fingerprint=keys.hexdigest()[:16])
+    if tokens == 0:
+        raise _nothing_scored(done, counts.get("skipped", 0), max_len)

@@ -7,15 +7,19 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from lowrank_core.evaluate import default_batch_size, evaluate
+from lowrank_core.compare import StopComparison
+from lowrank_core.evaluate import default_batch_size, iter_loss_estimates
 from lowrank_core.models import DEVICES, DTYPES
 from lowrank_core.workspace import app_source
-from ui import cache, state
+from ui import cache, jobs, state
 from ui.entry import ensure_app, stop_page
 from ui.paths import typed_or_current, workspace_caption
-from ui.progress import run_with_status
+from ui.progress import job_status
 
 ensure_app()
+
+TEACHER_JOB_KEY = "lowrank_pending_teacher"  # jobs.BackgroundJob scoring the teacher now
+ESTIMATES_KEY = "lowrank_teacher_estimates"  # {teacher_eval key: the last LossEstimate (stopped or complete)}
 
 MODEL_KINDS = {"Embedded SmolLM2-135M-Instruct": "default", "Tiny random Llama (for tests)": "tiny",
                "Local folder, config.json or .gguf": "path", "Hugging Face hub id": "hub"}
@@ -131,17 +135,90 @@ if split.eval:
     with st.expander("First evaluation example"):
         ex = split.eval[0]
         st.text(f"system: {ex.system[:500]}\n\nuser: {ex.user[:1000]}\n\nanswer: {ex.answer[:1000]}")
+
+
+def teacher_job(lm, examples: list, max_len: int, key: tuple) -> jobs.BackgroundJob:
+    """Score the teacher in the background, in the split's order; ``info["latest"]["estimate"]`` holds the
+    running estimate after every batch. A stop request ends it with that estimate marked ``stopped``."""
+    latest: dict = {}
+
+    def work(progress):
+        try:
+            for estimate in iter_loss_estimates(lm.model, lm.tokenizer, examples, max_len=max_len,
+                                                batch_size=default_batch_size(lm.device)):
+                latest["estimate"] = estimate
+                progress(estimate.examples, estimate.total, estimate.describe("teacher loss"))
+        except StopComparison:
+            latest["estimate"] = replace(latest["estimate"], stopped=True)
+        return latest["estimate"]
+
+    return jobs.BackgroundJob("teacher", work, ckey=key, latest=latest)
+
+
+def draw_score(loss: float, perplexity: float, tokens: int, examples: str, estimate=None) -> None:
+    c = st.columns(5)
+    c[0].metric("teacher answer loss", f"{loss:.4f}", help="token-weighted mean cross-entropy, nats")
+    half = estimate.half_width if estimate is not None else None
+    c[1].metric(f"{estimate.level:.0%} interval" if estimate is not None else "interval",
+                f"± {half:.4f}" if half is not None and half < float("inf") else "—",
+                help="delta-method interval of the token-weighted mean, examples resampled")
+    c[2].metric("perplexity", f"{perplexity:.3f}")
+    c[3].metric("answer tokens", f"{tokens:,}")
+    c[4].metric("examples", examples)
+
+
+@st.fragment(run_every=0.5)
+def teacher_progress(job) -> None:
+    """The running estimate with its interval, the time left and a Stop button; full rerun at the end."""
+    with job_status(job, "Scoring the teacher", "encoding the first example…"):
+        estimate = job.info["latest"].get("estimate")
+        if estimate is not None:
+            draw_score(estimate.loss, estimate.perplexity, estimate.tokens,
+                       f"{estimate.examples:,} of {estimate.total:,}", estimate)
+        if st.button("Stop and keep the estimate", key="teacher_stop", disabled=job.stop_requested):
+            job.request_stop()
+        st.caption("Runs in the background, in the split's order: the figure sharpens as examples come in; "
+                   "stopping keeps the estimate so far.")
+
+
+def finish_teacher(job) -> None:
+    """File a finished scoring run: its last estimate, and (complete runs only) the cached EvalResult."""
+    st.session_state.pop(TEACHER_JOB_KEY, None)
+    if job.error is not None:
+        st.session_state["teacher_error"] = job.failure("Scoring the teacher")
+        return
+    estimate = job.result
+    st.session_state.setdefault(ESTIMATES_KEY, {})[job.info["ckey"]] = estimate
+    if not estimate.stopped:
+        cache.memo("teacher_eval", job.info["ckey"], estimate.result, max_entries=16)
+
+
 if lm is not None:
     key = (lm.fingerprint, info.fingerprint, len(split.eval), s.max_len)
+    pending = st.session_state.get(TEACHER_JOB_KEY)
+    if pending is not None and pending.finished:
+        finish_teacher(pending)
+        pending = None
+    if "teacher_error" in st.session_state:
+        st.error(st.session_state.pop("teacher_error"))
     result = cache.cached("teacher_eval", key)
-    if result is None and st.button(f"Score the teacher on {len(split.eval)} eval examples", key="score_teacher"):
-        result = cache.memo("teacher_eval", key, lambda: run_with_status(
-            "Scoring the teacher", lambda p: evaluate(
-                lm.model, lm.tokenizer, split.eval, batch_size=default_batch_size(lm.device),
-                max_len=s.max_len, progress=p)), max_entries=16)
-    if result is not None:
-        c1, c2, c3, c4 = st.columns(4)
-        c1.metric("teacher answer loss", f"{result.loss:.4f}")
-        c2.metric("perplexity", f"{result.perplexity:.3f}")
-        c3.metric("answer tokens", f"{result.tokens:,}")
-        c4.metric("seconds", f"{result.seconds:.1f}")
+    estimate = st.session_state.get(ESTIMATES_KEY, {}).get(key)
+    if pending is not None:
+        teacher_progress(pending)
+    elif result is None:
+        again = " again" if estimate is not None else ""
+        if st.button(f"Score the teacher{again} on {len(split.eval)} eval examples", key="score_teacher",
+                     help="runs in the background; the first estimate with its interval shows after a few "
+                          "examples and sharpens as more come"):
+            st.session_state[TEACHER_JOB_KEY] = teacher_job(lm, split.eval, s.max_len, key)
+            st.rerun()
+    if pending is None and result is not None:
+        complete = estimate if estimate is not None and not estimate.stopped else None
+        draw_score(result.loss, result.perplexity, result.tokens, f"{result.examples:,}", complete)
+        st.caption(f"Scored in {result.seconds:.1f} s"
+                   + (f": {complete.describe('teacher loss')}." if complete is not None else "."))
+    elif pending is None and estimate is not None:
+        draw_score(estimate.loss, estimate.perplexity, estimate.tokens,
+                   f"{estimate.examples:,} of {estimate.total:,}", estimate)
+        st.warning(f"Stopped after {estimate.examples:,} of {estimate.total:,} examples: "
+                   f"{estimate.describe('teacher loss')} — a partial estimate, not cached for the other pages.")

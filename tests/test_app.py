@@ -67,14 +67,24 @@ def test_model_page_shows_architecture_map_and_sidebar():
     assert "calib **16** · val **0** · eval **32**" in side
 
 
+def scored_teacher(at: AppTest) -> AppTest:
+    """Click "Score the teacher", wait for its background job and draw the finished page."""
+    at.button(key="score_teacher").click().run()
+    assert not at.exception, at.exception
+    job = at.session_state["lowrank_pending_teacher"]
+    assert job.wait(120) and job.error is None, job.error
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
 def test_model_page_scores_teacher_like_the_engine():
     from lowrank_core.data import make_split
     from lowrank_core.evaluate import evaluate
     from lowrank_core.models import load_model
 
     at = started()
-    at.button(key="score_teacher").click().run()
-    assert not at.exception, at.exception
+    scored_teacher(at)
     lm = load_model("tiny", device="cpu")
     split = make_split("chatterbot", n_calib=16, n_eval=32, n_val=0, seed=0)
     expected = evaluate(lm.model, lm.tokenizer, split.eval, max_len=128)
@@ -99,6 +109,9 @@ def test_bad_model_source_is_a_clear_error():
     at.button(key="apply_settings").click().run()
     assert not at.exception, at.exception
     assert "nonexistent/model" in texts(at.error) and "not found" in texts(at.error)
+    assert "Not applied" in texts(at.error)  # refused before applying: the last good model stays
+    assert at.session_state["lowrank_settings"].model_source == "tiny"
+    assert metrics(at)["linears"] == "15" and "90,624 parameters" in texts(at.sidebar.markdown)
 
 
 def test_model_page_maps_a_config_only_source():
@@ -402,6 +415,8 @@ def test_spectra_page_plots_both_spectra_and_caches_them_on_disk():
 
     at = started("pages/spectra.py")
     assert not at.error, texts(at.error)
+    assert not at.status  # nothing calibrates before the click
+    at.button(key="spectra_go").click().run()
     assert [s.label.startswith("Calibrating on 16 examples") for s in at.status] == [True]
     traces = [t["name"] for t in plotly_specs(at)["spectra_chart"]["data"]]
     # tiny has 2 layers (default layer 1); each spectrum has a singular-value and a cumulative-energy trace
