@@ -5,7 +5,8 @@ Energy is the cumulative fraction of squared singular values: for the activation
 calibration tokens. Spectra are cached on disk under
 ``cache_dir()/spectra/<model fingerprint>/<linear name>.<weight | aware-<gram id>>.npz`` (no pickle), so a
 second look is instant; ``gram_id`` names the calibration (e.g. a split fingerprint), and the Gram
-itself may be passed lazily as a callable so a cache hit skips calibration altogether.
+itself may be passed lazily as a callable so a cache hit skips calibration altogether; ``cached_spectrum``
+only looks. ``plan_for_energy`` turns the ranks needed for an energy (the heatmap) into a compact plan.
 """
 from __future__ import annotations
 
@@ -23,9 +24,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from .allocate.path import plan_from_ranks
 from .archmap import LinearInfo
 from .decompose import weight_singular_values, whitened_singular_values, whitening
 from .models import cache_dir, model_fingerprint
+from .plan import Plan
 from .progress import Progress, ensure_progress
 
 KINDS = ("weight", "aware")
@@ -173,15 +176,24 @@ def linear_spectrum(model: nn.Module, info: LinearInfo, gram: Any = None, finger
         return compute_spectrum(model, info, gram() if lazy else gram, gram_id)
     if fingerprint is None:
         fingerprint = model_fingerprint(model)
-    path = _cache_path(fingerprint, info.name, gram_id)
-    if path.is_file():
-        try:
-            return load_spectrum(path)
-        except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile):
-            pass  # a damaged entry is recomputed and rewritten
+    found = cached_spectrum(info, fingerprint, gram_id)
+    if found is not None:
+        return found
     spectrum = compute_spectrum(model, info, gram() if lazy else gram, gram_id)
-    save_spectrum(spectrum, path)
+    save_spectrum(spectrum, _cache_path(fingerprint, info.name, gram_id))
     return spectrum
+
+
+def cached_spectrum(info: LinearInfo, fingerprint: str, gram_id: Optional[str] = None) -> Optional[Spectrum]:
+    """The disk-cached spectrum of ``info`` (weight only with ``gram_id=None``), or None on a miss or a
+    damaged entry (which the next :func:`linear_spectrum` recomputes and rewrites): looks, never computes."""
+    path = _cache_path(fingerprint, info.name, gram_id)
+    if not path.is_file():
+        return None
+    try:
+        return load_spectrum(path)
+    except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile):
+        return None
 
 
 def model_spectra(model: nn.Module, linears: list[LinearInfo], grams: Optional[dict] = None,
@@ -218,6 +230,20 @@ def energy_rank_table(spectra: Iterable[Spectrum], fraction: float = 0.9, kind: 
                      "break_even_rank": s.break_even_rank, "rank_fraction": r / s.max_rank,
                      "saves": r < s.break_even_rank})
     return rows
+
+
+def plan_for_energy(spectra: Iterable[Spectrum], fraction: float, kind: str, infos: Iterable[LinearInfo],
+                    method: Optional[str] = None, saving_only: bool = False) -> Plan:
+    """The plan giving each decoder matrix of ``spectra`` the rank that keeps ``fraction`` of its ``kind``
+    energy (the heatmap's ranks; one rule per module and rank, layers grouped). ``method`` defaults to the
+    one whose error that energy measures: ``whitened`` for the activation-aware spectrum, ``svd`` for the
+    weight's. ``saving_only`` leaves matrices whose rank is not below break-even dense."""
+    rows = [r for r in energy_rank_table(spectra, fraction, kind) if r["layer"] is not None]
+    ranks = {r["name"]: r["rank"] for r in rows if r["saves"] or not saving_only}
+    if not ranks:
+        raise ValueError(f"no matrix reaches {fraction:.1%} of its {kind} energy below its break-even rank; "
+                         "allowed: saving_only=False (keep every matrix at its rank)")
+    return plan_from_ranks(ranks, list(infos), method or ("whitened" if kind == "aware" else "svd"))
 
 
 def spectrum_label(spectrum: Spectrum, kind: str) -> str:

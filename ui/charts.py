@@ -1,6 +1,7 @@
 """Plotly figures of the app. Inputs are plain lists/dicts/DataFrames; nothing here computes."""
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Sequence
 
 import pandas as pd
@@ -28,9 +29,12 @@ def spectrum_figure(curves: dict[str, Sequence[float]], energies: dict[str, Sequ
         if name in energies:
             fig.add_trace(go.Scatter(x=x, y=list(energies[name]), mode="lines", name=name, legendgroup=name,
                                      showlegend=False, line=line), 1, 2)
-    fig.update_yaxes(type="log", exponentformat="power", row=1, col=1)
-    fig.update_yaxes(range=[0, 1.02], tickformat=".0%", row=1, col=2)
-    fig.update_xaxes(title_text="index i (rank)")
+    # decades only on the log axis (no "2, 5" minor labels); ranks start at 1
+    fig.update_yaxes(type="log", dtick=1, exponentformat="power", showexponent="all", minor=dict(showgrid=False),
+                     title_text="singular value / the largest", row=1, col=1)
+    fig.update_yaxes(range=[0, 1.02], tickformat=".0%", title_text="energy kept up to rank i", row=1, col=2)
+    longest = max((len(v) for v in curves.values()), default=1)
+    fig.update_xaxes(title_text="index i (rank)", range=[1, max(longest, 2)])
     markers = [(rank, "rank", dict(color="crimson", dash="dash"), "top right"),
                (break_even, "break-even", dict(color="gray", dash="dot"), "bottom right")]
     for value, label, style, where in markers:
@@ -57,31 +61,40 @@ def rank_heatmap(table: pd.DataFrame, energy: float, basis: str) -> go.Figure:
 
 
 def error_bars(rows: Sequence[dict], value: str = "rel_error") -> go.Figure:
-    """Per-matrix relative output error, one bar per matrix, coloured by module."""
+    """Per-matrix relative output error (a fraction, drawn as percent), one bar per matrix, coloured by module."""
     df = pd.DataFrame(rows)
     fig = go.Figure()
     for module, part in df.groupby("module", sort=False):
         fig.add_trace(go.Bar(x=part["name"].str.replace("model.layers.", "L", regex=False), y=part[value],
-                             name=module, marker_color=MODULE_COLORS.get(module)))
-    fig.update_layout(title="relative output error per matrix (held-out calibration tokens)", barmode="group",
-                      yaxis_title="‖ΔW Xᵀ‖² / ‖W Xᵀ‖²", height=380, margin=dict(t=50, b=40, l=40, r=20),
-                      xaxis=dict(showticklabels=len(df) <= 60))
+                             name=module, marker_color=MODULE_COLORS.get(module),
+                             hovertemplate="%{x}: %{y:.3%}<extra></extra>"))
+    tokens = "fit" if value == "rel_error_fit" else "held-out"
+    fig.update_layout(title=f"relative output error per matrix ({tokens} calibration tokens)", barmode="group",
+                      xaxis_title=f"matrix ({len(df)}: L<layer>.<module>)",
+                      yaxis_title="relative output error ‖ΔW Xᵀ‖² / ‖W Xᵀ‖²", height=380,
+                      margin=dict(t=50, b=40, l=60, r=20), xaxis=dict(showticklabels=len(df) <= 60),
+                      yaxis=dict(tickformat=".1%"))
     return fig
 
 
 def line_chart(series: dict[str, Sequence[float]], title: str, x_title: str, y_title: str, log: bool = False,
                x: Optional[Sequence] = None) -> go.Figure:
-    """One line per series over ``x`` (default 0..n-1, integer ticks)."""
+    """One line per series over ``x`` (default 0..n-1, integer ticks); the x axis spans exactly the data
+    (layers 0..L-1, not -1..L); a log y axis labels decades only (10⁻², 10⁻¹, ...)."""
     fig = go.Figure()
+    xs_all = []
     for name, values in series.items():
         xs = list(x) if x is not None else list(range(len(values)))
+        xs_all += xs[: len(values)]
         fig.add_trace(go.Scatter(x=xs, y=list(values), mode="lines+markers", name=name))
     fig.update_layout(title=title, xaxis_title=x_title, yaxis_title=y_title, height=340,
                       margin=dict(t=50, b=40, l=40, r=20), xaxis=dict(tickformat="d"))
+    if len(set(xs_all)) > 1 and all(isinstance(v, numbers.Real) for v in xs_all):
+        fig.update_xaxes(range=[min(xs_all), max(xs_all)])
     if max((len(v) for v in series.values()), default=0) <= 32:
         fig.update_xaxes(dtick=1)
     if log:
-        fig.update_yaxes(type="log")
+        fig.update_yaxes(type="log", dtick=1, exponentformat="power")
     return fig
 
 
