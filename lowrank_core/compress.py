@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -100,6 +100,7 @@ class CompressResult:
     timings: dict[str, float]
     split: dict = field(default_factory=dict)   # fit / held-out example and token counts
     settings: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # calibration too small to trust (calibration_warnings)
 
     @property
     def error_key(self) -> str:
@@ -115,7 +116,7 @@ class CompressResult:
         """Everything but the student, JSON-ready."""
         return {"params_before": self.params_before, "params_after": self.params_after,
                 "layers": self.layers, "hidden_mse": self.hidden_mse, "refit_curves": self.refit_curves,
-                "timings": self.timings, "split": self.split, "settings": self.settings}
+                "timings": self.timings, "split": self.split, "settings": self.settings, "warnings": self.warnings}
 
 
 # ----------------------------------------------------------------------------- factorisation helpers
@@ -170,9 +171,47 @@ def calibration_data(tokenizer, calib_examples: Sequence, settings: CompressSett
     return CalibrationData(fit_b, held_b, info)
 
 
+MIN_HELD_OUT_EXAMPLES = 2
+MIN_HELD_OUT_TOKENS = 256
+
+
+def _names(names: Sequence[str], limit: int = 3) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", … ({len(names)} in all)" if len(names) > limit else "")
+
+
+def calibration_warnings(info: dict, assignments: dict[str, Assignment]) -> list[str]:
+    """What makes a run untrustworthy, known once the batches are built (``info``: :class:`CalibrationData`'s):
+    fit Grams of fewer tokens than their input dimension (rank-deficient: a whitened factorisation fits the
+    few tokens seen and collapses on others) and a tiny held-out set (its errors and hidden MSE are noise)."""
+    out = []
+    fit_tokens = info.get("fit_tokens", 0)
+    short: dict[int, dict[str, list[str]]] = {}  # inputs -> gram key -> matrices
+    for name, a in assignments.items():
+        if methods.get(a.method).needs_grams and a.info.in_features > fit_tokens:
+            short.setdefault(a.info.in_features, {}).setdefault(a.info.gram_key, []).append(name)
+    for inputs, keys in sorted(short.items(), reverse=True):
+        matrices = [n for names in keys.values() for n in names]
+        out.append(f"{len(keys)} fit Gram(s) hold fewer tokens than their {inputs:,} inputs: {fit_tokens:,} tokens "
+                   f"from {info.get('fit_examples', 0)} fit example(s) (Grams {_names(list(keys))}; matrices "
+                   f"{_names(matrices)}): rank-deficient statistics, the factors fit those tokens only: add "
+                   f"calibration examples (or raise max_len if it cuts them) until the fit side holds more than "
+                   f"{inputs:,} tokens")
+    held_ex, held_tokens = info.get("held_out_examples", 0), info.get("held_out_tokens", 0)
+    if assignments and (held_ex < MIN_HELD_OUT_EXAMPLES or held_tokens < MIN_HELD_OUT_TOKENS):
+        what = (f"{held_ex} example(s) of {held_tokens:,} tokens" if held_ex else
+                "empty: errors are measured on the fit tokens themselves (optimistic)")
+        out.append(f"the held-out check is {what} (under {MIN_HELD_OUT_EXAMPLES} examples or "
+                   f"{MIN_HELD_OUT_TOKENS} tokens): its relative errors and hidden MSE say little; add "
+                   "calibration examples or raise the held-out fraction")
+    return out
+
+
 def compress(teacher: nn.Module, tokenizer, plan, calib_examples: Sequence, settings: Optional[CompressSettings] = None,
-             progress: Optional[Progress] = None) -> CompressResult:
-    """Compress ``teacher`` by ``plan`` with calibration on ``calib_examples``; see the module docstring."""
+             progress: Optional[Progress] = None, warn: Optional[Callable[[str], None]] = None) -> CompressResult:
+    """Compress ``teacher`` by ``plan`` with calibration on ``calib_examples``; see the module docstring.
+    ``warn(message)`` hears each of :func:`calibration_warnings` before the long work starts (they are also
+    the result's ``warnings``)."""
     settings = settings or CompressSettings()
     settings.validate()
     progress = ensure_progress(progress)
@@ -189,8 +228,14 @@ def compress(teacher: nn.Module, tokenizer, plan, calib_examples: Sequence, sett
     examples = list(calib_examples)[: settings.calib]
     if not examples and assignments:
         raise ValueError("compress needs at least one calibration example")
+    progress(0, 1, "preparing calibration batches")
     calib = calibration_data(tokenizer, examples, settings)
     fit_b, held_b, split = calib.fit, calib.held_out, calib.info
+    progress(1, 1, f"preparing calibration batches: {split['fit_tokens']:,} fit + {split['held_out_tokens']:,} "
+                   "held-out tokens")
+    found = calibration_warnings(split, assignments)
+    for message in found:
+        (warn or (lambda m: None))(message)
     sequential = settings.layerwise or any(m.sequential for m in chosen.values())
     run = _sequential if sequential else _fast
     replacements, rows, mse_rows, curves, timings = run(teacher, assignments, fit_b, held_b, settings, progress)
@@ -199,7 +244,7 @@ def compress(teacher: nn.Module, tokenizer, plan, calib_examples: Sequence, sett
     return CompressResult(student=student, assignments=assignments, params_before=count_parameters(teacher),
                           params_after=count_parameters(student), layers=rows, hidden_mse=mse_rows,
                           refit_curves=curves, timings=timings, split={**split, "path": "layerwise" if sequential else "fast"},
-                          settings=settings.to_dict())
+                          settings=settings.to_dict(), warnings=found)
 
 
 def _fast(teacher, assignments, fit_b, held_b, settings, progress):
@@ -207,12 +252,16 @@ def _fast(teacher, assignments, fit_b, held_b, settings, progress):
     timings = {"calibration": 0.0, "decomposition": 0.0, "refit": 0.0}
     infos = [a.info for a in assignments.values()]
     t0 = time.perf_counter()
-    # held-out Grams only measure errors: kept in float32 (half the memory); the fit Grams stay float64
-    held_g = collect_grams(teacher, held_b, infos, progress=progress) if held_b else {}
-    held_g = {k: GramStats(g.gram.float(), g.tokens) for k, g in held_g.items()}
     need_fit = settings.fit_errors or not held_b or any(methods.get(a.method).needs_grams
                                                          for a in assignments.values())
-    fit_g = collect_grams(teacher, fit_b, infos, progress=progress) if need_fit else {}
+    unpad = next(teacher.parameters()).device.type == "cpu"  # collect_grams forwards each example alone there
+    held_p, fit_p = _pieces_of(held_b, unpad), _pieces_of(fit_b, unpad) if need_fit else []
+    bar = _Counter(progress, len(held_p) + len(fit_p), "calibration Grams: example")
+    bar.report("starting")
+    # held-out Grams only measure errors: kept in float32 (half the memory); the fit Grams stay float64
+    held_g = collect_grams(teacher, held_p, infos, progress=bar.side("held-out")) if held_p else {}
+    held_g = {k: GramStats(g.gram.float(), g.tokens) for k, g in held_g.items()}
+    fit_g = collect_grams(teacher, fit_p, infos, progress=bar.side("fit")) if fit_p else {}
     timings["calibration"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     modules = dict(teacher.named_modules())
@@ -237,10 +286,46 @@ def _fast(teacher, assignments, fit_b, held_b, settings, progress):
     return replacements, rows, mse_rows, {}, timings
 
 
+def _pieces_of(batches: list[dict], unpad: bool) -> list[dict]:
+    """``batches`` cut into what ``collect_grams`` forwards anyway (each padded batch's rows without their
+    padding when ``unpad``): the same Grams, with a progress report per example instead of per batch."""
+    if not unpad:
+        return list(batches)
+    out = []
+    for b in batches:
+        mask = b["attention_mask"]
+        if bool(mask.all()) or not all(bool(mask[r, :int(mask[r].sum())].all()) for r in range(mask.shape[0])):
+            out.append(b)
+            continue
+        for r in range(mask.shape[0]):
+            n = int(mask[r].sum())
+            if n:
+                out.append({k: v[r:r + 1, :n] if torch.is_tensor(v) and v.dim() == 2 else v for k, v in b.items()})
+    return out
+
+
+class _Counter:
+    """One progress bar over several calls that each count from 1 (e.g. held-out then fit Grams)."""
+
+    def __init__(self, progress: Progress, total: int, message: str):
+        self.progress, self.total, self.message, self.done = progress, total, message, 0
+
+    def report(self, note: str) -> None:
+        self.progress(self.done, self.total, f"{self.message} {self.done} ({note})")
+
+    def side(self, note: str) -> Progress:
+        start = self.done
+
+        def report(done, _total, _message=""):
+            self.done = start + done
+            self.report(note)
+        return report
+
+
 def _stream_mse(teacher, replacements, batches, settings, progress) -> list[dict]:
     """Per-layer hidden MSE of the student vs the teacher on ``batches`` (a student built on the fly)."""
     store = "cpu" if settings.offload else None
-    inputs = capture_layer_inputs(teacher, batches, store_device=store)
+    inputs = capture_layer_inputs(teacher, batches, store_device=store, progress=progress)
     xt = xs = inputs.hidden
     rows = []
     layers = decoder_layers(teacher)
@@ -301,7 +386,8 @@ def _sequential(teacher, assignments, fit_b, held_b, settings, progress):
     timings = {"calibration": 0.0, "decomposition": 0.0, "refit": 0.0}
     t0 = time.perf_counter()
     store = "cpu" if settings.offload else None
-    inputs = capture_layer_inputs(teacher, fit_b + held_b, store_device=store)
+    progress(0, len(fit_b) + len(held_b), "embedding calibration batches")
+    inputs = capture_layer_inputs(teacher, fit_b + held_b, store_device=store, progress=progress)
     fit_idx = list(range(len(fit_b)))
     held_idx = list(range(len(fit_b), len(fit_b) + len(held_b)))
     timings["calibration"] += time.perf_counter() - t0

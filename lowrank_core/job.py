@@ -242,7 +242,7 @@ def run_job(spec: JobSpec, progress: Optional[Progress] = None, log: Optional[Ca
     settings = spec.settings()
     say(f"compressing {len(accounting.rows)} matrices with {settings.method}")
     compressed = compress(loaded.model, loaded.tokenizer, spec.plan, split.calib, settings,
-                          progress=_phase(progress, "compress"))
+                          progress=_phase(progress, "compress"), warn=lambda message: say(f"warning: {message}"))
     laps("compress")
     result = JobResult(spec, loaded, split, compressed, accounting, seconds=laps.seconds)
     if spec.heal.enabled:

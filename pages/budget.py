@@ -6,12 +6,13 @@ import streamlit as st
 
 from lowrank_core.archmap import num_layers
 from lowrank_core import methods
-from lowrank_core.plan import PlanError, account, load_plan, plan_from_rows, rows_from_plan
+from lowrank_core.plan import PlanError, account, load_plan, plan_from_rows, resolve_plan, rows_from_plan
 from lowrank_core.workspace import PLAN_SUFFIXES, app_source, plan_source, writable_file
 from ui import cache, state
 from ui.entry import ensure_app, stop_page
 from ui.paths import workspace_caption
 from ui.presets import preset_plans
+from ui.sidebar import PLAN_ERROR_KEY
 
 ensure_app()
 
@@ -23,6 +24,22 @@ DEFAULT_ROWS = [{"layers": "all", "modules": "mlp", "rank": None, "keep": 0.9, "
 
 def accounting(source_key: str, meta, plan):
     return cache.memo("account", (source_key, plan.to_yaml()), lambda: account(meta, plan), max_entries=64)
+
+
+def check_rows(rows: list[dict], linears) -> tuple[list[dict], dict[int, str]]:
+    """(the rows whose rule parses and resolves on the model's linears, {row number: the engine's error}):
+    each rule is checked alone, so one bad row leaves the others counted."""
+    good, problems = [], {}
+    for number, row in enumerate(rows, 1):
+        if not str(row.get("modules") or "").strip():
+            continue
+        try:
+            resolve_plan(plan_from_rows([row]), linears)
+        except PlanError as e:
+            problems[number] = str(e).replace("plan rule 1", f"row {number}", 1)
+        else:
+            good.append(row)
+    return good, problems
 
 
 st.title("Budget")
@@ -84,20 +101,32 @@ edited = st.data_editor(
     column_config={
         "layers": st.column_config.TextColumn("layers", default="all"),
         "modules": st.column_config.TextColumn("modules", required=True),
-        "rank": st.column_config.NumberColumn("rank", min_value=1, step=1, format="%d"),
+        "rank": st.column_config.NumberColumn("rank", min_value=0, step=1, format="%d"),  # 0: the row's error
         "keep": st.column_config.NumberColumn("keep", min_value=0.0, max_value=1.0, step=0.01),
         "dense": st.column_config.CheckboxColumn("dense", default=False),
         "method": st.column_config.SelectboxColumn("method", options=[""] + list(methods.names()), default=""),
     })
 
+records = edited.to_dict("records")
+valid, problems = check_rows(records, linears)
+for message in problems.values():
+    st.error(f"Plan error in {message}")
 try:
-    plan = plan_from_rows(edited.to_dict("records"))
+    plan = plan_from_rows(valid)
     acc = accounting(source, meta, plan)
-except PlanError as e:
+except PlanError as e:  # e.g. no valid row left
     st.error(f"Plan error: {e}")
+    st.session_state[PLAN_ERROR_KEY] = str(e)
     stop_page()
-st.session_state["budget_rows"] = rows_from_plan(plan)
-state.store_plan(plan, SOURCE)
+if problems:  # keep the rows as typed (the bad ones too) and the last valid stored plan; say so
+    st.session_state["budget_rows"] = records
+    st.session_state[PLAN_ERROR_KEY] = "; ".join(problems.values())
+    st.caption(f"The counts below are of the {len(plan.rules)} valid row(s); fix the row(s) in red to use or save "
+               "the plan.")
+else:
+    st.session_state["budget_rows"] = rows_from_plan(plan)
+    st.session_state.pop(PLAN_ERROR_KEY, None)
+    state.store_plan(plan, SOURCE)
 
 c1, c2, c3, c4 = st.columns(4)
 c1.metric("original parameters", f"{acc.original:,}")
@@ -118,7 +147,7 @@ table = [{"scenario": "Original model", "plan": "—", "parameters": acc.origina
 for name, text in presets.items():
     pre = accounting(source, meta, load_plan(text))
     table.append({"scenario": name, "plan": text, "parameters": pre.compressed, "of original": pre.ratio})
-table.append({"scenario": "This plan", "plan": "; ".join(r.describe() for r in plan.rules),
+table.append({"scenario": "This plan" + (" (valid rows)" if problems else ""), "plan": "; ".join(r.describe() for r in plan.rules),
               "parameters": acc.compressed, "of original": acc.ratio})
 st.dataframe(pd.DataFrame(table), hide_index=True, key="budget_presets", column_config={
     "parameters": st.column_config.NumberColumn(format="localized"),
@@ -126,13 +155,17 @@ st.dataframe(pd.DataFrame(table), hide_index=True, key="budget_presets", column_
 
 st.subheader("Save")
 yaml_text = plan.to_yaml()
+blocked = f"fix the plan error first ({'; '.join(problems.values())})" if problems else None
+if blocked:
+    st.warning(f"Saving is disabled: {blocked}.")
 c1, c2 = st.columns(2)
-c1.download_button("Download plan.yaml", yaml_text, file_name="plan.yaml", mime="text/yaml", key="budget_download")
+c1.download_button("Download plan.yaml", yaml_text, file_name="plan.yaml", mime="text/yaml", key="budget_download",
+                   disabled=bool(blocked), help=blocked)
 path = c2.text_input("or save to a file", value="plans/plan.yaml", key="budget_save_path")
 overwrite = c2.checkbox("Overwrite", value=False, key="budget_overwrite",
                         help="replace a file of that name; without it an existing file is never touched")
 workspace_caption(c2)
-if c2.button("Save", key="budget_save"):
+if c2.button("Save", key="budget_save", disabled=bool(blocked), help=blocked):
     try:
         target = writable_file(path, "plan file", overwrite=overwrite, suffixes=PLAN_SUFFIXES)
         plan.save(target)

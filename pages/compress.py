@@ -164,11 +164,16 @@ c2.metric("parameters after", f"{result.params_after:,}", delta=f"{result.params
 c3.metric("of the original", f"{result.params_after / result.params_before:.2%}")
 c4.metric("time", f"{result.timings.get('total', 0):.1f} s")
 
+for message in result.warnings:  # the engine's: calibration too small to trust this run
+    st.warning(f"Calibration: {message}.")
+
+PERCENT = st.column_config.NumberColumn(format="percent")  # relative errors are fractions, shown as percent
 layers = pd.DataFrame(result.layers)
 if not layers.empty:
     st.plotly_chart(charts.error_bars(result.layers, result.error_key), key="compress_errors")
-    with st.expander("Per-matrix table"):
-        st.dataframe(layers, hide_index=True, key="compress_layers")
+    with st.expander("Per-matrix table (relative errors in percent)"):
+        st.dataframe(layers, hide_index=True, key="compress_layers",
+                     column_config={col: PERCENT for col in ("rel_error", "rel_error_fit") if col in layers})
 if result.hidden_mse:
     mse = pd.DataFrame(result.hidden_mse)
     col = "rel_mse" if "rel_mse" in mse else "mse"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import streamlit as st
 
 from lowrank_core import export as export_mod
@@ -32,6 +33,20 @@ run = next((r for r in reversed(state.runs()) if r["job"] == chosen), {})
 fmt = st.radio("Format", export_mod.FORMATS, horizontal=True, key="export_format",
                help="dense: factors merged back into ordinary weights (plain transformers loads it); "
                     "factorized: the factors themselves (smaller), loadable with trust_remote_code or lowrank_core")
+compressed = result.compressed
+width = next(result.loaded.model.parameters()).element_size()  # bytes per stored weight (the model's dtype)
+sizes = {"dense": compressed.params_before, "factorized": compressed.params_after}
+
+
+def size_text(params: int) -> str:
+    return f"{params:,} parameters, about {params * width / 2**20:,.2f} MiB of weights"
+
+
+st.info(f"**dense**: as large as the teacher — {size_text(sizes['dense'])} (the factors multiplied back into "
+        f"full matrices). **factorized**: {size_text(sizes['factorized'])} "
+        f"({sizes['factorized'] / max(1, sizes['dense']):.1%} of the teacher)"
+        + ("." if sizes["factorized"] < sizes["dense"] else ": no smaller than the teacher, this plan's ranks are "
+           "above break-even."))
 name = Path(lm.name).name if Path(lm.name).is_absolute() else lm.name.replace("/", "_")
 default_dir = str(Path("exports") / f"{name}-run{run.get('run', 0)}-{fmt}")
 target = st.text_input("Target folder", value=default_dir, key=f"export_dir_{fmt}_{chosen}")
@@ -69,5 +84,9 @@ if out is not None:
     c4.metric("seconds", f"{out.seconds.get('total', 0):.1f}")
     if out.reload_loss is not None:
         st.write(f"Answer loss after reload **{out.reload_loss:.4f}** vs in-memory student **{out.student_loss:.4f}**.")
-    with st.expander("Ranks of the replaced matrices"):
-        st.json(out.ranks, expanded=False)
+    if out.format == "dense":
+        st.caption(f"A dense export stores every matrix in full: the teacher's size. The factorized format would "
+                   f"store {size_text(sizes['factorized'])}.")
+    st.markdown(f"**Ranks of the {len(out.ranks)} replaced matrices**")
+    st.dataframe(pd.DataFrame({"matrix": list(out.ranks), "rank": list(out.ranks.values())}), hide_index=True,
+                 key="export_ranks")

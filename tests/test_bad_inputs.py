@@ -153,10 +153,11 @@ def test_C_successful_runs_report_warnings_and_dropped_records(case, scratch, re
     outcome = run(case, scratch, request)
     assert outcome.rc == 0 and "Traceback" not in outcome.stderr
     assert all(expected in outcome.message for expected in case.expect)
-    if "--json" in case.argv:  # compress: the plan's warnings on stderr and in the record, like count prints
-        record = json.loads(outcome.stdout)
+    if "--json" in case.argv:  # compress: the plan's warnings on stderr and in the record, like count prints,
+        record = json.loads(outcome.stdout)  # then the calibration's (4 examples: a 1-example held-out check)
         stderr = [line.split("warning: ", 1)[1] for line in outcome.stderr.splitlines() if "warning: " in line]
-        assert record["warnings"] == stderr == record["accounting"]["warnings"]
+        assert record["warnings"] == stderr == record["accounting"]["warnings"] + record["compress"]["warnings"]
+        assert any("held-out check is 1 example" in w for w in record["compress"]["warnings"])
         assert sum("above the break-even rank" in w for w in stderr) == 6
         assert any("lm_head is tied to the embedding" in w for w in stderr)
 

@@ -109,6 +109,23 @@ def shot(page, name: str) -> Path:
     return path
 
 
+class StepTimer:
+    """Wall time of each step of a walk through the app (printed as a table at the end)."""
+
+    def __init__(self):
+        self.rows: list[tuple[str, float]] = []
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        yield
+        self.rows.append((name, time.perf_counter() - t0))
+        print(f"step {name:<48} {self.rows[-1][1]:7.2f} s", flush=True)
+
+    def table(self) -> str:
+        return "\n".join(f"| {name} | {seconds:.1f} |" for name, seconds in self.rows)
+
+
 def main_text(page) -> str:
     return page.locator('[data-testid="stMain"]').inner_text()
 
@@ -131,14 +148,18 @@ def test_click_through_every_page(tmp_path):
     with streamlit_server(env, tmp_path / "streamlit.log") as url, chromium() as page:
         errors: list[str] = []
         page.on("pageerror", lambda e: errors.append(str(e)))
-        page.goto(url)
-        page.get_by_role("heading", name="Model & data", exact=True).wait_for()
-        page.get_by_text("Architecture map — tiny").wait_for()
-        wait_idle(page)
+        step = StepTimer()
+        with step("open: Model & data shows the architecture map"):
+            page.goto(url)
+            page.get_by_role("heading", name="Model & data", exact=True).wait_for()
+            page.get_by_text("Architecture map — tiny").wait_for()
+            wait_idle(page)
         sidebar = page.locator('[data-testid="stSidebar"]').inner_text()
         assert "90,624 parameters" in sidebar and "CPU" in sidebar and "float32" in sidebar
-        page.get_by_role("button", name="Score the teacher on 32 eval examples").click()
-        page.get_by_text("teacher answer loss").wait_for()
+        with step("first teacher-loss figure with its interval"):
+            page.get_by_role("button", name="Score the teacher on 32 eval examples").click()
+            page.get_by_text("teacher answer loss").wait_for()
+            page.get_by_text("±").first.wait_for()
         wait_idle(page)
         assert "linears" in main_text(page)
         shot(page, "1-model")
@@ -149,19 +170,29 @@ def test_click_through_every_page(tmp_path):
         wait_idle(page)
         shot(page, "2-budget")
 
-        open_page(page, "Spectra")
-        page.locator('[data-testid="stPlotlyChart"]').first.wait_for()
-        wait_idle(page)
+        with step("Spectra: weight spectrum on open"):
+            open_page(page, "Spectra")
+            page.locator('[data-testid="stPlotlyChart"]').first.wait_for()
+            wait_idle(page)
         assert "Calibrating on" not in main_text(page)  # the weight spectrum only, until the click
-        page.get_by_role("button", name="Compute spectra").click()
-        page.get_by_text("Calibrating on 16 examples").wait_for()
-        wait_idle(page)
+        with step("Spectra: activation-aware spectrum (click)"):
+            page.get_by_role("button", name="Compute spectra").click()
+            page.get_by_text("Calibrating on 16 examples").wait_for()
+            wait_idle(page)
         assert page.locator(".js-plotly-plot").count() == 1
-        page.get_by_role("button", name="Compute the heatmap").click()
-        page.get_by_text("matrices reach 90.0% of their weight energy").wait_for()
-        wait_idle(page)
+        with step("Spectra: energy heatmap"):
+            page.get_by_role("button", name="Compute the heatmap").click()
+            page.get_by_text("matrices reach 90.0% of their weight energy").wait_for()
+            wait_idle(page)
         assert page.locator(".js-plotly-plot").count() == 2
         shot(page, "3-spectra")
+        plan_before = page.locator('[data-testid="stSidebar"]').inner_text().split("Plan", 1)[1]
+        with step("plan from the heatmap on the Budget page"):
+            page.get_by_role("button", name="Use these ranks as a plan").click()
+            page.get_by_role("heading", name="Budget", exact=True).wait_for()
+            wait_idle(page)
+        assert page.locator('[data-testid="stSidebar"]').inner_text().split("Plan", 1)[1] != plan_before
+        shot(page, "3a-plan-from-heatmap")
 
         open_page(page, "Search")
         page.get_by_role("button", name="Search", exact=True).click()
@@ -178,21 +209,23 @@ def test_click_through_every_page(tmp_path):
 
         open_page(page, "Compress")
         page.locator('textarea[aria-label="Plan"]').fill("mlp:r8")
-        page.get_by_role("button", name="Compress").click()
-        with contextlib.suppress(PlaywrightTimeout):  # a fast job may finish before its progress shows
-            page.get_by_text("Runs in the background").wait_for(timeout=5_000)
-            shot(page, "4a-compress-running")
-        page.get_by_text("parameters after").wait_for()
-        wait_idle(page)
+        with step("Compress mlp:r8 (background job)"):
+            page.get_by_role("button", name="Compress").click()
+            with contextlib.suppress(PlaywrightTimeout):  # a fast job may finish before its progress shows
+                page.get_by_text("Runs in the background").wait_for(timeout=5_000)
+                shot(page, "4a-compress-running")
+            page.get_by_text("parameters after").wait_for()
+            wait_idle(page)
         text = main_text(page)
         assert "50,688" in text and "55.93%" in text
         assert page.locator('[data-testid="stPlotlyChart"]').count() >= 1
         shot(page, "4-compress")
 
         open_page(page, "Evaluate")
-        page.get_by_role("button", name="Compare on 32 examples").click()
-        page.get_by_text("Where the student loses most").wait_for()
-        wait_idle(page)
+        with step("Evaluate: paired comparison on 32 examples"):
+            page.get_by_role("button", name="Compare on 32 examples").click()
+            page.get_by_text("Where the student loses most").wait_for()
+            wait_idle(page)
         page.get_by_role("heading", name="Evaluate", exact=True).scroll_into_view_if_needed()
         shot(page, "5-evaluate")
         page.get_by_role("button", name="Generate answers for 3 prompts").click()
@@ -211,13 +244,15 @@ def test_click_through_every_page(tmp_path):
         target.fill("export")
         target.press("Enter")
         wait_idle(page)
-        page.get_by_role("button", name="Export and verify").click()
-        page.get_by_text("Verified:").wait_for()
-        wait_idle(page)
+        with step("Export: write and verify"):
+            page.get_by_role("button", name="Export and verify").click()
+            page.get_by_text("Verified:").wait_for()
+            wait_idle(page)
         shot(page, "6-export")
         assert (export_dir / "lowrank.json").is_file() and (export_dir / "config.json").is_file()
         card = (export_dir / "README.md").read_text()
         assert "## Evaluation" in card and "Paired comparison on 32 held-out examples" in card
+        print("| step | seconds |\n|---|---|\n" + step.table())
         assert not errors, errors
 
 

@@ -9,6 +9,8 @@ from lowrank_core.models import device_description
 from . import cache, state
 from .jobs import run_label
 
+PLAN_ERROR_KEY = "lowrank_plan_error"  # the Budget page's rule error, while its rules have one
+
 
 def draw_sidebar(box) -> None:
     """Fill ``box`` (a sidebar container) from the cached model and split; never loads anything."""
@@ -30,9 +32,13 @@ def draw_sidebar(box) -> None:
         c = split.info.counts
         box.markdown(f"`{s.data_source}` seed {s.seed}  \ncalib **{c.get('calib', 0)}** · val **{c.get('val', 0)}** · "
                      f"eval **{c.get('eval', 0)}**  \nsplit `{split.info.fingerprint}`")
-    plan = state.stored_plan()
-    if plan is not None:
+    plan, error = state.stored_plan(), st.session_state.get(PLAN_ERROR_KEY)
+    if plan is not None or error:
         box.markdown("#### Plan")
+    if error:
+        kept = f"; the last valid plan ({len(plan['plan'].rules)} rule(s)) is kept" if plan is not None else ""
+        box.error(f"The Budget page's plan has an error: {error}{kept}")
+    elif plan is not None:
         box.caption(f"{len(plan['plan'].rules)} rule(s) from {plan['source']}")
     if state.JOB_KEY in st.session_state:
         box.caption("A compression is running in the background (see **Compress**).")

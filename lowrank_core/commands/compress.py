@@ -1,8 +1,9 @@
 """``compress``: run one job (build a student by a plan, compare teacher and student, optionally export).
 
 Every flag is derived from the :class:`~lowrank_core.job.JobSpec` dataclasses (``options.py``): the
-defaults live there only. ``--json`` prints the :meth:`JobResult.to_dict` record plus ``warnings`` (the
-plan's accounting warnings, also printed on stderr before any work).
+defaults live there only. ``--json`` prints the :meth:`JobResult.to_dict` record plus ``warnings``: the
+plan's accounting warnings (printed on stderr before any work), then the calibration's (too few fit tokens
+for a Gram's inputs, a tiny held-out set: ``compress.calibration_warnings``, printed on stderr after the job).
 """
 from __future__ import annotations
 
@@ -58,13 +59,13 @@ def preflight(spec: JobSpec) -> list[str]:
 
 
 def job_record(result: JobResult) -> dict:
-    """``JobResult.to_dict()`` with the plan's ``warnings``; refuses scores that are not finite numbers and
+    """``JobResult.to_dict()`` with ``warnings`` (the plan's, then the calibration's); refuses scores that are not finite numbers and
     notes the records the data source dropped."""
     record = result.to_dict()
     for side in ("teacher", "student"):
         if record[side] is not None:
             check_finite_loss(record[side]["loss"], side, f"{record[side]['examples']} evaluation examples")
-    record["warnings"] = list(result.accounting.warnings)
+    record["warnings"] = list(result.accounting.warnings) + list(result.compressed.warnings)
     note_dropped(record["split"])
     return record
 
@@ -117,6 +118,8 @@ def run(args) -> int:
     finally:
         bar.close()
     record = job_record(result)
+    for message in result.compressed.warnings:  # after the bar: a closed bar cannot overwrite them
+        warn(message)
     if args.json:
         print_json(record)
     else:
