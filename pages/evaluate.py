@@ -52,7 +52,7 @@ def report(comparison, chosen: str) -> None:
     summary = comparison.summary()
     proof.verdict(summary)
     lo, hi = summary["delta_ci"]
-    m = st.columns(6)
+    m = st.columns(3) + st.columns(3)  # two rows: an interval or "a → b" needs the width
     m[0].metric("Δ loss (student − teacher)", f"{summary['delta']:+.4f}", help="nats per answer token")
     m[1].metric(f"{summary['ci_level']:.0%} interval", f"[{lo:+.4f}, {hi:+.4f}]",
                 help="paired bootstrap over examples")
