@@ -3,7 +3,7 @@
 ``compress(teacher, tokenizer, plan, calib_examples, settings)``:
 
 1. resolve the plan on the teacher's linears (method per rule, default ``settings.method``);
-2. split the calibration examples into *fit* and *held-out* (``settings.refit.valid_fraction``, by example);
+2. split the calibration examples into *fit* and *held-out* (``settings.valid_fraction``, by example);
 3. factorise every assigned matrix — two paths:
 
    - fast (no sequential method, ``layerwise=False``): input Grams of the whole teacher on the fit
@@ -63,6 +63,9 @@ class CompressSettings:
     calib: int = option(64, derived=True, help="calibration examples used (the first calib given)")
     max_len: int = option(512, minimum=8, help="tokens per calibration example (prompt + answer)")
     batch_size: int = option(4, minimum=1, help="calibration batch size (sequences)")
+    valid_fraction: float = option(0.2, help="share of the calibration examples held out, for every method: "
+                                             "per-matrix errors, hidden MSE and refit early stopping are measured "
+                                             "on them")
     seed: int = option(0, derived=True, help="fit / held-out split seed (the data seed)")
     layerwise: bool = option(False, help="sequential layer-by-layer path: Grams on the student's inputs, one "
                                          "layer at a time (always on for a sequential method)")
@@ -80,6 +83,8 @@ class CompressSettings:
         for name in ("calib", "max_len", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer")
+        if not 0.0 <= self.valid_fraction < 1.0:
+            raise ValueError(f"valid_fraction {self.valid_fraction!r} must be in [0, 1)")
         self.refit.validate()
         if self.device is not None:
             resolve_device(self.device, "--layer-device (method.device)")  # unknown, or a CUDA device not here
@@ -150,7 +155,7 @@ def _matrix_row(a: Assignment, weight: torch.Tensor, module: LowRankLinear, held
 @dataclass
 class CalibrationData:
     """The calibration examples of a run as batches: *fit* (Grams, refit training) and *held-out*
-    (errors, early stopping), split by example (``settings.refit.valid_fraction``, ``settings.seed``)."""
+    (errors, early stopping), split by example (``settings.valid_fraction``, ``settings.seed``)."""
 
     fit: list[dict]
     held_out: list[dict]
@@ -161,7 +166,7 @@ def calibration_data(tokenizer, calib_examples: Sequence, settings: CompressSett
     """The first ``settings.calib`` examples as fit / held-out batches, exactly as :func:`compress` uses
     them (rank allocation calls this too, so its Grams and students match)."""
     examples = list(calib_examples)[: settings.calib]
-    fit_ex, held_ex = split_examples(examples, settings.refit.valid_fraction, settings.seed)
+    fit_ex, held_ex = split_examples(examples, settings.valid_fraction, settings.seed)
     fit_b = calibration_batches(tokenizer, fit_ex, settings.batch_size, settings.max_len)
     held_b = calibration_batches(tokenizer, held_ex, settings.batch_size, settings.max_len)
     if examples and not fit_b:

@@ -20,7 +20,7 @@ FORM_KEY = "lowrank_compress_form"
 ERROR_KEY = "lowrank_compress_error"
 _C, _R, _H = compress_mod.CompressSettings(), refit_mod.RefitSettings(), heal_mod.HealSettings()  # engine defaults
 DEFAULTS = dict(method=_C.method, batch_size=_C.batch_size, layerwise=_C.layerwise, steps=_R.steps, lr=_R.lr,
-                batch_tokens=_R.batch_tokens, valid=_R.valid_fraction, patience=_R.patience, target=_R.target,
+                batch_tokens=_R.batch_tokens, valid=_C.valid_fraction, patience=_R.patience, target=_R.target,
                 train_bias=_R.train_bias, heal_tokens=_H.tokens, heal_lr=_H.lr, heal_loss=_H.loss,
                 heal_batch_tokens=_H.batch_tokens)
 
@@ -32,7 +32,7 @@ def draw_form(v: dict, default_plan: str, n_calib: int, busy: bool) -> dict:
         st.caption("Plan: prefilled from the Budget page (or a point opened on the Search page); YAML or the "
                    "compact form (e.g. `6-29:attn:r16; 0-6:mlp:r16`).")
         plan = st.text_area("Plan", value=default_plan, height=120, key="compress_plan" + sfx, disabled=busy)
-        c1, c2, c3, c4 = st.columns(4)
+        c1, c2, c3, c4, c5 = st.columns([3, 2, 2, 2, 2])
         names = list(methods.names())
         out = dict(plan=plan)
         out["method"] = c1.selectbox(
@@ -43,20 +43,21 @@ def draw_form(v: dict, default_plan: str, n_calib: int, busy: bool) -> dict:
                                        help="at most the split's calib side")
         out["batch_size"] = c3.number_input("Batch size", 1, 256, v["batch_size"], key="compress_batch" + sfx,
                                             disabled=busy)
-        out["layerwise"] = c4.checkbox("Layer by layer", value=v["layerwise"], key="compress_layerwise" + sfx,
+        out["valid"] = c4.number_input("Held-out fraction", 0.0, 0.9, v["valid"], step=0.05,
+                                       key="compress_valid" + sfx, disabled=busy,
+                                       help="share of the calibration examples held out, for every method: "
+                                            "per-matrix errors, hidden MSE and refit early stopping use them")
+        out["layerwise"] = c5.checkbox("Layer by layer", value=v["layerwise"], key="compress_layerwise" + sfx,
                                        disabled=busy, help="sequential path: each layer calibrated on the "
                                                            "student's own inputs (always on for refit)")
         with st.expander("Refit settings (method refit)"):
-            r1, r2, r3, r4 = st.columns(4)
+            r1, r2, r3 = st.columns(3)
             out["steps"] = r1.number_input("steps per layer", 0, 100_000, v["steps"], key="refit_steps" + sfx,
                                            disabled=busy)
             out["lr"] = r2.number_input("learning rate", 1e-7, 1.0, v["lr"], format="%.1e", key="refit_lr" + sfx,
                                         disabled=busy)
             out["batch_tokens"] = r3.number_input("tokens per step", 16, 1_000_000, v["batch_tokens"],
                                                   key="refit_tokens" + sfx, disabled=busy)
-            out["valid"] = r4.number_input("held-out fraction", 0.0, 0.9, v["valid"], step=0.05,
-                                           key="refit_valid" + sfx, disabled=busy,
-                                           help="share of calibration examples held out (errors, early stopping)")
             r5, r6, r7, _ = st.columns(4)
             out["patience"] = r5.number_input("patience", 1, 1000, v["patience"], key="refit_patience" + sfx,
                                               disabled=busy)
@@ -116,11 +117,11 @@ if form.pop("submitted"):
     try:
         plan = plan_mod.load_plan(plan_source(v["plan"].strip()))  # plan files only inside the workspace
         refit = refit_mod.RefitSettings(steps=v["steps"], lr=v["lr"], batch_tokens=v["batch_tokens"],
-                                        valid_fraction=v["valid"], patience=v["patience"], target=v["target"],
+                                        patience=v["patience"], target=v["target"],
                                         train_bias=v["train_bias"], seed=s.seed)
         settings = compress_mod.CompressSettings(method=v["method"], calib=v["calib"], max_len=s.max_len,
-                                                 batch_size=v["batch_size"], seed=s.seed,
-                                                 layerwise=v["layerwise"], refit=refit)
+                                                 batch_size=v["batch_size"], valid_fraction=v["valid"],
+                                                 seed=s.seed, layerwise=v["layerwise"], refit=refit)
         heal = heal_mod.HealSettings(tokens=int(v["heal_tokens"]), lr=v["heal_lr"], loss=v["heal_loss"],
                                      batch_tokens=int(v["heal_batch_tokens"]), max_len=min(s.max_len, _H.max_len))
         spec = jobs.job_spec(s, plan, settings, heal)

@@ -29,7 +29,7 @@ def _spec(export_dir) -> JobSpec:
     return JobSpec(plan=PLAN, name="same", model=ModelSpec(source="tiny"),
                    data=DataSpec(source="chatterbot", seed=1, calib=8, eval=4),
                    method=CompressSettings(method="whitened", max_len=64, batch_size=2,
-                                           refit=RefitSettings(valid_fraction=0.25)),
+                                           valid_fraction=0.25),
                    evaluate=EvalSpec(max_len=64),
                    export=ExportSpec(dir=str(export_dir), format="factorized", verify_examples=2))
 
@@ -39,7 +39,7 @@ def _argv(spec: JobSpec) -> list[str]:
     return ["compress", "--model", spec.model.source, "--data", spec.data.source, "--seed", str(spec.data.seed),
             "--calib", str(spec.data.calib), "--eval", str(spec.data.eval), "--plan", PLAN,
             "--method", spec.method.method, "--max-len", str(spec.method.max_len),
-            "--batch-size", str(spec.method.batch_size), "--valid-fraction", str(spec.method.refit.valid_fraction),
+            "--batch-size", str(spec.method.batch_size), "--valid-fraction", str(spec.method.valid_fraction),
             "--eval-max-len", str(spec.evaluate.max_len), "--export", spec.export.dir,
             "--format", spec.export.format, "--verify-examples", str(spec.export.verify_examples), "--json"]
 

@@ -169,3 +169,12 @@ def test_export_shows_a_rank_table_and_both_sizes():
     ranks = frame(at, "matrix").value
     assert list(ranks.columns) == ["matrix", "rank"] and len(ranks) == 6 and set(ranks["rank"]) == {8}
     assert "the teacher's size" in texts(at.caption)
+
+
+def test_held_out_fraction_is_a_calibration_setting_of_every_method():
+    at = compressed("mlp:r8", "whitened", compress_valid=0.5)
+    assert not at.error, texts(at.error)
+    job = at.session_state["lowrank_results"][at.session_state["lowrank_current_job"]]
+    assert job.spec.method.valid_fraction == 0.5
+    assert job.compressed.split["held_out_examples"] == 8 and job.compressed.split["fit_examples"] == 8
+    assert not [n for n in at.number_input if n.key == "refit_valid"]  # no longer hidden under refit settings

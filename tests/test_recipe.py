@@ -49,7 +49,7 @@ def with_change(path: str, value, base=TINY) -> dict:
     ("method.name", "qr", "method.name: 'qr' is not one of svd, whitened, refit"),
     ("method.refit.lr", "fast", "method.refit.lr: 'fast' is not a float"),
     ("method.refit.target", "weights", "method.refit.target: 'weights' is not one of block"),
-    ("method.refit.valid_fraction", 1.5, "method.refit: refit valid_fraction 1.5 must be in"),
+    ("method.valid_fraction", 1.5, "method: valid_fraction 1.5 must be in"),
     ("method.refit.stepz", 3, "method.refit.stepz: unknown key"),
     ("plan", "mlp:q16", "plan: plan rule 1"),
     ("plan", {"rules": [{"modules": ["mlp"], "rank": -1}]}, "plan: plan rule 1 .*rank -1 is below 1"),

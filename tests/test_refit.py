@@ -75,7 +75,7 @@ def test_refit_settings_validation():
     with pytest.raises(ValueError, match="lr"):
         RefitSettings(lr=0).validate()
     with pytest.raises(ValueError, match="valid_fraction"):
-        RefitSettings(valid_fraction=1.5).validate()
+        CompressSettings(valid_fraction=1.5).validate()
 
 
 def test_sequential_refit_beats_whitened_on_block_outputs():

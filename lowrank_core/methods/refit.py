@@ -44,8 +44,6 @@ class RefitSettings:
     steps: int = option(200, minimum=0, help="refit: Adam steps per decoder layer (at most)")
     lr: float = option(1e-4, help="refit: Adam learning rate")
     batch_tokens: int = option(2048, minimum=1, help="refit: real tokens per step")
-    valid_fraction: float = option(0.2, flag="--valid-fraction",
-                                   help="share of calibration examples held out (errors, refit early stopping)")
     patience: int = option(3, minimum=1, help="refit: evaluations without improvement before stopping")
     target: str = option("block", choices=TARGETS,
                          help="refit: 'block' (decoder-layer outputs) or 'matrix' (each replaced linear's output)")
@@ -56,8 +54,6 @@ class RefitSettings:
     def validate(self) -> None:
         if self.target not in TARGETS:
             raise ValueError(f"unknown refit target {self.target!r}; allowed: {', '.join(TARGETS)}")
-        if not 0.0 <= self.valid_fraction < 1.0:
-            raise ValueError(f"refit valid_fraction {self.valid_fraction!r} must be in [0, 1)")
         for name in ("steps", "batch_tokens", "patience", "eval_every"):
             if int(getattr(self, name)) < 0 or (name in ("batch_tokens", "patience") and getattr(self, name) < 1):
                 raise ValueError(f"refit {name}={getattr(self, name)!r} must be a positive integer")
