@@ -13,7 +13,7 @@ from lowrank_core.methods import refit as refit_mod
 from lowrank_core.workspace import plan_source
 from ui import cache, charts, jobs, state
 from ui.entry import ensure_app, stop_page
-from ui.progress import job_status
+from ui.progress import POLL_SECONDS, job_status
 
 ensure_app()
 FORM_KEY = "lowrank_compress_form"
@@ -83,9 +83,9 @@ def draw_form(v: dict, default_plan: str, n_calib: int, busy: bool) -> dict:
     return out
 
 
-@st.fragment(run_every=0.5)
+@st.fragment(run_every=POLL_SECONDS)
 def job_progress(job, name: str) -> None:
-    """Progress of the running job, redrawn every 0.5 s; a full rerun once it has finished."""
+    """Progress of the running job, redrawn every POLL_SECONDS; a full rerun once it has finished."""
     method = job.info["spec"].method.method
     with job_status(job, f"Compressing {name} ({method})", "preparing calibration batches…"):
         if job.heal_curve:

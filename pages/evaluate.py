@@ -13,7 +13,7 @@ from lowrank_core.compare import CompareSettings, compare_models
 from lowrank_core.generate import side_by_side
 from ui import cache, jobs, proof, state
 from ui.entry import ensure_app, stop_page
-from ui.progress import job_status, run_with_status
+from ui.progress import POLL_SECONDS, job_status, run_with_status
 
 ensure_app()
 
@@ -25,7 +25,7 @@ RUN_COLUMNS = ["run", "time", "plan", "method", "of_original", "eval_examples", 
                "calib", "data", "seed", "split", "mean_rel_error", "max_rel_error", "seconds", "job", "model"]
 
 
-@st.fragment(run_every=0.5)
+@st.fragment(run_every=POLL_SECONDS)
 def compare_progress(job) -> None:
     """Progress of the running comparison (its running Δ ± half-width), a Stop button; full rerun at the end."""
     with job_status(job, "Comparing teacher and student", "encoding the first batch…"):

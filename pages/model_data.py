@@ -14,7 +14,7 @@ from lowrank_core.workspace import app_source
 from ui import cache, jobs, state
 from ui.entry import ensure_app, stop_page
 from ui.paths import typed_or_current, workspace_caption
-from ui.progress import job_status
+from ui.progress import POLL_SECONDS, job_status
 
 ensure_app()
 
@@ -167,7 +167,7 @@ def draw_score(loss: float, perplexity: float, tokens: int, examples: str, estim
     c[4].metric("examples", examples)
 
 
-@st.fragment(run_every=0.5)
+@st.fragment(run_every=POLL_SECONDS)
 def teacher_progress(job) -> None:
     """The running estimate with its interval, the time left and a Stop button; full rerun at the end."""
     with job_status(job, "Scoring the teacher", "encoding the first example…"):

@@ -13,7 +13,7 @@ from lowrank_core.evaluate import default_batch_size, evaluate_models
 from ui import cache, charts, state
 from ui.entry import ensure_app, stop_page
 from ui.jobs import BackgroundJob
-from ui.progress import job_status
+from ui.progress import POLL_SECONDS, job_status
 
 ensure_app()
 FORM_KEY = "lowrank_search_form"    # the last submitted choices: the widgets' defaults on every visit
@@ -49,9 +49,9 @@ def search_work(lm, split, val, budget, target, settings, n_eval: int, teacher_e
     return work
 
 
-@st.fragment(run_every=0.5)
+@st.fragment(run_every=POLL_SECONDS)
 def search_progress(job) -> None:
-    """Progress of the running search, redrawn every 0.5 s; a full rerun once it has finished."""
+    """Progress of the running search, redrawn every POLL_SECONDS; a full rerun once it has finished."""
     with job_status(job, f"Searching: {job.info['goal']}", "reading the calibration examples…"):
         st.caption("Runs in the background: other pages stay usable and nothing restarts it.")
 
