@@ -178,3 +178,25 @@ def test_held_out_fraction_is_a_calibration_setting_of_every_method():
     assert job.spec.method.valid_fraction == 0.5
     assert job.compressed.split["held_out_examples"] == 8 and job.compressed.split["fit_examples"] == 8
     assert not [n for n in at.number_input if n.key == "refit_valid"]  # no longer hidden under refit settings
+
+
+def test_evaluate_says_how_many_examples_were_skipped_and_why():
+    import dataclasses
+
+    from ui import state
+
+    at = compressed("mlp:r8")
+    settings = at.session_state[state.SETTINGS_KEY]
+    at.session_state[state.SETTINGS_KEY] = dataclasses.replace(settings, max_len=44)
+    at.switch_page("pages/evaluate.py").run()
+    at.button(key="eval_go").click().run()
+    assert at.session_state["lowrank_pending_compare"].wait(120)
+    at.run()
+    assert not at.exception, at.exception
+    (comparison,) = at.session_state["lowrank_comparisons"].values()
+    assert 0 < comparison.skipped and comparison.examples + comparison.skipped <= 32
+    caption = texts(at.caption)
+    assert f"{comparison.examples} examples" in caption
+    assert f"{comparison.skipped} skipped because the prompt alone filled the 44 tokens" in caption
+    runs = at.dataframe[-1].value
+    assert runs.loc[0, "eval_examples"] == comparison.examples  # the runs table counts what was scored
