@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import stats
-from .data import IGNORE_INDEX, Example, iter_encoded_batches
-from .evaluate import EvalResult, default_batch_size, logits_at
+from .data import Example, iter_encoded_batches
+from .evaluate import EvalResult, answer_positions, default_batch_size, logits_at, row_sums
 from .layerwise import model_device
 from .options import option
 from .progress import Progress, ensure_progress
@@ -178,11 +178,6 @@ def _autocast(model: nn.Module, enabled: bool):
     return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
 
 
-def _per_example(values: torch.Tensor, rows: torch.Tensor, batch: int) -> list[float]:
-    """Per-row float64 sums of per-token ``values`` [n] at batch rows ``rows`` [n]."""
-    return torch.zeros(batch, dtype=torch.float64).index_add_(0, rows, values.double().cpu()).tolist()
-
-
 def _excerpt(example: Example) -> str:
     text = " ".join(example.user.split())
     return text if len(text) <= EXCERPT_CHARS else text[: EXCERPT_CHARS - 1] + "…"
@@ -193,10 +188,7 @@ def score_batch(teacher: nn.Module, students: dict, batch: dict, bf16: bool = Fa
 
     Positions are those predicting answer tokens (token t from position t-1); KL(teacher ‖ student) is
     summed over the vocabulary per token (float32) and over tokens per row (float64)."""
-    targets = batch["labels"][:, 1:]
-    selected = targets != IGNORE_INDEX
-    positions = torch.zeros_like(batch["labels"], dtype=torch.bool)
-    positions[:, :-1] = selected
+    targets, selected, positions = answer_positions(batch)
     rows = positions.nonzero()[:, 0]
     size = batch["labels"].shape[0]
     out = {"tokens": selected.sum(dim=1).tolist()}
@@ -210,16 +202,16 @@ def score_batch(teacher: nn.Module, students: dict, batch: dict, bf16: bool = Fa
     goal = targets[selected].to(t_logits.device)
     t_logp = F.log_softmax(t_logits, dim=-1)
     del t_logits
-    out["teacher"] = _per_example(-t_logp.gather(1, goal[:, None])[:, 0], rows, size)
+    out["teacher"] = row_sums(-t_logp.gather(1, goal[:, None])[:, 0], rows, size)
     t_top = t_logp.argmax(dim=-1)
     t_p = t_logp.exp()
     for name, student in students.items():
         with _autocast(student, bf16):
             s_logp = F.log_softmax(logits_at(student, batch, positions).float(), dim=-1).to(t_logp.device)
         kl = (t_p * (t_logp - s_logp)).sum(dim=-1)
-        out[name] = {"ce": _per_example(-s_logp.gather(1, goal[:, None])[:, 0], rows, size),
-                     "kl": _per_example(kl, rows, size),
-                     "agree": [int(v) for v in _per_example((s_logp.argmax(dim=-1) == t_top).double(), rows, size)]}
+        out[name] = {"ce": row_sums(-s_logp.gather(1, goal[:, None])[:, 0], rows, size),
+                     "kl": row_sums(kl, rows, size),
+                     "agree": [int(v) for v in row_sums((s_logp.argmax(dim=-1) == t_top).double(), rows, size)]}
         del s_logp, kl
     return out
 
@@ -241,7 +233,7 @@ def compare_models(teacher: nn.Module, students: dict, tokenizer, examples: Iter
     batch_size = settings.batch_size or default_batch_size(model_device(teacher))
     results = {name: Comparison(settings) for name in students}
     first = next(iter(students))
-    running = {"n": 0.0, "d": 0.0, "nn": 0.0, "nd": 0.0, "dd": 0.0}
+    running = stats.RunningRatio()  # the first student's Δ, for the progress message
     counts = {"skipped": 0}
     start = time.perf_counter()
     order = 0
@@ -254,11 +246,9 @@ def compare_models(teacher: nn.Module, students: dict, tokenizer, examples: Iter
                     k = scored["tokens"][row]
                     for name, result in results.items():
                         _add(result, example, order, k, scored["teacher"][row], scored[name], row)
-                    d = scored[first]["ce"][row] - scored["teacher"][row]
-                    for key, value in (("n", k), ("d", d), ("nn", k * k), ("nd", k * d), ("dd", d * d)):
-                        running[key] += value
+                    running.add(k, scored[first]["ce"][row] - scored["teacher"][row])
                     order += 1
-                progress(order, total, _running_message(order, running))
+                progress(order, total, _running_message(running))
         except StopComparison:
             for result in results.values():
                 result.stopped = True
@@ -285,10 +275,10 @@ def _add(result: Comparison, example: Example, order: int, tokens: int, teacher_
             heapq.heapreplace(result.worst_heap, item)
 
 
-def _running_message(count: int, sums: dict) -> str:
-    if sums["n"] <= 0:
+def _running_message(running: stats.RunningRatio) -> str:
+    if running.n <= 0:
         return "no answer tokens yet"
-    delta, se = sums["d"] / sums["n"], stats.running_se(count, sums)
+    delta, se = running.ratio, running.se()
     half = f" ± {1.96 * se:.4f}" if math.isfinite(se) else ""
     return f"Δloss {delta:+.4f}{half} nats/token"
 

@@ -20,7 +20,7 @@ from .arch import arch_of
 from .data import IGNORE_INDEX, Example, iter_encoded_batches
 from .layerwise import model_device
 from .progress import Progress, ensure_progress
-from .stats import normal_quantile, running_se
+from .stats import RunningRatio, normal_quantile
 
 
 class EvaluationError(ValueError):
@@ -98,7 +98,7 @@ def answer_loss_sum(model: nn.Module, batch: dict) -> tuple[float, int]:
     Token t is predicted from position t-1 (``logits_at`` the positions before answer tokens), so right
     padding leaves every row's result unchanged.
     """
-    targets, selected, positions = _answer_positions(batch)
+    targets, selected, positions = answer_positions(batch)
     n = int(selected.sum())
     if n == 0:
         return 0.0, 0
@@ -106,7 +106,7 @@ def answer_loss_sum(model: nn.Module, batch: dict) -> tuple[float, int]:
     return _cross_entropy_sum(logits, targets[selected].to(logits.device)), n
 
 
-def _answer_positions(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def answer_positions(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(targets [B, T-1], answer-target mask [B, T-1], positions [B, T] predicting those targets)."""
     targets = batch["labels"][:, 1:]
     selected = targets != IGNORE_INDEX
@@ -115,18 +115,22 @@ def _answer_positions(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return targets, selected, positions
 
 
+def row_sums(values: torch.Tensor, rows: torch.Tensor, batch: int) -> list[float]:
+    """Per-row float64 sums of per-token ``values`` [n] at batch rows ``rows`` [n]."""
+    return torch.zeros(batch, dtype=torch.float64).index_add_(0, rows, values.double().cpu()).tolist()
+
+
 def answer_loss_rows(model: nn.Module, batch: dict) -> tuple[list[float], list[int]]:
     """Per row of one padded batch: (Σ cross-entropy over its answer tokens in float64, its answer tokens).
 
     The same scores as :func:`answer_loss_sum`, kept per example (their sum is its first value)."""
-    targets, selected, positions = _answer_positions(batch)
+    targets, selected, positions = answer_positions(batch)
     tokens = selected.sum(dim=1).tolist()
-    sums = torch.zeros(len(tokens), dtype=torch.float64)
-    if sum(tokens):
-        logits = logits_at(model, batch, positions)
-        ce = F.cross_entropy(logits.float(), targets[selected].to(logits.device), reduction="none")
-        sums.index_add_(0, positions.nonzero()[:, 0], ce.double().cpu())
-    return sums.tolist(), tokens
+    if not sum(tokens):
+        return [0.0] * len(tokens), tokens
+    logits = logits_at(model, batch, positions)
+    ce = F.cross_entropy(logits.float(), targets[selected].to(logits.device), reduction="none")
+    return row_sums(ce, positions.nonzero()[:, 0], len(tokens)), tokens
 
 
 def evaluate_models(models: dict, tokenizer, examples: Iterable[Example], n: Optional[int] = None,
@@ -251,7 +255,7 @@ def iter_loss_estimates(model: nn.Module, tokenizer, examples: Iterable[Example]
     total = int(n) if n is not None else 0
     if hasattr(examples, "__len__"):
         total = min(total, len(examples)) if n is not None else len(examples)
-    sums = {"n": 0.0, "d": 0.0, "nn": 0.0, "nd": 0.0, "dd": 0.0}
+    running = RunningRatio()
     done = tokens = 0
     counts: dict = {}
     keys = hashlib.sha256()
@@ -260,15 +264,13 @@ def iter_loss_estimates(model: nn.Module, tokenizer, examples: Iterable[Example]
         with torch.inference_mode():  # per batch: a suspended generator must not leave the caller in it
             losses, counts_ = answer_loss_rows(model, batch)
         for example, loss_sum, k in zip(group, losses, counts_):
-            for key, value in (("n", k), ("d", loss_sum), ("nn", k * k), ("nd", k * loss_sum),
-                               ("dd", loss_sum * loss_sum)):
-                sums[key] += value
+            running.add(k, loss_sum)
             keys.update(example.key().encode("ascii") + b"\n")
         done += len(group)
         tokens += sum(counts_)
-        loss = sums["d"] / max(tokens, 1)
+        loss = running.d / max(tokens, 1)
         check_finite_loss(loss, "model", f"{done} examples")
-        yield LossEstimate(examples=done, tokens=tokens, loss=loss, se=running_se(done, sums), level=level,
+        yield LossEstimate(examples=done, tokens=tokens, loss=loss, se=running.se(), level=level,
                            total=total, seconds=time.perf_counter() - start, skipped=counts.get("skipped", 0),
                            fingerprint=keys.hexdigest()[:16])
     if tokens == 0:

@@ -61,14 +61,33 @@ def ratio_se(tokens, diff) -> float:
     return float(math.sqrt(len(n) / (len(n) - 1) * float((resid ** 2).sum())) / n.sum())
 
 
-def running_se(count: int, sums: dict) -> float:
-    """``ratio_se`` from running sums (keys n, d, nn, nd, dd: Σ tokens, Σ diff, Σ tokens², Σ tokens·diff,
-    Σ diff²), so a live estimate costs O(1) per batch."""
-    if count < 2 or sums["n"] <= 0:
-        return math.inf
-    r = sums["d"] / sums["n"]
-    ss = max(0.0, sums["dd"] - 2 * r * sums["nd"] + r * r * sums["nn"])
-    return math.sqrt(count / (count - 1) * ss) / sums["n"]
+class RunningRatio:
+    """Σ d / Σ n over examples added one at a time, with :func:`ratio_se` from five running sums, so a live
+    estimate costs O(1) per example (the evaluation and comparison passes keep one)."""
+
+    def __init__(self):
+        self.count = 0
+        self.n = self.d = self.nn = self.nd = self.dd = 0.0
+
+    def add(self, n: float, d: float) -> None:
+        self.count += 1
+        self.n += n
+        self.d += d
+        self.nn += n * n
+        self.nd += n * d
+        self.dd += d * d
+
+    @property
+    def ratio(self) -> float:
+        return self.d / self.n if self.n > 0 else math.nan
+
+    def se(self) -> float:
+        """``ratio_se`` of the examples added so far (inf before two)."""
+        if self.count < 2 or self.n <= 0:
+            return math.inf
+        r = self.d / self.n
+        ss = max(0.0, self.dd - 2 * r * self.nd + r * r * self.nn)
+        return math.sqrt(self.count / (self.count - 1) * ss) / self.n
 
 
 def bootstrap_ratios(tokens, diff, reps: int = 2000, seed: int = 0) -> np.ndarray:

@@ -97,6 +97,20 @@ def test_compare_beside_compression_equals_solo(setup):
         assert (r["teacher_loss"], r["student_loss"], r["kl"]) == (solo["teacher_loss"], solo["student_loss"], solo["kl"])
 
 
+def _memo_then_forget(cache):
+    """``cache.memo`` that does not keep teacher scores: this test's sessions score the teacher for real and
+    other tests' sessions must too."""
+    real = cache.memo
+
+    def memo(kind, key, compute, max_entries=8):
+        value = real(kind, key, compute, max_entries)
+        if kind == "teacher_eval":
+            cache.forget(kind)
+        return value
+
+    return memo
+
+
 def test_two_app_sessions_on_one_teacher(monkeypatch, tmp_path):
     """Two real AppTest sessions share the process-wide teacher: while one compresses in the background
     (Gram hooks live, slowed down so the two overlap), the other scores the teacher; both get solo results."""
@@ -130,6 +144,7 @@ def test_two_app_sessions_on_one_teacher(monkeypatch, tmp_path):
     from ui import cache
 
     cache.forget("teacher_eval")  # session b must really score the teacher (earlier tests may have cached it)
+    monkeypatch.setattr(cache, "memo", _memo_then_forget(cache))  # and leaves no teacher score to later tests
     a = AppTest.from_file(APP, default_timeout=120)
     a.run()
     a.switch_page("pages/compress.py").run()
