@@ -9,6 +9,16 @@ The forward stops right after the last hooked linear has read its input (the res
 49k-vocabulary ``lm_head``, is never computed unless the head itself is to be compressed). On CPU each
 example of a right-padded batch is forwarded alone, cut to its length: the statistics are the same and
 no FLOP is spent on padding (about a third of a batch of chat examples of mixed length).
+
+``outputs=`` asks for the *output* covariance ``Σ y yᵀ`` of given linears instead (a forward hook,
+key :func:`output_key`): for a matrix with ``out < in`` whose method only needs ``W G Wᵀ`` (``whitened``)
+that is ``out²`` instead of ``in²`` products per token (:func:`cheaper_as_outputs`).
+
+``precision`` is the dtype of the per-batch products (the sums are always float64): ``float32``
+(default), ``float64`` (the reference), ``bfloat16`` (inputs rounded to bf16; on CUDA the product is
+accumulated and returned in float32, elsewhere rounded to bf16 per batch). ``auto`` picks bfloat16 on
+CUDA and float32 on CPU: on CPUs without bf16 matrix units (AVX2, as this project's machines) bf16
+products are several times slower than float32, not faster (``bench/gram_precision.py``).
 """
 from __future__ import annotations
 
@@ -40,11 +50,12 @@ class GramStats:
     def in_features(self) -> int:
         return int(self.gram.shape[0])
 
-    def add_(self, x: Tensor, mask: Optional[Tensor] = None) -> "GramStats":
-        """Accumulate inputs ``x`` [..., in] in place; ``mask`` [...] (True/1 = real token) drops padding."""
+    def add_(self, x: Tensor, mask: Optional[Tensor] = None, precision: str = "float32") -> "GramStats":
+        """Accumulate inputs ``x`` [..., in] in place; ``mask`` [...] (True/1 = real token) drops padding;
+        ``precision``: dtype of the product (see the module docstring), the sum stays float64."""
         rows = _real_rows(x, mask, self.in_features)
         if rows.shape[0]:
-            _add_symmetric_product(self.gram, rows.float())
+            _add_symmetric_product(self.gram, rows, product_dtype(precision, rows.device))
             self.tokens += int(rows.shape[0])
         return self
 
@@ -68,15 +79,38 @@ class GramStats:
 GRAM_BLOCK = 384  # column block of the symmetric product: ~35% fewer FLOPs than a full xᵀx at 1536 features
 
 
-def _add_symmetric_product(acc: Tensor, rows: Tensor) -> None:
-    """``acc += rowsᵀ rows`` (float32 product, float64 sum), computing only the upper block triangle."""
+PRECISIONS = ("auto", "float32", "bfloat16", "float64")
+
+
+def product_dtype(precision: str, device) -> torch.dtype:
+    """The dtype of the per-batch Gram products for ``precision`` (one of :data:`PRECISIONS`) on ``device``."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown Gram precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return getattr(torch, precision)
+
+
+def _product(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` with a float32 (or float64) result: bf16 inputs are accumulated in float32 where torch can
+    (CUDA's ``out_dtype``), else their bf16 product is widened."""
+    if a.dtype == torch.bfloat16:
+        if a.is_cuda:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        return (a @ b).float()
+    return a @ b
+
+
+def _add_symmetric_product(acc: Tensor, rows: Tensor, dtype: torch.dtype = torch.float32) -> None:
+    """``acc += rowsᵀ rows`` (``dtype`` product, float64 sum), computing only the upper block triangle."""
+    rows = rows.to(dtype)
     n = rows.shape[1]
     if n <= GRAM_BLOCK:
-        acc += (rows.T @ rows).to(acc.device, torch.float64)
+        acc += _product(rows.T, rows).to(acc.device, torch.float64)
         return
     for i in range(0, n, GRAM_BLOCK):
         j = min(i + GRAM_BLOCK, n)
-        part = (rows[:, i:j].T @ rows[:, i:]).to(acc.device, torch.float64)   # [block, n - i]
+        part = _product(rows[:, i:j].T, rows[:, i:]).to(acc.device, torch.float64)   # [block, n - i]
         acc[i:j, i:] += part
         acc[j:, i:j] += part[:, j - i:].T
 
@@ -103,6 +137,22 @@ def gram_representatives(linears: Iterable[LinearInfo]) -> dict[str, LinearInfo]
     for info in sorted(linears, key=lambda i: (float("inf") if i.layer is None else i.layer, order[i.module])):
         reps.setdefault(info.gram_key, info)
     return reps
+
+
+OUTPUT_SUFFIX = "@out"
+
+
+def output_key(info: LinearInfo) -> str:
+    """Key of a linear's output covariance in :func:`collect_grams`'s result."""
+    return info.name + OUTPUT_SUFFIX
+
+
+def cheaper_as_outputs(readers: Iterable[LinearInfo]) -> bool:
+    """True when the output covariances of ``readers`` (linears sharing one input, each ``out <= in``)
+    cost fewer products per token than their shared input Gram: ``Σ out² < in²`` (down_proj)."""
+    readers = list(readers)
+    return bool(readers) and all(i.out_features <= i.in_features for i in readers) and \
+        sum(i.out_features ** 2 for i in readers) < readers[0].in_features ** 2
 
 
 class _StopForward(Exception):
@@ -139,41 +189,56 @@ def _batch_total(batches, total: Optional[int]) -> int:
         return 0
 
 
+def _execution_order(info: LinearInfo, after: bool) -> tuple:
+    order = {m: i for i, m in enumerate(ALL_MODULES)}
+    return (float("inf") if info.layer is None else info.layer, order[info.module], after)
+
+
 @torch.no_grad()
 def collect_grams(model: nn.Module, batches: Iterable[dict], linears: list[LinearInfo],
                   progress: Optional[Progress] = None, total: Optional[int] = None,
-                  unpad: Optional[bool] = None) -> dict[str, GramStats]:
-    """Input Grams of ``linears`` over ``batches`` (dicts with ``input_ids`` and ``attention_mask`` [B, T]).
+                  unpad: Optional[bool] = None, outputs: Iterable[LinearInfo] = (),
+                  precision: str = "float32") -> dict[str, GramStats]:
+    """Input Grams of ``linears`` (and output covariances of ``outputs``) over ``batches`` (dicts with
+    ``input_ids`` and ``attention_mask`` [B, T]).
 
-    Returns ``{gram_key: GramStats}``, one entry per distinct input (``LinearInfo.gram_key``), float64 on
-    the model's device. ``total`` (number of batches) is only used for progress when ``batches`` has no len.
-    ``unpad`` (default: on CPU) forwards each example alone without its padding.
+    Returns ``{gram_key: GramStats}``, one entry per distinct input (``LinearInfo.gram_key``), plus
+    ``{output_key(info): GramStats}`` (``Σ y yᵀ`` [out, out]) per output linear, float64 on the model's
+    device. ``total`` (number of batches) is only used for progress when ``batches`` has no len.
+    ``unpad`` (default: on CPU) forwards each example alone without its padding; ``precision``: see the
+    module docstring.
     """
     progress = ensure_progress(progress)
     reps = gram_representatives(linears)
-    if not reps:
+    outs = {output_key(info): info for info in outputs}
+    if not reps and not outs:
         raise ValueError("collect_grams needs at least one linear (got an empty list)")
+    product_dtype(precision, "cpu")  # an unknown precision fails before any forward
     model = private_view(model)  # the hooks below must never sit on a model another caller may be running
     modules = {}
-    for key, info in reps.items():
+    for key, info in [*reps.items(), *outs.items()]:
         try:
             modules[key] = model.get_submodule(info.name)
         except AttributeError:
             raise ValueError(f"the model has no linear named {info.name!r}") from None
     device = next(model.parameters()).device
     stats = {key: GramStats.zeros(info.in_features, device=device) for key, info in reps.items()}
-    last_key = list(reps)[-1]
+    stats.update({key: GramStats.zeros(info.out_features, device=device) for key, info in outs.items()})
+    hooks = sorted([(_execution_order(i, False), k) for k, i in reps.items()] +
+                   [(_execution_order(i, True), k) for k, i in outs.items()])
+    last_key = hooks[-1][1]
     state: dict = {"mask": None}
 
     def make_hook(key: str):
-        def hook(module, args):
-            stats[key].add_(args[0], state["mask"])
+        def hook(module, args, *output):
+            stats[key].add_(output[0] if output else args[0], state["mask"], precision)
             if key == last_key:
                 raise _StopForward
         return hook
 
     handles = [modules[key].register_forward_pre_hook(make_hook(key)) for key in reps]
-    target = _forward_target(model, reps)
+    handles += [modules[key].register_forward_hook(make_hook(key)) for key in outs]
+    target = _forward_target(model, {**reps, **outs})
     n_total = _batch_total(batches, total)
     unpad = device.type == "cpu" if unpad is None else unpad
     try:

@@ -10,6 +10,9 @@ margin, KL, top-1 agreement and both perplexities (``stats.py`` holds the statis
 
 A progress callback that raises :class:`StopComparison` ends the pass early: the examples scored so far
 are kept and the comparison is marked ``stopped``.
+
+Under a launch of N processes (``distributed.py``) each rank scores every N-th batch of the same batches
+and the per-example scalars are gathered in stream order: N processes give the one-process Comparison.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import stats
+from . import distributed, stats
 from .data import Example, iter_encoded_batches
 from .evaluate import EvalResult, answer_positions, default_batch_size, logits_at, row_sums
 from .layerwise import model_device
@@ -217,16 +220,25 @@ def score_batch(teacher: nn.Module, students: dict, batch: dict, bf16: bool = Fa
 
 
 def compare_models(teacher: nn.Module, students: dict, tokenizer, examples: Iterable[Example],
-                   settings: Optional[CompareSettings] = None, progress: Optional[Progress] = None) -> dict:
+                   settings: Optional[CompareSettings] = None, progress: Optional[Progress] = None,
+                   world: Optional[tuple[int, int]] = None) -> dict:
     """{student name: Comparison}: teacher and every student scored on the same batches of (up to
     ``settings.examples`` of) ``examples``, consumed lazily. ``progress(done, total, message)`` after each
-    batch, the message holding the first student's running Δ ± its 95% half-width."""
+    batch, the message holding the first student's running Δ ± its 95% half-width.
+
+    ``world`` (rank, size), default ``distributed.active_world()``: with size > 1 every rank encodes the
+    whole stream into the batches one process builds, scores batch b when ``b % size == rank``, and the
+    per-example scalars are gathered and put back in stream order, so every rank returns the one-process
+    Comparison (same rows, Δ, interval, tests, worst list). ``done`` is then the stream position reached and
+    the running Δ is this rank's; a :class:`StopComparison` stops only the rank that raised it (the others
+    finish their shards) and the gathered comparison is marked ``stopped``."""
     settings = settings or CompareSettings()
     settings.validate()
     if not students:
         raise ValueError("compare needs at least one student")
     if "teacher" in students:
         raise ValueError("'teacher' cannot name a student")
+    rank, size = distributed.active_world() if world is None else world
     progress = ensure_progress(progress)
     n = int(settings.examples)
     total = min(n, len(examples)) if hasattr(examples, "__len__") else n
@@ -235,18 +247,25 @@ def compare_models(teacher: nn.Module, students: dict, tokenizer, examples: Iter
     first = next(iter(students))
     running = stats.RunningRatio()  # the first student's Δ, for the progress message
     counts = {"skipped": 0}
+    orders: list = []  # stream position of each example scored here (a world > 1 puts them back in order)
     start = time.perf_counter()
     order = 0
     with torch.inference_mode():
         try:
-            for batch, group in iter_encoded_batches(tokenizer, examples, batch_size, settings.max_len, limit=n,
-                                                     stats=counts, sort_window=8 if batch_size > 1 else 1):
+            for index, (batch, group) in enumerate(iter_encoded_batches(
+                    tokenizer, examples, batch_size, settings.max_len, limit=n, stats=counts,
+                    sort_window=8 if batch_size > 1 else 1)):
+                if index % size != rank:  # another rank's batch: same composition, scored there
+                    order += len(group)
+                    continue
                 scored = score_batch(teacher, students, batch, settings.bf16)
                 for row, example in enumerate(group):
                     k = scored["tokens"][row]
                     for name, result in results.items():
                         _add(result, example, order, k, scored["teacher"][row], scored[name], row)
                     running.add(k, scored[first]["ce"][row] - scored["teacher"][row])
+                    if size > 1:
+                        orders.append(order)
                     order += 1
                 progress(order, total, _running_message(running))
         except StopComparison:
@@ -255,7 +274,35 @@ def compare_models(teacher: nn.Module, students: dict, tokenizer, examples: Iter
     elapsed = time.perf_counter() - start
     for result in results.values():
         result.skipped, result.seconds = counts["skipped"], elapsed
+    if size > 1:
+        results = _gathered(results, orders, settings)
     return results
+
+
+def _gathered(results: dict, orders: list, settings: CompareSettings) -> dict:
+    """Every rank's Comparisons merged (on every rank) into the one-process ones: per-example scalars in
+    stream order, the worst list the largest of all ranks' worst lists, skipped and seconds the largest of
+    the ranks' (each rank counts the skips of the whole stream), stopped when any rank stopped."""
+    parts = distributed.gather({"orders": orders, "results": {
+        name: (r.keys, r.tokens, r.teacher, r.student, r.kl, r.agree, r.worst_heap, r.skipped, r.stopped, r.seconds)
+        for name, r in results.items()}})
+    positions = [o for part in parts for o in part["orders"]]
+    perm = sorted(range(len(positions)), key=positions.__getitem__)
+    merged = {}
+    for name in results:
+        fields = list(zip(*(part["results"][name] for part in parts)))
+        keys, tokens, teacher, student, kl, agree, heaps = ([v for values in column for v in values]
+                                                           for column in fields[:7])
+        worst = heapq.nlargest(settings.worst, heaps)
+        heapq.heapify(worst)
+        merged[name] = Comparison(settings, keys=[keys[i] for i in perm],
+                                  tokens=array("q", (tokens[i] for i in perm)),
+                                  teacher=array("d", (teacher[i] for i in perm)),
+                                  student=array("d", (student[i] for i in perm)),
+                                  kl=array("d", (kl[i] for i in perm)), agree=array("q", (agree[i] for i in perm)),
+                                  worst_heap=worst, skipped=max(fields[7]), stopped=any(fields[8]),
+                                  seconds=max(fields[9]))
+    return merged
 
 
 def _add(result: Comparison, example: Example, order: int, tokens: int, teacher_ce: float, scored: dict,
@@ -284,6 +331,7 @@ def _running_message(running: stats.RunningRatio) -> str:
 
 
 def compare(teacher: nn.Module, student: nn.Module, tokenizer, examples: Iterable[Example],
-            settings: Optional[CompareSettings] = None, progress: Optional[Progress] = None) -> Comparison:
+            settings: Optional[CompareSettings] = None, progress: Optional[Progress] = None,
+            world: Optional[tuple[int, int]] = None) -> Comparison:
     """One student against the teacher (see :func:`compare_models`)."""
-    return compare_models(teacher, {"student": student}, tokenizer, examples, settings, progress)["student"]
+    return compare_models(teacher, {"student": student}, tokenizer, examples, settings, progress, world)["student"]

@@ -36,11 +36,11 @@ import torch
 from torch import nn
 
 from .archmap import count_parameters, linear_map
-from .calibrate import GramStats, collect_grams
+from .calibrate import PRECISIONS, GramStats, cheaper_as_outputs, collect_grams, output_key
 from . import methods
 from .arch import arch_of
 from .data import batch_tokens, calibration_batches, split_examples
-from .decompose import relative_output_error, whitening
+from .decompose import OutputCovariance, relative_output_error, whitening
 from .layerwise import (LayerInputs, call_layer, capture_layer_inputs, to_device, decoder_layers, final_norm,
                         hidden_mse, layer_on, run_layer)
 from .lowrank import LowRankLinear
@@ -77,6 +77,10 @@ class CompressSettings:
     hidden_mse: bool = option(True, help="measure per-layer hidden MSE on held-out batches (two extra passes "
                                          "in the fast path)")
     fit_errors: bool = option(False, help="also report each matrix's error on the fit tokens (rel_error_fit)")
+    gram_precision: str = option("auto", choices=PRECISIONS,
+                                 help="dtype of the calibration Gram products (sums stay float64): auto = bfloat16 "
+                                      "on CUDA, float32 on CPU (bf16 is slower than float32 on CPUs without bf16 "
+                                      "units); float64 = the reference")
 
     def validate(self) -> None:
         methods.get(self.method)  # raises, naming the registered methods
@@ -129,7 +133,7 @@ def _low_rank(weight: torch.Tensor, bias, a: Assignment, gram: Optional[torch.Te
               key: str) -> LowRankLinear:
     """Factor one weight by its method's closed form into a LowRankLinear on the weight's device and dtype."""
     method = methods.get(a.method)
-    if method.needs_grams and gram is not None:
+    if method.needs_grams and gram is not None and not isinstance(gram, OutputCovariance):
         gram = whitenings.setdefault(key, whitening(gram))  # one whitening per shared Gram (q/k/v, gate/up)
     factors = method.factorize(weight, a.rank, gram=gram if method.needs_grams else None, bias=bias)
     return LowRankLinear.from_factors(factors, dtype=weight.dtype).to(weight.device)
@@ -145,10 +149,36 @@ def _matrix_row(a: Assignment, weight: torch.Tensor, module: LowRankLinear, held
            "rank": a.rank, "method": a.method, "params_before": li.params, "params_after": a.params_after,
            "rel_error": None, "rel_error_fit": None}
     if held is not None and held.tokens:
-        row["rel_error"] = relative_output_error(weight, merged, held.gram)
+        row["rel_error"] = relative_output_error(weight, merged, held)
     if fit is not None and fit.tokens and (fit_error or row["rel_error"] is None):
-        row["rel_error_fit"] = relative_output_error(weight, merged, fit.gram)
+        row["rel_error_fit"] = relative_output_error(weight, merged, fit)
     return row
+
+
+def statistics_plan(assignments: dict[str, Assignment]) -> tuple[list, set]:
+    """(linears whose input Gram the fast path collects, names of the linears measured by their output
+    covariance instead): per shared input, the outputs when every reader's method takes an output
+    covariance and that costs fewer products (:func:`~lowrank_core.calibrate.cheaper_as_outputs`)."""
+    readers: dict[str, list[Assignment]] = {}
+    for a in assignments.values():
+        readers.setdefault(a.info.gram_key, []).append(a)
+    inputs, outputs = [], set()
+    for group in readers.values():
+        infos = [a.info for a in group]
+        if all(methods.get(a.method).output_covariance for a in group) and cheaper_as_outputs(infos):
+            outputs.update(i.name for i in infos)
+        else:
+            inputs.extend(infos)
+    return inputs, outputs
+
+
+def _statistic(stats: dict, a: Assignment, outputs: set):
+    """The statistic of one matrix from :func:`collect_grams`'s result: its input ``GramStats`` or its
+    ``OutputCovariance`` (None when not collected)."""
+    if a.info.name in outputs:
+        g = stats.get(output_key(a.info))
+        return None if g is None else OutputCovariance(g.gram, g.tokens)
+    return stats.get(a.info.gram_key)
 
 
 # ----------------------------------------------------------------------------- the pipeline
@@ -255,7 +285,6 @@ def compress(teacher: nn.Module, tokenizer, plan, calib_examples: Sequence, sett
 def _fast(teacher, assignments, fit_b, held_b, settings, progress):
     """Whole-model Grams on the teacher's inputs, then factorise every matrix."""
     timings = {"calibration": 0.0, "decomposition": 0.0, "refit": 0.0}
-    infos = [a.info for a in assignments.values()]
     t0 = time.perf_counter()
     need_fit = settings.fit_errors or not held_b or any(methods.get(a.method).needs_grams
                                                          for a in assignments.values())
@@ -263,10 +292,15 @@ def _fast(teacher, assignments, fit_b, held_b, settings, progress):
     held_p, fit_p = _pieces_of(held_b, unpad), _pieces_of(fit_b, unpad) if need_fit else []
     bar = _Counter(progress, len(held_p) + len(fit_p), "calibration Grams: example")
     bar.report("starting")
+    inputs, outputs = statistics_plan(assignments)
+    out_infos = [a.info for a in assignments.values() if a.info.name in outputs]
+
+    def grams(pieces, side):
+        return collect_grams(teacher, pieces, inputs, progress=bar.side(side), outputs=out_infos,
+                             precision=settings.gram_precision) if pieces else {}
     # held-out Grams only measure errors: kept in float32 (half the memory); the fit Grams stay float64
-    held_g = collect_grams(teacher, held_p, infos, progress=bar.side("held-out")) if held_p else {}
-    held_g = {k: GramStats(g.gram.float(), g.tokens) for k, g in held_g.items()}
-    fit_g = collect_grams(teacher, fit_p, infos, progress=bar.side("fit")) if fit_p else {}
+    held_g = {k: GramStats(g.gram.float(), g.tokens) for k, g in grams(held_p, "held-out").items()}
+    fit_g = grams(fit_p, "fit")
     timings["calibration"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     modules = dict(teacher.named_modules())
@@ -275,10 +309,11 @@ def _fast(teacher, assignments, fit_b, held_b, settings, progress):
     for k, (name, a) in enumerate(assignments.items()):
         lin = modules[name]
         key = a.info.gram_key
-        fit = fit_g.get(key)
-        new = _low_rank(lin.weight.detach(), lin.bias, a, fit.gram if fit is not None else None, whitenings, key)
+        fit = _statistic(fit_g, a, outputs)
+        new = _low_rank(lin.weight.detach(), lin.bias, a, getattr(fit, "gram", fit), whitenings, key)
         replacements[name] = new
-        rows.append(_matrix_row(a, lin.weight.detach(), new, held_g.get(key), fit, settings.fit_errors))
+        rows.append(_matrix_row(a, lin.weight.detach(), new, _statistic(held_g, a, outputs), fit, settings.fit_errors))
+        fit_g.pop(output_key(a.info), None), held_g.pop(output_key(a.info), None)
         if last_use[key] == name:  # free this input's statistics as soon as its last reader is done
             fit_g.pop(key, None), held_g.pop(key, None), whitenings.pop(key, None)
         progress(k + 1, len(assignments), f"factorising {name}")

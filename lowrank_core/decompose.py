@@ -8,7 +8,10 @@ rank-r ``W′`` (SVD-LLM): with ``G = L Lᵀ``, truncate the SVD of ``W·L`` and
 optimum is ``P_r W`` with ``P_r`` the projector on the top-r eigenvectors of the output covariance
 ``W G Wᵀ``, which needs neither ``L`` nor its inverse; this module uses that form when ``out <= in``
 (q/k/v/o/down) and the Cholesky form (triangular solves, never an explicit inverse) when ``out > in``
-(gate/up, lm_head), choosing whichever symmetric eigenproblem is smaller. All maths runs in float64 on
+(gate/up, lm_head), choosing whichever symmetric eigenproblem is smaller. For ``out <= in`` the output
+covariance can also be measured directly, ``C = Σ_tokens y yᵀ`` of the linear's outputs ``y = W x``
+(:class:`OutputCovariance`): ``out²`` products per token instead of ``in²`` (down_proj: 576² instead
+of 1536² for SmolLM2, 4096² instead of 14336² for Mistral-7B), the same optimum. All maths runs in float64 on
 the weight's device; factors come back in the weight's dtype and are balanced (``‖up[:, i]‖ =
 ‖down[i]‖``), which keeps them well scaled for low-precision storage and for gradient refits.
 """
@@ -217,6 +220,20 @@ def svd_factors(W: Tensor, rank: int, bias: Optional[Tensor] = None) -> Factors:
     return factors_from(W64 @ V, V.T.contiguous(), W, bias)
 
 
+@dataclass
+class OutputCovariance:
+    """``cov = Σ_tokens y yᵀ`` [out, out] float64 of a linear's outputs ``y = W x`` over ``tokens`` tokens:
+    ``W G Wᵀ`` measured without the input Gram (exact in exact arithmetic). Serves whitened factors of
+    that one matrix (``out <= in``) and its output errors (:func:`relative_output_error`)."""
+
+    cov: Tensor
+    tokens: int = 0
+
+    @property
+    def out_features(self) -> int:
+        return int(self.cov.shape[0])
+
+
 class WhitenedBasis:
     """One matrix's whitened eigenproblem, solved once: its whitened singular values (descending) and its
     optimal factors at any rank by slicing. ``whitened_factors`` is ``WhitenedBasis(W, wh).factors(r)``,
@@ -230,6 +247,9 @@ class WhitenedBasis:
 
     def __init__(self, W: Tensor, gram):
         _check_weight(W)
+        if isinstance(gram, OutputCovariance):
+            self._from_output_covariance(W, gram)
+            return
         self.whitening = wh = whitening(gram, device=W.device)
         if wh.in_features != W.shape[1]:
             raise FactorizationError(f"gram is {wh.in_features} x {wh.in_features} but the weight has "
@@ -241,6 +261,19 @@ class WhitenedBasis:
         else:
             A = wh.whiten(W64)
             M = symmetric(A.T @ A)
+        self._solve(M)
+
+    def _from_output_covariance(self, W: Tensor, stats: "OutputCovariance") -> None:
+        if W.shape[0] > W.shape[1]:
+            raise FactorizationError(f"an output covariance serves only matrices with out <= in; this weight is "
+                                     f"{W.shape[0]} x {W.shape[1]}: use its input Gram")
+        if stats.out_features != W.shape[0]:
+            raise FactorizationError(f"output covariance is {stats.out_features} x {stats.out_features} but the "
+                                     f"weight has {W.shape[0]} outputs")
+        self.whitening, self.wide = None, True
+        self._solve(symmetric(stats.cov.to(W.device, torch.float64)))
+
+    def _solve(self, M: Tensor) -> None:
         with solver_threads(M.device):
             lam, vec = torch.linalg.eigh(M)
         self.values = lam.flip(0).clamp_min(0).sqrt()   # whitened singular values, descending [min(out, in)]
@@ -250,7 +283,7 @@ class WhitenedBasis:
         """Optimal rank-``rank`` factors of ``W`` (the weight this basis was built from)."""
         rank = _check_rank(W, rank)
         wh = self.whitening
-        W64 = W.detach().to(wh.device, torch.float64)
+        W64 = W.detach().to(self.vectors.device, torch.float64)
         V = self.vectors[:, :rank].contiguous()
         if self.wide:
             return factors_from(V, V.T @ W64, W, bias)
@@ -276,6 +309,8 @@ def whitened_singular_values(W: Tensor, gram) -> Tensor:
     values below ~1e-7 of the largest carry little relative precision.
     """
     _check_weight(W)
+    if isinstance(gram, OutputCovariance):
+        return WhitenedBasis(W, gram).values
     wh = whitening(gram, device=W.device)
     W64 = W.detach().to(wh.device, torch.float64)
     if W.shape[0] <= W.shape[1]:
@@ -299,16 +334,39 @@ def weight_singular_values(W: Tensor) -> Tensor:
     return lam.flip(0).clamp_min(0).sqrt()
 
 
-def relative_output_error(W: Tensor, W_hat: Tensor, gram) -> float:
-    """``trace(ΔW G ΔWᵀ) / trace(W G Wᵀ)`` = ``‖(W−W′)Xᵀ‖² / ‖WXᵀ‖²`` over the Gram's tokens (0 if both vanish)."""
-    g = getattr(gram, "gram", gram)  # GramStats / Whitening / tensor
+def relative_output_error(W: Tensor, W_hat: Tensor, gram) -> Optional[float]:
+    """``trace(ΔW G ΔWᵀ) / trace(W G Wᵀ)`` = ``‖(W−W′)Xᵀ‖² / ‖WXᵀ‖²`` over the Gram's tokens (0 if both vanish).
+
+    With an :class:`OutputCovariance` ``C`` instead of ``G`` the error is exact when ``W′ = M·W`` for some
+    ``M`` [out, out] (every whitened factorisation of an ``out <= in`` matrix): ``trace((I−M) C (I−M)ᵀ)``;
+    None when ``W′`` is not of that form (the output statistics cannot tell its error)."""
     if W.shape != W_hat.shape:
         raise FactorizationError(f"weight shapes differ: {tuple(W.shape)} vs {tuple(W_hat.shape)}")
+    if isinstance(gram, OutputCovariance):
+        return _error_from_outputs(W, W_hat, gram)
+    g = getattr(gram, "gram", gram)  # GramStats / Whitening / tensor
     g = g.to(W.device, torch.float64)
     W64 = W.detach().to(torch.float64)
     dW = W64 - W_hat.detach().to(W.device, torch.float64)
     num = float(((dW @ g) * dW).sum())
     den = float(((W64 @ g) * W64).sum())
+    if den <= 0:
+        return 0.0 if num <= 0 else float("inf")
+    return max(num, 0.0) / den
+
+
+def _error_from_outputs(W: Tensor, W_hat: Tensor, stats: OutputCovariance) -> Optional[float]:
+    C = stats.cov.to(W.device, torch.float64)
+    W64, H64 = W.detach().to(torch.float64), W_hat.detach().to(W.device, torch.float64)
+    # W′ = M W  =>  M = W′ Wᵀ (W Wᵀ)⁻¹ (W has full row rank when out <= in, generically)
+    try:
+        M = torch.linalg.solve(W64 @ W64.T, W64 @ H64.T).T
+    except RuntimeError:
+        return None
+    if float((H64 - M @ W64).norm()) > 1e-6 * max(float(H64.norm()), 1e-30):
+        return None
+    D = torch.eye(M.shape[0], dtype=M.dtype, device=M.device) - M
+    num, den = float(((D @ C) * D).sum()), float(C.diagonal().sum())
     if den <= 0:
         return 0.0 if num <= 0 else float("inf")
     return max(num, 0.0) / den

@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from .arch import arch_of
 from .data import IGNORE_INDEX, Example, iter_encoded_batches
-from .layerwise import model_device
+from .models import input_device
 from .progress import Progress, ensure_progress
 from .stats import RunningRatio, normal_quantile
 
@@ -76,20 +77,20 @@ def logits_at(model: nn.Module, batch: dict, positions: torch.Tensor) -> torch.T
     """Logits [n, vocab] at ``positions`` [B, T] (bool) of a right-padded batch; positions are counted
     from each row's first real token and padding is masked. For a plain-head architecture (arch table)
     the head runs on those positions only. Shared by scoring and healing."""
-    device = model_device(model)
+    device = input_device(model)  # the embedding's device: a dispatched model (device_map) spans several
     input_ids = batch["input_ids"].to(device)
     attention_mask = batch["attention_mask"].to(device)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     if bool(attention_mask.all()):  # no padding: let the model take its plain causal path
         attention_mask = None
-    positions = positions.to(device)
     spec = arch_of(model, strict=False)
     if spec is not None and spec.plain_head:
         hidden = spec.decoder_of(model)(input_ids=input_ids, attention_mask=attention_mask,
                                         position_ids=position_ids, use_cache=False).last_hidden_state
-        return spec.head_of(model)(hidden[positions])
-    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                 use_cache=False).logits[positions]
+        return spec.head_of(model)(hidden[positions.to(hidden.device)])
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   use_cache=False).logits
+    return logits[positions.to(logits.device)]
 
 
 def answer_loss_sum(model: nn.Module, batch: dict) -> tuple[float, int]:
@@ -134,16 +135,23 @@ def answer_loss_rows(model: nn.Module, batch: dict) -> tuple[list[float], list[i
 
 
 def evaluate_models(models: dict, tokenizer, examples: Iterable[Example], n: Optional[int] = None,
-                    batch_size: int = 8, max_len: int = 512, progress: Optional[Progress] = None) -> dict:
+                    batch_size: int = 8, max_len: int = 512, progress: Optional[Progress] = None,
+                    world: Optional[tuple[int, int]] = None) -> dict:
     """{name: EvalResult}: every model scored on the same batches in one pass over ``examples``.
 
     ``n`` caps the number of scored examples (None = all); ``progress(done_examples, total, message)``
     is called after each batch (total = n capped by len(examples) when known; 0 = unknown).
+
+    ``world`` (rank, size), default ``distributed.active_world()``: with size > 1 every rank encodes the
+    whole stream into the one-process batches and runs the models on batch b when ``b % size == rank``; the
+    per-batch sums are gathered and added in batch order, so every rank returns the one-process results
+    (``done`` in progress is then the stream position reached, the message this rank's running loss).
     """
     if not models:
         raise ValueError("evaluate_models needs at least one model")
     if n is not None and int(n) < 1:
         raise ValueError(f"n {n!r} must be >= 1 (or None for every example)")
+    rank, size = distributed.active_world() if world is None else world
     progress = ensure_progress(progress)
     total = int(n) if n is not None else 0
     if hasattr(examples, "__len__"):
@@ -151,32 +159,51 @@ def evaluate_models(models: dict, tokenizer, examples: Iterable[Example], n: Opt
     sums = {name: 0.0 for name in models}
     forward_seconds = {name: 0.0 for name in models}
     tokens = done = 0
+    local_tokens = 0
+    batch_sums: list = []  # (batch index, {name: Σ CE}) of the batches scored here, when size > 1
     stats: dict = {}
     keys = hashlib.sha256()
     start = time.perf_counter()
     with torch.inference_mode():
-        for batch, group in iter_encoded_batches(tokenizer, examples, batch_size, max_len, limit=n, stats=stats):
+        for index, (batch, group) in enumerate(iter_encoded_batches(tokenizer, examples, batch_size, max_len,
+                                                                    limit=n, stats=stats)):
+            done += len(group)
+            for example in group:
+                keys.update(example.key().encode("ascii") + b"\n")
+            if index % size != rank:  # another rank's batch; its answer tokens count here too
+                tokens += int(answer_positions(batch)[1].sum())
+                continue
+            scored = {}
             for name, model in models.items():
                 t0 = time.perf_counter()
                 loss_sum, batch_tokens = answer_loss_sum(model, batch)
                 forward_seconds[name] += time.perf_counter() - t0
                 sums[name] += loss_sum
+                scored[name] = loss_sum
             tokens += batch_tokens
-            done += len(group)
-            for example in group:
-                keys.update(example.key().encode("ascii") + b"\n")
+            local_tokens += batch_tokens
+            if size > 1:
+                batch_sums.append((index, scored))
             first = next(iter(models))
-            progress(done, total, f"loss {sums[first] / max(tokens, 1):.4f}")
+            progress(done, total, f"loss {sums[first] / max(local_tokens, 1):.4f}")
     skipped = stats.get("skipped", 0)
+    shared = (time.perf_counter() - start) - sum(forward_seconds.values())
+    seconds = {name: shared + forward_seconds[name] for name in models}
+    if size > 1:  # the batches' sums in batch order: the one-process additions, in the one-process order
+        parts = distributed.gather((batch_sums, seconds))
+        sums = {name: 0.0 for name in models}
+        for _, scored in sorted((item for part, _ in parts for item in part), key=lambda item: item[0]):
+            for name in models:
+                sums[name] += scored[name]
+        seconds = {name: max(part_seconds[name] for _, part_seconds in parts) for name in models}
     if tokens == 0:
         raise _nothing_scored(done, skipped, max_len)
-    shared = (time.perf_counter() - start) - sum(forward_seconds.values())
     results = {}
     for name in models:
         loss = sums[name] / tokens
         check_finite_loss(loss, name, f"{done} examples")
         results[name] = EvalResult(loss=loss, perplexity=math.exp(loss) if loss < 700 else math.inf,
-                                   tokens=tokens, examples=done, seconds=shared + forward_seconds[name],
+                                   tokens=tokens, examples=done, seconds=seconds[name],
                                    skipped=skipped, fingerprint=keys.hexdigest()[:16])
     return results
 
@@ -194,10 +221,12 @@ def check_finite_loss(loss: float, name: str, scored: str) -> None:
 
 
 def evaluate(model: nn.Module, tokenizer, examples: Iterable[Example], n: Optional[int] = None,
-             batch_size: int = 8, max_len: int = 512, progress: Optional[Progress] = None) -> EvalResult:
-    """Token-weighted mean answer loss and perplexity of ``model`` on (up to ``n`` of) ``examples``."""
+             batch_size: int = 8, max_len: int = 512, progress: Optional[Progress] = None,
+             world: Optional[tuple[int, int]] = None) -> EvalResult:
+    """Token-weighted mean answer loss and perplexity of ``model`` on (up to ``n`` of) ``examples``
+    (``world``: see :func:`evaluate_models`)."""
     return evaluate_models({"model": model}, tokenizer, examples, n=n, batch_size=batch_size,
-                           max_len=max_len, progress=progress)["model"]
+                           max_len=max_len, progress=progress, world=world)["model"]
 
 
 @dataclass

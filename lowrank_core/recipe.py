@@ -7,6 +7,7 @@ Sections (every key optional unless marked; relative paths are relative to the c
     model:    {source: default, dtype: float32, device: auto}
     data:     {source: default, seed: 0, calib: 64, eval: 200, val: 0}    # the honest split
     plan:     "17:mlp:r16"                   # REQUIRED: compact string, plan file, rule list or {rules: [...]}
+                                             # rank rounding: {rules: [...], rank_multiple: 64} or "...; rank_multiple=64"
     method:   {name: whitened, max_len: 512, batch_size: 4, layerwise: false, refit: {steps: 200, ...}}
     heal:     {tokens: 200k, loss: kl, lr: 1.0e-4, batch_tokens: 2048, max_len: 256}  # end-to-end distillation
     evaluate: {examples: 200, batch_size: 8, max_len: 512}                 # examples: <= data.eval

@@ -1,16 +1,21 @@
-"""Budget: a plan as an editable table of rules, with live exact parameter accounting."""
+"""Budget: a plan as an editable table of rules, with live exact parameter accounting, rank rounding and the
+measured speed break-even ranks of the model's shapes (timed only on a click, kept for the session)."""
 from __future__ import annotations
 
 import pandas as pd
 import streamlit as st
+import torch
 
 from lowrank_core.archmap import num_layers
 from lowrank_core import methods
+from lowrank_core.models import resolve_device, resolve_dtype
 from lowrank_core.plan import PlanError, account, load_plan, plan_from_rows, resolve_plan, rows_from_plan
+from lowrank_core.speed import DECODE_TOKENS, PREFILL_TOKENS, RANK_MULTIPLES, measure_shapes, shape_groups, speed_rows
 from lowrank_core.workspace import PLAN_SUFFIXES, app_source, plan_source, writable_file
 from ui import cache, state
 from ui.entry import ensure_app, stop_page
 from ui.paths import workspace_caption
+from ui.progress import run_with_status
 from ui.presets import preset_plans
 from ui.sidebar import PLAN_ERROR_KEY
 
@@ -20,6 +25,8 @@ MISTRAL_FIXTURE = "tests/fixtures/mistral-7b-openorca-config.json"
 COLUMNS = ["layers", "modules", "rank", "keep", "dense", "method"]
 SOURCE = "Budget page"  # the plan source this page stores under
 DEFAULT_ROWS = [{"layers": "all", "modules": "mlp", "rank": None, "keep": 0.9, "dense": False, "method": ""}]
+MULTIPLE_KEY = "budget_rank_multiple"
+SPEED_KEY = "budget_speed"  # {(source, device, dtype): {(out, in, tokens): SpeedBreakeven}}: this session's timings
 
 
 def accounting(source_key: str, meta, plan):
@@ -73,6 +80,7 @@ stored = state.stored_plan()
 if stored and stored["source"] != SOURCE and st.session_state.get("budget_rows"):
     # a plan opened on another page (Search) since this page last stored its rows: show that plan, not them
     st.session_state["budget_rows"] = rows_from_plan(stored["plan"])
+    st.session_state[MULTIPLE_KEY] = stored["plan"].rank_multiple
     st.session_state["budget_editor_version"] = st.session_state.get("budget_editor_version", 0) + 1
 version = st.session_state.setdefault("budget_editor_version", 0)
 initial = st.session_state.get("budget_rows") or (rows_from_plan(stored["plan"]) if stored else DEFAULT_ROWS)
@@ -91,6 +99,7 @@ with st.expander("Start from a preset or import a plan"):
             parsed = yaml.safe_load(text) if "rules" in text else None
             imported = load_plan(parsed if parsed is not None else plan_source(text))
             st.session_state["budget_rows"] = rows_from_plan(imported)
+            st.session_state[MULTIPLE_KEY] = imported.rank_multiple
             st.session_state["budget_editor_version"] = version + 1
             st.rerun()
         except (ValueError, yaml.YAMLError) as e:
@@ -107,12 +116,19 @@ edited = st.data_editor(
         "method": st.column_config.SelectboxColumn("method", options=[""] + list(methods.names()), default=""),
     })
 
+if MULTIPLE_KEY not in st.session_state:  # widget keys go when the page is left: the stored plan's rounding
+    st.session_state[MULTIPLE_KEY] = stored["plan"].rank_multiple if stored else 1
+multiple = st.selectbox("Round ranks to a multiple of", RANK_MULTIPLES, key=MULTIPLE_KEY,
+                        format_func=lambda m: "1 (off)" if m == 1 else str(m),
+                        help="every rank (from a keep fraction or given) is rounded down to a multiple, at least the "
+                             "multiple, never above min(out, in); matmul kernels often run aligned ranks faster")
+
 records = edited.to_dict("records")
 valid, problems = check_rows(records, linears)
 for message in problems.values():
     st.error(f"Plan error in {message}")
 try:
-    plan = plan_from_rows(valid)
+    plan = plan_from_rows(valid, rank_multiple=multiple)
     acc = accounting(source, meta, plan)
 except PlanError as e:  # e.g. no valid row left
     st.error(f"Plan error: {e}")
@@ -139,15 +155,47 @@ if acc.warnings:
                if above else acc.warnings[0])
     with st.expander(f"All {len(acc.warnings)} warnings"):
         st.text("\n".join(acc.warnings))
-with st.expander("Per-matrix accounting"):
+with st.expander("Per-matrix accounting" + (f" (ranks rounded to multiples of {multiple}; planned_rank: before "
+                                             "rounding)" if multiple != 1 else "")):
     st.dataframe(pd.DataFrame(acc.rows), hide_index=True, key="budget_rows_table")
+
+st.subheader("Speed break-even")
+st.caption(f"Parameter break-even: the largest rank whose factors r·(in+out) are no bigger than the dense out·in "
+           "weight; below it a matrix gets smaller. Speed break-even: the largest rank whose factor pair (two "
+           "matmuls) runs no slower than the dense matmul, measured on this machine at "
+           f"{PREFILL_TOKENS} tokens per call (a prompt's forward pass) and {DECODE_TOKENS} token (one decode step); "
+           "below it a matrix also gets faster. Timings are of this machine now: other load moves them.")
+try:
+    speed_device, speed_dtype = resolve_device(s.device), resolve_dtype(s.dtype)
+except ValueError as e:
+    st.error(str(e))
+    stop_page()
+groups = shape_groups(linears)
+speed_key = (source, str(speed_device), s.dtype)
+timed = st.session_state.setdefault(SPEED_KEY, {})
+if st.button("Measure speed on this machine", key="budget_speed_go",
+             help=f"times every distinct shape ({len(groups)}) in {s.dtype} on {speed_device}; a few seconds per "
+                  "shape for the embedded model on CPU, longer for big shapes"):
+    timed[speed_key] = run_with_status(
+        f"Timing {len(groups)} shapes on {speed_device} ({s.dtype})",
+        lambda progress: measure_shapes(groups, (PREFILL_TOKENS, DECODE_TOKENS), speed_device, speed_dtype,
+                                        progress=progress))
+measured = timed.get(speed_key)
+if measured is None:
+    st.info(f"Click **Measure speed on this machine** to time the {len(groups)} distinct shapes "
+            f"({', '.join(g.shape for g in groups)}) on {speed_device} in {s.dtype}.")
+else:
+    st.dataframe(pd.DataFrame(speed_rows(groups, measured, {"plan rank": {r["name"]: r["rank"] for r in acc.rows}})),
+                 hide_index=True, key="budget_speed_table")
+    st.caption(f"Measured on {speed_device} ({s.dtype}, {torch.get_num_threads()} CPU threads). 0: even rank 1 is "
+               "slower than the dense matrix. plan rank: this plan's ranks of that shape (dense: not replaced).")
 
 st.subheader("Against presets")
 table = [{"scenario": "Original model", "plan": "—", "parameters": acc.original, "of original": 1.0}]
 for name, text in presets.items():
     pre = accounting(source, meta, load_plan(text))
     table.append({"scenario": name, "plan": text, "parameters": pre.compressed, "of original": pre.ratio})
-table.append({"scenario": "This plan" + (" (valid rows)" if problems else ""), "plan": "; ".join(r.describe() for r in plan.rules),
+table.append({"scenario": "This plan" + (" (valid rows)" if problems else ""), "plan": plan.describe(),
               "parameters": acc.compressed, "of original": acc.ratio})
 st.dataframe(pd.DataFrame(table), hide_index=True, key="budget_presets", column_config={
     "parameters": st.column_config.NumberColumn(format="localized"),

@@ -140,3 +140,87 @@ def test_embedded_layer17_whitened_far_better_than_svd(embedded):
         e_svd = relative_output_error(W, svd_factors(W, rank).merged(), G)
         e_wh = relative_output_error(W, whitened_factors(W, G, rank).merged(), G)
         assert e_wh < 0.5 * e_svd, (info.name, e_wh, e_svd)
+
+
+# ----------------------------------------------------------------------------- precision and output covariances
+def _random_batches(seed=0, n=3, length=48):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 250, (n, length), generator=g)
+    return [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
+
+
+# stated tolerances of reduced-precision products against the float64 reference: relative Frobenius error of
+# each Gram; each matrix's whitened truncation error (measured on the float64 Gram, as a share of its output
+# energy ‖WX‖²) may grow by at most rel·error + abs
+GRAM_TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2}
+TRUNCATION_TOLERANCE = {"float32": (1e-5, 1e-9), "bfloat16": (2e-2, 5e-4)}
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_reduced_precision_grams_are_within_the_stated_tolerance_of_float64(tiny, precision):
+    from lowrank_core.decompose import relative_output_error, whitened_factors
+    model, _ = tiny
+    linears = [i for i in linear_map(model) if i.layer is not None]
+    batches = _random_batches()
+    ref = collect_grams(model, batches, linears, precision="float64")
+    got = collect_grams(model, batches, linears, precision=precision)
+    assert set(got) == set(ref)
+    for key, stats in got.items():
+        assert stats.gram.dtype == torch.float64 and stats.tokens == ref[key].tokens
+        rel = float((stats.gram - ref[key].gram).norm() / ref[key].gram.norm())
+        assert rel < GRAM_TOLERANCE[precision], (key, rel)
+    for info in linears:
+        W = model.get_submodule(info.name).weight.detach()
+        rank = max(1, min(W.shape) // 2)
+        exact = relative_output_error(W, whitened_factors(W, ref[info.gram_key], rank).merged(), ref[info.gram_key])
+        approx = relative_output_error(W, whitened_factors(W, got[info.gram_key], rank).merged(), ref[info.gram_key])
+        assert approx >= exact * (1 - 1e-5) - 1e-9  # the float64 optimum is optimal on its own Gram
+        rel, absolute = TRUNCATION_TOLERANCE[precision]
+        assert approx <= exact * (1 + rel) + absolute, (info.name, exact, approx)
+
+
+def test_unknown_precision_is_refused_before_any_forward(tiny):
+    model, _ = tiny
+    with pytest.raises(ValueError, match="unknown Gram precision 'half'.*allowed: auto, float32, bfloat16, float64"):
+        collect_grams(model, _random_batches(), linear_map(model), precision="half")
+
+
+def test_output_covariance_equals_w_g_wt(tiny):
+    from lowrank_core.calibrate import output_key
+    model, _ = tiny
+    linears = [i for i in linear_map(model) if i.layer is not None]
+    downs = [i for i in linears if i.module == "down_proj"]
+    stats = collect_grams(model, _random_batches(), linears, outputs=downs, precision="float64")
+    for info in downs:
+        W = model.get_submodule(info.name).weight.detach().double()
+        G = stats[info.gram_key].gram
+        C = stats[output_key(info)]
+        assert C.tokens == stats[info.gram_key].tokens and C.gram.shape == (info.out_features,) * 2
+        # y = W x is rounded to float32 by the forward: agreement to float32 precision
+        torch.testing.assert_close(C.gram, W @ G @ W.T, rtol=1e-5, atol=1e-6 * float(C.gram.abs().max()))
+
+
+def test_fast_path_measures_down_proj_by_its_outputs_with_the_same_factors(tiny, monkeypatch):
+    """whitened down_proj (out < in) is calibrated from its output covariance (fewer products), and gives the
+    factors and the errors of the input-Gram route."""
+    from lowrank_core import compress as compress_mod
+    from lowrank_core.compress import CompressSettings, compress, statistics_plan
+    from lowrank_core.plan import resolve_plan, load_plan
+    from lowrank_core.data import Example
+    model, tok = tiny
+    assignments = resolve_plan(load_plan("all:k0.5"), linear_map(model), "whitened")
+    inputs, outputs = statistics_plan(assignments)
+    assert outputs == {n for n, a in assignments.items() if a.info.module == "down_proj"}
+    assert not any(i.module == "down_proj" for i in inputs)
+    assert statistics_plan(resolve_plan(load_plan("all:k0.5"), linear_map(model), "svd"))[1] == set()
+    examples = [Example(system="", user=f"question {i} " * 3, answer=f"answer {i} " * 6) for i in range(10)]
+    settings = CompressSettings(calib=10, max_len=64, valid_fraction=0.3, gram_precision="float64")
+    via_outputs = compress(model, tok, "all:k0.5", examples, settings)
+    monkeypatch.setattr(compress_mod, "statistics_plan", lambda a: ([x.info for x in a.values()], set()))
+    via_inputs = compress(model, tok, "all:k0.5", examples, settings)
+    for a, b in zip(via_outputs.layers, via_inputs.layers):
+        assert a["name"] == b["name"]
+        assert a["rel_error"] == pytest.approx(b["rel_error"], rel=1e-6, abs=1e-9)
+    sa, sb = dict(via_outputs.student.named_parameters()), dict(via_inputs.student.named_parameters())
+    for name, p in sa.items():
+        torch.testing.assert_close(p, sb[name], rtol=1e-5, atol=1e-6)

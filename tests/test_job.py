@@ -20,6 +20,7 @@ from lowrank_core.job import DataSpec, EvalSpec, ExportSpec, JobSpec, ModelSpec,
 from lowrank_core.methods.refit import RefitSettings
 from lowrank_core.models import load_model
 from lowrank_core.options import options_of
+from lowrank_core.plan import PlanOptions
 from lowrank_core.recipe import load_recipe
 
 PLAN = "mlp:r8; 1:attn:k0.5"
@@ -120,8 +121,8 @@ def test_every_compress_flag_comes_from_a_spec_field():
     sub = next(a for a in parser._actions if a.dest == "command").choices["compress"]
     flags = {s for a in sub._actions for s in a.option_strings if s.startswith("--")}
     derived = set()
-    for cls, prefix in ((ModelSpec, ""), (DataSpec, ""), (CompressSettings, ""), (RefitSettings, "refit-"),
-                        (HealSettings, "heal-"), (EvalSpec, "eval-"), (ExportSpec, "")):
+    for cls, prefix in ((ModelSpec, ""), (DataSpec, ""), (PlanOptions, ""), (CompressSettings, ""),
+                        (RefitSettings, "refit-"), (HealSettings, "heal-"), (EvalSpec, "eval-"), (ExportSpec, "")):
         for opt in options_of(cls):
             if opt.derived or opt.nested is not None:
                 continue

@@ -45,7 +45,7 @@ def job_key(fingerprint: str, split_fingerprint: str, spec: JobSpec) -> str:
 
 
 def describe_plan(plan) -> str:
-    return "; ".join(r.describe() for r in plan.rules)
+    return plan.describe()
 
 
 def store_result(key: str, job: JobResult) -> dict:

@@ -65,6 +65,7 @@ from ..data import IGNORE_INDEX
 from ..decompose import WhitenedBasis
 from ..layerwise import model_device
 from ..progress import Progress, ensure_progress
+from .bases import live_basis
 
 GRADIENT_SCORES = ("taylor", "fisher")
 
@@ -105,9 +106,11 @@ class GradientResult:
 
 def component_inner(basis: WhitenedBasis, W: Tensor, grad: Tensor) -> Tensor:
     """``⟨grad, W_i⟩`` for every whitened component ``W_i`` of ``W`` (the weight ``basis`` was solved
-    for) at once: float64 ``[min(out, in)]`` on the basis's device, in basis order (see module doc)."""
+    for) at once: float64 ``[min(out, in)]`` in basis order (see module doc), on the basis's device — a
+    :class:`~.bases.StoredBasis` (kept in CPU memory) is brought to the gradient's device first."""
     if grad.shape != W.shape:
         raise ValueError(f"gradient shape {tuple(grad.shape)} differs from the weight's {tuple(W.shape)}")
+    basis = live_basis(basis, grad.device)
     wh = basis.whitening
     W64 = W.detach().to(wh.device, torch.float64)
     g64 = grad.detach().to(wh.device, torch.float64)
@@ -138,13 +141,14 @@ def example_loss(model, input_ids: Tensor, labels: Tensor) -> Tensor:
     spec = arch_of(model, strict=False)
     targets = labels[:, 1:]
     selected = targets != IGNORE_INDEX
-    if spec is not None and spec.plain_head:
+    if spec is not None and spec.plain_head:   # devices: a dispatched model's layers may sit on several
         hidden = spec.decoder_of(model)(input_ids=input_ids, use_cache=False).last_hidden_state
-        logits = spec.head_of(model)(hidden[:, :-1][selected])
+        logits = spec.head_of(model)(hidden[:, :-1][selected.to(hidden.device)])
     else:
-        logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1][selected]
+        logits = model(input_ids=input_ids, use_cache=False).logits
+        logits = logits[:, :-1][selected.to(logits.device)]
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    return F.cross_entropy(logits, targets[selected], reduction="sum")
+    return F.cross_entropy(logits, targets[selected].to(logits.device), reduction="sum")
 
 
 def example_gradients(model, weights: dict[str, Tensor], batches: Sequence[dict]) -> Iterator[tuple[float, int, dict]]:
@@ -172,22 +176,33 @@ def example_gradients(model, weights: dict[str, Tensor], batches: Sequence[dict]
 def gradient_scores(model, bases: dict[str, WhitenedBasis], batches: Sequence[dict],
                     progress: Optional[Progress] = None) -> GradientResult:
     """Per-component first-order and Fisher terms (see module doc) of every matrix in ``bases``
-    (``{module name: the basis of its weight}``) on the validation ``batches``, streamed example by example."""
+    (``{module name: the basis of its weight}``) on the validation ``batches``, streamed example by example.
+
+    The model may be dispatched by accelerate over several devices (each inner product is computed on its
+    gradient's device, stored bases are brought there one at a time), but the scored weights must be
+    materialised: a weight offloaded by accelerate (a ``meta`` parameter refilled at every forward) has no
+    gradient to take."""
     progress = ensure_progress(progress)
     if not bases:
         raise ValueError("gradient scores need at least one matrix")
     modules = dict(model.named_modules())
     weights = {name: modules[name].weight for name in bases}
+    offloaded = [name for name, w in weights.items() if w.device.type == "meta"]
+    if offloaded:
+        raise ValueError(f"the gradient probe needs the scored weights in memory, but {len(offloaded)} are offloaded "
+                         f"by accelerate ({offloaded[0]}, ...): load the teacher without offload (one device, or "
+                         "device_map over GPUs only), or use probe='layer' / 'matrix'")
     N = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
     if N == 0:
         raise ValueError("the validation batches hold no answer tokens; raise val_max_len or add examples")
     total = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).any(1).sum()) for b in batches)
-    sums = {name: torch.zeros(len(b.values), dtype=torch.float64, device=b.vectors.device) for name, b in bases.items()}
+    sums = {name: torch.zeros(len(b.values), dtype=torch.float64, device=weights[name].device)
+            for name, b in bases.items()}
     squares = {name: torch.zeros_like(v) for name, v in sums.items()}
     loss, seen = 0.0, 0
     for loss_e, _, grads in example_gradients(model, weights, batches):
         for name, g in grads.items():
-            t = component_inner(bases[name], weights[name], g)
+            t = component_inner(bases[name], weights[name], g).to(sums[name].device)
             sums[name] += t
             squares[name] += t * t
         del grads

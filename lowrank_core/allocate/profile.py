@@ -15,6 +15,19 @@
   example scores every whitened singular component of every matrix (``|first-order| + empirical-Fisher``
   term, or the Fisher term alone: ``gradient_score``), and the predicted ``Δloss_i(r)`` is the sum of the
   scores of the components rank ``r`` removes (``MatrixProfile.tail``); no per-matrix forward probe.
+
+**Layer by layer (the 7B path).** The calibration and validation inputs are captured once
+(``capture_layer_inputs``) and streamed through the teacher one decoder layer at a time; for layer ``i``
+(copied to the compute device ``compression.device`` when set, ``layer_on``): its input Grams are
+accumulated in float64 on the teacher's calibration stream (each example alone, without padding, where
+``collect_grams`` does so too: the very same sums, bit for bit), its matrices' bases solved, error curves
+read, then **its Grams and whitenings are dropped** (the bases keep only what factors need:
+:class:`~.bases.StoredBasis`), its layer/matrix probes run on the validation stream, and its bases are
+stored in CPU memory (float64, or ``basis_dtype="float32"``) before layer ``i + 1``. At most one layer's
+Grams are alive; ``Profile.memory`` reports the bytes (``docs/7b-path.md``: the Mistral-7B table). A
+teacher dispatched by accelerate (``device_map``) works as it is: each tensor goes to the device of the
+module that reads it, offloaded layers are read through hook-free copies (``layerwise.unhooked``) and the
+teacher is never moved nor changed.
 """
 from __future__ import annotations
 
@@ -28,17 +41,19 @@ import torch
 from .. import methods
 from ..arch import arch_of
 from ..archmap import ATTN_MODULES, MLP_MODULES, LinearInfo, linear_map
-from ..calibrate import collect_grams
+from ..calibrate import GramStats, _pieces, gram_representatives
 from ..compress import CompressSettings, calibration_data
 from ..data import IGNORE_INDEX, encode_example, end_of_turn_id, iter_batches
 from ..decompose import Whitening, WhitenedBasis, whitening
 from ..evaluate import answer_loss_from_hidden
-from ..layerwise import LayerInputs, capture_layer_inputs, masked_square_error, run_layer
+from ..layerwise import (LayerInputs, call_layer, capture_layer_inputs, is_dispatched, layer_on, masked_square_error,
+                         model_device, module_device, run_layer, to_device)
 from ..lowrank import LowRankLinear
 from ..plan import rank_for_keep
 from ..progress import Progress, ensure_progress
 from ..heal import HealSettings
-from ..student import build_student
+from ..student import build_student, private_view
+from .bases import BASIS_DTYPES, StoredBasis, factor_bytes
 from .gradient import GRADIENT_SCORES, ComponentScores, gradient_scores
 
 DEFAULT_KEEPS = (0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
@@ -56,9 +71,13 @@ class SearchSettings:
     validation example; ``gradient_score``: ``taylor`` = ``|first order| + Fisher``, or ``fisher``: see
     :mod:`.gradient`; the probe rank is then only reported); ``val_batch_size``/``val_max_len``:
     validation batches; ``max_verify``: forward passes spent verifying; ``compression``: calibration
-    settings shared with :func:`~lowrank_core.compress.compress` (same Grams, hence the same student);
-    ``heal``: when enabled, every verified prefix's student is healed first (on the calibration examples)
-    and the budget is checked after healing."""
+    settings shared with :func:`~lowrank_core.compress.compress` (same Grams, hence the same student; its
+    ``device`` is the profile's compute device — each layer is copied there in turn, e.g. ``cuda`` for a
+    teacher in CPU memory — and ``offload`` keeps the stored hidden streams in CPU memory);
+    ``basis_dtype``: the stored eigenvectors' dtype (``float64``: factors bit-identical to compression's;
+    ``float32``: half the memory, factors within ~1e-7 relative, see ``docs/7b-path.md``); ``heal``: when
+    enabled, every verified prefix's student is healed first (on the calibration examples) and the budget
+    is checked after healing."""
 
     keeps: Sequence[float] = DEFAULT_KEEPS
     ranks: Optional[Sequence[int]] = None
@@ -70,6 +89,7 @@ class SearchSettings:
     val_max_len: int = 256
     max_verify: int = 8
     refit: bool = False
+    basis_dtype: str = "float64"
     compression: CompressSettings = field(default_factory=CompressSettings)
     heal: HealSettings = field(default_factory=HealSettings)
 
@@ -78,6 +98,8 @@ class SearchSettings:
             raise ValueError(f"unknown probe {self.probe!r}; allowed: {', '.join(PROBES)}")
         if self.gradient_score not in GRADIENT_SCORES:
             raise ValueError(f"unknown gradient_score {self.gradient_score!r}; allowed: {', '.join(GRADIENT_SCORES)}")
+        if self.basis_dtype not in BASIS_DTYPES:
+            raise ValueError(f"unknown basis_dtype {self.basis_dtype!r}; allowed: {', '.join(BASIS_DTYPES)}")
         if not 0 < self.probe_keep < 1:
             raise ValueError(f"probe_keep {self.probe_keep!r} must be in (0, 1)")
         if self.ranks is None and (not self.keeps or any(not 0 < k < 1 for k in self.keeps)):
@@ -152,8 +174,13 @@ def error_curve(s: torch.Tensor) -> list[float]:
 @dataclass
 class Profile:
     """Everything the search needs, computed once per (teacher, calibration, validation):
-    matrix profiles, whitened calibration Grams (one per input), each matrix's solved whitened basis,
-    the captured validation inputs and the teacher's loss on them."""
+    matrix profiles, each matrix's solved whitened basis (:class:`~.bases.StoredBasis`, in CPU memory,
+    without its Gram), the captured validation inputs and the teacher's loss on them.
+
+    ``whitenings`` is kept for compatibility and is empty: the layer-by-layer profile drops every Gram
+    once its layer is solved. ``memory``: bytes of what was held (``gram_bytes_peak``: the most Gram
+    bytes alive at once, one layer's; ``gram_bytes_all_layers``: what an all-at-once profile holds;
+    ``basis_bytes`` / ``factor_bytes``: the stored bases and tall matrices' Gram factors; ``basis_dtype``)."""
 
     matrices: dict[str, MatrixProfile]
     whitenings: dict[str, Whitening]
@@ -165,27 +192,50 @@ class Profile:
     val_tokens: int            # answer tokens scored on the validation split
     timings: dict[str, float]
     settings: SearchSettings
+    memory: dict = field(default_factory=dict)
 
 
-def low_rank_module(linear, basis: WhitenedBasis, rank: int) -> LowRankLinear:
+def low_rank_module(linear, basis: WhitenedBasis, rank: int, device=None) -> LowRankLinear:
     """Whitened rank-``rank`` replacement of ``linear`` (the weight ``basis`` was solved for), on its
-    device and dtype: the factors :func:`~lowrank_core.compress.compress` builds, bit for bit."""
+    device and dtype: the factors :func:`~lowrank_core.compress.compress` builds, bit for bit.
+    ``device``: where the float64 maths runs (default: the weight's; e.g. ``cuda`` for a teacher in CPU
+    memory), the module is then moved back to the weight's device."""
     W = linear.weight.detach()
-    return LowRankLinear.from_factors(basis.factors(W, rank, linear.bias), dtype=W.dtype).to(W.device)
+    home = W.device
+    if device is not None and torch.device(device) != home:
+        W = W.to(device)
+    return LowRankLinear.from_factors(basis.factors(W, rank, linear.bias), dtype=W.dtype).to(home)
+
+
+def _head_name(model, head) -> str:
+    return next(name for name, m in model.named_modules() if m is head)
 
 
 @torch.no_grad()
-def suffix_loss(model, inputs: LayerInputs, batches: list[dict], start: int, hidden: list[torch.Tensor]) -> float:
+def suffix_loss(model, inputs: LayerInputs, batches: list[dict], start: int, hidden: list[torch.Tensor],
+                device=None) -> float:
     """Mean answer loss when ``hidden`` enters decoder layer ``start`` of ``model`` (layers run to the end,
-    then the final norm, then :func:`~lowrank_core.evaluate.answer_loss_from_hidden`: the evaluation's loss)."""
+    then the final norm, then :func:`~lowrank_core.evaluate.answer_loss_from_hidden`: the evaluation's loss).
+
+    ``device``: where the layers, the final norm and the head compute (each copied there in turn when
+    elsewhere; default: where each module computes — a model dispatched by accelerate is fine: every
+    tensor is moved to the device of the module that reads it, the model itself is never moved)."""
     spec = arch_of(model)
     layers = spec.decoder_layers(model)
     for i in range(start, len(layers)):
-        hidden = run_layer(layers[i], inputs, i, hidden=hidden)
+        hidden = run_layer(layers[i], inputs, i, hidden=hidden, device=device)
     norm = spec.final_norm(model)
+    norm_device = torch.device(device) if device is not None else module_device(norm)
+    norm = layer_on(norm, norm_device) if any(True for _ in norm.parameters()) else norm
+    head = spec.head_of(model)
+    scorer, head_device = model, module_device(head)
+    if device is not None and not is_dispatched(head) and head_device != torch.device(device):
+        moved = layer_on(head, device)   # a view of the model whose head computes on ``device``
+        scorer, head_device = build_student(model, {_head_name(model, head): moved}), module_device(moved)
     total, tokens = 0.0, 0
     for h, batch in zip(hidden, batches):
-        loss_sum, n = answer_loss_from_hidden(model, norm(h), batch["labels"])
+        x = norm(h.to(norm_device)).to(head_device)
+        loss_sum, n = answer_loss_from_hidden(scorer, x, batch["labels"])
         total, tokens = total + loss_sum, tokens + n
     if tokens == 0:
         raise ValueError("the validation batches hold no answer tokens; raise val_max_len or add examples")
@@ -208,84 +258,163 @@ def fitting_examples(tokenizer, examples, n: int, max_len: int, min_answer: int 
 
 def build_profile(teacher, tokenizer, calib_examples, val_examples, settings: Optional[SearchSettings] = None,
                   progress: Optional[Progress] = None) -> Profile:
-    """Grams, exact error curves and measured sensitivities of every eligible matrix (see module doc)."""
+    """Grams, exact error curves and measured sensitivities of every eligible matrix, layer by layer
+    (see module doc): at most one decoder layer's Grams alive, bases kept in CPU memory."""
     settings = settings or SearchSettings()
     settings.validate()
     progress = ensure_progress(progress)
-    timings = {}
+    timings = {"calibration": 0.0, "spectra": 0.0, "sensitivity": 0.0}
     t0 = time.perf_counter()
     infos = [li for li in linear_map(teacher) if li.layer is not None and li.module in settings.modules]
     fit = calibration_data(tokenizer, calib_examples, settings.compression).fit  # compress's fit batches
     if not fit:
         raise ValueError("rank allocation needs at least one calibration example")
-    grams = collect_grams(teacher, fit, infos, progress=progress)
-    whitenings = {key: whitening(stats) for key, stats in grams.items()}
-    del grams
-    timings["calibration"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    modules = dict(teacher.named_modules())
-    solver = methods.get("whitened")
-    matrices, bases = {}, {}
-    for k, li in enumerate(infos):
-        cands = candidate_ranks(li, settings)
-        if not cands:
-            continue
-        bases[li.name] = basis = solver.basis(modules[li.name].weight, whitenings[li.gram_key])
-        probe = max(1, min(rank_for_keep(li, settings.probe_keep), cands[0]))
-        matrices[li.name] = MatrixProfile(li, cands, error_curve(basis.values), probe_rank=probe)
-        progress(k + 1, len(infos), f"spectrum {li.name}")
-    timings["spectra"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
     batches = list(iter_batches(tokenizer, val_examples, settings.val_batch_size, settings.val_max_len))
     if not batches:
         raise ValueError("rank allocation needs at least one validation example that fits val_max_len")
-    inputs = capture_layer_inputs(teacher, batches)
-    teacher_loss = suffix_loss(teacher, inputs, batches, 0, inputs.hidden)
-    if settings.probe == "gradient":
-        _gradient_probe(teacher, matrices, bases, batches, settings.gradient_score, progress)
-    else:
-        _probe(teacher, matrices, bases, inputs, batches, teacher_loss, settings.probe, progress)
-    timings["sensitivity"] = time.perf_counter() - t0
-    tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
-    return Profile(matrices, whitenings, bases, inputs, batches, teacher_loss, sum(len(b["input_ids"]) for b in batches),
-                   tokens, timings, settings)
-
-
-def _probe(teacher, matrices, bases, inputs, batches, teacher_loss, mode, progress) -> None:
-    """Fill ``probe_delta`` and ``sensitivity`` of every profile, walking the decoder layer by layer."""
     spec = arch_of(teacher)
     layers = spec.decoder_layers(teacher)
-    modules = dict(teacher.named_modules())
-    hidden = inputs.hidden
+    cs = settings.compression
+    device = torch.device(cs.device) if cs.device else None   # None: each layer computes where it is
+    store = "cpu" if cs.offload else None
+    cands = {li.name: candidate_ranks(li, settings) for li in infos}
+    wanted = [li for li in infos if cands[li.name]]
+    last = max((li.layer for li in wanted), default=-1)        # the calibration stream is needed up to here
+    # collect_grams forwards each example alone, unpadded, on CPU: the same pieces give the same sums
+    first = device or (module_device(layers[0]) if len(layers) else model_device(teacher))
+    unpad = first.type == "cpu"
+    pieces = [{"input_ids": ids, "attention_mask": m} for b in fit
+              for ids, m in _pieces(b["input_ids"], b.get("attention_mask", torch.ones_like(b["input_ids"])), unpad)]
+    calib = capture_layer_inputs(teacher, pieces, store_device=store, progress=progress) if wanted else None
+    timings["calibration"] += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    inputs = capture_layer_inputs(teacher, batches, store_device=store)
+    teacher_loss = suffix_loss(teacher, inputs, batches, 0, inputs.hidden, device=device)
+    timings["sensitivity"] += time.perf_counter() - t0
+
+    dtype = BASIS_DTYPES[settings.basis_dtype]
+    probing = settings.probe != "gradient"
+    matrices: dict[str, MatrixProfile] = {}
+    bases: dict[str, StoredBasis] = {}
+    memory = {"gram_bytes_peak": 0, "gram_bytes_all_layers": 0, "basis_dtype": settings.basis_dtype}
     rates: dict[int, float] = {}      # layer mode: Δloss per unit of squared layer-output error
     local: dict[str, float] = {}      # squared layer-output error with one matrix at its probe rank
+    chidden, vhidden = (calib.hidden if calib else None), inputs.hidden
     for i, layer in enumerate(layers):
+        if i > last and not probing:
+            break
+        dev = device or module_device(layer)
         prefix = spec.layer_prefix(i)
-        mine = [m for m in matrices.values() if m.info.layer == i]
-        out_t = run_layer(layer, inputs, i, hidden=hidden)
-        if mine:
-            reps = {m.info.name[len(prefix):]: low_rank_module(modules[m.info.name], bases[m.info.name], m.probe_rank)
-                    for m in mine}
-            for m in mine:
-                rel = m.info.name[len(prefix):]
-                out = run_layer(build_student(layer, {rel: reps[rel]}), inputs, i, hidden=hidden)
-                local[m.info.name] = _square_error(out, out_t, inputs)
-                if mode == "matrix":
-                    m.probe_delta = suffix_loss(teacher, inputs, batches, i + 1, out) - teacher_loss
-            if mode == "layer":
-                out = run_layer(build_student(layer, reps), inputs, i, hidden=hidden)
-                joint = _square_error(out, out_t, inputs)
-                delta = suffix_loss(teacher, inputs, batches, i + 1, out) - teacher_loss
-                rates[i] = delta / joint if joint > 0 and delta > 0 else math.nan
-        hidden = out_t
-        progress(i + 1, len(layers), f"sensitivity layer {i}")
+        work = private_view(layer_on(layer, dev))   # a plain view on ``dev``: the teacher gets no hook
+        mods = dict(work.named_modules())
+        mine = [li for li in wanted if li.layer == i]
+        kept: dict[str, StoredBasis] = {}
+        if i <= last:
+            t0 = time.perf_counter()
+            reps = {key: li.name[len(prefix):] for key, li in gram_representatives(mine).items()}
+            grams, chidden = _layer_grams(work, calib, i, chidden, reps, dev, keep_outputs=i < last)
+            timings["calibration"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            gram_bytes = sum(g.gram.numel() * g.gram.element_size() for g in grams.values())
+            memory["gram_bytes_peak"] = max(memory["gram_bytes_peak"], gram_bytes)
+            memory["gram_bytes_all_layers"] += gram_bytes
+            whitenings = {key: whitening(g) for key, g in grams.items()}
+            solver, shared = methods.get("whitened"), {}
+            for li in mine:
+                rel = li.name[len(prefix):]
+                basis = solver.basis(mods[rel].weight, whitenings[li.gram_key])
+                kept[li.name] = StoredBasis.of(basis, basis.vectors.device, torch.float64, shared)  # no copy
+                probe = max(1, min(rank_for_keep(li, settings.probe_keep), cands[li.name][0]))
+                matrices[li.name] = MatrixProfile(li, cands[li.name], error_curve(basis.values), probe_rank=probe)
+                del basis
+            del grams, whitenings, shared   # this layer's Grams (and whitening factors) go here
+            timings["spectra"] += time.perf_counter() - t0
+        if probing:
+            t0 = time.perf_counter()
+            vhidden = _probe_layer(teacher, work, i, prefix, [matrices[li.name] for li in mine], kept, inputs,
+                                   batches, vhidden, teacher_loss, settings.probe, dev, device, rates, local)
+            timings["sensitivity"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        shared = {}
+        for name, b in kept.items():
+            bases[name] = b.to("cpu", dtype, shared)
+        del kept, work, mods
+        timings["spectra"] += time.perf_counter() - t0
+        progress(i + 1, len(layers), f"profile layer {i}: {len(mine)} matrices")
+    matrices = {li.name: matrices[li.name] for li in wanted}   # linear_map order, as the greedy path expects
+    bases = {name: bases[name] for name in matrices}
+    if probing:
+        if settings.probe == "layer":
+            fallback = _median([r for r in rates.values() if r > 0])
+            for m in matrices.values():
+                rate = rates[m.info.layer]
+                m.probe_delta = (rate if rate > 0 else fallback) * local[m.info.name]
+                m.imputed = not rate > 0
+        _set_sensitivities(matrices.values())
+    else:
+        t0 = time.perf_counter()
+        _gradient_probe(teacher, matrices, bases, batches, settings.gradient_score, progress)
+        timings["sensitivity"] += time.perf_counter() - t0
+    memory["basis_bytes"] = sum(b.nbytes for b in bases.values())
+    memory["factor_bytes"] = factor_bytes(bases.values())
+    tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+    return Profile(matrices, {}, bases, inputs, batches, teacher_loss, sum(len(b["input_ids"]) for b in batches),
+                   tokens, timings, settings, memory)
+
+
+@torch.no_grad()
+def _layer_grams(work, inputs: LayerInputs, index: int, hidden: list, reps: dict[str, str], device,
+                 keep_outputs: bool) -> tuple[dict[str, GramStats], Optional[list]]:
+    """Run decoder layer ``index`` (``work``, a private view on ``device``) over the calibration stream
+    ``hidden`` with forward pre-hooks summing the float64 input Gram of each representative linear
+    (``reps``: ``{gram_key: path in the layer}``), as :func:`~lowrank_core.calibrate.collect_grams` does.
+    Returns (``{gram_key: GramStats}``, the layer's outputs stored where the inputs are, or None)."""
+    mods = dict(work.named_modules())
+    stats = {key: GramStats.zeros(mods[rel].in_features, device=device) for key, rel in reps.items()}
+    state: dict = {"mask": None}
+
+    def hook_for(key):
+        def hook(_module, args):
+            stats[key].add_(args[0], state["mask"])
+        return hook
+
+    handles = [mods[rel].register_forward_pre_hook(hook_for(key)) for key, rel in reps.items()]
+    outs = []
+    try:
+        for b, (h, kw) in enumerate(zip(hidden, inputs.layer_kwargs)):
+            state["mask"] = inputs.masks[b].to(device)
+            y = call_layer(work, h.to(device), to_device(kw[index], device))
+            if keep_outputs:
+                outs.append(y.to(h.device))
+    finally:
+        for handle in handles:
+            handle.remove()
+        state["mask"] = None
+    return stats, (outs if keep_outputs else None)
+
+
+def _probe_layer(teacher, work, i: int, prefix: str, mine: list, kept: dict, inputs: LayerInputs, batches,
+                 hidden: list, teacher_loss: float, mode: str, dev, device, rates: dict, local: dict) -> list:
+    """The layer / matrix probes of decoder layer ``i`` (``work``: its plain view on ``dev``) on the
+    validation stream ``hidden`` entering it; returns the teacher's stream leaving it."""
+    out_t = run_layer(work, inputs, i, hidden=hidden, device=dev)
+    if not mine:
+        return out_t
+    mods = dict(work.named_modules())
+    reps = {m.info.name[len(prefix):]: low_rank_module(mods[m.info.name[len(prefix):]], kept[m.info.name],
+                                                       m.probe_rank) for m in mine}
+    for m in mine:
+        rel = m.info.name[len(prefix):]
+        out = run_layer(build_student(work, {rel: reps[rel]}), inputs, i, hidden=hidden, device=dev)
+        local[m.info.name] = _square_error(out, out_t, inputs)
+        if mode == "matrix":
+            m.probe_delta = suffix_loss(teacher, inputs, batches, i + 1, out, device=device) - teacher_loss
     if mode == "layer":
-        fallback = _median([r for r in rates.values() if r > 0])
-        for m in matrices.values():
-            rate = rates[m.info.layer]
-            m.probe_delta = (rate if rate > 0 else fallback) * local[m.info.name]
-            m.imputed = not rate > 0
-    _set_sensitivities(matrices.values())
+        out = run_layer(build_student(work, reps), inputs, i, hidden=hidden, device=dev)
+        joint = _square_error(out, out_t, inputs)
+        delta = suffix_loss(teacher, inputs, batches, i + 1, out, device=device) - teacher_loss
+        rates[i] = delta / joint if joint > 0 and delta > 0 else math.nan
+    return out_t
 
 
 def _gradient_probe(teacher, matrices, bases, batches, kind, progress) -> None:

@@ -23,6 +23,7 @@ from typing import Optional, Sequence, Union
 from ..archmap import LinearInfo, count_parameters, linear_map
 from ..compress import compress
 from ..heal import copy_student, heal
+from ..layerwise import is_dispatched, unhooked
 from ..lowrank import LowRankLinear
 from ..plan import Plan
 from ..progress import Progress, ensure_progress
@@ -137,6 +138,7 @@ class _Verifier:
                  progress: Optional[Progress] = None):
         self.teacher, self.profile, self.steps = teacher, profile, steps
         self.modules = dict(teacher.named_modules())
+        self.device = profile.settings.compression.device   # where factors and suffix passes compute
         self.cache: dict[tuple, LowRankLinear] = {}
         self.results: dict[int, float] = {0: profile.teacher_loss}
         self.passes = 0
@@ -152,10 +154,16 @@ class _Verifier:
         for name, rank in ranks_after(self.steps, k).items():
             key = (name, rank)
             if key not in self.cache:
-                self.cache[key] = low_rank_module(self.modules[name], self.profile.bases[name], rank)
+                self.cache[key] = low_rank_module(self._linear(name), self.profile.bases[name], rank, self.device)
             reps[name] = cache[key] = self.cache[key]
         self.cache = cache
         return build_student(self.teacher, reps)
+
+    def _linear(self, name: str):
+        """The teacher's linear ``name``; when accelerate offloaded it (``meta`` weight), a hook-free copy
+        holding its weight on its execution device."""
+        linear = self.modules[name]
+        return unhooked(self.teacher, name) if is_dispatched(linear) else linear
 
     def final_student(self, k: int):
         """The student of prefix ``k`` as verified (healed when healing is on)."""
@@ -171,7 +179,7 @@ class _Verifier:
                 self.heal_results[k] = {key: v for key, v in h.to_dict().items() if key not in ("curve", "settings")}
                 self.healed = {k: student}  # one healed student kept (memory bound)
             pi = self.profile.val_inputs
-            self.results[k] = suffix_loss(student, pi, self.profile.val_batches, 0, pi.hidden)
+            self.results[k] = suffix_loss(student, pi, self.profile.val_batches, 0, pi.hidden, device=self.device)
             self.passes += 1
         return self.results[k]
 
@@ -278,7 +286,7 @@ def _refit_stage(result: Allocation, teacher, tokenizer, calib_examples, profile
     plan = result.plan_at(result.steps, method="refit")
     out = compress(teacher, tokenizer, plan, calib_examples, settings, progress=progress)
     pi = profile.val_inputs
-    loss = suffix_loss(out.student, pi, profile.val_batches, 0, pi.hidden)
+    loss = suffix_loss(out.student, pi, profile.val_batches, 0, pi.hidden, device=settings.device)
     result.refit = {"val_loss": loss, "val_delta": loss - result.teacher_loss, "kept": loss < result.val_loss,
                     "seconds": time.perf_counter() - t0, "curves": out.refit_curves}
     if loss < result.val_loss:

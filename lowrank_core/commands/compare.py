@@ -4,6 +4,10 @@ A student is an export folder (dense or factorized) or a plan (file or compact s
 teacher with the compression flags on the calibration side of the same split. Evaluation examples are
 streamed from the eval side (never seen by calibration); see ``lowrank_core/compare.py`` and
 ``stats.py`` for what is computed.
+
+Under ``torchrun --nproc_per_node N`` (or ``accelerate launch --multi_gpu --num_processes N``) the N
+processes share the batches and report the one-process comparison; rank 0 alone prints and writes files
+(``distributed.py``). ``--device-map`` spreads a teacher larger than a GPU over every GPU (one process).
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import csv
 import itertools
 from pathlib import Path
 
+from .. import distributed
 from ..archmap import count_parameters
 from ..cli import CliError, at_least, note_dropped, print_json
 from ..compare import CompareSettings, compare_models
@@ -23,9 +28,10 @@ from ..job import DataSpec, JobSpec, ModelSpec, run_job
 from ..models import load_model
 from ..options import add_arguments, checked, from_args, to_mapping
 from ..paths import check_output_file
-from ..plan import load_plan
+from ..plan import PlanOptions, load_plan
 from ..progress import TqdmProgress
 from ..table import format_table
+from .evaluate import add_device_map_argument, check_device_map_flag, in_launch
 
 
 def register(sub) -> None:
@@ -41,18 +47,21 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=DataSpec.seed, help="split seed")
     p.add_argument("--calib", type=int, default=DataSpec.calib, help="calibration examples for plan students")
     add_arguments(p, CompareSettings, "compare")
+    add_arguments(p, PlanOptions, "plan")  # applies to every plan student
     add_arguments(p, CompressSettings, "method")
     add_arguments(p, HealSettings, "heal", prefix="heal-")
     p.add_argument("--generate", type=int, default=0, metavar="K",
                    help="also generate greedy and sampled answers of teacher and student for K prompts")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens per generated answer")
     p.add_argument("--per-example", default=None, metavar="CSV", help="write per-example rows to this CSV file")
+    add_device_map_argument(p)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=run)
 
 
-def _student_kinds(values: list[str]) -> dict:
-    """{label: "folder" | Plan}: every student checked before any model loads."""
+def _student_kinds(values: list[str], options: PlanOptions = PlanOptions()) -> dict:
+    """{label: "folder" | Plan}: every student checked before any model loads (``options`` applied to every
+    plan)."""
     kinds = {}
     for value in values:
         if value in kinds or value == "teacher":
@@ -63,7 +72,7 @@ def _student_kinds(values: list[str]) -> dict:
                 raise CliError(f"--student {value!r} is a folder without config.json; pass an export folder or a plan")
             kinds[value] = "folder"
         else:
-            kinds[value] = load_plan(value)
+            kinds[value] = options.apply(load_plan(value))
     return kinds
 
 
@@ -74,44 +83,59 @@ def run(args) -> int:
     at_least(1, max_new_tokens=args.max_new_tokens, calib=args.calib)
     if args.per_example is not None:
         check_output_file(args.per_example, "--per-example")
-    kinds = _student_kinds(args.student)
+    kinds = _student_kinds(args.student, from_args(PlanOptions, args, "plan"))
     m = from_args(ModelSpec, args, "model")
+    check_device_map_flag(args.device_map, m.device)
     data = DataSpec(source=args.data, seed=args.seed, calib=args.calib, eval=0)
     jobs = {label: JobSpec(plan=plan, model=m, data=data, method=from_args(CompressSettings, args, "method"),
                            heal=from_args(HealSettings, args, "heal"), name=f"compare:{label}")
             for label, plan in kinds.items() if plan != "folder"}
     for spec in jobs.values():
         spec.validate()
+    return in_launch(m.device, lambda rank, size: _run(args, settings, kinds, m, jobs, rank, size))
+
+
+def _run(args, settings: CompareSettings, kinds: dict, m: ModelSpec, jobs: dict, rank: int, size: int) -> int:
+    check_device_map_flag(args.device_map, m.device, size)
     split = make_split(args.data, n_calib=max(spec.calib_examples for spec in jobs.values()), n_eval=0,
                        seed=args.seed) if jobs else None
     dropped: dict = {}  # records of the source that gave no example, by reason (filled while streaming)
     examples = iter_side(args.data, "eval", seed=args.seed, dropped=dropped)  # streamed: memory stays flat
-    teacher = load_model(m.source, dtype=m.dtype, device=m.device)
-    bar = TqdmProgress("compare")
+    device = str(distributed.rank_device(m.device)) if size > 1 else m.device
+    teacher = load_model(m.source, dtype=m.dtype, device=device, device_map=args.device_map)
+    bar = TqdmProgress("compare") if rank == 0 else None  # every rank scores its share; rank 0 alone reports
     try:
         students = {}
         for label, kind in kinds.items():
             if kind == "folder":
-                students[label] = load_model(label, dtype=m.dtype, device=teacher.device).model
-            else:
+                students[label] = load_model(label, dtype=m.dtype, device=teacher.device if args.device_map is None
+                                             else "auto", device_map=args.device_map).model
+            else:  # every rank builds the student from the same calibration examples
                 students[label] = run_job(jobs[label], progress=bar, loaded=teacher, split=split, evaluate=False,
                                           export=False).student
         results = compare_models(teacher.model, students, teacher.tokenizer, examples, settings, progress=bar)
         generations = {}
-        if args.generate:
+        if args.generate and rank == 0:
             eval_few = list(itertools.islice(iter_side(args.data, "eval", seed=args.seed), args.generate))
             for label, student in students.items():
                 generations[label] = [g.to_dict() for g in side_by_side(
                     teacher.model, student, teacher.tokenizer, eval_few, k=args.generate,
                     max_new_tokens=args.max_new_tokens, seed=settings.seed, progress=bar)]
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
+    if rank != 0:
+        return 0
     record = {"teacher": teacher.name, "teacher_fingerprint": teacher.fingerprint, "data": args.data,
               "seed": args.seed, "settings": to_mapping(settings),
               "students": [{"student": label, "params": count_parameters(students[label]),
                             "teacher_params": count_parameters(teacher.model), **results[label].summary()}
                            for label in kinds],
               "generations": generations, "dropped": dict(sorted(dropped.items()))}
+    if args.device_map is not None:
+        record["device_map"] = args.device_map
+    if size > 1:
+        record["processes"] = size
     note_dropped({"source": args.data, "dropped": dropped})
     if args.per_example:
         _write_rows(args.per_example, results)

@@ -13,7 +13,7 @@ from ..evaluate import check_finite_loss
 from ..heal import HealSettings
 from ..job import DataSpec, EvalSpec, ExportSpec, JobSpec, JobResult, ModelSpec, dry_run, run_job
 from ..options import add_arguments, from_args, given
-from ..plan import check_replaces_something
+from ..plan import PlanOptions, check_replaces_something
 from ..progress import TqdmProgress
 from ..table import format_table
 
@@ -25,6 +25,7 @@ def add_job_arguments(p) -> None:
     add_arguments(p, ModelSpec, "model")
     add_arguments(p, DataSpec, "data")
     p.add_argument("--plan", required=True, help="plan file (.yaml/.json) or compact string, e.g. 'all:k0.9'")
+    add_arguments(p, PlanOptions, "plan")
     add_arguments(p, CompressSettings, "method")
     add_arguments(p, HealSettings, "heal", prefix="heal-")
     add_arguments(p, EvalSpec, "evaluate", prefix="eval-")
@@ -38,7 +39,8 @@ def job_from_args(args) -> JobSpec:
         export = from_args(ExportSpec, args, "export")
     elif given(ExportSpec, args, "export"):
         raise CliError(f"export options {', '.join(given(ExportSpec, args, 'export'))} need --export DIR")
-    spec = JobSpec(plan=args.plan, model=from_args(ModelSpec, args, "model"), data=from_args(DataSpec, args, "data"),
+    spec = JobSpec(plan=from_args(PlanOptions, args, "plan").apply(args.plan),
+                   model=from_args(ModelSpec, args, "model"), data=from_args(DataSpec, args, "data"),
                    method=from_args(CompressSettings, args, "method"), heal=from_args(HealSettings, args, "heal"),
                    evaluate=from_args(EvalSpec, args, "evaluate"),
                    export=export, name="compress")

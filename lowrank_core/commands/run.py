@@ -7,6 +7,8 @@ import sys
 from ..cli import print_json
 from ..export import FORMATS
 from ..job import dry_run, run_job
+from ..options import add_arguments, from_args
+from ..plan import PlanOptions
 from ..progress import TqdmProgress
 from ..recipe import load_recipe
 from ..table import format_table
@@ -21,6 +23,7 @@ def register(sub) -> None:
     p.add_argument("--export-dir", help="override export.dir (adds an export to a recipe without one)")
     p.add_argument("--format", choices=FORMATS, help="override export.format")
     p.add_argument("--force", action="store_true", help="replace an existing export folder")
+    add_arguments(p, PlanOptions, "plan")  # overrides the recipe plan's rank_multiple
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=run)
 
@@ -29,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("dir", args.export_dir), ("format", args.format), ("force", args.force or None))
                  if v is not None}
     spec = load_recipe(args.recipe, export=overrides)
+    spec.plan = from_args(PlanOptions, args, "plan").apply(spec.plan)
     if args.dry_run:
         acc = dry_run(spec)
         if args.json:

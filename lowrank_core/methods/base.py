@@ -5,6 +5,9 @@ A method is a subclass of :class:`Method` in its own file of this package, decor
 modifiers choose their pipeline:
 
 - ``needs_grams``: ``factorize`` reads the input Gram of the matrix (calibration runs first);
+- ``output_covariance``: for an ``out <= in`` matrix ``factorize`` also accepts the output covariance
+  ``Σ y yᵀ`` (``decompose.OutputCovariance``) in place of the input Gram: the fast pipeline then
+  measures that instead where it is cheaper (``calibrate.cheaper_as_outputs``: down_proj);
 - ``sequential``: the method must see the *student's* stream, so compression runs decoder layer by
   layer (``refine_layer`` is then called for each layer after its closed-form factors are built).
 
@@ -59,6 +62,7 @@ class Method:
     summary: ClassVar[str]            # one line for CLI help and the app
     order: ClassVar[int] = 100        # position in choices (lower first)
     needs_grams: ClassVar[bool] = False
+    output_covariance: ClassVar[bool] = False
     sequential: ClassVar[bool] = False
 
     def factorize(self, weight: torch.Tensor, rank: int, gram=None, bias: Optional[torch.Tensor] = None) -> Factors:

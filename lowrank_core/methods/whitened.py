@@ -12,11 +12,13 @@ class Whitened(Method):
     summary = "activation-aware closed form (SVD-LLM): least output error on the calibration tokens"
     order = 1
     needs_grams = True
+    output_covariance = True   # W G Wᵀ is all it needs for out <= in
 
     def factorize(self, weight, rank, gram=None, bias=None):
         if gram is None:
             raise FactorizationError(f"method {self.name!r} needs the input Gram matrix (gram=...); collect it "
-                                     "with calibrate.collect_grams or use method 'svd'")
+                                     "(or, for out <= in, the output covariance) with calibrate.collect_grams or use "
+                                     "method 'svd'")
         return whitened_factors(weight, gram, rank, bias=bias)
 
     def basis(self, weight, gram) -> WhitenedBasis:
