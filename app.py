@@ -1,13 +1,22 @@
 """lowrank lab: a Streamlit app over ``lowrank_core``. Run with ``streamlit run app.py``."""
 from __future__ import annotations
 
-import torch
 import streamlit as st
+
+from lowrank_core.threads import configure_threads
 
 from ui.entry import PageDone
 from ui.sidebar import draw_sidebar
 
-torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
+
+
+@st.cache_resource
+def _threads() -> int:
+    """Once per server process (not per rerun, never while a job runs): the free cores, LOWRANK_THREADS wins."""
+    return configure_threads()
+
+
+_threads()
 st.set_page_config(page_title="lowrank lab", page_icon=":material/compress:", layout="wide")
 
 PAGES = [
