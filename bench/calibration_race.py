@@ -63,11 +63,11 @@ def main() -> None:
             peaks[name].append(peak)
             detail = ""
             if name == "engine":
-                record = json.loads(out)
-                t = record.get("timings", {})
-                errors = [row["rel_error_fit"] for row in record.get("layers", []) if row.get("rel_error_fit") is not None]
-                detail = (f"calibration {t.get('calibration', 0):.1f} s, decomposition {t.get('decomposition', 0):.1f} s, "
-                          f"{record.get('split', {}).get('fit_tokens')} tokens, mean rel. output error "
+                record = json.loads(out)["compress"]
+                t = record["timings"]
+                errors = [row["rel_error_fit"] for row in record["layers"] if row.get("rel_error_fit") is not None]
+                detail = (f"calibration {t['calibration']:.1f} s, decomposition {t['decomposition']:.1f} s, "
+                          f"{record['split']['fit_tokens']} tokens, {len(errors)} linears, mean rel. output error "
                           f"{sum(errors) / max(len(errors), 1):.4f}")
             else:
                 detail = out.strip().split(": ", 1)[-1]

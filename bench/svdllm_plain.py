@@ -37,17 +37,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
 
-    from lowrank_core.data import encode_example, make_split
+    from lowrank_core.data import calibration_batches, make_split
     from lowrank_core.models import load_model
 
     loaded = load_model(args.model, device="cpu")
     model, tok = loaded.model, loaded.tokenizer
     examples = make_split(args.data, n_calib=args.calib, n_eval=0).calib[: args.calib]
-    sequences = []
-    for ex in examples:
-        ids = encode_example(tok, ex, args.max_len)
-        if ids is not None:
-            sequences.append(torch.tensor(ids.input_ids).unsqueeze(0))
+    # the very token sequences compress calibrates on (each example cut to max_len), one per forward
+    sequences = [b["input_ids"] for b in calibration_batches(tok, examples, 1, args.max_len)]
     t_load = time.perf_counter() - start
 
     linears = {n: m for n, m in model.named_modules()

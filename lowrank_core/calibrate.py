@@ -139,6 +139,48 @@ def gram_representatives(linears: Iterable[LinearInfo]) -> dict[str, LinearInfo]
     return reps
 
 
+FLUSH_TOKENS = 8192  # tokens summed in a float32 partial before it is added to the float64 Gram
+
+
+class GramAccumulator:
+    """How :func:`collect_grams` sums (use it to get the very same bits elsewhere): the upper block triangle of ``Σ xᵀx`` summed in float32 by in-place ``addmm_`` (no product tensor is
+    allocated per batch), added (mirrored) to a float64 :class:`GramStats` every :data:`FLUSH_TOKENS`
+    tokens and at the end: float32 sums of at most that many tokens, as one big float32 matmul would."""
+
+    def __init__(self, stats: GramStats, dtype: torch.dtype):
+        n = stats.in_features
+        self.stats, self.dtype, self.tokens = stats, dtype, 0
+        self.sum = torch.zeros(n, n, dtype=torch.float32, device=stats.gram.device)
+
+    def add(self, x: Tensor, mask: Optional[Tensor]) -> None:
+        rows = _real_rows(x, mask, self.stats.in_features).to(self.dtype)
+        if not rows.shape[0]:
+            return
+        for i, j in _blocks(rows.shape[1]):
+            if rows.dtype == torch.float32:
+                self.sum[i:j, i:].addmm_(rows[:, i:j].T, rows[:, i:])
+            else:  # bf16: a float32 product (CUDA) or a widened bf16 one
+                self.sum[i:j, i:] += _product(rows[:, i:j].T, rows[:, i:]).float()
+        self.stats.tokens += int(rows.shape[0])
+        self.tokens += int(rows.shape[0])
+        if self.tokens >= FLUSH_TOKENS:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.tokens:
+            return
+        acc, part = self.stats.gram, self.sum.to(torch.float64)
+        for i, j in _blocks(part.shape[0]):
+            acc[i:j, i:] += part[i:j, i:]
+            acc[j:, i:j] += part[i:j, j:].T
+        self.sum.zero_()
+        self.tokens = 0
+
+
+def _blocks(n: int) -> list[tuple[int, int]]:
+    return [(i, min(i + GRAM_BLOCK, n)) for i in range(0, n, GRAM_BLOCK)]
+
+
 OUTPUT_SUFFIX = "@out"
 
 
@@ -167,7 +209,7 @@ def _forward_target(model: nn.Module, reps: dict[str, LinearInfo]) -> nn.Module:
     return spec.decoder_of(model)
 
 
-def _pieces(input_ids: Tensor, mask: Tensor, unpad: bool):
+def pieces(input_ids: Tensor, mask: Tensor, unpad: bool):
     """(input_ids, mask) pairs to forward: the batch itself, or each right-padded row cut to its length."""
     if not unpad or bool(mask.all()):
         yield input_ids, mask
@@ -228,10 +270,16 @@ def collect_grams(model: nn.Module, batches: Iterable[dict], linears: list[Linea
                    [(_execution_order(i, True), k) for k, i in outs.items()])
     last_key = hooks[-1][1]
     state: dict = {"mask": None}
+    dtype = product_dtype(precision, device)
+    partial = {} if dtype == torch.float64 else {key: GramAccumulator(g, dtype) for key, g in stats.items()}
 
     def make_hook(key: str):
         def hook(module, args, *output):
-            stats[key].add_(output[0] if output else args[0], state["mask"], precision)
+            x = output[0] if output else args[0]
+            if partial:
+                partial[key].add(x, state["mask"])
+            else:
+                stats[key].add_(x, state["mask"], precision)
             if key == last_key:
                 raise _StopForward
         return hook
@@ -246,10 +294,12 @@ def collect_grams(model: nn.Module, batches: Iterable[dict], linears: list[Linea
             input_ids = batch["input_ids"].to(device)
             mask = batch.get("attention_mask")
             mask = torch.ones_like(input_ids) if mask is None else mask.to(device)
-            for ids, piece_mask in _pieces(input_ids, mask, unpad):
+            for ids, piece_mask in pieces(input_ids, mask, unpad):
                 state["mask"] = piece_mask
                 try:
-                    target(input_ids=ids, attention_mask=piece_mask, use_cache=False)
+                    # no padding: no mask, so attention takes its causal fast path (~10% of the forward)
+                    mask_arg = None if bool(piece_mask.all()) else piece_mask
+                    target(input_ids=ids, attention_mask=mask_arg, use_cache=False)
                 except _StopForward:
                     pass
             progress(done, max(n_total, done), f"calibration batch {done}")
@@ -257,4 +307,6 @@ def collect_grams(model: nn.Module, batches: Iterable[dict], linears: list[Linea
         for handle in handles:
             handle.remove()
         state["mask"] = None
+    for part in partial.values():
+        part.flush()
     return stats

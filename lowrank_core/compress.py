@@ -130,28 +130,33 @@ class CompressResult:
 
 # ----------------------------------------------------------------------------- factorisation helpers
 def _low_rank(weight: torch.Tensor, bias, a: Assignment, gram: Optional[torch.Tensor], whitenings: dict,
-              key: str) -> LowRankLinear:
-    """Factor one weight by its method's closed form into a LowRankLinear on the weight's device and dtype."""
+              key: str) -> tuple[LowRankLinear, Optional[float]]:
+    """Factor one weight by its method's closed form into a LowRankLinear on the weight's device and dtype;
+    also the factors' relative error on the fitted statistics when the method knows it (``Factors.fit_error``)."""
     method = methods.get(a.method)
     if method.needs_grams and gram is not None and not isinstance(gram, OutputCovariance):
         gram = whitenings.setdefault(key, whitening(gram))  # one whitening per shared Gram (q/k/v, gate/up)
     factors = method.factorize(weight, a.rank, gram=gram if method.needs_grams else None, bias=bias)
-    return LowRankLinear.from_factors(factors, dtype=weight.dtype).to(weight.device)
+    return LowRankLinear.from_factors(factors, dtype=weight.dtype).to(weight.device), factors.fit_error
 
 
 def _matrix_row(a: Assignment, weight: torch.Tensor, module: LowRankLinear, held: Optional[GramStats],
-                fit: Optional[GramStats], fit_error: bool) -> dict:
+                fit: Optional[GramStats], fit_error: bool, known_fit_error: Optional[float] = None) -> dict:
     """One per-matrix row. ``rel_error``: held-out tokens; ``rel_error_fit``: fit tokens, computed when asked
-    or when there is no held-out set (each costs float64 products with the Gram: not free for big models)."""
+    or when there is no held-out set (each costs float64 products with the Gram: not free for big models),
+    unless the factorisation already knows it (``known_fit_error``: a whitened spectrum's tail)."""
     li = a.info
-    merged = module.merged_weight().detach()
     row = {"name": li.name, "layer": li.layer, "module": li.module, "shape": f"{li.out_features} x {li.in_features}",
            "rank": a.rank, "method": a.method, "params_before": li.params, "params_after": a.params_after,
            "rel_error": None, "rel_error_fit": None}
-    if held is not None and held.tokens:
+    held_error = held is not None and held.tokens
+    fit_wanted = fit is not None and fit.tokens and (fit_error or not held_error)
+    merged = module.merged_weight().detach() if held_error or (fit_wanted and known_fit_error is None) else None
+    if held_error:
         row["rel_error"] = relative_output_error(weight, merged, held)
-    if fit is not None and fit.tokens and (fit_error or row["rel_error"] is None):
-        row["rel_error_fit"] = relative_output_error(weight, merged, fit)
+    if fit_wanted:
+        row["rel_error_fit"] = known_fit_error if known_fit_error is not None else \
+            relative_output_error(weight, merged, fit)
     return row
 
 
@@ -310,9 +315,10 @@ def _fast(teacher, assignments, fit_b, held_b, settings, progress):
         lin = modules[name]
         key = a.info.gram_key
         fit = _statistic(fit_g, a, outputs)
-        new = _low_rank(lin.weight.detach(), lin.bias, a, getattr(fit, "gram", fit), whitenings, key)
+        new, known = _low_rank(lin.weight.detach(), lin.bias, a, getattr(fit, "gram", fit), whitenings, key)
         replacements[name] = new
-        rows.append(_matrix_row(a, lin.weight.detach(), new, _statistic(held_g, a, outputs), fit, settings.fit_errors))
+        rows.append(_matrix_row(a, lin.weight.detach(), new, _statistic(held_g, a, outputs), fit, settings.fit_errors,
+                                known))
         fit_g.pop(output_key(a.info), None), held_g.pop(output_key(a.info), None)
         if last_use[key] == name:  # free this input's statistics as soon as its last reader is done
             fit_g.pop(key, None), held_g.pop(key, None), whitenings.pop(key, None)
@@ -460,7 +466,7 @@ def _sequential(teacher, assignments, fit_b, held_b, settings, progress):
             for rel, a in local.items():
                 lin = mods[rel]
                 fit = fit_g.get(a.info.gram_key)
-                new[rel] = _low_rank(lin.weight.detach(), lin.bias, a, fit.gram if fit else None, whitenings,
+                new[rel], _ = _low_rank(lin.weight.detach(), lin.bias, a, fit.gram if fit else None, whitenings,
                                      a.info.gram_key)
             timings["decomposition"] += time.perf_counter() - t0
             ctx = methods.LayerContext(work, i, new, inputs, xt, xs, yt, fit_idx, held_idx, settings, device)
@@ -510,7 +516,7 @@ def _head(teacher, name, a, inputs, xs, fit_idx, held_idx, replacements, timings
     fit, held = grams(fit_idx), grams(held_idx) if held_idx else None
     timings["calibration"] += time.perf_counter() - t0
     t0 = time.perf_counter()
-    new = _low_rank(head.weight.detach(), head.bias, a, fit.gram if fit else None, {}, a.info.gram_key)
+    new, _ = _low_rank(head.weight.detach(), head.bias, a, fit.gram if fit else None, {}, a.info.gram_key)
     replacements[name] = new
     timings["decomposition"] += time.perf_counter() - t0
     row = _matrix_row(a, head.weight.detach(), new, held, fit, settings.fit_errors)

@@ -58,6 +58,7 @@ class Factors:
     up: Tensor
     down: Tensor
     bias: Optional[Tensor] = None
+    fit_error: Optional[float] = None  # relative output error on the statistics fitted (when the method knows it)
 
     @property
     def rank(self) -> int:
@@ -279,6 +280,13 @@ class WhitenedBasis:
         self.values = lam.flip(0).clamp_min(0).sqrt()   # whitened singular values, descending [min(out, in)]
         self.vectors = vec.flip(1)
 
+    def error(self, rank: int) -> float:
+        """Relative output error of the rank-``rank`` truncation on this basis's own tokens:
+        ``Σ_{j>r} s_j² / Σ s_j²`` (exact arithmetic; the stored factors add their dtype's rounding)."""
+        energy = self.values.square()
+        total = float(energy.sum())
+        return float(energy[rank:].sum()) / total if total > 0 else 0.0
+
     def factors(self, W: Tensor, rank: int, bias: Optional[Tensor] = None) -> Factors:
         """Optimal rank-``rank`` factors of ``W`` (the weight this basis was built from)."""
         rank = _check_rank(W, rank)
@@ -286,8 +294,11 @@ class WhitenedBasis:
         W64 = W.detach().to(self.vectors.device, torch.float64)
         V = self.vectors[:, :rank].contiguous()
         if self.wide:
-            return factors_from(V, V.T @ W64, W, bias)
-        return factors_from(wh.whiten(W64) @ V, wh.unwhiten(V.T.contiguous()), W, bias)
+            f = factors_from(V, V.T @ W64, W, bias)
+        else:
+            f = factors_from(wh.whiten(W64) @ V, wh.unwhiten(V.T.contiguous()), W, bias)
+        f.fit_error = self.error(rank)
+        return f
 
 
 def whitened_factors(W: Tensor, gram, rank: int, bias: Optional[Tensor] = None) -> Factors:

@@ -376,7 +376,8 @@ def test_cli_search_json(tmp_path, capsys):
     assert rc == 0
     rebuilt = json.loads(capsys.readouterr().out)
     assert rebuilt["params_after"] == record["params_after"]
-    assert rebuilt["student_loss"] == pytest.approx(record["eval_loss"], abs=1e-9)
+    # compress measures whitened down_proj by its output covariance, the search by the input Gram: float rounding
+    assert rebuilt["student_loss"] == pytest.approx(record["eval_loss"], rel=1e-6)
 
 
 def test_gpu_check_script_runs_on_cpu_at_toy_sizes(capsys):
@@ -387,12 +388,16 @@ def test_gpu_check_script_runs_on_cpu_at_toy_sizes(capsys):
     spec = importlib.util.spec_from_file_location("gpu_check", path)
     gpu_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_check)
-    rc = gpu_check.main(["--tiny", "--device", "cpu", "--layers", "2", "--calib", "4", "--seq-len", "32", "--json"])
+    rc = gpu_check.main(["--tiny", "--device", "cpu", "--layers", "2", "--calib", "4", "--seq-len", "32",
+                         "--heal-tokens", "128", "--heal-max-len", "64", "--eval", "4", "--json"])
     assert rc == 0
     record = json.loads(capsys.readouterr().out)
-    assert len(record["per_layer_seconds"]) == 2 and record["layer_seconds"] > 0
-    assert record["extrapolated_full_seconds"] >= 32 * record["layer_seconds"]
-    assert record["shape"]["hidden_size"] == 256 and record["peak_gpu_gib"] is None
+    assert len(record["per_layer_seconds"]) == 2 and min(record["per_layer_seconds"]) > 0
+    phases = {row["phase"].split(" (")[0]: row for row in record["phases"]}
+    assert {"compress total", "heal", "evaluate", "total"} <= set(phases), sorted(phases)
+    assert phases["compress total"]["extrapolated_7b_seconds"] >= 32 * min(record["per_layer_seconds"])
+    assert all(row["peak_gpu_gib"] is None for row in record["phases"])   # no CUDA here: "-" in the table
+    assert record["shape"]["hidden_size"] == 256 and record["eval"] is not None and record["heal"] is not None
 
 
 def test_allocation_with_healing_in_the_loop_respects_the_budget(trained, split, profile, binding):

@@ -154,3 +154,21 @@ def test_bad_inputs_raise_value_errors():
         whitened_factors(W, G * float("nan"), 4)
     with pytest.raises(FactorizationError):
         svd_factors(torch.randn(3, 4, 5), 2)
+
+
+def test_whitened_fit_error_is_the_spectrum_tail_and_matches_the_stored_factors():
+    """``Factors.fit_error`` (free: the tail of the whitened spectrum) equals the measured output error of the
+    float32 factors on the same statistics, for the input-Gram and the output-covariance routes."""
+    from lowrank_core.decompose import OutputCovariance, relative_output_error, whitened_factors
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(800, 96, generator=g) @ torch.randn(96, 96, generator=g)
+    for out in (40, 160):   # wide (out <= in) and tall
+        W = torch.randn(out, 96, generator=g)
+        G = X.double().T @ X.double()
+        f = whitened_factors(W, G, 24)
+        assert f.fit_error == pytest.approx(relative_output_error(W, f.merged(), G), rel=1e-5)
+        if out <= 96:
+            Y = (X @ W.T).double()
+            fo = whitened_factors(W, OutputCovariance(Y.T @ Y, 800), 24)
+            assert fo.fit_error == pytest.approx(f.fit_error, rel=1e-5)
+            assert relative_output_error(W, fo.merged(), G) == pytest.approx(f.fit_error, rel=1e-4)

@@ -41,7 +41,7 @@ import torch
 from .. import methods
 from ..arch import arch_of
 from ..archmap import ATTN_MODULES, MLP_MODULES, LinearInfo, linear_map
-from ..calibrate import GramStats, _pieces, gram_representatives
+from ..calibrate import GramAccumulator, GramStats, pieces, gram_representatives
 from ..compress import CompressSettings, calibration_data
 from ..data import IGNORE_INDEX, encode_example, end_of_turn_id, iter_batches
 from ..decompose import Whitening, WhitenedBasis, whitening
@@ -283,9 +283,9 @@ def build_profile(teacher, tokenizer, calib_examples, val_examples, settings: Op
     # collect_grams forwards each example alone, unpadded, on CPU: the same pieces give the same sums
     first = device or (module_device(layers[0]) if len(layers) else model_device(teacher))
     unpad = first.type == "cpu"
-    pieces = [{"input_ids": ids, "attention_mask": m} for b in fit
-              for ids, m in _pieces(b["input_ids"], b.get("attention_mask", torch.ones_like(b["input_ids"])), unpad)]
-    calib = capture_layer_inputs(teacher, pieces, store_device=store, progress=progress) if wanted else None
+    alone = [{"input_ids": ids, "attention_mask": m} for b in fit
+             for ids, m in pieces(b["input_ids"], b.get("attention_mask", torch.ones_like(b["input_ids"])), unpad)]
+    calib = capture_layer_inputs(teacher, alone, store_device=store, progress=progress) if wanted else None
     timings["calibration"] += time.perf_counter() - t0
     t0 = time.perf_counter()
     inputs = capture_layer_inputs(teacher, batches, store_device=store)
@@ -371,11 +371,12 @@ def _layer_grams(work, inputs: LayerInputs, index: int, hidden: list, reps: dict
     Returns (``{gram_key: GramStats}``, the layer's outputs stored where the inputs are, or None)."""
     mods = dict(work.named_modules())
     stats = {key: GramStats.zeros(mods[rel].in_features, device=device) for key, rel in reps.items()}
+    sums = {key: GramAccumulator(g, torch.float32) for key, g in stats.items()}
     state: dict = {"mask": None}
 
     def hook_for(key):
         def hook(_module, args):
-            stats[key].add_(args[0], state["mask"])
+            sums[key].add(args[0], state["mask"])
         return hook
 
     handles = [mods[rel].register_forward_pre_hook(hook_for(key)) for key, rel in reps.items()]
@@ -390,6 +391,8 @@ def _layer_grams(work, inputs: LayerInputs, index: int, hidden: list, reps: dict
         for handle in handles:
             handle.remove()
         state["mask"] = None
+    for part in sums.values():
+        part.flush()
     return stats, (outs if keep_outputs else None)
 
 
