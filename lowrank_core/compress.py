@@ -36,7 +36,8 @@ import torch
 from torch import nn
 
 from .archmap import count_parameters, linear_map
-from .calibrate import PRECISIONS, GramStats, cheaper_as_outputs, collect_grams, output_key
+from .calibrate import (PRECISIONS, GramAccumulator, GramStats, cheaper_as_outputs, collect_grams, output_key,
+                        product_dtype)
 from . import methods
 from .arch import arch_of
 from .data import batch_tokens, calibration_batches, split_examples
@@ -170,7 +171,9 @@ def statistics_plan(assignments: dict[str, Assignment]) -> tuple[list, set]:
     inputs, outputs = [], set()
     for group in readers.values():
         infos = [a.info for a in group]
-        if all(methods.get(a.method).output_covariance for a in group) and cheaper_as_outputs(infos):
+        # a refining method changes its factors after the closed form: their errors need the input Gram
+        if all(methods.get(a.method).output_covariance and not methods.get(a.method).refines for a in group) \
+                and cheaper_as_outputs(infos):
             outputs.update(i.name for i in infos)
         else:
             inputs.extend(infos)
@@ -394,24 +397,31 @@ def _stream_mse(teacher, replacements, batches, settings, progress) -> list[dict
 
 @torch.no_grad()
 def _gram_pass(layer, inputs: LayerInputs, index: int, hidden: list, names: dict[str, str], fit_idx: list[int],
-               device, keep_outputs: bool) -> tuple[Optional[list], dict, dict]:
+               device, keep_outputs: bool, outputs: Optional[dict[str, str]] = None,
+               precision: str = "float32") -> tuple[Optional[list], dict, dict]:
     """Run decoder layer ``index`` on ``hidden`` with pre-hooks accumulating the input Grams of the linears
-    ``names`` ({path in layer: gram_key}); batches in ``fit_idx`` feed the fit Grams, the others the
-    held-out Grams. Returns (outputs or None, fit Grams, held-out Grams), Grams keyed by gram_key."""
+    ``names`` ({path in layer: gram_key}) and forward hooks accumulating the output covariances of
+    ``outputs`` ({path in layer: output key}); batches in ``fit_idx`` feed the fit statistics, the others
+    the held-out ones. Returns (outputs or None, fit statistics, held-out statistics), keyed by key."""
     mods = dict(layer.named_modules())
-    first = {}
+    first: dict[str, tuple[str, bool]] = {}
     for rel, key in names.items():
-        first.setdefault(key, rel)
-    stats = {side: {k: GramStats.zeros(mods[r].in_features, device=device) for k, r in first.items()}
-             for side in ("fit", "held")}
+        first.setdefault(key, (rel, False))
+    for rel, key in (outputs or {}).items():
+        first[key] = (rel, True)
+    dim = {k: mods[r].out_features if after else mods[r].in_features for k, (r, after) in first.items()}
+    stats = {side: {k: GramStats.zeros(dim[k], device=device) for k in first} for side in ("fit", "held")}
+    dtype = product_dtype(precision, device)
+    sums = {side: {k: GramAccumulator(g, dtype) for k, g in part.items()} for side, part in stats.items()}
     state = {"mask": None, "side": "fit"}
 
     def hook_for(key):
-        def hook(_mod, args):
-            stats[state["side"]][key].add_(args[0], state["mask"])
+        def hook(_mod, args, *output):
+            sums[state["side"]][key].add(output[0] if output else args[0], state["mask"])
         return hook
 
-    handles = [mods[rel].register_forward_pre_hook(hook_for(key)) for key, rel in first.items()]
+    handles = [mods[rel].register_forward_hook(hook_for(key)) if after else
+               mods[rel].register_forward_pre_hook(hook_for(key)) for key, (rel, after) in first.items()]
     fit, outs = set(fit_idx), []
     try:
         for b, (h, kw) in enumerate(zip(hidden, inputs.layer_kwargs)):
@@ -422,6 +432,9 @@ def _gram_pass(layer, inputs: LayerInputs, index: int, hidden: list, names: dict
     finally:
         for handle in handles:
             handle.remove()
+    for part in sums.values():
+        for acc in part.values():
+            acc.flush()
     # held-out Grams only measure errors: float32 storage halves their memory (fit Grams stay float64)
     held = {k: GramStats(g.gram.float(), g.tokens) for k, g in stats["held"].items()} if len(fit) < len(hidden) else {}
     return (outs if keep_outputs else None), stats["fit"], held
@@ -454,10 +467,13 @@ def _sequential(teacher, assignments, fit_b, held_b, settings, progress):
             xs = yt if xs is xt else run_layer(work, inputs, i, hidden=xs, device=device)
             timings["calibration"] += time.perf_counter() - t0
         else:
-            names = {rel: a.info.gram_key for rel, a in local.items()}
+            _, measured_out = statistics_plan(local)
+            names = {rel: a.info.gram_key for rel, a in local.items() if a.info.name not in measured_out}
+            out_names = {rel: output_key(a.info) for rel, a in local.items() if a.info.name in measured_out}
             # Grams on the student's stream; while it still equals the teacher's, one pass gives both
             same = xs is xt
-            out, fit_g, held_g = _gram_pass(work, inputs, i, xs, names, fit_idx, device, keep_outputs=same)
+            out, fit_g, held_g = _gram_pass(work, inputs, i, xs, names, fit_idx, device, keep_outputs=same,
+                                            outputs=out_names, precision=settings.gram_precision)
             yt = out if same else run_layer(work, inputs, i, hidden=xt, device=device)
             timings["calibration"] += time.perf_counter() - t0
             t0 = time.perf_counter()
@@ -465,9 +481,9 @@ def _sequential(teacher, assignments, fit_b, held_b, settings, progress):
             new, whitenings = {}, {}
             for rel, a in local.items():
                 lin = mods[rel]
-                fit = fit_g.get(a.info.gram_key)
-                new[rel], _ = _low_rank(lin.weight.detach(), lin.bias, a, fit.gram if fit else None, whitenings,
-                                     a.info.gram_key)
+                fit = _statistic(fit_g, a, measured_out)
+                new[rel], _ = _low_rank(lin.weight.detach(), lin.bias, a, getattr(fit, "gram", fit), whitenings,
+                                        a.info.gram_key)
             timings["decomposition"] += time.perf_counter() - t0
             ctx = methods.LayerContext(work, i, new, inputs, xt, xs, yt, fit_idx, held_idx, settings, device)
             for method in dict.fromkeys(methods.get(a.method) for a in local.values()):
@@ -485,8 +501,8 @@ def _sequential(teacher, assignments, fit_b, held_b, settings, progress):
             timings["calibration"] += time.perf_counter() - t0
             for rel, a in local.items():
                 lin = mods[rel]
-                rows.append(_matrix_row(a, lin.weight.detach(), new[rel], held_g.get(a.info.gram_key),
-                                        fit_g.get(a.info.gram_key), settings.fit_errors))
+                rows.append(_matrix_row(a, lin.weight.detach(), new[rel], _statistic(held_g, a, measured_out),
+                                        _statistic(fit_g, a, measured_out), settings.fit_errors))
                 replacements[prefix + rel] = new[rel].to(home)
         mse_idx = held_idx or fit_idx
         mse = hidden_mse([xs[b] for b in mse_idx], [yt[b] for b in mse_idx], [inputs.masks[b] for b in mse_idx], width)

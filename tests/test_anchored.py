@@ -216,10 +216,15 @@ def test_anchored_beats_whitened_on_the_students_stream_and_keeps_the_teacher(ru
             assert errs["anchored"][n] <= errs[other][n] * (1 + 1e-5) + 1e-8, (n, other, errs["anchored"][n],
                                                                                errs[other][n])
     assert sum(errs["anchored"].values()) < sum(errs["layerwise"].values())
-    # layer 0 sees the teacher's own stream: exactly the layer-by-layer whitened factors
+    # layer 0 sees the teacher's own stream: the layer-by-layer whitened factors (exactly, but for down_proj,
+    # which whitened measures by its output covariance and anchored by its input Gram: float32 rounding)
     mods = {label: dict(r.student.named_modules()) for label, r in out.items()}
     for n in (n for n in names if ".layers.0." in n):
-        assert torch.equal(mods["anchored"][n].merged_weight(), mods["layerwise"][n].merged_weight())
+        a, b = mods["anchored"][n].merged_weight(), mods["layerwise"][n].merged_weight()
+        if n.endswith("down_proj"):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
+        else:
+            assert torch.equal(a, b)
         assert torch.allclose(mods["anchored"][n].merged_weight(), mods["whitened"][n].merged_weight(), atol=1e-5)
     # and the student is a working model different from the teacher
     ids = torch.tensor([tok.encode("hello there, how are you?")])

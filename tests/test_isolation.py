@@ -129,13 +129,13 @@ def test_two_app_sessions_on_one_teacher(monkeypatch, tmp_path):
     for name, value in (("LOWRANK_APP_MODEL", "tiny"), ("LOWRANK_APP_DATA", "chatterbot"),
                         ("LOWRANK_CACHE", str(tmp_path / "cache")), ("LOWRANK_WORKSPACE", str(tmp_path / "ws"))):
         monkeypatch.setenv(name, value)
-    real_add = calibrate.GramStats.add_
+    real_add = calibrate.GramAccumulator.add
 
     def slow_add(self, *args, **kwargs):
         _time.sleep(0.02)
         return real_add(self, *args, **kwargs)
 
-    monkeypatch.setattr(calibrate.GramStats, "add_", slow_add)
+    monkeypatch.setattr(calibrate.GramAccumulator, "add", slow_add)
     split = make_split("chatterbot", n_calib=16, n_eval=32, seed=0)
     lm = load_model("tiny", device="cpu")
     model, tok = lm.model, lm.tokenizer
