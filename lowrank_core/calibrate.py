@@ -143,9 +143,10 @@ FLUSH_TOKENS = 8192  # tokens summed in a float32 partial before it is added to 
 
 
 class GramAccumulator:
-    """How :func:`collect_grams` sums (use it to get the very same bits elsewhere): the upper block triangle of ``Σ xᵀx`` summed in float32 by in-place ``addmm_`` (no product tensor is
-    allocated per batch), added (mirrored) to a float64 :class:`GramStats` every :data:`FLUSH_TOKENS`
-    tokens and at the end: float32 sums of at most that many tokens, as one big float32 matmul would."""
+    """How :func:`collect_grams` sums (use it elsewhere to get the very same bits): the upper block
+    triangle of ``Σ xᵀx`` summed in float32 by in-place ``addmm_`` (no product tensor is allocated per
+    batch), added (mirrored) to a float64 :class:`GramStats` every :data:`FLUSH_TOKENS` tokens and by
+    :meth:`flush`: float32 sums of at most that many tokens, as one big float32 matmul would make."""
 
     def __init__(self, stats: GramStats, dtype: torch.dtype):
         n = stats.in_features
