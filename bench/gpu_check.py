@@ -17,7 +17,7 @@ kernel's VmHWM reset between phases where ``/proc/self/clear_refs`` allows, else
    layer's Grams at a time, float64 sums, whitened keep 0.8 on every decoder linear) on synthetic
    calibration text. Its split into "embedding capture (once)", "Gram passes (per layer)" and
    "decomposition (per layer)" comes from thin timing wrappers around ``capture_layer_inputs``,
-   ``_gram_pass`` and ``_low_rank`` (module globals of ``compress``; nothing else changes);
+   ``gram_pass`` and ``_low_rank`` (module globals of ``compress``; nothing else changes);
 3. heal: ``lowrank_core.heal.heal`` (KL to the teacher, calibration-side examples, bf16 autocast on CUDA)
    for ``--heal-tokens`` real tokens;
 4. evaluate: ``lowrank_core.compare.compare_models`` teacher vs student on ``--eval`` synthetic held-out
@@ -188,9 +188,9 @@ class CompressProbe:
         self.meter, self.cuda = meter, cuda
         self.capture_end = None
         self.capture_s = 0.0
-        self.originals = {k: getattr(compress_module, k) for k in ("capture_layer_inputs", "_gram_pass", "_low_rank")}
+        self.originals = {k: getattr(compress_module, k) for k in ("capture_layer_inputs", "gram_pass", "_low_rank")}
         compress_module.capture_layer_inputs = self._wrap("capture_layer_inputs", "capture", capture=True)
-        compress_module._gram_pass = self._wrap("_gram_pass", "grams")
+        compress_module.gram_pass = self._wrap("gram_pass", "grams")
         compress_module._low_rank = self._wrap("_low_rank", "decomposition")
 
     def _wrap(self, name, phase, capture=False):

@@ -104,12 +104,7 @@ def _product(a: Tensor, b: Tensor) -> Tensor:
 def _add_symmetric_product(acc: Tensor, rows: Tensor, dtype: torch.dtype = torch.float32) -> None:
     """``acc += rowsᵀ rows`` (``dtype`` product, float64 sum), computing only the upper block triangle."""
     rows = rows.to(dtype)
-    n = rows.shape[1]
-    if n <= GRAM_BLOCK:
-        acc += _product(rows.T, rows).to(acc.device, torch.float64)
-        return
-    for i in range(0, n, GRAM_BLOCK):
-        j = min(i + GRAM_BLOCK, n)
+    for i, j in _blocks(rows.shape[1]):
         part = _product(rows[:, i:j].T, rows[:, i:]).to(acc.device, torch.float64)   # [block, n - i]
         acc[i:j, i:] += part
         acc[j:, i:j] += part[:, j - i:].T

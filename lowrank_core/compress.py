@@ -396,7 +396,7 @@ def _stream_mse(teacher, replacements, batches, settings, progress) -> list[dict
 
 
 @torch.no_grad()
-def _gram_pass(layer, inputs: LayerInputs, index: int, hidden: list, names: dict[str, str], fit_idx: list[int],
+def gram_pass(layer, inputs: LayerInputs, index: int, hidden: list, names: dict[str, str], fit_idx: list[int],
                device, keep_outputs: bool, outputs: Optional[dict[str, str]] = None,
                precision: str = "float32") -> tuple[Optional[list], dict, dict]:
     """Run decoder layer ``index`` on ``hidden`` with pre-hooks accumulating the input Grams of the linears
@@ -410,7 +410,9 @@ def _gram_pass(layer, inputs: LayerInputs, index: int, hidden: list, names: dict
     for rel, key in (outputs or {}).items():
         first[key] = (rel, True)
     dim = {k: mods[r].out_features if after else mods[r].in_features for k, (r, after) in first.items()}
-    stats = {side: {k: GramStats.zeros(dim[k], device=device) for k in first} for side in ("fit", "held")}
+    fit = set(fit_idx)
+    sides = ("fit", "held") if len(fit) < len(hidden) else ("fit",)   # no held-out batch: no held-out sums
+    stats = {side: {k: GramStats.zeros(dim[k], device=device) for k in first} for side in sides}
     dtype = product_dtype(precision, device)
     sums = {side: {k: GramAccumulator(g, dtype) for k, g in part.items()} for side, part in stats.items()}
     state = {"mask": None, "side": "fit"}
@@ -422,7 +424,7 @@ def _gram_pass(layer, inputs: LayerInputs, index: int, hidden: list, names: dict
 
     handles = [mods[rel].register_forward_hook(hook_for(key)) if after else
                mods[rel].register_forward_pre_hook(hook_for(key)) for key, (rel, after) in first.items()]
-    fit, outs = set(fit_idx), []
+    outs = []
     try:
         for b, (h, kw) in enumerate(zip(hidden, inputs.layer_kwargs)):
             state["mask"], state["side"] = inputs.masks[b].to(device), "fit" if b in fit else "held"
@@ -436,7 +438,7 @@ def _gram_pass(layer, inputs: LayerInputs, index: int, hidden: list, names: dict
         for acc in part.values():
             acc.flush()
     # held-out Grams only measure errors: float32 storage halves their memory (fit Grams stay float64)
-    held = {k: GramStats(g.gram.float(), g.tokens) for k, g in stats["held"].items()} if len(fit) < len(hidden) else {}
+    held = {k: GramStats(g.gram.float(), g.tokens) for k, g in stats.get("held", {}).items()}
     return (outs if keep_outputs else None), stats["fit"], held
 
 
@@ -472,7 +474,7 @@ def _sequential(teacher, assignments, fit_b, held_b, settings, progress):
             out_names = {rel: output_key(a.info) for rel, a in local.items() if a.info.name in measured_out}
             # Grams on the student's stream; while it still equals the teacher's, one pass gives both
             same = xs is xt
-            out, fit_g, held_g = _gram_pass(work, inputs, i, xs, names, fit_idx, device, keep_outputs=same,
+            out, fit_g, held_g = gram_pass(work, inputs, i, xs, names, fit_idx, device, keep_outputs=same,
                                             outputs=out_names, precision=settings.gram_precision)
             yt = out if same else run_layer(work, inputs, i, hidden=xt, device=device)
             timings["calibration"] += time.perf_counter() - t0

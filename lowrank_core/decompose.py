@@ -255,14 +255,8 @@ class WhitenedBasis:
         if wh.in_features != W.shape[1]:
             raise FactorizationError(f"gram is {wh.in_features} x {wh.in_features} but the weight has "
                                      f"{W.shape[1]} input features")
-        W64 = W.detach().to(wh.device, torch.float64)
         self.wide = W.shape[0] <= W.shape[1]
-        if self.wide:
-            M = wh.output_covariance(W64)
-        else:
-            A = wh.whiten(W64)
-            M = symmetric(A.T @ A)
-        self._solve(M)
+        self._solve(_whitened_gram(W, wh))
 
     def _from_output_covariance(self, W: Tensor, stats: "OutputCovariance") -> None:
         if W.shape[0] > W.shape[1]:
@@ -320,8 +314,17 @@ def whitened_singular_values(W: Tensor, gram) -> Tensor:
     values below ~1e-7 of the largest carry little relative precision.
     """
     _check_weight(W)
-    if isinstance(gram, OutputCovariance):
-        return WhitenedBasis(W, gram).values
+    if isinstance(gram, OutputCovariance):  # its eigenvalues are the squared whitened singular values
+        M = symmetric(gram.cov.to(W.device, torch.float64))
+    else:
+        M = _whitened_gram(W, gram)
+    with solver_threads(M.device):
+        lam = torch.linalg.eigvalsh(M)
+    return lam.flip(0).clamp_min(0).sqrt()
+
+
+def _whitened_gram(W: Tensor, gram) -> Tensor:
+    """The smaller symmetric matrix whose eigenvalues are the squared whitened singular values of ``W``."""
     wh = whitening(gram, device=W.device)
     W64 = W.detach().to(wh.device, torch.float64)
     if W.shape[0] <= W.shape[1]:
@@ -329,9 +332,7 @@ def whitened_singular_values(W: Tensor, gram) -> Tensor:
     else:
         A = wh.whiten(W64)
         M = symmetric(A.T @ A)
-    with solver_threads(M.device):
-        lam = torch.linalg.eigvalsh(M)
-    return lam.flip(0).clamp_min(0).sqrt()
+    return M
 
 
 def weight_singular_values(W: Tensor) -> Tensor:

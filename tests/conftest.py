@@ -40,3 +40,12 @@ def mistral_config():
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(str(MISTRAL_CONFIG))
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls: one thread avoids OpenMP spin-waits on a shared, oversubscribed CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -33,12 +33,7 @@ from test_allocate import MAX_LEN, split, trained  # noqa: F401  (the shared tin
 accelerate = pytest.importorskip("accelerate")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _settings(probe="layer", **kw):

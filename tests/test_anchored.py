@@ -9,7 +9,7 @@ import torch
 from lowrank_core import layerwise as lw
 from lowrank_core import decompose, methods
 from lowrank_core.archmap import linear_map
-from lowrank_core.compress import CompressSettings, _gram_pass, calibration_data, compress
+from lowrank_core.compress import CompressSettings, gram_pass, calibration_data, compress
 from lowrank_core.data import make_split
 from lowrank_core.decompose import whitened_factors
 from lowrank_core.lowrank import LowRankLinear
@@ -17,7 +17,7 @@ from lowrank_core.methods.anchored import anchored_factors, anchored_target, inp
 from lowrank_core.models import tiny_model
 from lowrank_core.plan import load_plan, resolve_plan
 from lowrank_core.student import changed_tensors, state_checksums
-from test_layerwise import one_thread  # noqa: F401  (autouse fixture)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # ----------------------------------------------------------------------------- the maths
@@ -268,7 +268,7 @@ def _layer_context(model, batches, index, student_in):
     keys = input_keys(layer, rels)
     fit = list(range(len(batches)))
     s_in = student_in(hidden)
-    _, grams, _ = _gram_pass(layer, inputs, index, s_in, keys, fit, "cpu", False)
+    _, grams, _ = gram_pass(layer, inputs, index, s_in, keys, fit, "cpu", False)
     mods = dict(layer.named_modules())
     factors = {rel: LowRankLinear.from_factors(whitened_factors(mods[rel].weight.detach(), grams[keys[rel]], 6))
                for rel in rels}

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lowrank_core import layerwise as lw
-from lowrank_core.compress import CompressSettings, _gram_pass, compress
+from lowrank_core.compress import CompressSettings, gram_pass, compress
 from lowrank_core.data import calibration_batches
 from lowrank_core.data import make_split
 from lowrank_core.decompose import whitened_factors
@@ -13,7 +13,7 @@ from lowrank_core.lowrank import LowRankLinear
 from lowrank_core.models import tiny_model
 from lowrank_core.methods.refit import BlockObjective, RefitSettings, factor_parameters, refit_layer
 from lowrank_core.student import build_student, changed_tensors, state_checksums
-from test_layerwise import one_thread  # noqa: F401  (autouse fixture)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def setup():
     layer = lw.decoder_layers(model)[0]
     targets = lw.run_layer(layer, inputs, 0)
     names = {"mlp.gate_proj": "mlp_in", "mlp.down_proj": "down_in"}
-    _, stats, _ = _gram_pass(layer, inputs, 0, inputs.hidden, names, list(range(len(batches))), "cpu", False)
+    _, stats, _ = gram_pass(layer, inputs, 0, inputs.hidden, names, list(range(len(batches))), "cpu", False)
     grams = {}
     for name, key in (("gate_proj", "mlp_in"), ("up_proj", "mlp_in"), ("down_proj", "down_in")):
         w = getattr(layer.mlp, name).weight.detach()

@@ -41,13 +41,13 @@ import torch
 from .. import methods
 from ..arch import arch_of
 from ..archmap import ATTN_MODULES, MLP_MODULES, LinearInfo, linear_map
-from ..calibrate import GramAccumulator, GramStats, pieces, gram_representatives
-from ..compress import CompressSettings, calibration_data
+from ..calibrate import pieces, gram_representatives
+from ..compress import CompressSettings, calibration_data, gram_pass
 from ..data import IGNORE_INDEX, encode_example, end_of_turn_id, iter_batches
 from ..decompose import Whitening, WhitenedBasis, whitening
 from ..evaluate import answer_loss_from_hidden
-from ..layerwise import (LayerInputs, call_layer, capture_layer_inputs, is_dispatched, layer_on, masked_square_error,
-                         model_device, module_device, run_layer, to_device)
+from ..layerwise import (LayerInputs, capture_layer_inputs, is_dispatched, layer_on, masked_square_error,
+                         model_device, module_device, run_layer)
 from ..lowrank import LowRankLinear
 from ..plan import rank_for_keep
 from ..progress import Progress, ensure_progress
@@ -312,7 +312,8 @@ def build_profile(teacher, tokenizer, calib_examples, val_examples, settings: Op
         if i <= last:
             t0 = time.perf_counter()
             reps = {key: li.name[len(prefix):] for key, li in gram_representatives(mine).items()}
-            grams, chidden = _layer_grams(work, calib, i, chidden, reps, dev, keep_outputs=i < last)
+            chidden, grams, _ = gram_pass(work, calib, i, chidden, {rel: key for key, rel in reps.items()},
+                                          list(range(len(chidden))), dev, keep_outputs=i < last)
             timings["calibration"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             gram_bytes = sum(g.gram.numel() * g.gram.element_size() for g in grams.values())
@@ -360,40 +361,6 @@ def build_profile(teacher, tokenizer, calib_examples, val_examples, settings: Op
     tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
     return Profile(matrices, {}, bases, inputs, batches, teacher_loss, sum(len(b["input_ids"]) for b in batches),
                    tokens, timings, settings, memory)
-
-
-@torch.no_grad()
-def _layer_grams(work, inputs: LayerInputs, index: int, hidden: list, reps: dict[str, str], device,
-                 keep_outputs: bool) -> tuple[dict[str, GramStats], Optional[list]]:
-    """Run decoder layer ``index`` (``work``, a private view on ``device``) over the calibration stream
-    ``hidden`` with forward pre-hooks summing the float64 input Gram of each representative linear
-    (``reps``: ``{gram_key: path in the layer}``), as :func:`~lowrank_core.calibrate.collect_grams` does.
-    Returns (``{gram_key: GramStats}``, the layer's outputs stored where the inputs are, or None)."""
-    mods = dict(work.named_modules())
-    stats = {key: GramStats.zeros(mods[rel].in_features, device=device) for key, rel in reps.items()}
-    sums = {key: GramAccumulator(g, torch.float32) for key, g in stats.items()}
-    state: dict = {"mask": None}
-
-    def hook_for(key):
-        def hook(_module, args):
-            sums[key].add(args[0], state["mask"])
-        return hook
-
-    handles = [mods[rel].register_forward_pre_hook(hook_for(key)) for key, rel in reps.items()]
-    outs = []
-    try:
-        for b, (h, kw) in enumerate(zip(hidden, inputs.layer_kwargs)):
-            state["mask"] = inputs.masks[b].to(device)
-            y = call_layer(work, h.to(device), to_device(kw[index], device))
-            if keep_outputs:
-                outs.append(y.to(h.device))
-    finally:
-        for handle in handles:
-            handle.remove()
-        state["mask"] = None
-    for part in sums.values():
-        part.flush()
-    return stats, (outs if keep_outputs else None)
 
 
 def _probe_layer(teacher, work, i: int, prefix: str, mine: list, kept: dict, inputs: LayerInputs, batches,
