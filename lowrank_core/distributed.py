@@ -196,6 +196,10 @@ def finish() -> None:
     global _owned
     dist = _dist()
     if _owned and dist is not None and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            # every rank done with the group before any destroys it: a gloo peer torn down while the other
+            # still talks aborts the process ("terminate called without an active exception")
+            dist.barrier()
         dist.destroy_process_group()
     _owned = False
 
