@@ -395,7 +395,9 @@ def test_gpu_check_script_runs_on_cpu_at_toy_sizes(capsys):
     assert len(record["per_layer_seconds"]) == 2 and min(record["per_layer_seconds"]) > 0
     phases = {row["phase"].split(" (")[0]: row for row in record["phases"]}
     assert {"compress total", "heal", "evaluate", "total"} <= set(phases), sorted(phases)
-    assert phases["compress total"]["extrapolated_7b_seconds"] >= 32 * min(record["per_layer_seconds"])
+    total = phases["compress total"]
+    # 32 layers instead of the 2 built: more than measured (no timing threshold: both come from one run)
+    assert total["extrapolated_7b_seconds"] > total["seconds"] and "32 x" in total["note"]
     assert all(row["peak_gpu_gib"] is None for row in record["phases"])   # no CUDA here: "-" in the table
     assert record["shape"]["hidden_size"] == 256 and record["eval"] is not None and record["heal"] is not None
 
