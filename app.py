@@ -12,7 +12,7 @@ from ui.sidebar import draw_sidebar
 
 @st.cache_resource
 def _threads() -> int:
-    """Once per server process (not per rerun, never while a job runs): the free cores, LOWRANK_THREADS wins."""
+    """Once per server process (not per rerun, never while a job runs): the machine's cores, LOWRANK_THREADS wins."""
     return configure_threads()
 
 

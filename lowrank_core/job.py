@@ -28,6 +28,7 @@ from .options import OptionError, checked, option, to_mapping
 from .paths import check_output_folder
 from .plan import Accounting, Plan, account, check_replaces_something, load_plan
 from .progress import Progress, ensure_progress
+from .threads import runtime_record
 
 
 @dataclass
@@ -152,6 +153,7 @@ class JobResult:
     healed: Optional[HealResult] = None
     export: Optional[ExportResult] = None
     seconds: dict = field(default_factory=dict)
+    runtime: dict = field(default_factory=runtime_record)  # threads, thread policy, versions (at compress time)
 
     @property
     def student(self):
@@ -166,6 +168,7 @@ class JobResult:
             method=self.spec.method.method, settings=self.spec.settings(), split=self.split.info,
             teacher_metrics=ev.get("teacher"), student_metrics=ev.get("student"), job=self.spec.to_dict(),
             layers=self.compressed.layers, heal=_heal_summary(self.healed), comparison=self.comparison_summary(),
+            threads=self.runtime.get("threads"), runtime=self.runtime,
             accounting={k: v for k, v in self.accounting.to_dict().items() if k != "matrices"})
 
     def comparison_summary(self) -> Optional[dict]:
@@ -187,7 +190,8 @@ class JobResult:
                 "student_loss": s["loss"] if s else None, "evaluation": ev,
                 "comparison": self.comparison_summary(), "compress": c.to_dict(),
                 "heal": self.healed.to_dict() if self.healed is not None else None,
-                "export": self.export.to_dict() if self.export is not None else None, "seconds": self.seconds}
+                "export": self.export.to_dict() if self.export is not None else None, "seconds": self.seconds,
+                "threads": self.runtime.get("threads"), "runtime": self.runtime}
 
 
 def _heal_summary(healed: Optional[HealResult]) -> Optional[dict]:

@@ -1,12 +1,17 @@
-"""Thread policy for torch on CPU: use the cores that are free, not every core the machine has.
+"""Thread policy for torch on CPU: a fixed count per machine, so a result never depends on the machine's load.
 
-torch starts one OpenMP thread per core. When other processes already keep cores busy (a test run, a
-second job, the other ranks of a data-parallel launch), those threads oversubscribe the cores and every
-synchronised step waits for a descheduled thread: measured 4-10x slower on 2 shared cores. The policy:
+Floating-point sums depend on how many threads split them, so the thread count is part of what a result
+depends on. The policy, chosen once at CLI start, once per app server and once per rank of a launch:
 
-- ``LOWRANK_THREADS`` (an integer ≥ 1) wins when set;
-- otherwise the cores this process may run on (``sched_getaffinity``), divided among the ``processes``
-  of a launch, minus the cores other processes keep busy right now (runnable tasks), at least 1.
+- ``LOWRANK_THREADS=N`` (an integer ≥ 1): exactly N threads;
+- ``LOWRANK_THREADS=auto``: load-aware, only when asked: the cores left free by other processes right now
+  (runnable tasks in ``/proc/loadavg``), at least 1. Faster on a shared machine, but the same command can
+  then give different last bits depending on what else runs;
+- unset (the default): the cores this process may run on (``sched_getaffinity``) divided among the
+  ``processes`` of a launch, at least 1: the same on every run of the same machine.
+
+The count in force is recorded in every manifest and JSON record (:func:`runtime_record`); rerunning with
+``LOWRANK_THREADS=<that count>`` reproduces the result bit for bit.
 """
 from __future__ import annotations
 
@@ -18,6 +23,9 @@ from typing import Optional
 import torch
 
 ENV = "LOWRANK_THREADS"
+AUTO = "auto"
+
+_policy = {"policy": "torch default", "threads": None}  # what configure_threads chose last (runtime_record)
 
 
 def available_cores() -> int:
@@ -49,20 +57,33 @@ def busy_cores(samples: int = 5, interval: float = 0.02) -> int:
         return 0
 
 
-def thread_count(processes: int = 1, env: Optional[dict] = None, load_aware: bool = True) -> int:
-    """The number of torch threads one of ``processes`` co-operating processes should use."""
+def policy_of(env: Optional[dict] = None) -> str:
+    """``"fixed"`` (default), ``"auto"`` (``LOWRANK_THREADS=auto``) or ``"env"`` (an explicit count);
+    ``ValueError`` naming the bad value and what is allowed."""
     env = os.environ if env is None else env
     raw = str(env.get(ENV, "")).strip()
-    if raw:
-        try:
-            value = int(raw)
-        except ValueError:
-            value = 0
-        if value < 1:
-            raise ValueError(f"{ENV}={raw!r} is not a thread count; allowed: an integer of at least 1")
-        return value
+    if not raw:
+        return "fixed"
+    if raw.lower() == AUTO:
+        return "auto"
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"{ENV}={raw!r} is not a thread count; allowed: an integer of at least 1, or {AUTO!r} "
+                         "(load-aware: the cores free right now)")
+    return "env"
+
+
+def thread_count(processes: int = 1, env: Optional[dict] = None) -> int:
+    """The number of torch threads one of ``processes`` co-operating processes should use (module docstring)."""
+    env = os.environ if env is None else env
+    policy = policy_of(env)
+    if policy == "env":
+        return int(str(env[ENV]).strip())
     share = max(1, available_cores() // max(1, int(processes)))
-    if load_aware:
+    if policy == "auto":
         free = available_cores() - busy_cores()
         share = min(share, max(1, free // max(1, int(processes))))
     return share
@@ -75,4 +96,17 @@ def configure_threads(processes: int = 1, device: str = "cpu") -> int:
     n = thread_count(processes)
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
+    _policy.update(policy=policy_of(), threads=n)
     return n
+
+
+def runtime_record() -> dict:
+    """What a manifest records of the run's numerics: ``threads`` (torch's intra-op count now), the policy
+    that chose it, and the versions of torch, transformers and Python."""
+    import platform
+
+    import transformers
+
+    return {"threads": torch.get_num_threads(), "thread_policy": _policy["policy"],
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}

@@ -6,7 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+# One torch thread count for the whole session, set before any fixture or test runs: floating-point sums
+# depend on it, so a reference built by a module- or session-scoped fixture and the test body compared with
+# it must run at the same count. It follows OMP_NUM_THREADS / the cores (at most 2, for speed on big
+# machines), and the suite must pass at every such count (OMP_NUM_THREADS=1, 2, unset).
+SESSION_THREADS = max(1, min(2, torch.get_num_threads()))
+torch.set_num_threads(SESSION_THREADS)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 MISTRAL_CONFIG = FIXTURES / "mistral-7b-openorca-config.json"
@@ -42,10 +47,19 @@ def mistral_config():
     return AutoConfig.from_pretrained(str(MISTRAL_CONFIG))
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny matmuls: one thread avoids OpenMP spin-waits on a shared, oversubscribed CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    """Every test body runs at the session's thread count (what its fixtures were built at) and leaves it so."""
+    found = torch.get_num_threads()
+    if found != SESSION_THREADS:
+        torch.set_num_threads(SESSION_THREADS)
+        pytest.fail(f"{item.nodeid} starts at {found} torch threads but the session's fixtures are built at "
+                    f"{SESSION_THREADS}: a fixture changed the thread count (set it inside the test and restore it)")
+    try:
+        return (yield)
+    finally:
+        left = torch.get_num_threads()
+        if left != SESSION_THREADS:
+            torch.set_num_threads(SESSION_THREADS)
+            pytest.fail(f"{item.nodeid} left torch at {left} threads (the session runs at {SESSION_THREADS}); "
+                        "restore the count it changed")

@@ -33,7 +33,6 @@ from test_allocate import MAX_LEN, split, trained  # noqa: F401  (the shared tin
 accelerate = pytest.importorskip("accelerate")
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _settings(probe="layer", **kw):

@@ -17,7 +17,6 @@ from lowrank_core.methods.anchored import anchored_factors, anchored_target, inp
 from lowrank_core.models import tiny_model
 from lowrank_core.plan import load_plan, resolve_plan
 from lowrank_core.student import changed_tensors, state_checksums
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # ----------------------------------------------------------------------------- the maths

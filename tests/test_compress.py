@@ -13,7 +13,6 @@ from lowrank_core.data import make_split
 from lowrank_core.models import tiny_model
 from lowrank_core.plan import account
 from lowrank_core.student import changed_tensors, state_checksums
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ from lowrank_core import layerwise as lw
 from lowrank_core.models import tiny_model
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _batches():

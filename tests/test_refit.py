@@ -13,7 +13,6 @@ from lowrank_core.lowrank import LowRankLinear
 from lowrank_core.models import tiny_model
 from lowrank_core.methods.refit import BlockObjective, RefitSettings, factor_parameters, refit_layer
 from lowrank_core.student import build_student, changed_tensors, state_checksums
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from torch import nn
 from .. import __version__
 from ..archmap import count_parameters
 from ..plan import load_plan
+from ..threads import runtime_record
 from .card import invocation
 from .common import low_rank_modules, ranks_of
 
@@ -58,10 +59,13 @@ def dense_parameter_count(model: nn.Module) -> int:
 
 def complete_manifest(manifest: Optional[dict], student: nn.Module, format: str) -> dict:
     """The caller's ``manifest`` plus format, ranks, parameters (in memory / stored), tool version, UTC time,
-    and ``command`` (the CLI invocation, or None) unless the caller gave one."""
+    and, unless the caller gave them, ``command`` (the CLI invocation, or None), ``runtime`` and ``threads``
+    (``threads.runtime_record``: the thread count a rerun needs to reproduce the numbers bit for bit)."""
     m = build_manifest()
     m.update(_plain(manifest or {}))
     m.setdefault("command", invocation())
+    m.setdefault("runtime", runtime_record())
+    m.setdefault("threads", m["runtime"].get("threads"))
     stored = count_parameters(student) if format == "factorized" else dense_parameter_count(student)
     m.update(format=format, ranks=ranks_of(student),
              parameters={"student": count_parameters(student), "stored": stored},
