@@ -15,6 +15,7 @@ from lowrank_core.data import make_split
 from lowrank_core.decompose import svd_factors
 from lowrank_core.methods.base import _REGISTRY
 from lowrank_core.methods.refit import RefitSettings
+from lowrank_core.methods.svd import SVD
 from lowrank_core.models import tiny_model
 from lowrank_core.options import OptionError, option
 from lowrank_core.plan import PlanError, load_plan
@@ -112,19 +113,16 @@ class ClipSettings:
 
 @pytest.fixture
 def clip():
-    """A method with its own settings, registered for the test only: plain SVD factors, sequential, its
-    ``refine_layer`` recording the settings the pipeline hands it."""
+    """A method with its own settings, registered for the test only: plain SVD factors (inherited),
+    sequential, its ``refine_layer`` recording the settings the pipeline hands it."""
     seen = []
 
     @methods.register
-    class Clip(methods.Method):
+    class Clip(SVD):
         name = "clip"
         summary = "test method with settings"
         sequential = True
         settings_class = ClipSettings
-
-        def factorize(self, weight, rank, gram=None, bias=None):
-            return svd_factors(weight, rank, bias=bias)
 
         def refine_layer(self, ctx, names, progress):
             seen.append(ctx.settings.of(self.name))
@@ -196,3 +194,17 @@ def test_a_method_declares_its_settings_and_gets_flags_recipe_keys_form_fields_a
     job = at.session_state["lowrank_results"][at.session_state["lowrank_current_job"]]
     assert job.spec.method.of("clip") == ClipSettings(energy=0.75, mode="hard")
     assert clip[-1] == ClipSettings(energy=0.75, mode="hard")  # the page's values reached the method
+
+
+def test_a_method_whose_settings_would_shadow_a_key_of_the_method_section_is_refused():
+    @methods.register
+    class Device(methods.Method):
+        name = "device"   # like CompressSettings.device: method.device could not be told apart
+        summary = "test method"
+        settings_class = ClipSettings
+
+    try:
+        with pytest.raises(RecipeError, match="^method: key 'device' is declared twice"):
+            validate_recipe({"plan": "mlp:r4"})
+    finally:
+        methods.unregister("device")

@@ -46,7 +46,7 @@ class LayerContext:
     layer: LowRankLinear} built by ``factorize`` (refined in place); ``student_in`` / ``teacher_in``:
     the student's and the teacher's hidden streams entering the layer, ``teacher_out`` the teacher
     layer's outputs (per batch ``[B, T, H]``); ``fit`` / ``held_out``: batch indices; ``settings``: the
-    ``CompressSettings`` of the run.
+    ``CompressSettings`` of the run (a method's own settings: ``settings.of(method.name)``).
     """
 
     layer: nn.Module
