@@ -28,8 +28,8 @@ three hidden-state streams (teacher in, teacher out, student; ``offload=True`` k
 """
 from __future__ import annotations
 
-import time
 import dataclasses
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional, Sequence
 
