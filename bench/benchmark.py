@@ -196,7 +196,7 @@ def main(argv=None) -> int:
         for method in ("whitened", "svd", "anchored", "refit"):
             if method in methods or f"{method}+heal" in methods:
                 cpu0 = time.process_time()
-                settings = replace(cs, method=method, refit=RefitSettings(steps=args.refit_steps))
+                settings = replace(cs, method=method, method_settings={"refit": RefitSettings(steps=args.refit_steps)})
                 with PeakRSS() as mem:
                     res = compress(teacher, tok, uniform, split.calib, settings)
                 timings = {"calibration": res.timings.get("calibration", 0.0),
@@ -243,7 +243,7 @@ def main(argv=None) -> int:
     if "alloc+refit" in methods:
         infos = [p.info for p in profile.matrices.values()]
         for keep, ranks in allocations.items():
-            settings = replace(cs, method="refit", refit=RefitSettings(steps=args.refit_steps))
+            settings = replace(cs, method="refit", method_settings={"refit": RefitSettings(steps=args.refit_steps)})
             with PeakRSS() as mem:
                 res = compress(teacher, tok, plan_from_ranks(ranks, infos, method="refit"), split.calib, settings)
             record(keep, "allocation + refit", res.student, res.params_after,

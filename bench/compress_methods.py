@@ -46,7 +46,8 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from lowrank_core.compress import CompressSettings, RefitSettings, compress
+    from lowrank_core.compress import CompressSettings, compress
+    from lowrank_core.methods.refit import RefitSettings
     from lowrank_core.data import iter_side, make_split
     from lowrank_core.evaluate import default_batch_size, evaluate_models
     from lowrank_core.models import load_model
@@ -61,7 +62,8 @@ def main(argv=None) -> int:
         refit = RefitSettings(steps=args.refit_steps, lr=args.refit_lr, batch_tokens=args.refit_batch_tokens,
                               patience=args.refit_patience, target=args.refit_target, seed=args.seed)
         settings = CompressSettings(method=method, calib=args.calib, max_len=args.max_len,
-                                    batch_size=args.batch_size, seed=args.seed, layerwise=args.layerwise, refit=refit)
+                                    batch_size=args.batch_size, seed=args.seed, layerwise=args.layerwise,
+                                    method_settings={"refit": refit})
         bar = TqdmProgress(method)
         result = compress(loaded.model, loaded.tokenizer, plan, split.calib, settings, progress=bar)
         bar.close()

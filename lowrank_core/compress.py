@@ -28,6 +28,7 @@ three hidden-state streams (teacher in, teacher out, student; ``offload=True`` k
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional, Sequence
@@ -45,19 +46,24 @@ from .decompose import OutputCovariance, relative_output_error, whitening
 from .layerwise import (LayerInputs, call_layer, capture_layer_inputs, to_device, decoder_layers, final_norm,
                         hidden_mse, layer_on, run_layer)
 from .lowrank import LowRankLinear
-from .methods.refit import RefitSettings
 from .models import ModelSourceError, resolve_device
 from .options import option
 from .plan import Assignment, check_replaces_something, load_plan, resolve_plan
 from .progress import Progress, ensure_progress
 from .student import build_student, private_view
 
-__all__ = ["RefitSettings", "CompressSettings", "CompressResult", "CalibrationData", "calibration_data", "compress"]
+__all__ = ["CompressSettings", "CompressResult", "CalibrationData", "calibration_data", "compress"]
 
 
 @dataclass
 class CompressSettings:
-    """How to compress (defaults here only: CLI flags and recipe keys are derived from these fields)."""
+    """How to compress (defaults here only: CLI flags and recipe keys are derived from these fields).
+
+    ``method_settings``: ``{method name: its settings}`` for every registered method that declares a
+    ``settings_class`` (missing entries get that class's defaults); read one with :meth:`of` (or as an
+    attribute, ``settings.refit``). Their flags are ``--<method>-<field>``, their recipe keys
+    ``method.<method>.<key>`` (``options.py``, from the registry).
+    """
 
     method: str = option("whitened", choices=methods.names, flag="--method", key="name",
                          help=lambda: "method for rules that name none: " + methods.help_text())
@@ -70,7 +76,7 @@ class CompressSettings:
     seed: int = option(0, derived=True, help="fit / held-out split seed (the data seed)")
     layerwise: bool = option(False, help="sequential layer-by-layer path: Grams on the student's inputs, one "
                                          "layer at a time (always on for a sequential method)")
-    refit: RefitSettings = option(default_factory=RefitSettings)
+    method_settings: dict = option(default_factory=methods.default_settings, sections=methods.settings_classes)
     device: Optional[str] = option(None, flag="--layer-device",
                                    help="compute device of the layer-by-layer path (e.g. cuda for a teacher on "
                                         "CPU: one layer on the GPU at a time, the 7B path); default: the model's")
@@ -83,6 +89,34 @@ class CompressSettings:
                                       "on CUDA, float32 on CPU (bf16 is slower than float32 on CPUs without bf16 "
                                       "units); float64 = the reference")
 
+    def __post_init__(self):
+        given = dict(self.method_settings or {})
+        self.method_settings = {**{n: s for n, s in methods.default_settings().items() if n not in given}, **given}
+
+    def of(self, name: str):
+        """The settings of method ``name`` (None for a method that declares none)."""
+        methods.get(name)  # raises, naming the registered methods
+        return self.method_settings.get(name)
+
+    def __getattr__(self, name: str):
+        """``settings.<method>``: a method's settings, e.g. ``settings.refit.steps``."""
+        found = self.__dict__.get("method_settings")
+        if name.startswith("_") or not found or name not in found:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return found[name]
+
+    def for_data(self, calib: int, seed: int) -> "CompressSettings":
+        """A copy with a job's calibration size and data seed; a method's settings with a ``seed`` field
+        (derived: e.g. refit's shuffling seed) get the seed too."""
+        own = {n: dataclasses.replace(s, seed=seed) if "seed" in {f.name for f in dataclasses.fields(s)} else s
+               for n, s in self.method_settings.items()}
+        return dataclasses.replace(self, calib=calib, seed=seed, method_settings=own)
+
+    def validate_methods(self) -> None:
+        """Each method's settings, checked by its method (``Method.validate_settings``)."""
+        for name, settings in self.method_settings.items():
+            methods.get(name).validate_settings(settings)
+
     def validate(self) -> None:
         methods.get(self.method)  # raises, naming the registered methods
         for name in ("calib", "max_len", "batch_size"):
@@ -90,12 +124,15 @@ class CompressSettings:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer")
         if not 0.0 <= self.valid_fraction < 1.0:
             raise ValueError(f"valid_fraction {self.valid_fraction!r} must be in [0, 1)")
-        self.refit.validate()
+        self.validate_methods()
         if self.device is not None:
             resolve_device(self.device, "--layer-device (method.device)")  # unknown, or a CUDA device not here
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Every field, JSON-ready; each method's settings under its name (``"refit": {...}``)."""
+        out = asdict(self)
+        out.update(out.pop("method_settings"))
+        return out
 
 
 @dataclass

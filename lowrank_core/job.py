@@ -101,9 +101,9 @@ class JobSpec:
         self.heal = dataclasses.replace(self.heal, seed=self.data.seed)
 
     def settings(self) -> CompressSettings:
-        """The compression settings with the data section's calibration size and seed."""
-        refit = dataclasses.replace(self.method.refit, seed=self.data.seed)
-        return dataclasses.replace(self.method, calib=self.data.calib, seed=self.data.seed, refit=refit)
+        """The compression settings with the data section's calibration size and seed (also the seed of
+        each method's settings that has one: ``CompressSettings.for_data``)."""
+        return self.method.for_data(self.data.calib, self.data.seed)
 
     @property
     def eval_examples(self) -> int:

@@ -2,10 +2,16 @@
 
 A settings field is declared with :func:`option` (a ``dataclasses.field`` with metadata: help, allowed
 values, lower bound, the CLI flag when it is not ``--<prefix><name>``, the recipe key when it is not
-the field name, or ``derived=True`` for a field another section sets). :func:`options_of` reads a
+the field name, or ``derived=True`` for a field another section sets; ``label``: the app's widget label
+when it is not the field's name). :func:`options_of` reads a
 dataclass's fields and their resolved types (``typing.get_type_hints``, no string parsing);
 :func:`add_arguments` / :func:`from_args` turn them into argparse flags and back, and
 :func:`check_mapping` validates a recipe section against them, naming the key path of a bad value.
+
+A field declared with ``sections=`` (a callable giving ``{name: settings dataclass}``, e.g. the method
+registry's ``settings_classes``) holds ``{name: settings}``: each entry's options are those of a nested
+section called ``name`` (flags ``--<prefix><name>-<field>``, recipe keys ``<path>.<name>.<key>``), so the
+sections on offer follow the registry and no settings dataclass lists them.
 """
 from __future__ import annotations
 
@@ -26,16 +32,18 @@ class OptionError(ValueError):
 def option(default: Any = MISSING, *, help: Union[str, Callable[[], str]] = "", choices: Union[tuple, Callable[[], tuple], None] = None,
            minimum: Optional[float] = None, pattern: Optional[str] = None, flag: Optional[str] = None,
            key: Optional[str] = None, derived: bool = False, convert: Optional[Callable[[str], Any]] = None,
-           default_factory: Any = MISSING):
+           default_factory: Any = MISSING, label: Optional[str] = None,
+           sections: Optional[Callable[[], dict]] = None):
     """A dataclass field with the metadata that CLI flags and recipe keys are derived from.
 
     ``choices`` may be a callable (e.g. a registry's names) evaluated when used; ``pattern`` is a regular
     expression also accepted besides ``choices`` (e.g. ``cuda:\\d+``); ``derived``: set from another
     section (no flag, no recipe key); ``convert``: parses a text value (a flag, or a string in a recipe),
-    e.g. :func:`parse_count` for ``"2M"``.
+    e.g. :func:`parse_count` for ``"2M"``; ``label``: the app's widget label (default: the name, spaced);
+    ``sections``: a mapping field of named nested settings (see the module docstring).
     """
     metadata = {"help": help, "choices": choices, "minimum": minimum, "pattern": pattern, "flag": flag,
-                "key": key, "derived": derived, "convert": convert}
+                "key": key, "derived": derived, "convert": convert, "label": label, "sections": sections}
     if default_factory is not MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -58,6 +66,18 @@ class Option:
     derived: bool
     nested: Optional[type]       # a settings dataclass held by this field
     convert: Optional[Callable[[str], Any]] = None
+    label: Optional[str] = None
+    sections_spec: Optional[Callable[[], dict]] = None  # {name: settings dataclass}: a field of named sections
+
+    @property
+    def sections(self) -> dict:
+        """``{name: settings dataclass}`` of a field of named sections (evaluated now: e.g. the registry)."""
+        return dict(self.sections_spec()) if self.sections_spec is not None else {}
+
+    @property
+    def title(self) -> str:
+        """The app's label of this option."""
+        return self.label or self.name.replace("_", " ")
 
     @property
     def choices(self) -> tuple:
@@ -119,8 +139,22 @@ def options_of(cls) -> list[Option]:
         out.append(Option(name=f.name, key=meta.get("key") or f.name, types=kinds, optional=optional,
                           default=default, help=meta.get("help", ""), choices_spec=meta.get("choices"),
                           minimum=meta.get("minimum"), pattern=meta.get("pattern"), flag=meta.get("flag"),
-                          derived=bool(meta.get("derived")), nested=nested, convert=meta.get("convert")))
+                          derived=bool(meta.get("derived")), nested=nested, convert=meta.get("convert"),
+                          label=meta.get("label"), sections_spec=meta.get("sections")))
     return out
+
+
+def _keys(opts: list[Option], path: str) -> list[str]:
+    """The recipe keys of a section's options, a field of named sections giving one key per section;
+    a section named like a key of its parent is refused (it could not be told apart)."""
+    keys = []
+    for opt in opts:
+        for key in (opt.sections if opt.sections_spec is not None else [opt.key]):
+            if key in keys:
+                raise OptionError(f"{path or 'options'}: key {key!r} is declared twice (a settings section named "
+                                  "like a key of its parent)")
+            keys.append(key)
+    return keys
 
 
 def parse_count(text: str) -> int:
@@ -164,6 +198,10 @@ def add_arguments(parser, cls, section: str, prefix: str = "", optional: bool = 
         if opt.derived:
             continue
         dest = _dest(section, opt.name)
+        if opt.sections_spec is not None:
+            for name, cls in opt.sections.items():
+                add_arguments(parser, cls, _dest(section, name), f"{prefix}{name.replace('_', '-')}-", optional)
+            continue
         if opt.nested is not None:
             add_arguments(parser, opt.nested, dest, f"{prefix}{opt.name.replace('_', '-')}-", optional)
             continue
@@ -193,7 +231,10 @@ def given(cls, args, section: str) -> list[str]:
     out = []
     for opt in options_of(cls):
         dest = _dest(section, opt.name)
-        if opt.nested is not None:
+        if opt.sections_spec is not None:
+            for name, cls in opt.sections.items():
+                out += given(cls, args, _dest(section, name))
+        elif opt.nested is not None:
             out += given(opt.nested, args, dest)
         elif not opt.derived and hasattr(args, dest):
             out.append(flag_name(opt))
@@ -207,7 +248,9 @@ def from_args(cls, args, section: str):
         dest = _dest(section, opt.name)
         if opt.derived:
             continue
-        if opt.nested is not None:
+        if opt.sections_spec is not None:
+            kw[opt.name] = {name: from_args(cls, args, _dest(section, name)) for name, cls in opt.sections.items()}
+        elif opt.nested is not None:
             kw[opt.name] = from_args(opt.nested, args, dest)
         elif hasattr(args, dest):
             kw[opt.name] = opt.check(getattr(args, dest), flag_name(opt))
@@ -228,7 +271,7 @@ def check_mapping(cls, data, path: str):
     if data is None:
         data = {}
     opts = [o for o in options_of(cls) if not o.derived]
-    keys = [o.key for o in opts]
+    keys = _keys(opts, path)
     if not isinstance(data, dict):
         raise OptionError(f"{path}: expected a mapping of {', '.join(keys)}, got {data!r}")
     unknown = [k for k in data if k not in keys]
@@ -237,7 +280,9 @@ def check_mapping(cls, data, path: str):
     kw = {}
     for opt in opts:
         sub = f"{path}.{opt.key}"
-        if opt.nested is not None:
+        if opt.sections_spec is not None:
+            kw[opt.name] = {name: check_mapping(sc, data.get(name), f"{path}.{name}") for name, sc in opt.sections.items()}
+        elif opt.nested is not None:
             kw[opt.name] = check_mapping(opt.nested, data.get(opt.key), sub)
         elif opt.key in data:
             kw[opt.name] = opt.check(data[opt.key], sub)
@@ -253,5 +298,8 @@ def to_mapping(obj) -> dict:
         if opt.derived:
             continue
         value = getattr(obj, opt.name)
-        out[opt.key] = to_mapping(value) if opt.nested is not None and value is not None else value
+        if opt.sections_spec is not None:
+            out.update({name: to_mapping(sub) for name, sub in value.items()})
+        else:
+            out[opt.key] = to_mapping(value) if opt.nested is not None and value is not None else value
     return out

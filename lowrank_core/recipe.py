@@ -9,14 +9,16 @@ Sections (every key optional unless marked; relative paths are relative to the c
     plan:     "17:mlp:r16"                   # REQUIRED: compact string, plan file, rule list or {rules: [...]}
                                              # rank rounding: {rules: [...], rank_multiple: 64} or "...; rank_multiple=64"
     method:   {name: whitened, max_len: 512, batch_size: 4, layerwise: false, refit: {steps: 200, ...}}
+                                             # <method>: {...}: the settings a method declares (methods/)
     heal:     {tokens: 200k, loss: kl, lr: 1.0e-4, batch_tokens: 2048, max_len: 256}  # end-to-end distillation
     evaluate: {examples: 200, batch_size: 8, max_len: 512}                 # examples: <= data.eval
     export:   {format: dense, dir: exports/x, force: false, verify: true, verify_examples: 16}
 
 The keys of ``model``, ``data``, ``method``, ``heal``, ``evaluate`` and ``export`` are the fields of
 ``ModelSpec``, ``DataSpec``, ``CompressSettings`` (``name`` for its ``method``; ``calib`` and ``seed``
-come from ``data``), ``HealSettings``, ``EvalSpec`` and ``ExportSpec``, with their defaults: nothing is
-listed twice.
+come from ``data``; one sub-mapping per registered method that declares settings, its keys that
+method's ``settings_class`` fields), ``HealSettings``, ``EvalSpec`` and ``ExportSpec``, with their
+defaults: nothing is listed twice.
 ``method: svd`` is short for ``method: {name: svd}``. Unknown keys and bad values raise
 :class:`RecipeError` naming the key path, e.g. ``export.format: 'onnx' is not one of dense, factorized``.
 """
@@ -25,6 +27,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Union
 
+from . import methods
 from .compress import CompressSettings
 from .heal import HealSettings
 from .job import DataSpec, EvalSpec, ExportSpec, JobSpec, ModelSpec
@@ -71,8 +74,10 @@ def validate_recipe(data, path: Optional[str] = None) -> JobSpec:
     name = _text(data, "name") or (Path(path).stem if path else "recipe")
     spec = JobSpec(plan=plan, name=name, description=_text(data, "description") or "",
                    export=sections.pop("export", None), **sections)
-    checks = (("method.refit", spec.settings().refit.validate), ("method", spec.settings().validate),
-              ("heal", spec.heal.validate))
+    settings = spec.settings()
+    checks = [(f"method.{name}", lambda name=name, own=own: methods.get(name).validate_settings(own))
+              for name, own in settings.method_settings.items()]
+    checks += [("method", settings.validate), ("heal", spec.heal.validate)]
     for where, check in checks:
         try:
             check()

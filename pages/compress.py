@@ -9,20 +9,18 @@ from lowrank_core import compress as compress_mod
 from lowrank_core import heal as heal_mod
 from lowrank_core import methods
 from lowrank_core import plan as plan_mod
-from lowrank_core.methods import refit as refit_mod
 from lowrank_core.workspace import plan_source
-from ui import cache, charts, jobs, state
+from ui import cache, charts, forms, jobs, state
 from ui.entry import ensure_app, stop_page
 from ui.progress import POLL_SECONDS, job_status
 
 ensure_app()
 FORM_KEY = "lowrank_compress_form"
 ERROR_KEY = "lowrank_compress_error"
-_C, _R, _H = compress_mod.CompressSettings(), refit_mod.RefitSettings(), heal_mod.HealSettings()  # engine defaults
-DEFAULTS = dict(method=_C.method, batch_size=_C.batch_size, layerwise=_C.layerwise, steps=_R.steps, lr=_R.lr,
-                batch_tokens=_R.batch_tokens, valid=_C.valid_fraction, patience=_R.patience, target=_R.target,
-                train_bias=_R.train_bias, heal_tokens=_H.tokens, heal_lr=_H.lr, heal_loss=_H.loss,
-                heal_batch_tokens=_H.batch_tokens)
+_C, _H = compress_mod.CompressSettings(), heal_mod.HealSettings()  # engine defaults
+DEFAULTS = dict(method=_C.method, batch_size=_C.batch_size, layerwise=_C.layerwise, valid=_C.valid_fraction,
+                heal_tokens=_H.tokens, heal_lr=_H.lr, heal_loss=_H.loss, heal_batch_tokens=_H.batch_tokens,
+                method_settings={name: forms.option_values(own) for name, own in _C.method_settings.items()})
 
 def draw_form(v: dict, default_plan: str, n_calib: int, busy: bool) -> dict:
     """The job form, filled from ``v``. While a job runs it is drawn disabled under other keys (disabling
@@ -50,22 +48,11 @@ def draw_form(v: dict, default_plan: str, n_calib: int, busy: bool) -> dict:
         out["layerwise"] = c5.checkbox("Layer by layer", value=v["layerwise"], key="compress_layerwise" + sfx,
                                        disabled=busy, help="sequential path: each layer calibrated on the "
                                                            "student's own inputs (always on for refit)")
-        with st.expander("Refit settings (method refit)"):
-            r1, r2, r3 = st.columns(3)
-            out["steps"] = r1.number_input("steps per layer", 0, 100_000, v["steps"], key="refit_steps" + sfx,
-                                           disabled=busy)
-            out["lr"] = r2.number_input("learning rate", 1e-7, 1.0, v["lr"], format="%.1e", key="refit_lr" + sfx,
-                                        disabled=busy)
-            out["batch_tokens"] = r3.number_input("tokens per step", 16, 1_000_000, v["batch_tokens"],
-                                                  key="refit_tokens" + sfx, disabled=busy)
-            r5, r6, r7, _ = st.columns(4)
-            out["patience"] = r5.number_input("patience", 1, 1000, v["patience"], key="refit_patience" + sfx,
-                                              disabled=busy)
-            targets = list(refit_mod.TARGETS)
-            out["target"] = r6.selectbox("target", targets, index=targets.index(v["target"]),
-                                         key="refit_target" + sfx, disabled=busy)
-            out["train_bias"] = r7.checkbox("train bias", value=v["train_bias"], key="refit_bias" + sfx,
-                                            disabled=busy)
+        out["method_settings"] = {}
+        for name, cls in methods.settings_classes().items():  # each method's own settings, from its fields
+            with st.expander(f"{name.capitalize()} settings (method {name})"):
+                out["method_settings"][name] = forms.settings_widgets(
+                    cls, v.get("method_settings", {}).get(name, {}), key=name, disabled=busy, suffix=sfx)
         with st.expander("Healing: end-to-end distillation after compression (any method)"):
             h1, h2, h3, h4 = st.columns(4)
             out["heal_tokens"] = h1.number_input("training tokens (0 = off)", 0, 100_000_000, v["heal_tokens"],
@@ -116,12 +103,12 @@ if form.pop("submitted"):
     v.update(form, budget_text=budget_text)
     try:
         plan = plan_mod.load_plan(plan_source(v["plan"].strip()))  # plan files only inside the workspace
-        refit = refit_mod.RefitSettings(steps=v["steps"], lr=v["lr"], batch_tokens=v["batch_tokens"],
-                                        patience=v["patience"], target=v["target"],
-                                        train_bias=v["train_bias"], seed=s.seed)
+        own = {name: forms.settings_from(cls, v["method_settings"][name], f"method.{name}")
+               for name, cls in methods.settings_classes().items()}
         settings = compress_mod.CompressSettings(method=v["method"], calib=v["calib"], max_len=s.max_len,
                                                  batch_size=v["batch_size"], valid_fraction=v["valid"],
-                                                 seed=s.seed, layerwise=v["layerwise"], refit=refit)
+                                                 seed=s.seed, layerwise=v["layerwise"],
+                                                 method_settings=own).for_data(v["calib"], s.seed)
         heal = heal_mod.HealSettings(tokens=int(v["heal_tokens"]), lr=v["heal_lr"], loss=v["heal_loss"],
                                      batch_tokens=int(v["heal_batch_tokens"]), max_len=min(s.max_len, _H.max_len))
         spec = jobs.job_spec(s, plan, settings, heal)

@@ -331,7 +331,7 @@ def test_refit_stage_is_verified_and_kept_only_when_better(trained, split, profi
     from lowrank_core.methods.refit import RefitSettings
 
     model, tok = trained
-    cs = replace(profile.settings.compression, refit=RefitSettings(steps=4, lr=1e-3))
+    cs = replace(profile.settings.compression, method_settings={"refit": RefitSettings(steps=4, lr=1e-3)})
     with_refit = copy.copy(profile)
     with_refit.settings = replace(profile.settings, refit=True, compression=cs)
     result = allocate(model, tok, split.calib, split.val, budget=binding, profile=with_refit)

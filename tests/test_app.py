@@ -302,7 +302,8 @@ def test_evaluate_compares_teacher_and_student_like_the_engine():
     lm = load_model("tiny", device="cpu")
     split = make_split("chatterbot", n_calib=16, n_eval=32, seed=0)
     student = compress(lm.model, lm.tokenizer, "mlp:r8", split.calib,
-                       CompressSettings(calib=16, max_len=128, refit=RefitSettings(seed=0))).student
+                       CompressSettings(calib=16, max_len=128,
+                                        method_settings={"refit": RefitSettings(seed=0)})).student
     expected = evaluate_models({"teacher": lm.model, "student": student}, lm.tokenizer, split.eval, max_len=128)
     engine = compare(lm.model, student, lm.tokenizer, split.eval, CompareSettings(examples=32, max_len=128)).summary()
     shown = metrics(at)

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from lowrank_core.compress import CompressSettings, RefitSettings, compress
+from lowrank_core.compress import CompressSettings, compress
+from lowrank_core.methods.refit import RefitSettings
 from lowrank_core.data import calibration_batches, split_examples
 from lowrank_core.data import make_split
 from lowrank_core.models import tiny_model
@@ -22,7 +23,7 @@ def calib():
 
 def _settings(method="whitened", **kw):
     refit = kw.pop("refit", RefitSettings(steps=4, lr=1e-3))
-    return CompressSettings(method=method, calib=12, max_len=64, batch_size=4, refit=refit, **kw)
+    return CompressSettings(method=method, calib=12, max_len=64, batch_size=4, method_settings={"refit": refit}, **kw)
 
 
 def _logits(model, tok):

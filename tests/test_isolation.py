@@ -16,7 +16,8 @@ from lowrank_core.models import tiny_model
 
 JOBS = [("all:k0.5", CompressSettings(calib=8, max_len=64, method="whitened")),
         ("all:k0.5", CompressSettings(calib=8, max_len=64, method="anchored")),
-        ("mlp:k0.5", CompressSettings(calib=8, max_len=64, method="refit", refit=RefitSettings(steps=2)))]
+        ("mlp:k0.5", CompressSettings(calib=8, max_len=64, method="refit",
+                                     method_settings={"refit": RefitSettings(steps=2)}))]
 
 
 def _hooks(model) -> int:

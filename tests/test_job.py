@@ -10,6 +10,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
+from lowrank_core import methods
 from lowrank_core.cli import COMMANDS, build_parser, main
 from lowrank_core.commands.compress import job_from_args
 from lowrank_core.compress import CompressSettings
@@ -17,7 +18,6 @@ from lowrank_core.data import make_split
 from lowrank_core.export import read_manifest
 from lowrank_core.heal import HealSettings
 from lowrank_core.job import DataSpec, EvalSpec, ExportSpec, JobSpec, ModelSpec, evaluate_job, export_job
-from lowrank_core.methods.refit import RefitSettings
 from lowrank_core.models import load_model
 from lowrank_core.options import options_of
 from lowrank_core.plan import PlanOptions
@@ -121,10 +121,11 @@ def test_every_compress_flag_comes_from_a_spec_field():
     sub = next(a for a in parser._actions if a.dest == "command").choices["compress"]
     flags = {s for a in sub._actions for s in a.option_strings if s.startswith("--")}
     derived = set()
-    for cls, prefix in ((ModelSpec, ""), (DataSpec, ""), (PlanOptions, ""), (CompressSettings, ""),
-                        (RefitSettings, "refit-"), (HealSettings, "heal-"), (EvalSpec, "eval-"), (ExportSpec, "")):
+    own = tuple((cls, f"{name}-") for name, cls in methods.settings_classes().items())  # each method's settings
+    for cls, prefix in ((ModelSpec, ""), (DataSpec, ""), (PlanOptions, ""), (CompressSettings, ""), *own,
+                        (HealSettings, "heal-"), (EvalSpec, "eval-"), (ExportSpec, "")):
         for opt in options_of(cls):
-            if opt.derived or opt.nested is not None:
+            if opt.derived or opt.nested is not None or opt.sections_spec is not None:
                 continue
             name = opt.flag or f"--{prefix}{opt.name.replace('_', '-')}"
             derived.add(name)

@@ -84,7 +84,8 @@ def test_sequential_refit_beats_whitened_on_block_outputs():
     common = dict(calib=16, max_len=64, batch_size=4, layerwise=True)
     white = compress(model, tok, "all:k0.4", examples, CompressSettings(method="whitened", **common))
     refit = compress(model, tok, "all:k0.4", examples,
-                     CompressSettings(method="refit", refit=RefitSettings(steps=30, lr=3e-3, batch_tokens=256),
+                     CompressSettings(method="refit",
+                                      method_settings={"refit": RefitSettings(steps=30, lr=3e-3, batch_tokens=256)},
                                       **common))
     for w, r in zip(white.hidden_mse, refit.hidden_mse):
         assert r["mse"] < w["mse"]

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from .. import methods
 from ..archmap import LinearInfo
 from ..plan import Plan, Rule
 from .profile import ELIGIBLE, MatrixProfile
@@ -83,8 +84,10 @@ def _layer_spec(layers: list[int]) -> str:
     return ",".join(parts)
 
 
-def plan_from_ranks(ranks: dict[str, int], infos: Sequence[LinearInfo], method: str = "whitened") -> Plan:
-    """A plan with one rule per (module, rank): ``{layers: "3,5-7", modules: [v_proj], rank: 120, method}``."""
+def plan_from_ranks(ranks: dict[str, int], infos: Sequence[LinearInfo], method: Optional[str] = None) -> Plan:
+    """A plan with one rule per (module, rank): ``{layers: "3,5-7", modules: [v_proj], rank: 120, method}``;
+    ``method`` defaults to the path's closed form (``methods.basis_method()``: ``whitened``)."""
+    method = method or methods.basis_method()
     by_name = {li.name: li for li in infos}
     groups: dict[tuple, list[int]] = {}
     for name, rank in ranks.items():

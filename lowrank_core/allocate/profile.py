@@ -320,7 +320,7 @@ def build_profile(teacher, tokenizer, calib_examples, val_examples, settings: Op
             memory["gram_bytes_peak"] = max(memory["gram_bytes_peak"], gram_bytes)
             memory["gram_bytes_all_layers"] += gram_bytes
             whitenings = {key: whitening(g) for key, g in grams.items()}
-            solver, shared = methods.get("whitened"), {}
+            solver, shared = methods.get(methods.basis_method()), {}   # the closed form with a basis: whitened
             for li in mine:
                 rel = li.name[len(prefix):]
                 basis = solver.basis(mods[rel].weight, whitenings[li.gram_key])

@@ -6,8 +6,9 @@ passes on the validation split, then the prefix length is bisected (forward when
 when over) until the measured Δloss ≤ budget. With a parameter target the prefix is the first one at or
 below the target (within one step), measured once. With healing in the loop (``SearchSettings.heal``)
 every measured student is healed first (on the calibration examples), so the budget is checked after
-healing. An optional final stage refits the found plan (method ``refit``) and keeps it when the
-validation loss drops.
+healing. An optional final stage recompresses the found plan with the method that refines the path's
+closed form layer by layer (``methods.refining``: ``refit``) and keeps it when the validation loss drops.
+The path's closed form is the registry's ``methods.basis_method()`` (``whitened``): no method is named here.
 
 The result is an ordinary :class:`~lowrank_core.plan.Plan` (per-matrix ranks, method per rule) and a
 Pareto table (parameters vs validation loss along the greedy path, verified points marked); any of its
@@ -20,6 +21,7 @@ import time
 from dataclasses import dataclass, field, fields, replace
 from typing import Optional, Sequence, Union
 
+from .. import methods
 from ..archmap import LinearInfo, count_parameters, linear_map
 from ..compress import compress
 from ..heal import copy_student, heal
@@ -97,7 +99,7 @@ class Allocation:
     verified: list[dict]       # each real forward pass: steps, params, val_loss, delta, ok
     matrices: list[dict]
     timings: dict[str, float]
-    method: str = "whitened"
+    method: str = field(default_factory=methods.basis_method)   # the path's closed form, or the refining stage's
     refit: Optional[dict] = None
     heal: Optional[dict] = None  # healing in the loop: {prefix length: HealResult summary}
     student: object = None     # the verified student (nn.Module), not serialised
@@ -116,10 +118,11 @@ class Allocation:
 
     def plan_at(self, steps: int, method: Optional[str] = None) -> Plan:
         """The plan of any point of the greedy path (a Pareto row's ``steps``): one rule per (module, rank).
-        ``method`` defaults to the one the search measured there: the found plan's (``refit`` when the refit
-        stage was kept) at the found prefix, ``whitened`` (the path's closed form) anywhere else."""
+        ``method`` defaults to the one the search measured there: the found plan's (the refining method's,
+        e.g. ``refit``, when the final stage was kept) at the found prefix, the path's closed form
+        (``methods.basis_method()``: ``whitened``) anywhere else."""
         if method is None:
-            method = self.method if int(steps) == self.steps else "whitened"
+            method = self.method if int(steps) == self.steps else methods.basis_method()
         return plan_from_ranks(self.ranks_at(steps), self.infos, method=method)
 
     def to_dict(self) -> dict:
@@ -280,15 +283,19 @@ def allocate(teacher, tokenizer, calib_examples, val_examples, budget: Union[str
 
 
 def _refit_stage(result: Allocation, teacher, tokenizer, calib_examples, profile: Profile, progress) -> None:
-    """Compress the found plan with method ``refit`` and re-verify; keep it when validation loss drops."""
+    """Compress the found plan with the method refining the path's closed form (``methods.refining``:
+    ``refit``) and re-verify; keep it when validation loss drops."""
     t0 = time.perf_counter()
-    settings = replace(profile.settings.compression, method="refit")
-    plan = result.plan_at(result.steps, method="refit")
+    refiner = methods.refining(methods.basis_method())
+    if refiner is None:
+        raise BudgetError(f"no registered method refines {methods.basis_method()!r}: the final stage has none to run")
+    settings = replace(profile.settings.compression, method=refiner)
+    plan = result.plan_at(result.steps, method=refiner)
     out = compress(teacher, tokenizer, plan, calib_examples, settings, progress=progress)
     pi = profile.val_inputs
     loss = suffix_loss(out.student, pi, profile.val_batches, 0, pi.hidden, device=settings.device)
     result.refit = {"val_loss": loss, "val_delta": loss - result.teacher_loss, "kept": loss < result.val_loss,
                     "seconds": time.perf_counter() - t0, "curves": out.refit_curves}
     if loss < result.val_loss:
-        result.plan, result.val_loss, result.method, result.student = plan, loss, "refit", out.student
+        result.plan, result.val_loss, result.method, result.student = plan, loss, refiner, out.student
     result.timings["refit"] = time.perf_counter() - t0

@@ -8,10 +8,12 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from .base import LayerContext, Method, MethodError, get, help_text, names, register
+from .base import (LayerContext, Method, MethodError, basis_method, default_settings, get, help_text, names,
+                   refining, register, settings_classes, unregister)
 
 for _module in pkgutil.iter_modules(__path__):
     if _module.name != "base":
         importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["LayerContext", "Method", "MethodError", "get", "help_text", "names", "register"]
+__all__ = ["LayerContext", "Method", "MethodError", "basis_method", "default_settings", "get", "help_text", "names",
+           "refining", "register", "settings_classes", "unregister"]

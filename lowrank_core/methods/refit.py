@@ -41,9 +41,9 @@ TARGETS = ("block", "matrix")
 class RefitSettings:
     """Adam refit of the factors, per decoder layer (see the module docstring)."""
 
-    steps: int = option(200, minimum=0, help="refit: Adam steps per decoder layer (at most)")
-    lr: float = option(1e-4, help="refit: Adam learning rate")
-    batch_tokens: int = option(2048, minimum=1, help="refit: real tokens per step")
+    steps: int = option(200, minimum=0, label="steps per layer", help="refit: Adam steps per decoder layer (at most)")
+    lr: float = option(1e-4, label="learning rate", help="refit: Adam learning rate")
+    batch_tokens: int = option(2048, minimum=1, label="tokens per step", help="refit: real tokens per step")
     patience: int = option(3, minimum=1, help="refit: evaluations without improvement before stopping")
     target: str = option("block", choices=TARGETS,
                          help="refit: 'block' (decoder-layer outputs) or 'matrix' (each replaced linear's output)")
@@ -209,6 +209,7 @@ class Refit(Whitened):
     summary = "whitened, then a sequential block-level Adam refit of each decoder layer (student's inputs)"
     order = 2
     sequential = True
+    settings_class = RefitSettings
 
     def refine_layer(self, ctx: LayerContext, names: list[str], progress: Progress) -> Optional[dict]:
         """Block-level refit of ``names`` in float32 (``ctx.settings.refit``); ``ctx.factors`` updated in place."""
