@@ -47,6 +47,32 @@ def mistral_config():
     return AutoConfig.from_pretrained(str(MISTRAL_CONFIG))
 
 
+def pytest_report_header(config):
+    """What the numbers depend on: versions (and any that differ from requirements-lock.txt) and threads."""
+    import os
+    import platform
+    import re
+    from importlib import metadata
+
+    from lowrank_core.threads import available_cores
+
+    lock = Path(__file__).resolve().parents[1] / "requirements-lock.txt"
+    pins = dict(re.findall(r"^([A-Za-z0-9_.\-]+)==(\S+)$", lock.read_text(), re.M)) if lock.exists() else {}
+    differ = []
+    for name, want in sorted(pins.items()):
+        try:
+            have = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            have = "missing"
+        if have != want:
+            differ.append(f"{name} {have} (lock {want})")
+    env = ", ".join(f"{k}={os.environ.get(k, 'unset')}" for k in ("OMP_NUM_THREADS", "LOWRANK_THREADS"))
+    versions = ", ".join(f"{n} {metadata.version(n)}" for n in ("torch", "transformers", "streamlit"))
+    return [f"lowrank: python {platform.python_version()}, {versions}",
+            f"lowrank: packages differing from requirements-lock.txt: {'; '.join(differ) or 'none'}",
+            f"lowrank: torch threads {SESSION_THREADS} for the whole session ({env}; {available_cores()} cores)"]
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item):
     """Every test body runs at the session's thread count (what its fixtures were built at) and leaves it so."""
