@@ -164,4 +164,5 @@ def run_search(spec: SearchSpec, progress: Optional[Progress] = None, loaded: Op
                           target_params=target, settings=spec.search, progress=progress)
     comparison = paired_evaluation(loaded, allocation.student, split.eval, spec.evaluate, spec.eval_examples,
                                    spec.eval_max_len, progress=progress)
+    comparison.summary()  # its bootstrap here, in the job; nothing scored (every prompt too long): a ValueError
     return SearchResult(spec, loaded, split, allocation, comparison, budget, time.perf_counter() - start)

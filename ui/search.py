@@ -11,16 +11,16 @@ from typing import Optional
 from lowrank_core.allocate import VAL_OVERDRAW, SearchSettings
 from lowrank_core.compress import CompressSettings
 from lowrank_core.job import DataSpec, ModelSpec
-from lowrank_core.search_job import SearchSpec
+from lowrank_core.search_job import DEFAULT_VAL, SearchSpec
 
 from . import cache, state
 
 VAL_MAX_LEN = SearchSettings.val_max_len  # tokens per validation example (at most the app's max_len)
 
 
-def search_spec(s: state.Settings, budget: Optional[str] = None, keep: Optional[float] = None, probe: str = "layer",
-                val: int = 32, calib: int = 16, max_verify: int = SearchSettings.max_verify,
-                eval: int = 32) -> SearchSpec:
+def search_spec(s: state.Settings, budget: Optional[str] = None, keep: Optional[float] = None,
+                probe: str = SearchSettings.probe, val: int = DEFAULT_VAL, calib: int = DataSpec.calib,
+                max_verify: int = SearchSettings.max_verify, eval: int = DataSpec.eval) -> SearchSpec:
     """The SearchSpec of the app's choices: model, data source, seed and max tokens per example from the
     Model & data page; the goal (a loss ``budget`` or a ``keep`` fraction of the decoder linears), the
     probe and the sizes from the Search form."""
