@@ -171,6 +171,12 @@ class JobResult:
             threads=self.runtime.get("threads"), runtime=self.runtime,
             accounting={k: v for k, v in self.accounting.to_dict().items() if k != "matrices"})
 
+    def keep_comparison(self, comparison: Comparison) -> None:
+        """Keep ``comparison`` (e.g. the same scores judged at another margin) and its two EvalResults:
+        what the manifest, the model card and ``to_dict`` report."""
+        self.comparison = comparison
+        self.evaluation = {side: comparison.eval_result(side) for side in ("teacher", "student")}
+
     def comparison_summary(self) -> Optional[dict]:
         """The paired comparison's report (``Comparison.summary``), None when the job was not scored."""
         return self.comparison.summary() if self.comparison is not None else None
@@ -291,18 +297,34 @@ def heal_job(result: JobResult, progress: Optional[Progress] = None) -> HealResu
 
 
 def evaluate_job(result: JobResult, n: Optional[int] = None, batch_size: Optional[int] = None,
-                 progress: Optional[Progress] = None) -> dict:
+                 progress: Optional[Progress] = None, margin: Optional[str] = None,
+                 max_len: Optional[int] = None) -> Comparison:
     """The paired comparison of teacher and student on the same batches of the first ``n`` (default
-    ``spec.eval_examples``) evaluation examples of the split (those whose prompt fills max_len are counted
-    as skipped); stores the Comparison and returns (and stores) its {"teacher", "student"} EvalResults."""
+    ``spec.eval_examples``) evaluation examples of the split (those whose prompt fills max_len, default
+    :func:`eval_max_len`, are counted as skipped), judged at ``margin`` (default ``spec.evaluate.margin``).
+    Returns the Comparison; stores it and its {"teacher", "student"} EvalResults on the job
+    (:meth:`JobResult.keep_comparison`) unless it was stopped before any example was scored."""
     spec = result.spec
-    batch_size = batch_size or spec.evaluate.batch_size or default_batch_size(result.loaded.device)
-    n = n or spec.eval_examples
-    settings = spec.evaluate.compare_settings(n, batch_size, eval_max_len(spec))
-    result.comparison = compare_models(result.loaded.model, {"student": result.student}, result.loaded.tokenizer,
-                                       result.split.eval[:n], settings, progress=progress)["student"]
-    result.evaluation = {side: result.comparison.eval_result(side) for side in ("teacher", "student")}
-    return result.evaluation
+    comparison = paired_evaluation(result.loaded, result.student, result.split.eval, spec.evaluate,
+                                   n or spec.eval_examples, max_len or eval_max_len(spec), batch_size=batch_size,
+                                   margin=margin, progress=progress)
+    if comparison.examples or not comparison.stopped:
+        result.keep_comparison(comparison)
+    return comparison
+
+
+def paired_evaluation(loaded: LoadedModel, student, examples, evaluate: EvalSpec, n: int, max_len: int,
+                      batch_size: Optional[int] = None, margin: Optional[str] = None,
+                      progress: Optional[Progress] = None) -> Comparison:
+    """Teacher and ``student`` on the same batches of the first ``n`` ``examples``: the one evaluation of
+    a built student (jobs, searches, the Evaluate page), with ``evaluate``'s batch size (default: 1 on
+    CPU, 8 on CUDA) and margin unless given here."""
+    batch_size = batch_size or evaluate.batch_size or default_batch_size(loaded.device)
+    settings = evaluate.compare_settings(n, batch_size, max_len)
+    if margin is not None:
+        settings = dataclasses.replace(settings, margin=str(margin))
+    return compare_models(loaded.model, {"student": student}, loaded.tokenizer, examples[:n], settings,
+                          progress=progress)["student"]
 
 
 def eval_max_len(spec: JobSpec) -> int:

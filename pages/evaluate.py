@@ -9,7 +9,8 @@ import streamlit as st
 
 from lowrank_core import evaluate as evaluate_mod
 from lowrank_core import stats
-from lowrank_core.compare import CompareSettings, compare_models
+from lowrank_core.compare import CompareSettings
+from lowrank_core.job import evaluate_job
 from lowrank_core.generate import side_by_side
 from ui import cache, jobs, proof, state
 from ui.entry import ensure_app, stop_page
@@ -39,13 +40,12 @@ def finish(pending) -> None:
     if pending.error is not None:
         st.session_state["compare_error"] = f"Comparison failed: {type(pending.error).__name__}: {pending.error}"
         return
-    comparison = pending.result["student"]
+    comparison = pending.result  # evaluate_job kept it on the job (unless stopped before any example)
     if comparison.examples == 0:
         st.session_state["compare_error"] = "Stopped before any example was scored: nothing to show."
         return
     st.session_state.setdefault(COMPARISONS_KEY, {})[pending.info["ckey"]] = comparison
-    jobs.record_eval(pending.key, comparison.examples, comparison.eval_result("teacher"),
-                     comparison.eval_result("student"), comparison)
+    jobs.record_eval(pending.key, comparison)
 
 
 def report(comparison, chosen: str) -> None:
@@ -124,7 +124,8 @@ else:
                "seen by calibration), per-example losses are paired, and the difference gets an interval and an "
                "equivalence verdict at the margin you set.")
     c1, c2, c3, c4 = st.columns([1, 1, 1, 2])
-    n = int(c1.number_input("Evaluation examples", 1, len(split.eval), len(split.eval), key="eval_n",
+    held_out = job.split.eval  # the evaluation side of the split the student was compressed on
+    n = int(c1.number_input("Evaluation examples", 1, len(held_out), len(held_out), key="eval_n",
                             help="the first N of the split's eval side"))
     margin = c2.text_input("Equivalence margin", CompareSettings.margin, key="eval_margin",
                            help="nats (0.02) or percent of the teacher's loss (1%)")
@@ -137,22 +138,21 @@ else:
         stop_page()
     if "compare_error" in st.session_state:
         st.error(st.session_state.pop("compare_error"))
-    ckey = (chosen, split.info.fingerprint, n, s.max_len)
+    ckey = (chosen, job.split.info.fingerprint, n, s.max_len)
     comparison = st.session_state.get(COMPARISONS_KEY, {}).get(ckey)
     if pending is not None:
         compare_progress(pending)
     elif c4.button(f"Compare on {n} examples", type="primary", key="eval_go",
                    help="scores teacher and student together; a result stays until the student is gone"):
-        settings = CompareSettings(examples=n, margin=margin, batch_size=batch_size, max_len=s.max_len)
         st.session_state[COMPARE_JOB_KEY] = jobs.BackgroundJob(
-            chosen, lambda p: compare_models(lm.model, {"student": job.student}, lm.tokenizer, split.eval[:n],
-                                             settings, progress=p), ckey=ckey)
+            chosen, lambda p: evaluate_job(job, n, batch_size, progress=p, margin=margin, max_len=s.max_len),
+            ckey=ckey)
         st.rerun()
     if comparison is not None:
         judged = comparison.judged(margin)
         if judged.settings.margin != comparison.settings.margin:
-            jobs.record_eval(chosen, judged.examples, judged.eval_result("teacher"), judged.eval_result("student"),
-                             judged)
+            job.keep_comparison(judged)  # the export carries the verdict at the margin shown
+            jobs.record_eval(chosen, judged)
         report(judged, chosen)
         answers(lm, split, job, chosen)
 

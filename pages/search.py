@@ -2,15 +2,13 @@
 the Pareto curve of the greedy path, and any of its points opened as a plan on the Compress page."""
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pandas as pd
 import streamlit as st
 
 from lowrank_core import allocate as alloc
-from lowrank_core.compress import CompressSettings
-from lowrank_core.evaluate import default_batch_size, evaluate_models
-from ui import cache, charts, state
+from lowrank_core import search_job
+from ui import cache, charts, proof, state
+from ui import search as app_search
 from ui.entry import ensure_app, stop_page
 from ui.jobs import BackgroundJob
 from ui.progress import POLL_SECONDS, job_status
@@ -19,34 +17,10 @@ ensure_app()
 FORM_KEY = "lowrank_search_form"    # the last submitted choices: the widgets' defaults on every visit
 ERROR_KEY = "lowrank_search_error"
 GOALS = ("Loss budget", "Parameter target")
-DEFAULT_VAL = 32                    # as `search --val`
+DEFAULT_VAL = search_job.DEFAULT_VAL  # as `search --val`
 _S = alloc.SearchSettings()         # engine defaults
 PROBE_HELP = ("layer: one decoder-suffix pass per layer (cheap); matrix: one per matrix; gradient: one backward "
               "pass per validation example scores every singular component")
-
-
-def validation_examples(s: state.Settings, tokenizer, n: int, max_len: int) -> list:
-    """The first ``n`` validation-side examples of the app's split that fit ``max_len`` tokens (reading
-    ``VAL_OVERDRAW · n`` of them, as ``search --val n``); calibration and evaluation sides are unchanged."""
-    side = cache.data_split(replace(s, n_val=max(s.n_val, alloc.VAL_OVERDRAW * n))).val
-    val = alloc.fitting_examples(tokenizer, side, n, max_len)
-    if not val:
-        raise ValueError(f"no validation example fits {max_len} tokens; raise the max tokens per example on "
-                         "the Model & data page")
-    return val
-
-
-def search_work(lm, split, val, budget, target, settings, n_eval: int, teacher_eval, max_len: int):
-    """The background job: the allocation, then teacher (unless already scored) and found student on the
-    first ``n_eval`` evaluation examples."""
-    def work(progress):
-        result = alloc.allocate(lm.model, lm.tokenizer, split.calib, val, budget=budget, target_params=target,
-                                settings=settings, progress=progress)
-        models = {"student": result.student} if teacher_eval else {"teacher": lm.model, "student": result.student}
-        scores = evaluate_models(models, lm.tokenizer, split.eval[:n_eval], batch_size=default_batch_size(lm.device),
-                                 max_len=max_len, progress=progress)
-        return result, {"teacher": teacher_eval or scores["teacher"], "student": scores["student"]}
-    return work
 
 
 @st.fragment(run_every=POLL_SECONDS)
@@ -76,9 +50,10 @@ if pending is not None and pending.finished:
     if pending.error is not None:
         st.session_state[ERROR_KEY] = pending.failure("Search")
     else:
-        result, scores = pending.result
-        cache.memo("teacher_eval", pending.info["teacher_key"], lambda: scores["teacher"], max_entries=16)
-        state.store_search(result, scores, lm.name, lm.fingerprint, pending.info["goal"])
+        found = pending.result  # search_job.SearchResult
+        cache.memo("teacher_eval", pending.info["teacher_key"], lambda: found.evaluation["teacher"], max_entries=16)
+        state.store_search(found.allocation, found.evaluation, lm.name, lm.fingerprint, pending.info["goal"],
+                           comparison=found.comparison)
     st.rerun()
 if pending is not None:
     search_progress(pending)
@@ -125,23 +100,20 @@ if st.button("Search", type="primary", key="search_go"):
     v.update(goal=goal, budget=budget_text, keep=float(keep), probe=probe, val=int(n_val), calib=int(n_calib),
              max_verify=int(max_verify), eval=int(n_eval))
     try:
-        settings = alloc.SearchSettings(probe=probe, val_max_len=min(_S.val_max_len, s.max_len),
-                                        max_verify=int(max_verify),
-                                        compression=CompressSettings(calib=int(n_calib), max_len=s.max_len,
-                                                                     seed=s.seed))
-        settings.validate()
-        budget, target = alloc.search_goal(lm.model, budget=budget_text if goal == GOALS[0] else None,
-                                           keep_params=float(keep) if goal == GOALS[1] else None,
-                                           modules=settings.modules)
-        val = validation_examples(s, lm.tokenizer, int(n_val), settings.val_max_len)
+        spec = app_search.search_spec(s, budget=budget_text if goal == GOALS[0] else None,
+                                      keep=float(keep) if goal == GOALS[1] else None, probe=probe, val=int(n_val),
+                                      calib=int(n_calib), max_verify=int(max_verify), eval=int(n_eval))
+        budget, target = spec.validate(lm.model)  # the goal too, before any work
+        search_split = app_search.search_split(s, spec)
+        search_job.validation_examples(spec, lm.tokenizer, search_split)
     except ValueError as e:
         st.error(f"Cannot search: {e}")
     else:
         label = f"budget {budget}" if target is None else f"keep {float(keep):.0%} of the decoder linears"
         teacher_key = (lm.fingerprint, split.info.fingerprint, int(n_eval), s.max_len)
-        work = search_work(lm, split, val, budget, target, settings, int(n_eval),
-                           cache.cached("teacher_eval", teacher_key), s.max_len)
-        st.session_state[state.SEARCH_JOB_KEY] = BackgroundJob("search", work, goal=label, teacher_key=teacher_key)
+        st.session_state[state.SEARCH_JOB_KEY] = BackgroundJob(
+            "search", lambda p: search_job.run_search(spec, p, loaded=lm, split=search_split), goal=label,
+            teacher_key=teacher_key)
         st.rerun()
 
 found = state.search_result()
@@ -149,20 +121,25 @@ if found is None:
     st.info("No search yet in this session: choose a budget (or a parameter target) and press **Search**.")
     stop_page()
 r, t, u = found["result"], found["evaluation"]["teacher"], found["evaluation"]["student"]
+paired = found["comparison"].summary()  # the paired comparison on the evaluation examples
 st.subheader(f"Search {found['run']}: {found['goal']} — {found['model']}")
 if found["fingerprint"] != lm.fingerprint:
     st.warning(f"This search ran on {found['model']} (`{found['fingerprint']}`), not on the model loaded now.")
-c1, c2, c3, c4 = st.columns(4)
+c1, c2, c3, c4, c5 = st.columns(5)
 c1.metric("parameters after", f"{r.params_after:,}", delta=f"{-r.removed:,}", delta_color="inverse")
 c2.metric("of the original", f"{r.params_after / r.params_before:.2%}")
 c3.metric("validation Δloss", f"{r.val_loss - r.teacher_loss:+.4f}",
           help=f"budget {r.budget:.4f} nats" if r.budget is not None else f"target {r.target_params:,} parameters")
-c4.metric("evaluation Δloss", f"{u.loss - t.loss:+.4f}", help=f"on {u.examples} evaluation examples")
+c4.metric("evaluation Δloss", f"{paired['delta']:+.4f}", help=f"student − teacher, paired on {u.examples} "
+                                                              "evaluation examples (nats per answer token)")
+lo, hi = paired["delta_ci"]
+c5.metric(f"{paired['ci_level']:.0%} interval", f"[{lo:+.4f}, {hi:+.4f}]", help="paired bootstrap over examples")
+proof.verdict(paired)
 st.caption(f"{len(r.ranks)} matrices factorised at {r.steps} of {r.path_length} greedy steps · validation loss: "
            f"teacher {r.teacher_loss:.4f}, found {r.val_loss:.4f} on {r.val_examples} examples ({r.val_tokens:,} "
            f"answer tokens) · evaluation loss: teacher {t.loss:.4f}, found {u.loss:.4f} on {u.examples} examples "
-           f"({u.tokens:,} answer tokens) · {len(r.verified)} verify passes · "
-           + " · ".join(f"{k} {sec:.1f} s" for k, sec in r.timings.items()))
+           f"({u.tokens:,} answer tokens; KL {paired['kl']:.4f}, top-1 agreement {paired['top1_agreement']:.1%}) · "
+           f"{len(r.verified)} verify passes · " + " · ".join(f"{k} {sec:.1f} s" for k, sec in r.timings.items()))
 
 chart = st.container()
 st.dataframe(pd.DataFrame(r.pareto), hide_index=True, key="search_table", column_config={

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from lowrank_core import cli, job, models
-from lowrank_core.commands import compare, count, evaluate, search, spectrum
+from lowrank_core import cli, compare_job, job, models, search_job
+from lowrank_core.commands import count, evaluate, spectrum
 from lowrank_core.compress import compress
 from lowrank_core.data import make_split
 from lowrank_core.data.split import _check_fractions
@@ -49,7 +49,7 @@ def no_loading(monkeypatch):
     def loaded(*args, **kwargs):
         raise AssertionError(f"load_model{args} ran: the bad input was not refused before the work")
 
-    for module in (models, job, compare, evaluate, search, spectrum):
+    for module in (models, job, compare_job, search_job, evaluate, spectrum):
         monkeypatch.setattr(module, "load_model", loaded)
 
 

@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lowrank_core import distributed, models
+from lowrank_core import compare_job, distributed, models
 from lowrank_core.cli import main
-from lowrank_core.commands import compare as compare_cmd
 from lowrank_core.commands import evaluate as evaluate_cmd
 from lowrank_core.compare import CompareSettings, compare_models
 from lowrank_core.data import Example
@@ -343,7 +342,7 @@ def no_loading(monkeypatch):
     def loaded(*args, **kwargs):
         raise AssertionError(f"load_model{args} ran: the bad input was not refused before the work")
 
-    for module in (models, compare_cmd, evaluate_cmd):
+    for module in (models, compare_job, evaluate_cmd):
         monkeypatch.setattr(module, "load_model", loaded)
 
 

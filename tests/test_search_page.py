@@ -171,9 +171,9 @@ def test_opening_a_point_puts_that_plan_on_the_compress_and_budget_pages():
 
 
 def test_search_runs_in_the_background_with_progress(monkeypatch):
-    import lowrank_core.allocate
+    import lowrank_core.search_job
 
-    release = hold_back(monkeypatch, lowrank_core.allocate, "allocate")
+    release = hold_back(monkeypatch, lowrank_core.search_job, "allocate")
     at = started(PAGE)
     at.number_input(key="search_val").set_value(VAL)
     at.button(key="search_go").click().run()
@@ -192,12 +192,12 @@ def test_search_runs_in_the_background_with_progress(monkeypatch):
 
 
 def test_a_failed_search_shows_why(monkeypatch):
-    import lowrank_core.allocate
+    import lowrank_core.search_job
 
     def broken(*args, **kwargs):
         raise ValueError("the validation batches hold no answer tokens")
 
-    monkeypatch.setattr(lowrank_core.allocate, "allocate", broken)
+    monkeypatch.setattr(lowrank_core.search_job, "allocate", broken)
     at = started(PAGE)
     at.number_input(key="search_val").set_value(VAL)
     at.button(key="search_go").click().run()

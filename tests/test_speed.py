@@ -10,7 +10,7 @@ import yaml
 
 from lowrank_core.archmap import linear_map, meta_model
 from lowrank_core.cli import build_parser, main
-from lowrank_core.commands.compare import _student_kinds
+from lowrank_core.compare_job import CompareSpec
 from lowrank_core.commands.compress import job_from_args
 from lowrank_core.models import tiny_config
 from lowrank_core.plan import (Plan, PlanError, PlanOptions, account, load_plan, parse_plan_string, plan_from_rows,
@@ -151,7 +151,8 @@ def test_cli_rank_multiple_rounds_the_count_and_the_job(tmp_path, capsys):
     assert job_from_args(args).plan.rank_multiple == 8
     args = build_parser().parse_args(["compress", "--model", "tiny", "--plan", "mlp:k0.9; rank_multiple=16"])
     assert job_from_args(args).plan.rank_multiple == 16  # no flag: the plan's own
-    assert _student_kinds(["mlp:k0.9"], PlanOptions(rank_multiple=32))["mlp:k0.9"].rank_multiple == 32
+    kinds = CompareSpec(students=["mlp:k0.9"], plan=PlanOptions(rank_multiple=32)).kinds()
+    assert kinds["mlp:k0.9"].rank_multiple == 32
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"model": {"source": "tiny"}, "data": {"source": "chatterbot"},
                                       "plan": {"rules": [{"modules": "mlp", "keep": 0.9}], "rank_multiple": 16}}))

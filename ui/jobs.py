@@ -72,22 +72,16 @@ def store_result(key: str, job: JobResult) -> dict:
     return row
 
 
-def record_eval(key: str, n: int, teacher, student, comparison=None) -> None:
-    """Keep teacher/student scores (and the paired ``comparison`` behind them) on the job, so its export
-    manifest and model card carry them, and write them into every runs-table row of job ``key``."""
-    job = state.results().get(key)
-    if job is not None:
-        job.evaluation = {"teacher": teacher, "student": student}
-        job.comparison = comparison
-    extra = {}
-    if comparison is not None:
-        s = comparison.summary()
-        extra = {"delta": s["delta"], "delta_lo": s["delta_ci"][0], "delta_hi": s["delta_ci"][1],
-                 "verdict": s["verdict"], "margin": s["margin"], "kl": s["kl"], "top1": s["top1_agreement"]}
+def record_eval(key: str, comparison) -> None:
+    """Write the paired ``comparison`` of job ``key`` (``job.evaluate_job`` keeps it on the job, so its
+    export manifest and model card carry it) into every runs-table row of that job."""
+    teacher, student, s = comparison.eval_result("teacher"), comparison.eval_result("student"), comparison.summary()
     for row in state.runs():
         if row["job"] == key:
             row.update(eval_examples=student.examples, teacher_loss=teacher.loss, student_loss=student.loss,
-                       teacher_ppl=teacher.perplexity, student_ppl=student.perplexity, **extra)
+                       teacher_ppl=teacher.perplexity, student_ppl=student.perplexity, delta=s["delta"],
+                       delta_lo=s["delta_ci"][0], delta_hi=s["delta_ci"][1], verdict=s["verdict"], margin=s["margin"],
+                       kl=s["kl"], top1=s["top1_agreement"])
 
 
 def run_label(key: str) -> str:

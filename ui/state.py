@@ -92,12 +92,12 @@ def search_result():
     return st.session_state.get(SEARCH_KEY)
 
 
-def store_search(result, evaluation: dict, model: str, fingerprint: str, goal: str) -> dict:
+def store_search(result, evaluation: dict, model: str, fingerprint: str, goal: str, comparison=None) -> dict:
     """Keep a finished search of this session: ``result`` (``allocate.Allocation``), ``evaluation``
-    ({"teacher", "student"}: EvalResult on the first evaluation examples), the model's name and
-    fingerprint, the goal as asked; ``run`` counts the session's searches."""
+    ({"teacher", "student"}: EvalResult on the first evaluation examples) and the paired ``comparison``
+    behind it, the model's name and fingerprint, the goal as asked; ``run`` counts the session's searches."""
     previous = search_result()
-    found = {"result": result, "evaluation": evaluation, "model": model, "fingerprint": fingerprint,
-             "goal": goal, "run": (previous["run"] if previous else 0) + 1}
+    found = {"result": result, "evaluation": evaluation, "comparison": comparison, "model": model,
+             "fingerprint": fingerprint, "goal": goal, "run": (previous["run"] if previous else 0) + 1}
     st.session_state[SEARCH_KEY] = found
     return found

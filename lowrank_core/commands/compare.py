@@ -3,7 +3,8 @@
 A student is an export folder (dense or factorized) or a plan (file or compact string), built from the
 teacher with the compression flags on the calibration side of the same split. Evaluation examples are
 streamed from the eval side (never seen by calibration); see ``lowrank_core/compare.py`` and
-``stats.py`` for what is computed.
+``stats.py`` for what is computed. Flags -> :class:`~lowrank_core.compare_job.CompareSpec` ->
+:func:`~lowrank_core.compare_job.run_compare` -> print (and the per-example CSV).
 
 Under ``torchrun --nproc_per_node N`` (or ``accelerate launch --multi_gpu --num_processes N``) the N
 processes share the batches and report the one-process comparison; rank 0 alone prints and writes files
@@ -13,25 +14,20 @@ from __future__ import annotations
 
 import argparse
 import csv
-import itertools
 from pathlib import Path
 
-from .. import distributed
-from ..archmap import count_parameters
-from ..cli import CliError, at_least, note_dropped, print_json
-from ..compare import CompareSettings, compare_models
+from ..cli import at_least, note_dropped, print_json
+from ..compare import CompareSettings
+from ..compare_job import CompareResult, CompareSpec, run_compare
 from ..compress import CompressSettings
-from ..data import iter_side, make_split
-from ..generate import side_by_side
 from ..heal import HealSettings
-from ..job import DataSpec, JobSpec, ModelSpec, run_job
-from ..models import load_model
-from ..options import add_arguments, checked, from_args, to_mapping
+from ..job import DataSpec, ModelSpec
+from ..options import add_arguments, from_args
 from ..paths import check_output_file
-from ..plan import PlanOptions, load_plan
+from ..plan import PlanOptions
 from ..progress import TqdmProgress
 from ..table import format_table
-from .evaluate import add_device_map_argument, check_device_map_flag, in_launch
+from .evaluate import add_device_map_argument, in_launch
 
 
 def register(sub) -> None:
@@ -59,86 +55,38 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _student_kinds(values: list[str], options: PlanOptions = PlanOptions()) -> dict:
-    """{label: "folder" | Plan}: every student checked before any model loads (``options`` applied to every
-    plan)."""
-    kinds = {}
-    for value in values:
-        if value in kinds or value == "teacher":
-            raise CliError(f"--student {value!r} is given twice or named 'teacher'; each student once")
-        path = Path(value).expanduser()
-        if path.is_dir():
-            if not (path / "config.json").is_file():
-                raise CliError(f"--student {value!r} is a folder without config.json; pass an export folder or a plan")
-            kinds[value] = "folder"
-        else:
-            kinds[value] = options.apply(load_plan(value))
-    return kinds
+def spec_from_args(args) -> CompareSpec:
+    """The CompareSpec of the command line (nothing checked yet)."""
+    return CompareSpec(students=list(args.student), model=from_args(ModelSpec, args, "model"),
+                       data=DataSpec(source=args.data, seed=args.seed, calib=args.calib, eval=0),
+                       compare=from_args(CompareSettings, args, "compare"), plan=from_args(PlanOptions, args, "plan"),
+                       method=from_args(CompressSettings, args, "method"), heal=from_args(HealSettings, args, "heal"),
+                       generate=args.generate, max_new_tokens=args.max_new_tokens, device_map=args.device_map)
 
 
 def run(args) -> int:
-    settings = from_args(CompareSettings, args, "compare")
-    checked("compare", settings.validate)
     at_least(0, generate=args.generate, seed=args.seed)
     at_least(1, max_new_tokens=args.max_new_tokens, calib=args.calib)
+    spec = spec_from_args(args)
+    spec.validate()  # every student and option, before the launch is joined or any model loads
     if args.per_example is not None:
         check_output_file(args.per_example, "--per-example")
-    kinds = _student_kinds(args.student, from_args(PlanOptions, args, "plan"))
-    m = from_args(ModelSpec, args, "model")
-    check_device_map_flag(args.device_map, m.device)
-    data = DataSpec(source=args.data, seed=args.seed, calib=args.calib, eval=0)
-    jobs = {label: JobSpec(plan=plan, model=m, data=data, method=from_args(CompressSettings, args, "method"),
-                           heal=from_args(HealSettings, args, "heal"), name=f"compare:{label}")
-            for label, plan in kinds.items() if plan != "folder"}
-    for spec in jobs.values():
-        spec.validate()
-    return in_launch(m.device, lambda rank, size: _run(args, settings, kinds, m, jobs, rank, size))
+    return in_launch(spec.model.device, lambda rank, size: _run(args, spec, rank, size))
 
 
-def _run(args, settings: CompareSettings, kinds: dict, m: ModelSpec, jobs: dict, rank: int, size: int) -> int:
-    check_device_map_flag(args.device_map, m.device, size)
-    split = make_split(args.data, n_calib=max(spec.calib_examples for spec in jobs.values()), n_eval=0,
-                       seed=args.seed) if jobs else None
-    dropped: dict = {}  # records of the source that gave no example, by reason (filled while streaming)
-    examples = iter_side(args.data, "eval", seed=args.seed, dropped=dropped)  # streamed: memory stays flat
-    device = str(distributed.rank_device(m.device)) if size > 1 else m.device
-    teacher = load_model(m.source, dtype=m.dtype, device=device, device_map=args.device_map)
+def _run(args, spec: CompareSpec, rank: int, size: int) -> int:
     bar = TqdmProgress("compare") if rank == 0 else None  # every rank scores its share; rank 0 alone reports
     try:
-        students = {}
-        for label, kind in kinds.items():
-            if kind == "folder":
-                students[label] = load_model(label, dtype=m.dtype, device=teacher.device if args.device_map is None
-                                             else "auto", device_map=args.device_map).model
-            else:  # every rank builds the student from the same calibration examples
-                students[label] = run_job(jobs[label], progress=bar, loaded=teacher, split=split, evaluate=False,
-                                          export=False).student
-        results = compare_models(teacher.model, students, teacher.tokenizer, examples, settings, progress=bar)
-        generations = {}
-        if args.generate and rank == 0:
-            eval_few = list(itertools.islice(iter_side(args.data, "eval", seed=args.seed), args.generate))
-            for label, student in students.items():
-                generations[label] = [g.to_dict() for g in side_by_side(
-                    teacher.model, student, teacher.tokenizer, eval_few, k=args.generate,
-                    max_new_tokens=args.max_new_tokens, seed=settings.seed, progress=bar)]
+        result = run_compare(spec, progress=bar, world=(rank, size))
     finally:
         if bar is not None:
             bar.close()
     if rank != 0:
         return 0
-    record = {"teacher": teacher.name, "teacher_fingerprint": teacher.fingerprint, "data": args.data,
-              "seed": args.seed, "settings": to_mapping(settings),
-              "students": [{"student": label, "params": count_parameters(students[label]),
-                            "teacher_params": count_parameters(teacher.model), **results[label].summary()}
-                           for label in kinds],
-              "generations": generations, "dropped": dict(sorted(dropped.items()))}
-    if args.device_map is not None:
-        record["device_map"] = args.device_map
-    if size > 1:
-        record["processes"] = size
-    note_dropped({"source": args.data, "dropped": dropped})
+    record = result.to_dict()
+    note_dropped({"source": spec.data.source, "dropped": result.dropped})
     if args.per_example:
-        _write_rows(args.per_example, results)
+        _write_rows(args.per_example, result)
     if args.json:
         print_json(record)
     else:
@@ -146,8 +94,8 @@ def _run(args, settings: CompareSettings, kinds: dict, m: ModelSpec, jobs: dict,
     return 0
 
 
-def _write_rows(path: str, results: dict) -> None:
-    rows = [{"student": label, **row} for label, result in results.items() for row in result.rows()]
+def _write_rows(path: str, result: CompareResult) -> None:
+    rows = [{"student": label, **row} for label, c in result.comparisons.items() for row in c.rows()]
     with open(Path(path).expanduser(), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["student"])
         writer.writeheader()

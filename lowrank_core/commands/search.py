@@ -1,29 +1,25 @@
 """``search``: per-matrix ranks under a loss budget (or a parameter target), verified on a validation split.
 
-The validation split is carved from the calibration side of the honest split; the evaluation split is
-scored once, at the end, for the teacher and the found student. ``--out plan.yaml`` saves the plan so
+Flags -> :class:`~lowrank_core.search_job.SearchSpec` -> :func:`~lowrank_core.search_job.run_search` (the
+Search page runs the same) -> print. The validation split is carved from the calibration side of the honest
+split; the evaluation split is scored once, at the end: the teacher and the found student paired on the
+same examples (Δ with its interval and verdict, as ``compare`` reports). ``--out plan.yaml`` saves the plan so
 that ``compress --plan plan.yaml`` (same ``--calib``/``--max-len``/``--batch-size``/``--seed``) rebuilds
 the same student.
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
-from dataclasses import replace
 
-from ..allocate import (DEFAULT_KEEPS, GRADIENT_SCORES, PROBES, VAL_OVERDRAW, SearchSettings, allocate,
-                        fitting_examples, search_goal)
-from ..archmap import meta_model
-from ..cli import CliError, at_least, note_dropped, print_json
+from ..allocate import DEFAULT_KEEPS, GRADIENT_SCORES, PROBES, SearchSettings
+from ..cli import CliError, note_dropped, print_json
 from ..compress import CompressSettings
-from ..data import make_split
-from ..evaluate import default_batch_size, evaluate_models
-from ..job import DataSpec, EvalSpec, ModelSpec, rescue_dir
-from ..models import load_config, load_model, refuse_factorized
 from ..heal import HealSettings
-from ..options import add_arguments, checked, from_args
+from ..job import DataSpec, EvalSpec, ModelSpec, rescue_dir
+from ..options import add_arguments, from_args
 from ..paths import check_output_file
 from ..progress import TqdmProgress
+from ..search_job import DEFAULT_VAL, SearchResult, SearchSpec, run_search
 from ..table import format_table
 
 
@@ -39,7 +35,7 @@ def register(sub) -> None:
     add_arguments(p, ModelSpec, "model")
     add_arguments(p, DataSpec, "data")
     # a search needs a validation split (carved from the calibration side): DataSpec's default is none
-    p.set_defaults(data__val=32)
+    p.set_defaults(data__val=DEFAULT_VAL)
     target = p.add_mutually_exclusive_group()
     target.add_argument("--budget", default=None,
                         help="allowed Δ validation loss: nats (0.02) or percent of the teacher loss ('1%%'); default 1%%")
@@ -51,8 +47,7 @@ def register(sub) -> None:
     p.add_argument("--val-max-len", type=int, default=256, help="tokens per validation example")
     p.add_argument("--batch-size", type=int, default=CompressSettings.batch_size,
                    help="calibration batch size (as in compress)")
-    p.add_argument("--eval-batch-size", type=int, default=EvalSpec.batch_size,
-                   help="default: 1 on CPU, 8 on CUDA")
+    add_arguments(p, EvalSpec, "evaluate", prefix="eval-")  # the paired comparison of the found plan
     p.add_argument("--probe", default="layer", choices=PROBES,
                    help="sensitivity: 'layer' (one suffix pass per decoder layer), 'matrix' (one per matrix) or "
                         "'gradient' (one backward pass per validation example scores every singular component)")
@@ -68,60 +63,53 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def spec_from_args(args) -> SearchSpec:
+    """The SearchSpec of the command line (nothing checked yet: :func:`run_search` checks it first)."""
+    return SearchSpec(model=from_args(ModelSpec, args, "model"), data=from_args(DataSpec, args, "data"),
+                      search=SearchSettings(keeps=tuple(_floats(args.keeps)), probe_keep=args.probe_keep, probe=args.probe,
+                                            gradient_score=args.gradient_score, val_max_len=args.val_max_len,
+                                            max_verify=args.max_verify, refit=args.refit,
+                                            compression=CompressSettings(max_len=args.max_len,
+                                                                         batch_size=args.batch_size),
+                                            heal=from_args(HealSettings, args, "heal")),
+                      budget=args.budget, keep_params=args.keep_params, target_params=args.target_params,
+                      evaluate=from_args(EvalSpec, args, "evaluate"), name="search")
+
+
 def run(args) -> int:
-    start = time.perf_counter()
-    # a few times more validation-side examples than asked: long prompts do not fit --val-max-len
-    m, d = from_args(ModelSpec, args, "model"), from_args(DataSpec, args, "data")
-    if d.val < 1 or d.eval < 1:
-        raise CliError(f"--val {d.val} and --eval {d.eval} must be at least 1: the search is verified on validation "
-                       "examples and its plan scored on evaluation examples")
-    at_least(1, eval_batch_size=args.eval_batch_size)
+    spec = spec_from_args(args)
+    spec.validate()  # bad options and a bad goal fail here, before any example is read or weight loaded
     if args.out is not None:
         check_output_file(args.out, "--out", suffixes=(".yaml", ".yml", ".json"))
-    refuse_factorized(m.source)
-    settings = SearchSettings(keeps=_floats(args.keeps), probe_keep=args.probe_keep, probe=args.probe,
-                              gradient_score=args.gradient_score,
-                              val_max_len=args.val_max_len, max_verify=args.max_verify, refit=args.refit,
-                              compression=CompressSettings(calib=d.calib, max_len=args.max_len,
-                                                           batch_size=args.batch_size, seed=d.seed),
-                              heal=replace(from_args(HealSettings, args, "heal"), seed=d.seed))
-    checked("search", settings.validate)  # bad options fail here, before any weight is loaded
-    goal = dict(budget=args.budget, keep_params=args.keep_params, target_params=args.target_params,
-                modules=settings.modules)
-    search_goal(meta_model(load_config(m.source)), **goal)  # so does a bad goal (the config is enough)
-    split = make_split(d.source, n_calib=d.calib, n_eval=d.eval, n_val=VAL_OVERDRAW * d.val, seed=d.seed)
-    loaded = load_model(m.source, dtype=m.dtype, device=m.device)
-    val = fitting_examples(loaded.tokenizer, split.val, d.val, args.val_max_len)
-    if not val:
-        raise CliError(f"no validation example fits --val-max-len {args.val_max_len}; raise it")
-    budget, target = search_goal(loaded.model, **goal)
     bar = TqdmProgress("search")
     try:
-        result = allocate(loaded.model, loaded.tokenizer, split.calib, val, budget=budget,
-                          target_params=target, settings=settings, progress=bar)
-        scores = evaluate_models({"teacher": loaded.model, "student": result.student}, loaded.tokenizer,
-                                 split.eval, batch_size=args.eval_batch_size or default_batch_size(loaded.device),
-                                 max_len=args.max_len, progress=bar)
+        found = run_search(spec, progress=bar)
     finally:
         bar.close()
-    note_dropped(split.info.to_dict())
+    note_dropped(found.split.info.to_dict())
     if args.out:
-        try:
-            result.plan.save(args.out)
-        except OSError as e:  # the folder vanished or became read-only during the search: keep the plan
-            rescue = rescue_dir("search").with_suffix(Path(args.out).suffix)
-            rescue.parent.mkdir(parents=True, exist_ok=True)
-            result.plan.save(rescue)
-            raise CliError(f"saving the plan to {args.out} failed ({e}); it was saved to {rescue} instead") from e
-    record = {"model": loaded.name, "data": d.source, "budget_arg": budget, **result.to_dict(),
-              "teacher_val_loss": result.teacher_loss,
-              "teacher_loss": scores["teacher"].loss, "eval_loss": scores["student"].loss,
-              "eval_delta": scores["student"].loss - scores["teacher"].loss, "eval_examples": scores["student"].examples,
-              "eval_tokens": scores["student"].tokens, "split": split.info.to_dict(), "out": args.out,
-              "seconds": time.perf_counter() - start}
+        _save(found, args.out)
+    record = {**found.to_dict(), "out": args.out}
     if args.json:
         print_json(record)
         return 0
+    print_report(found, record)
+    return 0
+
+
+def _save(found: SearchResult, out: str) -> None:
+    plan = found.allocation.plan
+    try:
+        plan.save(out)
+    except OSError as e:  # the folder vanished or became read-only during the search: keep the plan
+        rescue = rescue_dir("search").with_suffix(Path(out).suffix)
+        rescue.parent.mkdir(parents=True, exist_ok=True)
+        plan.save(rescue)
+        raise CliError(f"saving the plan to {out} failed ({e}); it was saved to {rescue} instead") from e
+
+
+def print_report(found: SearchResult, record: dict) -> None:
+    result, c = found.allocation, found.comparison.summary()
     print(format_table(result.pareto, ["steps", "params", "removed", "predicted_loss", "val_loss", "verified"]))
     print()
     goal = f"budget {result.budget:.4f} nats" if result.budget is not None else f"target {result.target_params:,} params"
@@ -131,9 +119,11 @@ def run(args) -> int:
     print(f"validation loss  teacher {result.teacher_loss:.4f}  student {result.val_loss:.4f}  "
           f"Δ {result.val_loss - result.teacher_loss:+.4f}  ({result.val_examples} examples, "
           f"{result.val_tokens} answer tokens)")
+    lo, hi = c["delta_ci"]
     print(f"evaluation loss  teacher {record['teacher_loss']:.4f}  student {record['eval_loss']:.4f}  "
-          f"Δ {record['eval_delta']:+.4f}  ({record['eval_examples']} examples)")
-    if args.out:
-        print(f"plan saved to {args.out}")
+          f"Δ {c['delta']:+.4f}  {c['ci_level']:.0%} interval [{lo:+.4f}, {hi:+.4f}]  ({record['eval_examples']} "
+          f"examples, paired)")
+    print(f"verdict: {c['verdict_text']}")
+    if record["out"]:
+        print(f"plan saved to {record['out']}")
     print(f"{record['seconds']:.1f} s")
-    return 0
