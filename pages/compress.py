@@ -93,7 +93,10 @@ def job_progress(job, name: str) -> None:
             st.plotly_chart(charts.line_chart({"train (last step)": train, "valid (last check)": valid},
                                               "healing loss while it runs", "training tokens", "loss per token",
                                               x=tokens), key="compress_heal_live")
-        st.caption("Runs in the background: other pages stay usable and nothing restarts it.")
+        if st.button("Stop", key="compress_stop", disabled=job.stop_requested):
+            job.request_stop()
+        st.caption("Runs in the background: other pages stay usable and nothing restarts it. Stopping ends "
+                   "the job at its next progress report and keeps nothing of it.")
 
 
 st.title("Compress")
