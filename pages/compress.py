@@ -18,6 +18,7 @@ from ui.progress import POLL_SECONDS, job_status
 ensure_app()
 FORM_KEY = "lowrank_compress_form"
 ERROR_KEY = "lowrank_compress_error"
+STOPPED_KEY = "lowrank_compress_stopped"
 _C, _R, _H = compress_mod.CompressSettings(), refit_mod.RefitSettings(), heal_mod.HealSettings()  # engine defaults
 DEFAULTS = dict(method=_C.method, batch_size=_C.batch_size, layerwise=_C.layerwise, steps=_R.steps, lr=_R.lr,
                 batch_tokens=_R.batch_tokens, valid=_C.valid_fraction, patience=_R.patience, target=_R.target,
@@ -114,6 +115,8 @@ default_plan = v["plan"] if v.get("budget_text") == budget_text and v.get("plan"
 form = draw_form(v, default_plan, len(split.calib), running)
 if ERROR_KEY in st.session_state:
     st.error(st.session_state.pop(ERROR_KEY))
+if STOPPED_KEY in st.session_state:
+    st.warning(st.session_state.pop(STOPPED_KEY))
 
 if form.pop("submitted"):
     v.update(form, budget_text=budget_text)
@@ -146,7 +149,7 @@ if form.pop("submitted"):
 if running and pending.finished:
     st.session_state.pop(state.JOB_KEY, None)
     if pending.error is not None:
-        st.session_state[ERROR_KEY] = pending.failure("Compression")
+        st.session_state[STOPPED_KEY if pending.cancelled else ERROR_KEY] = pending.failure("Compression")
     else:
         jobs.store_result(pending.key, pending.result)
     st.rerun()  # enable the form again and show the result (or the error)

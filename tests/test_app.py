@@ -254,6 +254,26 @@ def test_compress_job_runs_in_the_background_with_the_form_disabled(monkeypatch)
     assert len(at.session_state["lowrank_runs"]) == 1
 
 
+def test_compress_stop_cancels_the_job_and_keeps_nothing(monkeypatch):
+    import lowrank_core.compress
+
+    release = hold_back(monkeypatch, lowrank_core.compress, "compress")
+    at = started("pages/compress.py")
+    at.text_area(key="compress_plan").set_value("mlp:r8")
+    at.form_submit_button[0].click().run()
+    assert not at.exception, at.exception
+    job = at.session_state["lowrank_pending_job"]
+    at.button(key="compress_stop").click().run()
+    assert job.stop_requested
+    release.set()
+    assert job.wait(60) and job.cancelled
+    at.run()
+    assert not at.exception, at.exception
+    assert "Compression stopped on request: nothing was kept." in texts(at.warning) and not texts(at.error)
+    assert "lowrank_runs" not in at.session_state or at.session_state["lowrank_runs"] == []
+    assert not at.form_submit_button[0].disabled
+
+
 def test_compress_bad_plan_is_an_error_and_runs_nothing():
     at = compressed("mlp:r999")
     assert "exceeds min(out, in)" in texts(at.error)
