@@ -299,6 +299,44 @@ def test_compress_heals_and_draws_the_healing_curve():
     assert [t["name"] for t in curve] == ["train", "valid"] and len(curve[0]["y"]) == job.healed.steps
 
 
+def test_compress_draws_the_live_healing_curve_from_the_progress_metrics(monkeypatch):
+    import threading
+
+    import lowrank_core.heal as heal_mod
+
+    gate, real, calls = threading.Event(), heal_mod.batch_loss, []
+
+    def held(*args, **kwargs):  # healing pauses after a few steps: the job is still running
+        calls.append(1)
+        if len(calls) > 12:
+            gate.wait(30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(heal_mod, "batch_loss", held)
+    at = started("pages/compress.py")
+    at.text_area(key="compress_plan").set_value("all:k0.3")
+    at.number_input(key="heal_tokens").set_value(5000)
+    at.number_input(key="heal_batch_tokens").set_value(64)
+    at.form_submit_button[0].click().run()
+    job = at.session_state["lowrank_pending_job"]
+    try:
+        for _ in range(600):
+            if len(calls) > 12 and job.heal_curve:
+                break
+            threading.Event().wait(0.05)
+        at.run()
+        assert not at.exception, at.exception
+        tokens, train, valid = (list(v) for v in zip(*job.heal_curve))
+        live = {t["name"]: t for t in plotly_specs(at)["compress_heal_live"]["data"]}
+        assert live["train (last step)"]["y"] == train and live["valid (last check)"]["y"] == valid
+        assert live["train (last step)"]["x"] == tokens and not job.finished
+        assert [m["train_loss"] for _, m in job.series("heal")] == train  # typed metrics, no message read
+    finally:
+        job.request_stop()  # the rest of the healing is not needed: the stop ends it at its next report
+        gate.set()
+    assert job.wait(120) and job.cancelled
+
+
 def evaluated(plan: str = "mlp:r8") -> AppTest:
     at = compressed(plan)
     at.switch_page("pages/evaluate.py").run()
