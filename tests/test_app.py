@@ -255,9 +255,9 @@ def test_compress_job_runs_in_the_background_with_the_form_disabled(monkeypatch)
 
 
 def test_compress_stop_cancels_the_job_and_keeps_nothing(monkeypatch):
-    import lowrank_core.compress
+    import lowrank_core.job
 
-    release = hold_back(monkeypatch, lowrank_core.compress, "compress")
+    release = hold_back(monkeypatch, lowrank_core.job, "compress")  # the job's own name for it
     at = started("pages/compress.py")
     at.text_area(key="compress_plan").set_value("mlp:r8")
     at.form_submit_button[0].click().run()
@@ -266,7 +266,7 @@ def test_compress_stop_cancels_the_job_and_keeps_nothing(monkeypatch):
     at.button(key="compress_stop").click().run()
     assert job.stop_requested
     release.set()
-    assert job.wait(60) and job.cancelled
+    assert job.wait(60) and job.cancelled, (job.error, job.result)
     at.run()
     assert not at.exception, at.exception
     assert "Compression stopped on request: nothing was kept." in texts(at.warning) and not texts(at.error)

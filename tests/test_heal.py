@@ -170,7 +170,8 @@ def test_progress_reports_carry_the_live_curve_as_typed_metrics(compressed, spli
     curve = result.curve
     assert result.steps >= 3 and [e.stage for e in events] == ["heal"] * result.steps
     assert [e.metrics["train_loss"] for e in events] == curve["train"]  # the step's own loss, not a rounded text
-    last_check = [max(j for j, at in enumerate(curve["eval_steps"]) if at <= step) for step in range(1, result.steps + 1)]
+    last_check = [max(j for j, at in enumerate(curve["eval_steps"]) if at <= step)
+                  for step in range(1, result.steps + 1)]
     assert [e.metrics["valid_loss"] for e in events] == [curve["valid"][j] for j in last_check]
     assert [e.done for e in events] == sorted({e.done for e in events}) and events[-1].done == min(result.tokens, 700)
     assert all(e.total == 700 for e in events)

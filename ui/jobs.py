@@ -191,8 +191,8 @@ class BackgroundJob:
             return list(self._phases.values())
 
     def failure(self, what: str) -> str:
-        """The page's message for the error that ended the job: '<what> failed: ...' ('<what> stopped: ...'
-        after a stop request)."""
+        """The page's message for the error that ended the job: '<what> failed: ...' ('<what> stopped on
+        request: ...' after a stop request)."""
         e = self.error
         if isinstance(e, Cancelled):
             return f"{what} stopped on request: nothing was kept."
