@@ -215,14 +215,15 @@ class CompressProbe:
 
 
 class LayerClock:
-    """Progress callback recording the wall time at which each decoder layer finishes."""
+    """Progress callback recording the wall time at which each decoder layer finishes (stage ``layer``
+    reaching a new count: its sub-steps report the count of the layers already done)."""
 
     def __init__(self):
         self.start = time.perf_counter()
         self.marks: list[float] = []
 
-    def __call__(self, done, total, message=""):
-        if message.startswith("layer "):
+    def __call__(self, done, total, message="", *, stage="", metrics=None):
+        if stage == "layer" and done > len(self.marks):
             self.marks.append(time.perf_counter())
 
     def per_layer(self) -> list[float]:

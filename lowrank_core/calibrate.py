@@ -298,7 +298,7 @@ def collect_grams(model: nn.Module, batches: Iterable[dict], linears: list[Linea
                     target(input_ids=ids, attention_mask=mask_arg, use_cache=False)
                 except _StopForward:
                     pass
-            progress(done, max(n_total, done), f"calibration batch {done}")
+            progress(done, max(n_total, done), f"calibration batch {done}", stage="calibration")
     finally:
         for handle in handles:
             handle.remove()

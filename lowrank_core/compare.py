@@ -8,8 +8,8 @@ of fixed size. :func:`compare_models` returns one :class:`Comparison` per studen
 card's evaluation) carries Δloss with a paired bootstrap interval, the z-test, the TOST verdict at a
 margin, KL, top-1 agreement and both perplexities (``stats.py`` holds the statistics).
 
-A progress callback that raises :class:`StopComparison` ends the pass early: the examples scored so far
-are kept and the comparison is marked ``stopped``.
+A progress callback that raises :class:`~lowrank_core.progress.Cancelled` (a job's stop request) ends
+the pass early: the examples scored so far are kept and the comparison is marked ``stopped``.
 
 Under a launch of N processes (``distributed.py``) each rank scores every N-th batch of the same batches
 and the per-example scalars are gathered in stream order: N processes give the one-process Comparison.
@@ -35,13 +35,9 @@ from .data import Example, iter_encoded_batches
 from .evaluate import EvalResult, answer_positions, default_batch_size, logits_at, row_sums
 from .layerwise import model_device
 from .options import option
-from .progress import Progress, ensure_progress
+from .progress import Cancelled, Progress, ensure_progress
 
 EXCERPT_CHARS = 240
-
-
-class StopComparison(Exception):
-    """Raised by a progress callback to end a comparison early, keeping what was scored."""
 
 
 @dataclass
@@ -224,14 +220,15 @@ def compare_models(teacher: nn.Module, students: dict, tokenizer, examples: Iter
                    world: Optional[tuple[int, int]] = None) -> dict:
     """{student name: Comparison}: teacher and every student scored on the same batches of (up to
     ``settings.examples`` of) ``examples``, consumed lazily. ``progress(done, total, message)`` after each
-    batch, the message holding the first student's running Δ ± its 95% half-width.
+    batch (stage ``compare``), its metrics the first student's running Δ (``delta``, nats per answer token)
+    and the 95% half-width (``half_width``), which the message also shows.
 
     ``world`` (rank, size), default ``distributed.active_world()``: with size > 1 every rank encodes the
     whole stream into the batches one process builds, scores batch b when ``b % size == rank``, and the
     per-example scalars are gathered and put back in stream order, so every rank returns the one-process
     Comparison (same rows, Δ, interval, tests, worst list). ``done`` is then the stream position reached and
-    the running Δ is this rank's; a :class:`StopComparison` stops only the rank that raised it (the others
-    finish their shards) and the gathered comparison is marked ``stopped``."""
+    the running Δ is this rank's; a ``Cancelled`` stops only the rank that raised it (the others finish
+    their shards) and the gathered comparison is marked ``stopped``."""
     settings = settings or CompareSettings()
     settings.validate()
     if not students:
@@ -267,8 +264,8 @@ def compare_models(teacher: nn.Module, students: dict, tokenizer, examples: Iter
                     if size > 1:
                         orders.append(order)
                     order += 1
-                progress(order, total, _running_message(running))
-        except StopComparison:
+                progress(order, total, _running_message(running), stage="compare", metrics=_running_metrics(running))
+        except Cancelled:
             for result in results.values():
                 result.stopped = True
     elapsed = time.perf_counter() - start
@@ -320,6 +317,13 @@ def _add(result: Comparison, example: Example, order: int, tokens: int, teacher_
             heapq.heappush(result.worst_heap, item)
         elif item > result.worst_heap[0]:
             heapq.heapreplace(result.worst_heap, item)
+
+
+def _running_metrics(running: stats.RunningRatio) -> dict:
+    if running.n <= 0:
+        return {}
+    se = running.se()
+    return {"delta": running.ratio, "half_width": 1.96 * se if math.isfinite(se) else math.inf}
 
 
 def _running_message(running: stats.RunningRatio) -> str:

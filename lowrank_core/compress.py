@@ -547,7 +547,8 @@ def _sequential(teacher, assignments, fit_b, held_b, settings, progress):
         mse = hidden_mse([xs[b] for b in mse_idx], [yt[b] for b in mse_idx], [inputs.masks[b] for b in mse_idx], width)
         mse_rows.append({"layer": i, **mse, "on": "held-out" if held_idx else "fit"})
         xt = yt
-        progress(i + 1, len(layers), f"layer {i}: hidden rel MSE {mse['rel_mse']:.3g}")
+        progress(i + 1, len(layers), f"layer {i}: hidden rel MSE {mse['rel_mse']:.3g}", stage="layer",
+                 metrics={"hidden_rel_mse": mse["rel_mse"]})
     head = {n: a for n, a in assignments.items() if a.info.layer is None}
     for name, a in head.items():
         rows.append(_head(teacher, name, a, inputs, xs, fit_idx, held_idx, replacements, timings, settings))
@@ -581,5 +582,7 @@ def _head(teacher, name, a, inputs, xs, fit_idx, held_idx, replacements, timings
 
 
 def _within(progress: Progress, done: int, total: int) -> Progress:
-    """A progress callback that reports sub-steps as messages of step ``done`` of ``total`` (one bar)."""
-    return lambda d, t, message: progress(done, total, f"{message} ({d}/{t})")
+    """A progress callback that reports sub-steps as messages of step ``done`` of ``total`` (one bar: stage
+    ``layer``), their metrics passed on."""
+    return lambda d, t, message="", stage="", metrics=None: progress(done, total, f"{message} ({d}/{t})",
+                                                                       stage="layer", metrics=metrics)

@@ -185,7 +185,8 @@ def evaluate_models(models: dict, tokenizer, examples: Iterable[Example], n: Opt
             if size > 1:
                 batch_sums.append((index, scored))
             first = next(iter(models))
-            progress(done, total, f"loss {sums[first] / max(local_tokens, 1):.4f}")
+            loss = sums[first] / max(local_tokens, 1)
+            progress(done, total, f"loss {loss:.4f}", stage="evaluate", metrics={"loss": loss})
     skipped = stats.get("skipped", 0)
     shared = (time.perf_counter() - start) - sum(forward_seconds.values())
     seconds = {name: shared + forward_seconds[name] for name in models}

@@ -24,7 +24,6 @@ import copy
 import json
 import math
 import random
-import re
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -44,14 +43,6 @@ from .progress import Progress, ensure_progress
 
 LOSSES = ("kl", "ce")
 AUTOCAST = ("auto", "off", "bf16")
-_PROGRESS = re.compile(r"heal (kl|ce) ([-+.\deE]+|nan|inf) valid ([-+.\deE]+|nan|inf)")
-
-
-def progress_point(message: str) -> Optional[tuple[float, float]]:
-    """(train loss of the last step, last validation loss) from a healing progress message, else None:
-    what a live curve (the app's Compress page) plots while the job runs."""
-    m = _PROGRESS.search(message)
-    return (float(m.group(2)), float(m.group(3))) if m else None
 
 
 @dataclass
@@ -317,7 +308,8 @@ def heal(teacher: nn.Module, student: nn.Module, tokenizer, examples: Sequence, 
                     if ckpt is not None:
                         _save_checkpoint(ckpt, params, best, opt, state)
                 progress(min(state["seen"], int(settings.tokens)), int(settings.tokens),
-                         f"heal {settings.loss} {curve['train'][-1]:.4g} valid {curve['valid'][-1]:.4g}")
+                         f"heal {settings.loss} {curve['train'][-1]:.4g} valid {curve['valid'][-1]:.4g}",
+                         stage="heal", metrics={"train_loss": curve["train"][-1], "valid_loss": curve["valid"][-1]})
                 if done or state["bad"] >= settings.patience:
                     break
     finally:

@@ -27,7 +27,7 @@ from .models import (DEVICES, DTYPES, LoadedModel, cache_dir, load_config, load_
 from .options import OptionError, checked, option, to_mapping
 from .paths import check_output_folder
 from .plan import Accounting, Plan, account, check_replaces_something, load_plan
-from .progress import Progress, ensure_progress
+from .progress import Progress, ensure_progress, staged
 from .threads import runtime_record
 
 
@@ -208,7 +208,7 @@ def _heal_summary(healed: Optional[HealResult]) -> Optional[dict]:
 
 
 def _phase(progress: Progress, name: str) -> Progress:
-    return lambda done, total, message="": progress(done, total, f"{name}: {message}")
+    return staged(progress, name, f"{name}: ")
 
 
 class _Laps:

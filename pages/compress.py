@@ -17,6 +17,7 @@ from ui.progress import POLL_SECONDS, job_status
 ensure_app()
 FORM_KEY = "lowrank_compress_form"
 ERROR_KEY = "lowrank_compress_error"
+STOPPED_KEY = "lowrank_compress_stopped"
 _C, _H = compress_mod.CompressSettings(), heal_mod.HealSettings()  # engine defaults
 DEFAULTS = dict(method=_C.method, batch_size=_C.batch_size, layerwise=_C.layerwise, valid=_C.valid_fraction,
                 heal_tokens=_H.tokens, heal_lr=_H.lr, heal_loss=_H.loss, heal_batch_tokens=_H.batch_tokens,
@@ -80,7 +81,10 @@ def job_progress(job, name: str) -> None:
             st.plotly_chart(charts.line_chart({"train (last step)": train, "valid (last check)": valid},
                                               "healing loss while it runs", "training tokens", "loss per token",
                                               x=tokens), key="compress_heal_live")
-        st.caption("Runs in the background: other pages stay usable and nothing restarts it.")
+        if st.button("Stop", key="compress_stop", disabled=job.stop_requested):
+            job.request_stop()
+        st.caption("Runs in the background: other pages stay usable and nothing restarts it. Stopping ends "
+                   "the job at its next progress report and keeps nothing of it.")
 
 
 st.title("Compress")
@@ -98,6 +102,8 @@ default_plan = v["plan"] if v.get("budget_text") == budget_text and v.get("plan"
 form = draw_form(v, default_plan, len(split.calib), running)
 if ERROR_KEY in st.session_state:
     st.error(st.session_state.pop(ERROR_KEY))
+if STOPPED_KEY in st.session_state:
+    st.warning(st.session_state.pop(STOPPED_KEY))
 
 if form.pop("submitted"):
     v.update(form, budget_text=budget_text)
@@ -130,7 +136,7 @@ if form.pop("submitted"):
 if running and pending.finished:
     st.session_state.pop(state.JOB_KEY, None)
     if pending.error is not None:
-        st.session_state[ERROR_KEY] = pending.failure("Compression")
+        st.session_state[STOPPED_KEY if pending.cancelled else ERROR_KEY] = pending.failure("Compression")
     else:
         jobs.store_result(pending.key, pending.result)
     st.rerun()  # enable the form again and show the result (or the error)

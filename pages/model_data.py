@@ -7,9 +7,9 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from lowrank_core.compare import StopComparison
 from lowrank_core.evaluate import default_batch_size, iter_loss_estimates
 from lowrank_core.models import DEVICES, DTYPES
+from lowrank_core.progress import Cancelled
 from lowrank_core.workspace import app_source
 from ui import cache, jobs, state
 from ui.entry import ensure_app, stop_page
@@ -147,8 +147,9 @@ def teacher_job(lm, examples: list, max_len: int, key: tuple) -> jobs.Background
             for estimate in iter_loss_estimates(lm.model, lm.tokenizer, examples, max_len=max_len,
                                                 batch_size=default_batch_size(lm.device)):
                 latest["estimate"] = estimate
-                progress(estimate.examples, estimate.total, estimate.describe("teacher loss"))
-        except StopComparison:
+                progress(estimate.examples, estimate.total, estimate.describe("teacher loss"), stage="teacher",
+                         metrics={"loss": estimate.loss, "half_width": estimate.half_width})
+        except Cancelled:
             latest["estimate"] = replace(latest["estimate"], stopped=True)
         return latest["estimate"]
 

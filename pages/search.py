@@ -27,6 +27,8 @@ PROBE_HELP = ("layer: one decoder-suffix pass per layer (cheap); matrix: one per
 def search_progress(job) -> None:
     """Progress of the running search, redrawn every POLL_SECONDS; a full rerun once it has finished."""
     with job_status(job, f"Searching: {job.info['goal']}", "reading the calibration examples…"):
+        if st.button("Stop", key="search_stop", disabled=job.stop_requested):
+            job.request_stop()
         st.caption("Runs in the background: other pages stay usable and nothing restarts it.")
 
 

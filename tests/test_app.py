@@ -254,6 +254,26 @@ def test_compress_job_runs_in_the_background_with_the_form_disabled(monkeypatch)
     assert len(at.session_state["lowrank_runs"]) == 1
 
 
+def test_compress_stop_cancels_the_job_and_keeps_nothing(monkeypatch):
+    import lowrank_core.job
+
+    release = hold_back(monkeypatch, lowrank_core.job, "compress")  # the job's own name for it
+    at = started("pages/compress.py")
+    at.text_area(key="compress_plan").set_value("mlp:r8")
+    at.form_submit_button[0].click().run()
+    assert not at.exception, at.exception
+    job = at.session_state["lowrank_pending_job"]
+    at.button(key="compress_stop").click().run()
+    assert job.stop_requested
+    release.set()
+    assert job.wait(60) and job.cancelled, (job.error, job.result)
+    at.run()
+    assert not at.exception, at.exception
+    assert "Compression stopped on request: nothing was kept." in texts(at.warning) and not texts(at.error)
+    assert "lowrank_runs" not in at.session_state or at.session_state["lowrank_runs"] == []
+    assert not at.form_submit_button[0].disabled
+
+
 def test_compress_bad_plan_is_an_error_and_runs_nothing():
     at = compressed("mlp:r999")
     assert "exceeds min(out, in)" in texts(at.error)
@@ -277,6 +297,44 @@ def test_compress_heals_and_draws_the_healing_curve():
     assert job.healed is not None and job.healed.tokens >= 1 and job.spec.heal.tokens == 1500
     curve = plotly_specs(at)["compress_heal"]["data"]
     assert [t["name"] for t in curve] == ["train", "valid"] and len(curve[0]["y"]) == job.healed.steps
+
+
+def test_compress_draws_the_live_healing_curve_from_the_progress_metrics(monkeypatch):
+    import threading
+
+    import lowrank_core.heal as heal_mod
+
+    gate, real, calls = threading.Event(), heal_mod.batch_loss, []
+
+    def held(*args, **kwargs):  # healing pauses after a few steps: the job is still running
+        calls.append(1)
+        if len(calls) > 12:
+            gate.wait(30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(heal_mod, "batch_loss", held)
+    at = started("pages/compress.py")
+    at.text_area(key="compress_plan").set_value("all:k0.3")
+    at.number_input(key="heal_tokens").set_value(5000)
+    at.number_input(key="heal_batch_tokens").set_value(64)
+    at.form_submit_button[0].click().run()
+    job = at.session_state["lowrank_pending_job"]
+    try:
+        for _ in range(600):
+            if len(calls) > 12 and job.heal_curve:
+                break
+            threading.Event().wait(0.05)
+        at.run()
+        assert not at.exception, at.exception
+        tokens, train, valid = (list(v) for v in zip(*job.heal_curve))
+        live = {t["name"]: t for t in plotly_specs(at)["compress_heal_live"]["data"]}
+        assert live["train (last step)"]["y"] == train and live["valid (last check)"]["y"] == valid
+        assert live["train (last step)"]["x"] == tokens and not job.finished
+        assert [m["train_loss"] for _, m in job.series("heal")] == train  # typed metrics, no message read
+    finally:
+        job.request_stop()  # the rest of the healing is not needed: the stop ends it at its next report
+        gate.set()
+    assert job.wait(120) and job.cancelled
 
 
 def evaluated(plan: str = "mlp:r8") -> AppTest:

@@ -14,11 +14,12 @@ import torch.nn.functional as F
 
 from lowrank_core import data, stats
 from lowrank_core.cli import main
-from lowrank_core.compare import CompareSettings, StopComparison, compare, compare_models
+from lowrank_core.compare import CompareSettings, compare, compare_models
 from lowrank_core.data import Example
 from lowrank_core.evaluate import evaluate_models
 from lowrank_core.generate import first_difference, side_by_side
 from lowrank_core.models import tiny_model
+from lowrank_core.progress import Cancelled
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +182,7 @@ def test_a_stop_keeps_what_was_scored(tiny):
 
     def progress(done, total, message):
         if done >= 8:
-            raise StopComparison
+            raise Cancelled
 
     c = compare(model, perturbed(model, 0.1), tok, examples(40), CompareSettings(examples=40, batch_size=4),
                 progress=progress)

@@ -3,7 +3,6 @@ tensors (the teacher stays bit-identical), resumes from a checkpoint exactly, an
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ from lowrank_core.data import calibration_batches, make_split
 from lowrank_core.heal import HealSettings, batch_loss, copy_student, heal, mean_loss
 from lowrank_core.models import tiny_model
 from lowrank_core.options import parse_count
+from lowrank_core.progress import ProgressEvent
 from lowrank_core.recipe import RecipeError, validate_recipe
 from lowrank_core.student import changed_tensors, shared_tensor_names, state_checksums
 
@@ -157,10 +157,21 @@ def test_mean_loss_of_the_teacher_against_itself_is_zero(compressed, split):
     assert mean_loss(teacher, teacher, batches, "kl", lambda: torch.no_grad()) == pytest.approx(0.0, abs=1e-6)
 
 
-def test_progress_messages_carry_the_live_curve():
-    from lowrank_core.heal import progress_point
+def test_progress_reports_carry_the_live_curve_as_typed_metrics(compressed, split):
+    teacher, tok, student = compressed
+    events = []
 
-    assert progress_point("heal: heal kl 0.1234 valid 0.2 (3/10)") == (0.1234, 0.2)
-    train, valid = progress_point("heal ce 2.5e-01 valid nan")
-    assert train == 0.25 and math.isnan(valid)
-    assert progress_point("compress: layer 3") is None
+    def record(done, total, message="", *, stage="", metrics=None):
+        events.append(ProgressEvent(stage, done, total, message, dict(metrics or {})))
+
+    result = heal(teacher, copy_student(student), tok, split.calib[:12],
+                  HealSettings(tokens=700, batch_tokens=128, max_len=MAX_LEN, eval_every=2, patience=50),
+                  progress=record)
+    curve = result.curve
+    assert result.steps >= 3 and [e.stage for e in events] == ["heal"] * result.steps
+    assert [e.metrics["train_loss"] for e in events] == curve["train"]  # the step's own loss, not a rounded text
+    last_check = [max(j for j, at in enumerate(curve["eval_steps"]) if at <= step)
+                  for step in range(1, result.steps + 1)]
+    assert [e.metrics["valid_loss"] for e in events] == [curve["valid"][j] for j in last_check]
+    assert [e.done for e in events] == sorted({e.done for e in events}) and events[-1].done == min(result.tokens, 700)
+    assert all(e.total == 700 for e in events)

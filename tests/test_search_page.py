@@ -179,7 +179,7 @@ def test_search_runs_in_the_background_with_progress(monkeypatch):
     at.button(key="search_go").click().run()
     assert not at.exception, at.exception
     assert "Searching: budget 1%" in at.status[0].label
-    assert not at.button  # no second search while one runs
+    assert [b.key for b in at.button] == ["search_stop"]  # no second search while one runs
     at.switch_page("pages/budget.py").run()  # leaving the page neither stops nor restarts the search
     assert "search is running in the background" in texts(at.sidebar.caption)
     job = at.session_state["lowrank_pending_search"]
@@ -189,6 +189,24 @@ def test_search_runs_in_the_background_with_progress(monkeypatch):
     assert not at.exception, at.exception
     assert "search_pareto" in plotly_specs(at)
     assert at.number_input(key="search_val").value == VAL  # the submitted choices come back
+
+
+def test_stop_cancels_a_running_search(monkeypatch):
+    import lowrank_core.allocate.search as search_mod
+
+    release = hold_back(monkeypatch, search_mod, "build_profile")  # allocate's first step waits
+    at = started(PAGE)
+    at.number_input(key="search_val").set_value(VAL)
+    at.button(key="search_go").click().run()
+    job = at.session_state["lowrank_pending_search"]
+    at.button(key="search_stop").click().run()
+    assert job.stop_requested
+    release.set()
+    assert job.wait(60) and job.cancelled
+    at.run()
+    assert not at.exception, at.exception
+    assert "Search stopped on request: nothing was kept." in texts(at.error)
+    assert "lowrank_search" not in at.session_state
 
 
 def test_a_failed_search_shows_why(monkeypatch):

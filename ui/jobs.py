@@ -12,12 +12,11 @@ import time
 
 import streamlit as st
 
-from lowrank_core.compare import StopComparison
-from lowrank_core.heal import HealSettings, progress_point
+from lowrank_core.heal import HealSettings
 from lowrank_core.job import DataSpec, JobResult, JobSpec, ModelSpec, run_job
+from lowrank_core.progress import CancelToken, Cancelled, ProgressEvent
 
 from . import state
-from .progress import phase_of
 
 MAX_RESULTS = 4  # students kept in memory (each holds its own factor tensors)
 
@@ -107,19 +106,20 @@ def keys_for(fingerprint: str) -> list[str]:
 
 class BackgroundJob:
     """Runs ``work(progress)`` in a daemon thread, so no rerun of the page (a click, a page switch)
-    interrupts or restarts it. The thread never touches Streamlit; pages poll ``snapshot()``."""
+    interrupts or restarts it. The thread never touches Streamlit; pages poll ``snapshot()`` (the last
+    ``ProgressEvent`` of each stage) and ``series(stage)`` (the metrics reported so far)."""
 
     def __init__(self, key: str, work, **info):
         self.key, self.info = key, info
         self.result = None
         self.error: BaseException | None = None
         self.started = time.monotonic()
-        self._phases: dict[str, tuple[int, int, str]] = {}
-        self._phase_start: dict[str, tuple[float, int]] = {}  # phase -> (time, done) of its first report
+        self.token = CancelToken()  # the stop request of every kind of job
+        self._phases: dict[str, ProgressEvent] = {}  # stage -> its last report
+        self._phase_start: dict[str, tuple[float, int]] = {}  # stage -> (time, done) of its first report
         self._last_phase: str | None = None
-        self.heal_curve: list[tuple[int, float, float]] = []  # (tokens, train loss, valid loss) while healing
+        self._series: dict[str, list[tuple[int, dict]]] = {}  # stage -> (done, metrics) of reports with metrics
         self._lock = threading.Lock()
-        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(work,), name=f"lowrank-job-{key}", daemon=True)
         self._thread.start()
 
@@ -130,27 +130,42 @@ class BackgroundJob:
             self.error = e
 
     def request_stop(self) -> None:
-        """Ask the work to stop: its next progress report raises ``StopComparison`` (work that catches it
-        keeps what it has; other work fails with it)."""
-        self._stop.set()
+        """Ask the work to stop: its next progress report raises ``Cancelled`` (work that catches it keeps
+        what it has, as a comparison; other work ends with it: ``cancelled``)."""
+        self.token.cancel()
 
     @property
     def stop_requested(self) -> bool:
-        return self._stop.is_set()
+        return self.token.cancelled
 
-    def progress(self, done: int, total: int, message: str = "") -> None:
-        if self._stop.is_set():
-            raise StopComparison
-        point = progress_point(message)
+    @property
+    def cancelled(self) -> bool:
+        """Did the work end on a stop request (rather than finish or fail)?"""
+        return isinstance(self.error, Cancelled)
+
+    def progress(self, done: int, total: int, message: str = "", *, stage: str = "", metrics=None) -> None:
+        self.token.check()
+        event = ProgressEvent(stage, done, total, message, dict(metrics or {}))
         now = time.monotonic()
         with self._lock:
-            phase = phase_of(message)
-            if phase not in self._phase_start or done < self._phases[phase][0]:
-                self._phase_start[phase] = (now, done)
-            self._phases[phase] = (done, total, message)
-            self._last_phase = phase
-            if point is not None:
-                self.heal_curve.append((done, *point))
+            last = self._phases.get(stage)
+            if last is None or done < last.done or total != last.total:
+                self._phase_start[stage] = (now, done)
+            self._phases[stage] = event
+            self._last_phase = stage
+            if event.metrics:
+                self._series.setdefault(stage, []).append((done, event.metrics))
+
+    def series(self, stage: str) -> list[tuple[int, dict]]:
+        """(done, metrics) of every report of ``stage`` that carried metrics, oldest first."""
+        with self._lock:
+            return list(self._series.get(stage, ()))
+
+    @property
+    def heal_curve(self) -> list[tuple[int, float, float]]:
+        """(tokens, train loss of the last step, last validation loss) of every healing step so far."""
+        return [(done, m["train_loss"], m["valid_loss"]) for done, m in self.series("heal")
+                if "train_loss" in m and "valid_loss" in m]
 
     def seconds_left(self) -> float | None:
         """Estimated seconds left in the phase reported last (its rate so far), None before a rate exists."""
@@ -158,20 +173,23 @@ class BackgroundJob:
             phase = self._last_phase
             if phase is None:
                 return None
-            done, total, _ = self._phases[phase]
+            done, total = self._phases[phase].done, self._phases[phase].total
             start, first = self._phase_start[phase]
         elapsed = time.monotonic() - start
         if total <= 0 or done <= first or elapsed <= 0:
             return None
         return (total - done) * elapsed / (done - first)
 
-    def snapshot(self) -> list[tuple[int, int, str]]:
+    def snapshot(self) -> list[ProgressEvent]:
         with self._lock:
             return list(self._phases.values())
 
     def failure(self, what: str) -> str:
-        """The page's message for the error that ended the job: '<what> failed: ...'."""
+        """The page's message for the error that ended the job: '<what> failed: ...' ('<what> stopped on
+        request: ...' after a stop request)."""
         e = self.error
+        if isinstance(e, Cancelled):
+            return f"{what} stopped on request: nothing was kept."
         return f"{what} failed: {e}" if isinstance(e, ValueError) else f"{what} failed: {type(e).__name__}: {e}"
 
     @property

@@ -1,11 +1,13 @@
-"""The app's ``progress(done, total, message)`` adapter: ``st.progress`` bars inside a container."""
+"""The app's ``progress(done, total, message, stage=, metrics=)`` adapter: ``st.progress`` bars inside a
+container, one per stage of the reports (``lowrank_core.progress.ProgressEvent``)."""
 from __future__ import annotations
 
 import contextlib
-import re
 import time
 
 import streamlit as st
+
+from lowrank_core.progress import ProgressEvent
 
 
 # How often a page polls a background job. Each tick reruns the page's fragment in the server; at 0.5 s the
@@ -14,15 +16,10 @@ import streamlit as st
 POLL_SECONDS = 2.0
 
 
-def phase_of(message: str) -> str:
-    """The message up to its first digit: 'refit layer 3 loss 0.1' -> 'refit layer'."""
-    return re.split(r"\d", message, maxsplit=1)[0].strip(" :.·-") or "progress"
-
-
 class StreamlitProgress:
-    """Callable progress for engine functions: one bar per phase (messages that differ only from their
-    first digit on share a bar), so an outer per-layer bar and an inner per-step bar both stay visible.
-    Each bar is redrawn at most every ``min_interval`` seconds (and always at its end)."""
+    """Callable progress for engine functions: one bar per stage of the reports, so an outer per-layer
+    bar and an inner per-step bar both stay visible. Each bar is redrawn at most every ``min_interval``
+    seconds (and always at its end)."""
 
     def __init__(self, container=None, min_interval: float = 0.15):
         self._container = container if container is not None else st
@@ -31,28 +28,25 @@ class StreamlitProgress:
         self._min_interval = min_interval
         self.calls = 0
 
-    def __call__(self, done: int, total: int, message: str = "") -> None:
+    def __call__(self, done: int, total: int, message: str = "", *, stage: str = "", metrics=None) -> None:
         self.calls += 1
-        phase = phase_of(message)
+        event = ProgressEvent(stage, done, total, message, dict(metrics or {}))
         now = time.monotonic()
-        if phase in self._bars and done < total and now - self._last[phase] < self._min_interval:
+        if stage in self._bars and done < total and now - self._last[stage] < self._min_interval:
             return
-        self._last[phase] = now
-        frac = 0.0 if total <= 0 else min(1.0, max(0.0, done / total))
-        text = f"{message} ({done}/{total})" if total > 0 else f"{message} ({done})"
-        if phase not in self._bars:
-            self._bars[phase] = self._container.progress(frac, text=text)
+        self._last[stage] = now
+        if stage not in self._bars:
+            self._bars[stage] = self._container.progress(event.fraction, text=event.text())
         else:
-            self._bars[phase].progress(frac, text=text)
+            self._bars[stage].progress(event.fraction, text=event.text())
 
 
-def draw_phases(phases: list[tuple[int, int, str]], waiting: str) -> None:
-    """One bar per phase of a background job's ``snapshot()``; ``waiting`` before its first report."""
-    if not phases:
+def draw_phases(events: list[ProgressEvent], waiting: str) -> None:
+    """One bar per stage of a background job's ``snapshot()``; ``waiting`` before its first report."""
+    if not events:
         st.write(waiting)
-    for done, total, message in phases:
-        st.progress(min(1.0, done / total) if total > 0 else 0.0,
-                    text=f"{message} ({done}/{total})" if total > 0 else message)
+    for event in events:
+        st.progress(event.fraction, text=event.text())
 
 
 def _duration(seconds: float) -> str:

@@ -28,7 +28,7 @@ from ..heal import copy_student, heal
 from ..layerwise import is_dispatched, unhooked
 from ..lowrank import LowRankLinear
 from ..plan import Plan
-from ..progress import Progress, ensure_progress
+from ..progress import Progress, ensure_progress, staged
 from ..stats import loss_difference
 from ..student import build_student
 from .path import Step, greedy_path, plan_from_ranks, ranks_after
@@ -178,7 +178,7 @@ class _Verifier:
             if self.healing.enabled and k:
                 student = copy_student(student)  # the memoised factors stay the closed-form ones
                 h = heal(self.teacher, student, self.tokenizer, self.heal_examples, self.healing,
-                         progress=lambda d, t, m: self.progress(d, t, f"healing prefix {k}: {m}"))
+                         progress=staged(self.progress, "heal", f"healing prefix {k}: "))
                 self.heal_results[k] = {key: v for key, v in h.to_dict().items() if key not in ("curve", "settings")}
                 self.healed = {k: student}  # one healed student kept (memory bound)
             pi = self.profile.val_inputs
@@ -202,7 +202,7 @@ def _search_budget(verifier: _Verifier, steps: list[Step], budget: float, teache
     lo, hi = 0, len(steps) + 1          # lo: known within budget; hi: known over (len+1: none yet)
     k = _last_within(steps, budget)
     while lo < k < hi and verifier.passes < max_verify:
-        progress(verifier.passes, max_verify, f"verifying a plan of {k} greedy steps")
+        progress(verifier.passes, max_verify, f"verifying a plan of {k} greedy steps", stage="verify")
         delta = verifier.loss(k) - teacher_loss
         if delta <= budget:
             lo = k
