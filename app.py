@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from lowrank_core.threads import configure_threads
+from lowrank_core.threads import configure_threads, pin_thread
 
 from ui.entry import PageDone
 from ui.sidebar import draw_sidebar
@@ -17,6 +17,7 @@ def _threads() -> int:
 
 
 _threads()
+pin_thread()  # each rerun runs on a script thread of its own: give it the server's count
 st.set_page_config(page_title="lowrank lab", page_icon=":material/compress:", layout="wide")
 
 PAGES = [

@@ -10,6 +10,8 @@ depends on. The policy, chosen once at CLI start, once per app server and once p
 - unset (the default): the cores this process may run on (``sched_getaffinity``) divided among the
   ``processes`` of a launch, at least 1: the same on every run of the same machine.
 
+torch's count is per OS thread; threads that compute (the app's background jobs) call :func:`pin_thread`.
+
 The count in force is recorded in every manifest and JSON record (:func:`runtime_record`); rerunning with
 ``LOWRANK_THREADS=<that count>`` reproduces the result bit for bit.
 """
@@ -98,6 +100,19 @@ def configure_threads(processes: int = 1, device: str = "cpu") -> int:
         torch.set_num_threads(n)
     _policy.update(policy=policy_of(), threads=n)
     return n
+
+
+def pin_thread() -> int:
+    """Give the calling thread the count :func:`configure_threads` chose (no-op before it ran); returns it.
+
+    torch keeps the count per OS thread: a new thread takes the process-wide default the first time it
+    runs a parallel op, and ``decompose.solver_threads`` lowers that default for a moment on whatever thread
+    runs a solver. A background job or a server thread calls this first, so its count (and so its numbers)
+    does not depend on what another thread was doing when it started."""
+    n = _policy["threads"]
+    if n and torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n or torch.get_num_threads()
 
 
 def runtime_record() -> dict:

@@ -1,6 +1,8 @@
 """Shared fixtures. Tiny random models for unit tests; the embedded model for integration tests."""
 from __future__ import annotations
 
+import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,10 @@ import torch
 # machines), and the suite must pass at every such count (OMP_NUM_THREADS=1, 2, unset).
 SESSION_THREADS = max(1, min(2, torch.get_num_threads()))
 torch.set_num_threads(SESSION_THREADS)
+# The app under AppTest (its script and job threads), the browser test's server and CLI children take the
+# same count (tests of the thread policy itself clear or override this); the suite tests the CPU path.
+os.environ["LOWRANK_THREADS"] = str(SESSION_THREADS)
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 FIXTURES = Path(__file__).parent / "fixtures"
 MISTRAL_CONFIG = FIXTURES / "mistral-7b-openorca-config.json"
@@ -49,7 +55,6 @@ def mistral_config():
 
 def pytest_report_header(config):
     """What the numbers depend on: versions (and any that differ from requirements-lock.txt) and threads."""
-    import os
     import platform
     import re
     from importlib import metadata
@@ -84,8 +89,17 @@ def pytest_runtest_call(item):
     try:
         return (yield)
     finally:
-        left = torch.get_num_threads()
-        if left != SESSION_THREADS:
+        left, default = torch.get_num_threads(), _new_thread_count()
+        if left != SESSION_THREADS or default != SESSION_THREADS:
             torch.set_num_threads(SESSION_THREADS)
-            pytest.fail(f"{item.nodeid} left torch at {left} threads (the session runs at {SESSION_THREADS}); "
-                        "restore the count it changed")
+            pytest.fail(f"{item.nodeid} left torch at {left} threads and a new thread at {default} (the session "
+                        f"runs at {SESSION_THREADS}); restore the count it changed")
+
+
+def _new_thread_count() -> int:
+    """The count a thread started now gets (torch's process-wide default; the app's jobs start threads)."""
+    seen = []
+    worker = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    worker.start()
+    worker.join()
+    return seen[0]

@@ -15,6 +15,7 @@ import streamlit as st
 from lowrank_core.heal import HealSettings
 from lowrank_core.job import DataSpec, JobResult, JobSpec, ModelSpec, run_job
 from lowrank_core.progress import CancelToken, Cancelled, ProgressEvent
+from lowrank_core.threads import pin_thread
 
 from . import state
 
@@ -124,6 +125,7 @@ class BackgroundJob:
         self._thread.start()
 
     def _run(self, work) -> None:
+        pin_thread()  # the server's thread count, whatever the thread that started this one was doing
         try:
             self.result = work(self.progress)
         except BaseException as e:  # noqa: BLE001 - reported on the page
