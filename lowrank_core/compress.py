@@ -13,7 +13,8 @@
      as ``refit``): for each decoder layer, Grams of its linears are taken on the STUDENT's inputs (what
      the already-compressed earlier layers produce), the factors computed, refined by methods that
      refine (``Method.refine_layer``, e.g. the block-level refit of ``methods/refit.py``), and the
-     student stream advanced. Only one layer is on the compute device at a time (the 7B path);
+     student stream advanced (a ``layerwise.walk_layers`` callback, as is the fast path's hidden-MSE pass).
+     Only one layer is on the compute device at a time (the 7B path);
 
 4. build the student (``student.build_student``: teacher untouched, untouched tensors shared);
 5. report each replaced matrix's relative output error on the held-out Grams, the per-layer hidden-state

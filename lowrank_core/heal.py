@@ -10,7 +10,8 @@ head runs on real tokens only, so memory is one batch of logits ``[tokens, vocab
 
 Training pairs come from the calibration side of the honest split (never evaluation data); a seeded
 ``valid_fraction`` of them is held out for early stopping. Steps accumulate gradients over sequences
-until ``batch_tokens`` real tokens; Adam; the best-valid factors are restored. With ``checkpoint`` (a
+until ``batch_tokens`` real tokens; Adam (``train.early_stopped_adam``, the loop refit uses too); the
+best-valid factors are restored. With ``checkpoint`` (a
 folder) the trainable tensors, Adam's moments and the curve are saved (safetensors + JSON, no pickle)
 at every evaluation and a rerun resumes from there.
 

@@ -394,8 +394,9 @@ class LayerStep:
     plain view of it on ``device`` (hook-free; tensors already there shared, others copied there once —
     one layer's weights on the compute device); ``prefix``: the layer's module path with a trailing dot
     (``model.layers.3.``); ``inputs``: {stream: LayerInputs} (masks and per-layer kwargs); ``hidden``:
-    {stream: per batch ``[B, T, H]``, the states entering this layer}. Streams holding the very same list
-    (a student stream before its first replaced layer) share every teacher computation."""
+    {stream: per batch ``[B, T, H]``, the states entering this layer; a stream leaves it once
+    :meth:`advance`\ d}. Streams holding the very same list (a student stream before its first replaced
+    layer) share every teacher computation."""
 
     index: int
     layer: nn.Module
@@ -405,6 +406,18 @@ class LayerStep:
     inputs: dict[str, LayerInputs]
     hidden: dict[str, list]
     _outputs: dict = field(default_factory=dict, repr=False)   # id(hidden list) -> teacher outputs on it
+    _next: dict = field(default_factory=dict, repr=False)      # stream -> states leaving the layer (None: done)
+
+    def advance(self, stream: str, outputs: Optional[list]) -> None:
+        """``outputs`` are ``stream``'s states leaving this layer (None: stop walking it). Its entering states
+        are let go now (no longer in ``hidden``), not at the end of the step: e.g. the profile's calibration
+        stream, advanced right after its Gram pass, is not held during the probes."""
+        if stream not in self.hidden:
+            raise ValueError(f"layer {self.index}: stream {stream!r} is not entering it (unknown, or already advanced)")
+        old = self.hidden.pop(stream)
+        self._next[stream] = outputs
+        if not any(h is old for h in self.hidden.values()):
+            self._outputs.pop(id(old), None)   # no stream reads that list any more: its id may be reused
 
     def same(self, a: str, b: str) -> bool:
         """Whether streams ``a`` and ``b`` are the same list (e.g. no layer of the student replaced yet)."""
@@ -450,8 +463,9 @@ def walk_layers(model: nn.Module, streams: Mapping[str, Union[LayerInputs, Seque
     ``streams``: {name: captured ``LayerInputs``, or batches (dicts with ``input_ids`` / ``attention_mask``
     ``[B, T]``) captured here by :func:`capture_layer_inputs` — on ``store_device``, with ``progress`` —,
     once per distinct object}; names given the same object start as one shared list. ``visit`` returns
-    None or {stream: outputs ``[B, T, H]`` per batch, or None to stop walking that stream}; every stream it
-    does not name is advanced by the teacher layer (:meth:`LayerStep.output`). ``device``: where each layer
+    None or {stream: outputs ``[B, T, H]`` per batch, or None to stop walking that stream} (the same as
+    :meth:`LayerStep.advance` on each, which it may call earlier itself); every stream still entering
+    when it returns is advanced by the teacher layer (:meth:`LayerStep.output`). ``device``: where each layer
     computes (copied there for its turn, e.g. ``cuda`` for a teacher in CPU memory; default: where it is,
     :func:`module_device` — a layer dispatched by accelerate gives a hook-free copy, the teacher and its
     hooks are left as they are). ``layers``: walk only the first ``layers`` decoder layers.
@@ -472,12 +486,15 @@ def walk_layers(model: nn.Module, streams: Mapping[str, Union[LayerInputs, Seque
     hidden = {name: inp.hidden for name, inp in inputs.items()}   # one LayerInputs: one shared list
     count = len(stack) if layers is None else min(int(layers), len(stack))
     for i in range(count):
-        layer = stack[i]
+        layer, names = stack[i], list(hidden)
         dev = torch.device(device) if device is not None else module_device(layer)
         step = LayerStep(i, layer, private_view(layer_on(layer, dev)), dev, spec.layer_prefix(i),
-                         {name: inputs[name] for name in hidden}, dict(hidden))
-        given = dict(visit(step) or {})
-        hidden = {name: given[name] if name in given else step.output(name) for name in hidden
-                  if not (name in given and given[name] is None)}
-        del step, given
+                         {name: inputs[name] for name in names}, hidden)
+        del hidden   # the step holds the entering states: advancing a stream lets its states go
+        for name, outputs in (visit(step) or {}).items():
+            step.advance(name, outputs)
+        for name in list(step.hidden):
+            step.advance(name, step.output(name))
+        hidden = {name: step._next[name] for name in names if step._next[name] is not None}
+        del step
     return hidden

@@ -134,3 +134,24 @@ def test_walk_layers_drops_a_stream_and_stops_where_asked():
     for i, layer in enumerate(lw.decoder_layers(model)[:2]):
         expected = lw.run_layer(layer, inputs, i, hidden=expected)
     assert all(torch.equal(x, y) for x, y in zip(out["a"], expected))
+
+
+def test_an_advanced_stream_lets_its_entering_states_go_before_the_step_ends():
+    """What the profile's memory rests on: after ``advance`` nothing of the walk holds the states that
+    entered the layer (layer 1's inputs: layer 0's outputs, the captured inputs stay with LayerInputs)."""
+    import gc
+    import weakref
+
+    model, _ = tiny_model("llama", layers=3)
+    alive = []
+
+    def visit(step):
+        ref = weakref.ref(step.hidden["a"][0])
+        step.advance("a", step.output("a"))
+        gc.collect()
+        alive.append(ref() is not None)
+        with pytest.raises(ValueError, match="already advanced"):
+            step.advance("a", None)
+
+    lw.walk_layers(model, {"a": _batches()}, visit)
+    assert alive == [True, False, False]

@@ -17,8 +17,9 @@
   scores of the components rank ``r`` removes (``MatrixProfile.tail``); no per-matrix forward probe.
 
 **Layer by layer (the 7B path).** The calibration and validation inputs are captured once
-(``capture_layer_inputs``) and streamed through the teacher one decoder layer at a time; for layer ``i``
-(copied to the compute device ``compression.device`` when set, ``layer_on``): its input Grams are
+(``capture_layer_inputs``) and streamed through the teacher one decoder layer at a time (a
+``layerwise.walk_layers`` callback); for layer ``i`` (copied to the compute device ``compression.device``
+when set, ``layer_on``): its input Grams are
 accumulated in float64 on the teacher's calibration stream (each example alone, without padding, where
 ``collect_grams`` does so too: the very same sums, bit for bit), its matrices' bases solved, error curves
 read, then **its Grams and whitenings are dropped** (the bases keep only what factors need:
@@ -308,14 +309,13 @@ def build_profile(teacher, tokenizer, calib_examples, val_examples, settings: Op
         mods = dict(step.work.named_modules())
         mine = [li for li in wanted if li.layer == i]
         kept: dict[str, StoredBasis] = {}
-        advanced = {}
         if i <= last:
             t0 = time.perf_counter()
             reps = {key: li.name[len(prefix):] for key, li in gram_representatives(mine).items()}
             grams, _ = step.grams("calib", {rel: key for key, rel in reps.items()}, list(range(len(calib.hidden))),
                                   keep_outputs=i < last)
-            if i == last:
-                advanced["calib"] = None     # the calibration stream is not needed past the last layer
+            # the calibration stream moves on now (not needed past the last layer with a matrix)
+            step.advance("calib", step.output("calib") if i < last else None)
             timings["calibration"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             gram_bytes = sum(g.gram.numel() * g.gram.element_size() for g in grams.values())
@@ -334,8 +334,8 @@ def build_profile(teacher, tokenizer, calib_examples, val_examples, settings: Op
             timings["spectra"] += time.perf_counter() - t0
         if probing:
             t0 = time.perf_counter()
-            advanced["val"] = _probe_layer(teacher, step, [matrices[li.name] for li in mine], kept, batches,
-                                           teacher_loss, settings.probe, device, rates, local)
+            step.advance("val", _probe_layer(teacher, step, [matrices[li.name] for li in mine], kept, batches,
+                                             teacher_loss, settings.probe, device, rates, local))
             timings["sensitivity"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         shared = {}
@@ -344,7 +344,6 @@ def build_profile(teacher, tokenizer, calib_examples, val_examples, settings: Op
         del kept, mods
         timings["spectra"] += time.perf_counter() - t0
         progress(i + 1, total, f"profile layer {i}: {len(mine)} matrices")
-        return advanced
 
     streams = {**({"calib": calib} if calib is not None else {}), **({"val": inputs} if probing else {})}
     walk_layers(teacher, streams, visit, device=device, layers=None if probing else last + 1)

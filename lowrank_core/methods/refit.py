@@ -14,7 +14,8 @@ Only the factor parameters (and optionally their biases) receive gradients — v
 so the teacher's tensors (shared by reference with the student layer) get no ``.grad`` and are never
 modified. Training uses mini-batches of stored sequences (about ``batch_tokens`` real tokens per step),
 evaluates a held-out set every ``eval_every`` steps, stops after ``patience`` evaluations without
-improvement and restores the best-valid factors; the curves are returned.
+improvement and restores the best-valid factors (``train.early_stopped_adam``, the loop healing uses
+too); the curves are returned.
 """
 from __future__ import annotations
 
