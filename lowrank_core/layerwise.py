@@ -344,9 +344,10 @@ def gram_pass(layer, inputs: LayerInputs, index: int, hidden: list, names: dict[
     ``outputs`` ({path in layer: output key}); batches in ``fit_idx`` feed the fit statistics, the others
     the held-out ones. Returns (outputs or None, fit statistics, held-out statistics), keyed by key.
 
-    Sums as :func:`~lowrank_core.calibrate.collect_grams` makes them (``GramAccumulator``: the same bits on
-    the same tokens); fit statistics float64, held-out ones stored float32, all on ``device``. The hooks go
-    on ``layer`` and are removed before returning: pass a private view (:class:`LayerStep` does)."""
+    Sums through ``GramAccumulator``, as :func:`~lowrank_core.calibrate.collect_grams` sums its float32 /
+    bfloat16 products (the same bits on the same tokens); fit statistics float64, held-out ones stored
+    float32, all on ``device``. The hooks go on ``layer`` and are removed before returning: pass a private
+    view (:class:`LayerStep` does)."""
     mods = dict(layer.named_modules())
     first: dict[str, tuple[str, bool]] = {}
     for rel, key in names.items():
@@ -470,9 +471,11 @@ def walk_layers(model: nn.Module, streams: Mapping[str, Union[LayerInputs, Seque
     :func:`module_device` — a layer dispatched by accelerate gives a hook-free copy, the teacher and its
     hooks are left as they are). ``layers``: walk only the first ``layers`` decoder layers.
 
-    Memory: the captured streams (where ``store_device`` says), one layer on the compute device and what
-    the callback keeps; a step's view, outputs and the callback's locals are released before the next
-    layer (the profile's one-layer-of-Grams bound rests on this)."""
+    Memory: per stream at most its entering and leaving states (lists of ``[B, T, H]`` in the model dtype
+    where the inputs are stored, ``store_device``; streams sharing a list hold it once) besides the layer-0
+    states its ``LayerInputs`` keeps, one layer's weights on the compute device, and what the callback
+    keeps: a step's view, outputs and the callback's locals are released before the next layer (the
+    profile's one-layer-of-Grams bound rests on this)."""
     spec = arch_of(model)
     stack = spec.decoder_layers(model)
     inputs, captured = {}, {}
