@@ -17,7 +17,8 @@ kernel's VmHWM reset between phases where ``/proc/self/clear_refs`` allows, else
    layer's Grams at a time, float64 sums, whitened keep 0.8 on every decoder linear) on synthetic
    calibration text. Its split into "embedding capture (once)", "Gram passes (per layer)" and
    "decomposition (per layer)" comes from thin timing wrappers around ``capture_layer_inputs``,
-   ``gram_pass`` and ``_low_rank`` (module globals of ``compress``; nothing else changes);
+   ``gram_pass`` and ``_low_rank`` (module globals of ``compress``, and ``layerwise.gram_pass``: the walker's
+   per-layer Gram pass; nothing else changes);
 3. heal: ``lowrank_core.heal.heal`` (KL to the teacher, calibration-side examples, bf16 autocast on CUDA)
    for ``--heal-tokens`` real tokens;
 4. evaluate: ``lowrank_core.compare.compare_models`` teacher vs student on ``--eval`` synthetic held-out
@@ -53,6 +54,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lowrank_core.compress as compress_module  # noqa: E402
+import lowrank_core.layerwise as layerwise_module  # noqa: E402
 from lowrank_core.archmap import count_parameters, linear_map  # noqa: E402
 from lowrank_core.compare import CompareSettings, compare_models  # noqa: E402
 from lowrank_core.compress import CompressSettings, compress  # noqa: E402
@@ -188,9 +190,11 @@ class CompressProbe:
         self.meter, self.cuda = meter, cuda
         self.capture_end = None
         self.capture_s = 0.0
-        self.originals = {k: getattr(compress_module, k) for k in ("capture_layer_inputs", "gram_pass", "_low_rank")}
+        self.targets = {"capture_layer_inputs": compress_module, "gram_pass": layerwise_module,
+                        "_low_rank": compress_module}
+        self.originals = {k: getattr(m, k) for k, m in self.targets.items()}
         compress_module.capture_layer_inputs = self._wrap("capture_layer_inputs", "capture", capture=True)
-        compress_module.gram_pass = self._wrap("gram_pass", "grams")
+        layerwise_module.gram_pass = self._wrap("gram_pass", "grams")
         compress_module._low_rank = self._wrap("_low_rank", "decomposition")
 
     def _wrap(self, name, phase, capture=False):
@@ -211,7 +215,7 @@ class CompressProbe:
 
     def close(self):
         for k, v in self.originals.items():
-            setattr(compress_module, k, v)
+            setattr(self.targets[k], k, v)
 
 
 class LayerClock:

@@ -13,7 +13,8 @@
      as ``refit``): for each decoder layer, Grams of its linears are taken on the STUDENT's inputs (what
      the already-compressed earlier layers produce), the factors computed, refined by methods that
      refine (``Method.refine_layer``, e.g. the block-level refit of ``methods/refit.py``), and the
-     student stream advanced. Only one layer is on the compute device at a time (the 7B path);
+     student stream advanced (a ``layerwise.walk_layers`` callback, as is the fast path's hidden-MSE pass).
+     Only one layer is on the compute device at a time (the 7B path);
 
 4. build the student (``student.build_student``: teacher untouched, untouched tensors shared);
 5. report each replaced matrix's relative output error on the held-out Grams, the per-layer hidden-state
@@ -37,20 +38,17 @@ import torch
 from torch import nn
 
 from .archmap import count_parameters, linear_map
-from .calibrate import (PRECISIONS, GramAccumulator, GramStats, cheaper_as_outputs, collect_grams, output_key,
-                        product_dtype)
+from .calibrate import PRECISIONS, GramStats, cheaper_as_outputs, collect_grams, output_key
 from . import methods
-from .arch import arch_of
 from .data import batch_tokens, calibration_batches, split_examples
 from .decompose import OutputCovariance, relative_output_error, whitening
-from .layerwise import (LayerInputs, call_layer, capture_layer_inputs, to_device, decoder_layers, final_norm,
-                        hidden_mse, layer_on, run_layer)
+from .layerwise import capture_layer_inputs, decoder_layers, final_norm, hidden_mse, walk_layers
 from .lowrank import LowRankLinear
 from .models import ModelSourceError, resolve_device
 from .options import option
 from .plan import Assignment, check_replaces_something, load_plan, resolve_plan
 from .progress import Progress, ensure_progress
-from .student import build_student, private_view
+from .student import build_student
 
 __all__ = ["CompressSettings", "CompressResult", "CalibrationData", "calibration_data", "compress"]
 
@@ -409,78 +407,27 @@ class _Counter:
 
 
 def _stream_mse(teacher, replacements, batches, settings, progress) -> list[dict]:
-    """Per-layer hidden MSE of the student vs the teacher on ``batches`` (a student built on the fly)."""
-    store = "cpu" if settings.offload else None
-    inputs = capture_layer_inputs(teacher, batches, store_device=store, progress=progress)
-    xt = xs = inputs.hidden
+    """Per-layer hidden MSE of the student vs the teacher on ``batches`` (a student built on the fly):
+    a :func:`~lowrank_core.layerwise.walk_layers` callback over a teacher and a student stream."""
     rows = []
-    layers = decoder_layers(teacher)
     width = teacher.config.hidden_size
-    spec = arch_of(teacher)
-    for i, layer in enumerate(layers):
-        prefix = spec.layer_prefix(i)
-        local = {n[len(prefix):]: m for n, m in replacements.items() if n.startswith(prefix)}
-        yt = run_layer(layer, inputs, i, hidden=xt, device=settings.device)
-        if local or xs is not xt:
-            s_layer = build_student(layer, local) if local else layer
-            xs = run_layer(s_layer, inputs, i, hidden=xs, device=settings.device)
-        else:
-            xs = yt
-        rows.append({"layer": i, **hidden_mse(xs, yt, inputs.masks, width)})
-        xt = yt
-        progress(i + 1, len(layers), f"hidden MSE layer {i}")
+    total = len(decoder_layers(teacher))
+
+    def visit(step):
+        local = {n[len(step.prefix):]: m for n, m in replacements.items() if n.startswith(step.prefix)}
+        yt, xs = step.output("teacher"), step.run("student", local)
+        rows.append({"layer": step.index, **hidden_mse(xs, yt, step.inputs["teacher"].masks, width)})
+        progress(step.index + 1, total, f"hidden MSE layer {step.index}")
+        return {"teacher": yt, "student": xs}
+
+    walk_layers(teacher, {"teacher": batches, "student": batches}, visit, device=settings.device,
+                store_device="cpu" if settings.offload else None, progress=progress)
     return rows
 
 
-@torch.no_grad()
-def gram_pass(layer, inputs: LayerInputs, index: int, hidden: list, names: dict[str, str], fit_idx: list[int],
-               device, keep_outputs: bool, outputs: Optional[dict[str, str]] = None,
-               precision: str = "float32") -> tuple[Optional[list], dict, dict]:
-    """Run decoder layer ``index`` on ``hidden`` with pre-hooks accumulating the input Grams of the linears
-    ``names`` ({path in layer: gram_key}) and forward hooks accumulating the output covariances of
-    ``outputs`` ({path in layer: output key}); batches in ``fit_idx`` feed the fit statistics, the others
-    the held-out ones. Returns (outputs or None, fit statistics, held-out statistics), keyed by key."""
-    mods = dict(layer.named_modules())
-    first: dict[str, tuple[str, bool]] = {}
-    for rel, key in names.items():
-        first.setdefault(key, (rel, False))
-    for rel, key in (outputs or {}).items():
-        first[key] = (rel, True)
-    dim = {k: mods[r].out_features if after else mods[r].in_features for k, (r, after) in first.items()}
-    fit = set(fit_idx)
-    sides = ("fit", "held") if len(fit) < len(hidden) else ("fit",)   # no held-out batch: no held-out sums
-    stats = {side: {k: GramStats.zeros(dim[k], device=device) for k in first} for side in sides}
-    dtype = product_dtype(precision, device)
-    sums = {side: {k: GramAccumulator(g, dtype) for k, g in part.items()} for side, part in stats.items()}
-    state = {"mask": None, "side": "fit"}
-
-    def hook_for(key):
-        def hook(_mod, args, *output):
-            sums[state["side"]][key].add(output[0] if output else args[0], state["mask"])
-        return hook
-
-    handles = [mods[rel].register_forward_hook(hook_for(key)) if after else
-               mods[rel].register_forward_pre_hook(hook_for(key)) for key, (rel, after) in first.items()]
-    outs = []
-    try:
-        for b, (h, kw) in enumerate(zip(hidden, inputs.layer_kwargs)):
-            state["mask"], state["side"] = inputs.masks[b].to(device), "fit" if b in fit else "held"
-            y = call_layer(layer, h.to(device), to_device(kw[index], device))
-            if keep_outputs:
-                outs.append(y.to(h.device))
-    finally:
-        for handle in handles:
-            handle.remove()
-    for part in sums.values():
-        for acc in part.values():
-            acc.flush()
-    # held-out Grams only measure errors: float32 storage halves their memory (fit Grams stay float64)
-    held = {k: GramStats(g.gram.float(), g.tokens) for k, g in stats.get("held", {}).items()}
-    return (outs if keep_outputs else None), stats["fit"], held
-
-
 def _sequential(teacher, assignments, fit_b, held_b, settings, progress):
-    """Layer by layer on the student's stream; see the module docstring."""
+    """Layer by layer on the student's stream (a :func:`~lowrank_core.layerwise.walk_layers` callback);
+    see the module docstring."""
     timings = {"calibration": 0.0, "decomposition": 0.0, "refit": 0.0}
     t0 = time.perf_counter()
     store = "cpu" if settings.offload else None
@@ -489,31 +436,28 @@ def _sequential(teacher, assignments, fit_b, held_b, settings, progress):
     fit_idx = list(range(len(fit_b)))
     held_idx = list(range(len(fit_b), len(fit_b) + len(held_b)))
     timings["calibration"] += time.perf_counter() - t0
-    layers = decoder_layers(teacher)
+    total = len(decoder_layers(teacher))
     width = teacher.config.hidden_size
     replacements, rows, mse_rows, curves = {}, [], [], {}
-    xt = xs = inputs.hidden
-    spec = arch_of(teacher)
-    for i, layer in enumerate(layers):
-        device = torch.device(settings.device) if settings.device else next(layer.parameters()).device
-        home = next(layer.parameters()).device
-        prefix = spec.layer_prefix(i)
+
+    def visit(step):
+        i, work, device, prefix = step.index, step.work, step.device, step.prefix
+        home = next(step.layer.parameters()).device
         local = {n[len(prefix):]: a for n, a in assignments.items() if n.startswith(prefix)}
-        work = private_view(layer_on(layer, device))  # hooks and taps go on a view: the teacher stays hook-free
+        xt, xs = step.hidden["teacher"], step.hidden["student"]
         t0 = time.perf_counter()
         if not local:
-            yt = run_layer(work, inputs, i, hidden=xt, device=device)
-            xs = yt if xs is xt else run_layer(work, inputs, i, hidden=xs, device=device)
+            yt = step.output("teacher")
+            xs = step.output("student")
             timings["calibration"] += time.perf_counter() - t0
         else:
             _, measured_out = statistics_plan(local)
             names = {rel: a.info.gram_key for rel, a in local.items() if a.info.name not in measured_out}
             out_names = {rel: output_key(a.info) for rel, a in local.items() if a.info.name in measured_out}
             # Grams on the student's stream; while it still equals the teacher's, one pass gives both
-            same = xs is xt
-            out, fit_g, held_g = gram_pass(work, inputs, i, xs, names, fit_idx, device, keep_outputs=same,
-                                            outputs=out_names, precision=settings.gram_precision)
-            yt = out if same else run_layer(work, inputs, i, hidden=xt, device=device)
+            fit_g, held_g = step.grams("student", names, fit_idx, keep_outputs=step.same("teacher", "student"),
+                                       outputs=out_names, precision=settings.gram_precision)
+            yt = step.output("teacher")
             timings["calibration"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             mods = dict(work.named_modules())
@@ -530,13 +474,12 @@ def _sequential(teacher, assignments, fit_b, held_b, settings, progress):
                     continue
                 names = [rel for rel, a in local.items() if a.method == method.name]
                 t0 = time.perf_counter()
-                curve = method.refine_layer(ctx, names, _within(progress, i, len(layers)))
+                curve = method.refine_layer(ctx, names, _within(progress, i, total))
                 if curve is not None:
                     curves[f"layer {i}" if f"layer {i}" not in curves else f"layer {i} {method.name}"] = curve
                 timings["refit"] += time.perf_counter() - t0
             t0 = time.perf_counter()
-            s_layer = build_student(work, new)
-            xs = run_layer(s_layer, inputs, i, hidden=xs, device=device)
+            xs = step.run("student", new)
             timings["calibration"] += time.perf_counter() - t0
             for rel, a in local.items():
                 lin = mods[rel]
@@ -546,9 +489,11 @@ def _sequential(teacher, assignments, fit_b, held_b, settings, progress):
         mse_idx = held_idx or fit_idx
         mse = hidden_mse([xs[b] for b in mse_idx], [yt[b] for b in mse_idx], [inputs.masks[b] for b in mse_idx], width)
         mse_rows.append({"layer": i, **mse, "on": "held-out" if held_idx else "fit"})
-        xt = yt
-        progress(i + 1, len(layers), f"layer {i}: hidden rel MSE {mse['rel_mse']:.3g}", stage="layer",
+        progress(i + 1, total, f"layer {i}: hidden rel MSE {mse['rel_mse']:.3g}", stage="layer",
                  metrics={"hidden_rel_mse": mse["rel_mse"]})
+        return {"teacher": yt, "student": xs}
+
+    xs = walk_layers(teacher, {"teacher": inputs, "student": inputs}, visit, device=settings.device)["student"]
     head = {n: a for n, a in assignments.items() if a.info.layer is None}
     for name, a in head.items():
         rows.append(_head(teacher, name, a, inputs, xs, fit_idx, held_idx, replacements, timings, settings))

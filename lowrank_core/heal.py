@@ -10,7 +10,8 @@ head runs on real tokens only, so memory is one batch of logits ``[tokens, vocab
 
 Training pairs come from the calibration side of the honest split (never evaluation data); a seeded
 ``valid_fraction`` of them is held out for early stopping. Steps accumulate gradients over sequences
-until ``batch_tokens`` real tokens; Adam; the best-valid factors are restored. With ``checkpoint`` (a
+until ``batch_tokens`` real tokens; Adam (``train.early_stopped_adam``, the loop refit uses too); the
+best-valid factors are restored. With ``checkpoint`` (a
 folder) the trainable tensors, Adam's moments and the curve are saved (safetensors + JSON, no pickle)
 at every evaluation and a rerun resumes from there.
 
@@ -23,7 +24,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import random
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -34,12 +34,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import IGNORE_INDEX, batch_tokens, calibration_batches, split_examples, token_groups
+from .data import IGNORE_INDEX, batch_tokens, calibration_batches, split_examples
 from .evaluate import logits_at
 from .export import low_rank_modules
 from .layerwise import model_device
 from .options import option, parse_count
 from .progress import Progress, ensure_progress
+from .train import TrainSettings, TrainState, early_stopped_adam
 
 LOSSES = ("kl", "ce")
 AUTOCAST = ("auto", "off", "bf16")
@@ -252,66 +253,45 @@ def heal(teacher: nn.Module, student: nn.Module, tokenizer, examples: Sequence, 
     ckpt = Path(settings.checkpoint) if settings.checkpoint else None
     loaded = _load_checkpoint(ckpt, params, opt) if ckpt else None
     if loaded is None:
-        initial = score()
-        state = {"n_params": len(params), "step": 0, "seen": 0, "bad": 0,
-                 "curve": {"train": [], "valid": [initial], "eval_steps": [0], "eval_tokens": [0]},
-                 "initial_valid": initial, "best_valid": initial, "best_step": 0}
-        best = [p.detach().clone() for p in params]
+        state, best = TrainState.start(score()), [p.detach().clone() for p in params]
     else:
-        state, best = loaded
-    resumed = state["step"]
-    curve = state["curve"]
+        state, best = TrainState.from_dict(loaded[0]), loaded[1]
+    resumed = state.step
+    curve = state.curve
     for p in params:
         p.requires_grad_(True)
-    rng = random.Random(settings.seed)
-    position = 0  # steps walked through in this run's (seeded, hence repeatable) data order
+
+    def gradient(group):
+        """The step's gradient: Σ over its batches of d(summed loss), over the scored tokens."""
+        grads = [torch.zeros_like(p) for p in params]
+        step_loss, scored = 0.0, 0
+        for b in group:
+            with autocast():
+                value, n = batch_loss(teacher, student, train[b], settings.loss)
+            if n:
+                for g, d in zip(grads, torch.autograd.grad(value, params, allow_unused=True)):
+                    if d is not None:
+                        g += d
+            step_loss, scored = step_loss + float(value.detach()), scored + n
+        return [g / max(1, scored) for g in grads], step_loss / max(1, scored)
+
+    def on_eval(state, best):
+        if ckpt is not None:
+            _save_checkpoint(ckpt, params, best, opt, {"n_params": len(params), **state.to_dict()})
+
+    def on_step(state):
+        progress(min(state.seen, int(settings.tokens)), int(settings.tokens),
+                 f"heal {settings.loss} {curve['train'][-1]:.4g} valid {curve['valid'][-1]:.4g}",
+                 stage="heal", metrics={"train_loss": curve["train"][-1], "valid_loss": curve["valid"][-1]})
+
+    loop = TrainSettings(lr=settings.lr, eval_every=eval_every, patience=settings.patience,
+                         batch_tokens=settings.batch_tokens, tokens=int(settings.tokens), seed=settings.seed)
     if settings.checkpointing:  # the student's own module tree: the teacher's modules are not touched
         _checkpointing(student, True)
         student.train()  # transformers checkpoints only in training mode (these models have no dropout)
     try:
-        while state["seen"] < int(settings.tokens) and state["bad"] < settings.patience:
-            order = list(range(len(train)))
-            rng.shuffle(order)
-            for group in token_groups(order, tokens, settings.batch_tokens):
-                position += 1
-                if position <= state["step"]:
-                    continue  # consumed before the checkpoint this run resumed from
-                n_tok = sum(tokens[b] for b in group)
-                grads = [torch.zeros_like(p) for p in params]
-                step_loss, scored = 0.0, 0
-                for b in group:
-                    with autocast():
-                        value, n = batch_loss(teacher, student, train[b], settings.loss)
-                    if n:
-                        for g, d in zip(grads, torch.autograd.grad(value, params, allow_unused=True)):
-                            if d is not None:
-                                g += d
-                    step_loss, scored = step_loss + float(value.detach()), scored + n
-                for p, g in zip(params, grads):
-                    p.grad = g / max(1, scored)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                state["step"] += 1
-                state["seen"] += n_tok
-                curve["train"].append(step_loss / max(1, scored))
-                done = state["seen"] >= int(settings.tokens)
-                if state["step"] % eval_every == 0 or done:
-                    value = score()
-                    curve["valid"].append(value)
-                    curve["eval_steps"].append(state["step"])
-                    curve["eval_tokens"].append(state["seen"])
-                    if value < state["best_valid"]:
-                        state.update(best_valid=value, best_step=state["step"], bad=0)
-                        best = [p.detach().clone() for p in params]
-                    else:
-                        state["bad"] += 1
-                    if ckpt is not None:
-                        _save_checkpoint(ckpt, params, best, opt, state)
-                progress(min(state["seen"], int(settings.tokens)), int(settings.tokens),
-                         f"heal {settings.loss} {curve['train'][-1]:.4g} valid {curve['valid'][-1]:.4g}",
-                         stage="heal", metrics={"train_loss": curve["train"][-1], "valid_loss": curve["valid"][-1]})
-                if done or state["bad"] >= settings.patience:
-                    break
+        state = early_stopped_adam(params, range(len(train)), tokens, gradient, score, loop, optimizer=opt,
+                                   state=state, best=best, on_eval=on_eval, on_step=on_step)
     finally:
         for p in params:
             p.requires_grad_(False)
@@ -319,11 +299,8 @@ def heal(teacher: nn.Module, student: nn.Module, tokenizer, examples: Sequence, 
         if settings.checkpointing:
             _checkpointing(student, False)
             student.eval()
-    with torch.no_grad():
-        for p, b in zip(params, best):
-            p.copy_(b)
-    return HealResult(tokens=state["seen"], steps=state["step"], initial_valid=state["initial_valid"],
-                      best_valid=state["best_valid"], best_step=state["best_step"], curve=curve,
+    return HealResult(tokens=state.seen, steps=state.step, initial_valid=state.initial_valid,
+                      best_valid=state.best_valid, best_step=state.best_step, curve=curve,
                       trained_parameters=sum(p.numel() for p in params), train_examples=len(train_ex),
                       valid_examples=len(valid_ex), seconds=time.perf_counter() - start, resumed_from=resumed,
                       settings=asdict(settings))

@@ -16,20 +16,30 @@ Teachers dispatched by accelerate (``device_map=...``, ``dispatch_model``, ``cpu
 :func:`unhooked` give a hook-free copy of a layer on the compute device: tensors already there are
 shared, offloaded ones are read from the weights map, the teacher and its hooks are left as they are.
 
+``walk_layers`` is **the one layer-by-layer loop** (llm-compressor's sequential pipeline with a callback
+per layer): the decoder inputs of one or more named streams captured once, then for each decoder layer in
+turn a plain view of it on the compute device (``layer_on`` + ``private_view``), a :class:`LayerStep`
+handed to the callback (which may collect statistics — :meth:`LayerStep.grams`, the one per-layer Gram
+pass —, run the layer with replacement modules on a stream — a student —, or return any stream's
+outputs), and every stream the callback did not return advanced by the teacher layer. Compression's
+sequential path, its hidden-MSE pass and the search profile are its three callbacks.
+
 Shapes: hidden states ``[B, T, hidden]`` in the model dtype; masks ``[B, T]`` bool, True at real
 (non-padding) tokens — every statistic here excludes padding through them.
 """
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
-from typing import Iterable, Optional
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from .arch import arch_of
+from .calibrate import GramAccumulator, GramStats, product_dtype
 from .progress import Progress, ensure_progress
+from .student import build_student, private_view
 
 _DROPPED_KWARGS = ("cache", "past_key_values", "past_key_value", "use_cache", "output_attentions")
 
@@ -322,3 +332,172 @@ def hidden_mse(student: list[torch.Tensor], teacher: list[torch.Tensor], masks: 
         e, r, n = masked_square_error(s, t, m)
         err, ref, tokens = err + e, ref + r, tokens + n
     return {"mse": err / max(1, tokens * width), "rel_mse": err / ref if ref > 0 else 0.0, "tokens": tokens}
+
+
+# ----------------------------------------------------------------------------- the one layer-by-layer loop
+@torch.no_grad()
+def gram_pass(layer, inputs: LayerInputs, index: int, hidden: list, names: dict[str, str], fit_idx: list[int],
+              device, keep_outputs: bool, outputs: Optional[dict[str, str]] = None,
+              precision: str = "float32") -> tuple[Optional[list], dict, dict]:
+    """Run decoder layer ``index`` on ``hidden`` with pre-hooks accumulating the input Grams of the linears
+    ``names`` ({path in layer: gram_key}) and forward hooks accumulating the output covariances of
+    ``outputs`` ({path in layer: output key}); batches in ``fit_idx`` feed the fit statistics, the others
+    the held-out ones. Returns (outputs or None, fit statistics, held-out statistics), keyed by key.
+
+    Sums through ``GramAccumulator``, as :func:`~lowrank_core.calibrate.collect_grams` sums its float32 /
+    bfloat16 products (the same bits on the same tokens); fit statistics float64, held-out ones stored
+    float32, all on ``device``. The hooks go on ``layer`` and are removed before returning: pass a private
+    view (:class:`LayerStep` does)."""
+    mods = dict(layer.named_modules())
+    first: dict[str, tuple[str, bool]] = {}
+    for rel, key in names.items():
+        first.setdefault(key, (rel, False))
+    for rel, key in (outputs or {}).items():
+        first[key] = (rel, True)
+    dim = {k: mods[r].out_features if after else mods[r].in_features for k, (r, after) in first.items()}
+    fit = set(fit_idx)
+    sides = ("fit", "held") if len(fit) < len(hidden) else ("fit",)   # no held-out batch: no held-out sums
+    stats = {side: {k: GramStats.zeros(dim[k], device=device) for k in first} for side in sides}
+    dtype = product_dtype(precision, device)
+    sums = {side: {k: GramAccumulator(g, dtype) for k, g in part.items()} for side, part in stats.items()}
+    state = {"mask": None, "side": "fit"}
+
+    def hook_for(key):
+        def hook(_mod, args, *output):
+            sums[state["side"]][key].add(output[0] if output else args[0], state["mask"])
+        return hook
+
+    handles = [mods[rel].register_forward_hook(hook_for(key)) if after else
+               mods[rel].register_forward_pre_hook(hook_for(key)) for key, (rel, after) in first.items()]
+    outs = []
+    try:
+        for b, (h, kw) in enumerate(zip(hidden, inputs.layer_kwargs)):
+            state["mask"], state["side"] = inputs.masks[b].to(device), "fit" if b in fit else "held"
+            y = call_layer(layer, h.to(device), to_device(kw[index], device))
+            if keep_outputs:
+                outs.append(y.to(h.device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    for part in sums.values():
+        for acc in part.values():
+            acc.flush()
+    # held-out Grams only measure errors: float32 storage halves their memory (fit Grams stay float64)
+    held = {k: GramStats(g.gram.float(), g.tokens) for k, g in stats.get("held", {}).items()}
+    return (outs if keep_outputs else None), stats["fit"], held
+
+
+@dataclass
+class LayerStep:
+    """Decoder layer ``index`` during :func:`walk_layers`, handed to the callback.
+
+    ``layer``: the teacher's layer as the model holds it (never modified, no hook goes on it); ``work``: a
+    plain view of it on ``device`` (hook-free; tensors already there shared, others copied there once —
+    one layer's weights on the compute device); ``prefix``: the layer's module path with a trailing dot
+    (``model.layers.3.``); ``inputs``: {stream: LayerInputs} (masks and per-layer kwargs); ``hidden``:
+    {stream: per batch ``[B, T, H]``, the states entering this layer; a stream leaves it once
+    :meth:`advance`\ d}. Streams holding the very same list (a student stream before its first replaced
+    layer) share every teacher computation."""
+
+    index: int
+    layer: nn.Module
+    work: nn.Module
+    device: torch.device
+    prefix: str
+    inputs: dict[str, LayerInputs]
+    hidden: dict[str, list]
+    _outputs: dict = field(default_factory=dict, repr=False)   # id(hidden list) -> teacher outputs on it
+    _next: dict = field(default_factory=dict, repr=False)      # stream -> states leaving the layer (None: done)
+
+    def advance(self, stream: str, outputs: Optional[list]) -> None:
+        """``outputs`` are ``stream``'s states leaving this layer (None: stop walking it). Its entering states
+        are let go now (no longer in ``hidden``), not at the end of the step: e.g. the profile's calibration
+        stream, advanced right after its Gram pass, is not held during the probes."""
+        if stream not in self.hidden:
+            raise ValueError(f"layer {self.index}: stream {stream!r} is not entering it (unknown, or already advanced)")
+        old = self.hidden.pop(stream)
+        self._next[stream] = outputs
+        if not any(h is old for h in self.hidden.values()):
+            self._outputs.pop(id(old), None)   # no stream reads that list any more: its id may be reused
+
+    def same(self, a: str, b: str) -> bool:
+        """Whether streams ``a`` and ``b`` are the same list (e.g. no layer of the student replaced yet)."""
+        return self.hidden[a] is self.hidden[b]
+
+    def output(self, stream: str) -> list:
+        """The teacher layer's outputs on ``stream`` (stored where its inputs are), computed once per list."""
+        key = id(self.hidden[stream])
+        if key not in self._outputs:
+            self._outputs[key] = run_layer(self.work, self.inputs[stream], self.index, hidden=self.hidden[stream],
+                                           device=self.device)
+        return self._outputs[key]
+
+    def run(self, stream: str, replacements: Mapping[str, nn.Module]) -> list:
+        """Outputs on ``stream`` of the layer with ``replacements`` ({path in the layer: module}, each
+        moved to ``device`` when elsewhere; the teacher layer's own outputs when empty)."""
+        if not replacements:
+            return self.output(stream)
+        student = build_student(self.work, {rel: layer_on(m, self.device) for rel, m in replacements.items()})
+        return run_layer(student, self.inputs[stream], self.index, hidden=self.hidden[stream], device=self.device)
+
+    def grams(self, stream: str, names: dict[str, str], fit_idx: list[int], keep_outputs: bool = False,
+              outputs: Optional[dict[str, str]] = None, precision: str = "float32") -> tuple[dict, dict]:
+        """(fit, held-out) statistics of this layer's linears on ``stream``: :func:`gram_pass` on ``work``.
+        With ``keep_outputs`` the pass's outputs become :meth:`output` of the stream (no second pass)."""
+        hidden = self.hidden[stream]
+        outs, fit, held = gram_pass(self.work, self.inputs[stream], self.index, hidden, names, fit_idx, self.device,
+                                    keep_outputs, outputs=outputs, precision=precision)
+        if keep_outputs:
+            self._outputs[id(hidden)] = outs
+        return fit, held
+
+
+Visit = Callable[[LayerStep], Optional[Mapping[str, Optional[list]]]]
+
+
+def walk_layers(model: nn.Module, streams: Mapping[str, Union[LayerInputs, Sequence[dict]]], visit: Visit,
+                device=None, layers: Optional[int] = None, store_device=None,
+                progress: Optional[Progress] = None) -> dict[str, list]:
+    """Walk the decoder of ``model`` one layer at a time, calling ``visit(step)`` (:class:`LayerStep`) per
+    layer; returns {stream: the states leaving the last layer walked} for the streams still walked.
+
+    ``streams``: {name: captured ``LayerInputs``, or batches (dicts with ``input_ids`` / ``attention_mask``
+    ``[B, T]``) captured here by :func:`capture_layer_inputs` — on ``store_device``, with ``progress`` —,
+    once per distinct object}; names given the same object start as one shared list. ``visit`` returns
+    None or {stream: outputs ``[B, T, H]`` per batch, or None to stop walking that stream} (the same as
+    :meth:`LayerStep.advance` on each, which it may call earlier itself); every stream still entering
+    when it returns is advanced by the teacher layer (:meth:`LayerStep.output`). ``device``: where each layer
+    computes (copied there for its turn, e.g. ``cuda`` for a teacher in CPU memory; default: where it is,
+    :func:`module_device` — a layer dispatched by accelerate gives a hook-free copy, the teacher and its
+    hooks are left as they are). ``layers``: walk only the first ``layers`` decoder layers.
+
+    Memory: per stream at most its entering and leaving states (lists of ``[B, T, H]`` in the model dtype
+    where the inputs are stored, ``store_device``; streams sharing a list hold it once) besides the layer-0
+    states its ``LayerInputs`` keeps, one layer's weights on the compute device, and what the callback
+    keeps: a step's view, outputs and the callback's locals are released before the next layer (the
+    profile's one-layer-of-Grams bound rests on this)."""
+    spec = arch_of(model)
+    stack = spec.decoder_layers(model)
+    inputs, captured = {}, {}
+    for name, given in streams.items():
+        if not isinstance(given, LayerInputs):
+            if id(given) not in captured:
+                captured[id(given)] = capture_layer_inputs(model, given, store_device=store_device, progress=progress)
+            given = captured[id(given)]
+        inputs[name] = given
+    del captured
+    hidden = {name: inp.hidden for name, inp in inputs.items()}   # one LayerInputs: one shared list
+    count = len(stack) if layers is None else min(int(layers), len(stack))
+    for i in range(count):
+        layer, names = stack[i], list(hidden)
+        dev = torch.device(device) if device is not None else module_device(layer)
+        step = LayerStep(i, layer, private_view(layer_on(layer, dev)), dev, spec.layer_prefix(i),
+                         {name: inputs[name] for name in names}, hidden)
+        del hidden   # the step holds the entering states: advancing a stream lets its states go
+        for name, outputs in (visit(step) or {}).items():
+            step.advance(name, outputs)
+        for name in list(step.hidden):
+            step.advance(name, step.output(name))
+        hidden = {name: step._next[name] for name in names if step._next[name] is not None}
+        del step
+    return hidden

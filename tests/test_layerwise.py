@@ -75,3 +75,82 @@ def test_hidden_mse_ignores_padding():
 def test_model_without_decoder_layers_is_rejected():
     with pytest.raises(ValueError, match="unsupported architecture: model_type=None"):
         lw.decoder_layers(torch.nn.Linear(2, 2))
+
+
+# ----------------------------------------------------------------------------- the one layer-by-layer loop
+def test_walk_layers_streams_share_teacher_passes_and_replacements_change_only_their_stream(monkeypatch):
+    """Two names given the same batches start as one list: the teacher layer runs once per layer for both
+    until the callback gives the student its own outputs (a replaced linear in layer 1); from there on both
+    are walked, the teacher stream still equals the full model and the student stream differs."""
+    from lowrank_core.lowrank import LowRankLinear
+    from lowrank_core.decompose import svd_factors
+
+    model, _ = tiny_model("llama", layers=3)
+    batches = _batches()
+    calls, seen = [], []
+    run = lw.run_layer
+
+    def counting(layer, inputs, index, **kw):
+        calls.append(index)
+        return run(layer, inputs, index, **kw)
+
+    monkeypatch.setattr(lw, "run_layer", counting)
+    proj = lw.decoder_layers(model)[1].mlp.down_proj
+    low = LowRankLinear.from_factors(svd_factors(proj.weight.detach(), 4))
+
+    def visit(step):
+        seen.append((step.index, step.same("teacher", "student"), step.prefix))
+        assert step.layer is lw.decoder_layers(model)[step.index] and step.work is not step.layer
+        if step.index == 1:
+            return {"student": step.run("student", {"mlp.down_proj": low})}
+        return None
+
+    out = lw.walk_layers(model, {"teacher": batches, "student": batches}, visit)
+    assert seen == [(0, True, "model.layers.0."), (1, True, "model.layers.1."), (2, False, "model.layers.2.")]
+    assert calls == [0, 1, 1, 2, 2]       # one shared pass at layer 0, then the student's own
+    with torch.no_grad():
+        for b, batch in enumerate(batches):
+            ref = model(**batch, output_hidden_states=True).hidden_states[-1]
+            real = batch["attention_mask"].bool()
+            assert torch.equal(lw.final_norm(model)(out["teacher"][b])[real], ref[real])
+            assert not torch.equal(out["student"][b][real], out["teacher"][b][real])
+
+
+def test_walk_layers_drops_a_stream_and_stops_where_asked():
+    model, _ = tiny_model("llama", layers=3)
+    inputs = lw.capture_layer_inputs(model, _batches())
+    visited = []
+
+    def visit(step):
+        visited.append((step.index, sorted(step.hidden)))
+        fit, held = step.grams("a", {"mlp.gate_proj": "mlp_in"}, [0], keep_outputs=True)
+        assert fit["mlp_in"].tokens == 12 + 8 + 5 and held["mlp_in"].tokens == 14
+        return {"b": None} if step.index == 0 else None
+
+    out = lw.walk_layers(model, {"a": inputs, "b": lw.capture_layer_inputs(model, _batches())}, visit, layers=2)
+    assert visited == [(0, ["a", "b"]), (1, ["a"])] and list(out) == ["a"]
+    expected = inputs.hidden
+    for i, layer in enumerate(lw.decoder_layers(model)[:2]):
+        expected = lw.run_layer(layer, inputs, i, hidden=expected)
+    assert all(torch.equal(x, y) for x, y in zip(out["a"], expected))
+
+
+def test_an_advanced_stream_lets_its_entering_states_go_before_the_step_ends():
+    """What the profile's memory rests on: after ``advance`` nothing of the walk holds the states that
+    entered the layer (layer 1's inputs: layer 0's outputs, the captured inputs stay with LayerInputs)."""
+    import gc
+    import weakref
+
+    model, _ = tiny_model("llama", layers=3)
+    alive = []
+
+    def visit(step):
+        ref = weakref.ref(step.hidden["a"][0])
+        step.advance("a", step.output("a"))
+        gc.collect()
+        alive.append(ref() is not None)
+        with pytest.raises(ValueError, match="already advanced"):
+            step.advance("a", None)
+
+    lw.walk_layers(model, {"a": _batches()}, visit)
+    assert alive == [True, False, False]

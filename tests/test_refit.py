@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from lowrank_core import layerwise as lw
-from lowrank_core.compress import CompressSettings, gram_pass, compress
+from lowrank_core.compress import CompressSettings, compress
+from lowrank_core.layerwise import gram_pass
 from lowrank_core.data import calibration_batches
 from lowrank_core.data import make_split
 from lowrank_core.decompose import whitened_factors

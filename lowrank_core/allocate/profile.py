@@ -17,8 +17,9 @@
   scores of the components rank ``r`` removes (``MatrixProfile.tail``); no per-matrix forward probe.
 
 **Layer by layer (the 7B path).** The calibration and validation inputs are captured once
-(``capture_layer_inputs``) and streamed through the teacher one decoder layer at a time; for layer ``i``
-(copied to the compute device ``compression.device`` when set, ``layer_on``): its input Grams are
+(``capture_layer_inputs``) and streamed through the teacher one decoder layer at a time (a
+``layerwise.walk_layers`` callback); for layer ``i`` (copied to the compute device ``compression.device``
+when set, ``layer_on``): its input Grams are
 accumulated in float64 on the teacher's calibration stream (each example alone, without padding, where
 ``collect_grams`` does so too: the very same sums, bit for bit), its matrices' bases solved, error curves
 read, then **its Grams and whitenings are dropped** (the bases keep only what factors need:
@@ -42,17 +43,17 @@ from .. import methods
 from ..arch import arch_of
 from ..archmap import ATTN_MODULES, MLP_MODULES, LinearInfo, linear_map
 from ..calibrate import pieces, gram_representatives
-from ..compress import CompressSettings, calibration_data, gram_pass
+from ..compress import CompressSettings, calibration_data
 from ..data import IGNORE_INDEX, encode_example, end_of_turn_id, iter_batches
 from ..decompose import Whitening, WhitenedBasis, whitening
 from ..evaluate import answer_loss_from_hidden
 from ..layerwise import (LayerInputs, capture_layer_inputs, is_dispatched, layer_on, masked_square_error,
-                         model_device, module_device, run_layer)
+                         model_device, module_device, run_layer, walk_layers)
 from ..lowrank import LowRankLinear
 from ..plan import rank_for_keep
 from ..progress import Progress, ensure_progress
 from ..heal import HealSettings
-from ..student import build_student, private_view
+from ..student import build_student
 from .bases import BASIS_DTYPES, StoredBasis, factor_bytes
 from .gradient import GRADIENT_SCORES, ComponentScores, gradient_scores
 
@@ -299,21 +300,22 @@ def build_profile(teacher, tokenizer, calib_examples, val_examples, settings: Op
     memory = {"gram_bytes_peak": 0, "gram_bytes_all_layers": 0, "basis_dtype": settings.basis_dtype}
     rates: dict[int, float] = {}      # layer mode: Δloss per unit of squared layer-output error
     local: dict[str, float] = {}      # squared layer-output error with one matrix at its probe rank
-    chidden, vhidden = (calib.hidden if calib else None), inputs.hidden
-    for i, layer in enumerate(layers):
-        if i > last and not probing:
-            break
-        dev = device or module_device(layer)
-        prefix = spec.layer_prefix(i)
-        work = private_view(layer_on(layer, dev))   # a plain view on ``dev``: the teacher gets no hook
-        mods = dict(work.named_modules())
+    total = len(layers)
+
+    def visit(step):
+        """Layer ``i``: Grams on the calibration stream (advanced while a later layer needs it), bases and
+        error curves, then the Grams dropped; probes on the validation stream; bases stored in CPU memory."""
+        i, prefix = step.index, step.prefix
+        mods = dict(step.work.named_modules())
         mine = [li for li in wanted if li.layer == i]
         kept: dict[str, StoredBasis] = {}
         if i <= last:
             t0 = time.perf_counter()
             reps = {key: li.name[len(prefix):] for key, li in gram_representatives(mine).items()}
-            chidden, grams, _ = gram_pass(work, calib, i, chidden, {rel: key for key, rel in reps.items()},
-                                          list(range(len(chidden))), dev, keep_outputs=i < last)
+            grams, _ = step.grams("calib", {rel: key for key, rel in reps.items()}, list(range(len(calib.hidden))),
+                                  keep_outputs=i < last)
+            # the calibration stream moves on now (not needed past the last layer with a matrix)
+            step.advance("calib", step.output("calib") if i < last else None)
             timings["calibration"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             gram_bytes = sum(g.gram.numel() * g.gram.element_size() for g in grams.values())
@@ -332,16 +334,19 @@ def build_profile(teacher, tokenizer, calib_examples, val_examples, settings: Op
             timings["spectra"] += time.perf_counter() - t0
         if probing:
             t0 = time.perf_counter()
-            vhidden = _probe_layer(teacher, work, i, prefix, [matrices[li.name] for li in mine], kept, inputs,
-                                   batches, vhidden, teacher_loss, settings.probe, dev, device, rates, local)
+            step.advance("val", _probe_layer(teacher, step, [matrices[li.name] for li in mine], kept, batches,
+                                             teacher_loss, settings.probe, device, rates, local))
             timings["sensitivity"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         shared = {}
         for name, b in kept.items():
             bases[name] = b.to("cpu", dtype, shared)
-        del kept, work, mods
+        del kept, mods
         timings["spectra"] += time.perf_counter() - t0
-        progress(i + 1, len(layers), f"profile layer {i}: {len(mine)} matrices")
+        progress(i + 1, total, f"profile layer {i}: {len(mine)} matrices")
+
+    streams = {**({"calib": calib} if calib is not None else {}), **({"val": inputs} if probing else {})}
+    walk_layers(teacher, streams, visit, device=device, layers=None if probing else last + 1)
     matrices = {li.name: matrices[li.name] for li in wanted}   # linear_map order, as the greedy path expects
     bases = {name: bases[name] for name in matrices}
     if probing:
@@ -363,24 +368,26 @@ def build_profile(teacher, tokenizer, calib_examples, val_examples, settings: Op
                    tokens, timings, settings, memory)
 
 
-def _probe_layer(teacher, work, i: int, prefix: str, mine: list, kept: dict, inputs: LayerInputs, batches,
-                 hidden: list, teacher_loss: float, mode: str, dev, device, rates: dict, local: dict) -> list:
-    """The layer / matrix probes of decoder layer ``i`` (``work``: its plain view on ``dev``) on the
-    validation stream ``hidden`` entering it; returns the teacher's stream leaving it."""
-    out_t = run_layer(work, inputs, i, hidden=hidden, device=dev)
+def _probe_layer(teacher, step, mine: list, kept: dict, batches, teacher_loss: float, mode: str, device,
+                 rates: dict, local: dict) -> list:
+    """The layer / matrix probes of decoder layer ``step.index`` (a :class:`~lowrank_core.layerwise.LayerStep`:
+    its plain view on the compute device) on the validation stream ``val`` entering it; returns the
+    teacher's stream leaving it."""
+    i, prefix, inputs = step.index, step.prefix, step.inputs["val"]
+    out_t = step.output("val")
     if not mine:
         return out_t
-    mods = dict(work.named_modules())
+    mods = dict(step.work.named_modules())
     reps = {m.info.name[len(prefix):]: low_rank_module(mods[m.info.name[len(prefix):]], kept[m.info.name],
                                                        m.probe_rank) for m in mine}
     for m in mine:
         rel = m.info.name[len(prefix):]
-        out = run_layer(build_student(work, {rel: reps[rel]}), inputs, i, hidden=hidden, device=dev)
+        out = step.run("val", {rel: reps[rel]})
         local[m.info.name] = _square_error(out, out_t, inputs)
         if mode == "matrix":
             m.probe_delta = suffix_loss(teacher, inputs, batches, i + 1, out, device=device) - teacher_loss
     if mode == "layer":
-        out = run_layer(build_student(work, reps), inputs, i, hidden=hidden, device=dev)
+        out = step.run("val", reps)
         joint = _square_error(out, out_t, inputs)
         delta = suffix_loss(teacher, inputs, batches, i + 1, out, device=device) - teacher_loss
         rates[i] = delta / joint if joint > 0 and delta > 0 else math.nan

@@ -14,12 +14,12 @@ Only the factor parameters (and optionally their biases) receive gradients — v
 so the teacher's tensors (shared by reference with the student layer) get no ``.grad`` and are never
 modified. Training uses mini-batches of stored sequences (about ``batch_tokens`` real tokens per step),
 evaluates a held-out set every ``eval_every`` steps, stops after ``patience`` evaluations without
-improvement and restores the best-valid factors; the curves are returned.
+improvement and restores the best-valid factors (``train.early_stopped_adam``, the loop healing uses
+too); the curves are returned.
 """
 from __future__ import annotations
 
 import copy
-import random
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -31,6 +31,7 @@ from ..layerwise import LayerInputs, call_layer, to_device
 from ..options import option
 from ..progress import Progress, ensure_progress
 from ..student import build_student
+from ..train import TrainSettings, early_stopped_adam
 from .base import LayerContext, register
 from .whitened import Whitened
 
@@ -154,51 +155,31 @@ def refit_layer(objective: BlockObjective, params: list[nn.Parameter], train: li
     """
     progress = ensure_progress(progress)
     tokens = [int(m.sum()) for m in objective.inputs.masks]
-    rng = random.Random(settings.seed)
-    opt = torch.optim.Adam(params, lr=settings.lr)
     steps_per_pass = len(token_groups(train, tokens, settings.batch_tokens))
     eval_every = settings.eval_every or max(1, min(steps_per_pass, 10))
     score = (lambda: objective.mean_loss(valid)) if valid else (lambda: objective.mean_loss(train))
-    initial = score()
-    curve = {"train": [], "valid": [initial], "eval_steps": [0], "best_step": 0,
-             "initial_valid": initial, "best_valid": initial, "steps": 0}
-    best = [p.detach().clone() for p in params]
-    bad, step = 0, 0
-    while step < settings.steps and bad < settings.patience:
-        order = list(train)
-        rng.shuffle(order)
-        for group in token_groups(order, tokens, settings.batch_tokens):
-            n_tok = sum(tokens[b] for b in group)
-            grads = [torch.zeros_like(p) for p in params]
-            step_loss = 0.0
-            for b in group:
-                loss, _ = objective.batch_loss(b)
-                for g, d in zip(grads, torch.autograd.grad(loss / max(1, n_tok), params)):
-                    g += d
-                step_loss += float(loss.detach())
-            for p, g in zip(params, grads):
-                p.grad = g
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            curve["train"].append(step_loss / max(1, n_tok))
-            if step % eval_every == 0 or step >= settings.steps:
-                value = score()
-                curve["valid"].append(value)
-                curve["eval_steps"].append(step)
-                if value < curve["best_valid"]:
-                    curve["best_valid"], curve["best_step"], bad = value, step, 0
-                    best = [p.detach().clone() for p in params]
-                else:
-                    bad += 1
-            progress(min(step, settings.steps), settings.steps, f"{label} loss {curve['best_valid']:.3g}")
-            if step >= settings.steps or bad >= settings.patience:
-                break
-    with torch.no_grad():
-        for p, b in zip(params, best):
-            p.copy_(b)
-    curve["steps"] = step
-    return curve
+
+    def gradient(group):
+        """The step's gradient: Σ over its batches of d(summed loss / the step's real tokens)."""
+        n_tok = sum(tokens[b] for b in group)
+        grads = [torch.zeros_like(p) for p in params]
+        step_loss = 0.0
+        for b in group:
+            loss, _ = objective.batch_loss(b)
+            for g, d in zip(grads, torch.autograd.grad(loss / max(1, n_tok), params)):
+                g += d
+            step_loss += float(loss.detach())
+        return grads, step_loss / max(1, n_tok)
+
+    def on_step(state):
+        progress(min(state.step, settings.steps), settings.steps, f"{label} loss {state.best_valid:.3g}")
+
+    loop = TrainSettings(lr=settings.lr, eval_every=eval_every, patience=settings.patience,
+                         batch_tokens=settings.batch_tokens, steps=settings.steps, seed=settings.seed)
+    state = early_stopped_adam(params, train, tokens, gradient, score, loop, on_step=on_step)
+    c = state.curve
+    return {"train": c["train"], "valid": c["valid"], "eval_steps": c["eval_steps"], "best_step": state.best_step,
+            "initial_valid": state.initial_valid, "best_valid": state.best_valid, "steps": state.step}
 
 
 @register
