@@ -58,8 +58,7 @@ class CompressSettings:
     """How to compress (defaults here only: CLI flags and recipe keys are derived from these fields).
 
     ``method_settings``: ``{method name: its settings}`` for every registered method that declares a
-    ``settings_class`` (missing entries get that class's defaults); read one with :meth:`of` (or as an
-    attribute, ``settings.refit``). Their flags are ``--<method>-<field>``, their recipe keys
+    ``settings_class`` (missing entries get that class's defaults); read one with :meth:`of`. Their flags are ``--<method>-<field>``, their recipe keys
     ``method.<method>.<key>`` (``options.py``, from the registry).
     """
 
@@ -95,13 +94,6 @@ class CompressSettings:
         """The settings of method ``name`` (None for a method that declares none)."""
         methods.get(name)  # raises, naming the registered methods
         return self.method_settings.get(name)
-
-    def __getattr__(self, name: str):
-        """``settings.<method>``: a method's settings, e.g. ``settings.refit.steps``."""
-        found = self.__dict__.get("method_settings")
-        if name.startswith("_") or not found or name not in found:
-            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-        return found[name]
 
     def for_data(self, calib: int, seed: int) -> "CompressSettings":
         """A copy with a job's calibration size and data seed; a method's settings with a ``seed`` field

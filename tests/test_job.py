@@ -155,7 +155,7 @@ def test_bad_flags_fail_before_any_work(argv, message, capsys):
 
 def test_recipe_round_trip_keeps_every_setting(tmp_path):
     spec = _spec(tmp_path / "x")
-    spec.method.refit.steps, spec.method.layerwise, spec.method.hidden_mse = 7, True, False
+    spec.method.of("refit").steps, spec.method.layerwise, spec.method.hidden_mse = 7, True, False
     assert load_recipe(json.loads(json.dumps(spec.to_dict()))) == spec
 
 

@@ -76,7 +76,7 @@ def test_defaults_fill_every_section():
     r = validate_recipe(with_change("method", "svd"))  # shorthand for {name: svd}
     assert asdict(r.model) == {"source": "tiny", "dtype": "float32", "device": "auto"}
     assert asdict(r.data) == {"source": "default", "seed": 0, "calib": 6, "eval": 6, "val": 0}
-    assert r.export is None and r.method.method == "svd" and r.method.refit.steps == 200
+    assert r.export is None and r.method.method == "svd" and r.method.of("refit").steps == 200
     settings = r.settings()
     assert (settings.method, settings.calib, settings.seed) == ("svd", 6, 0)
 

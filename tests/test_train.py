@@ -7,7 +7,6 @@ import torch
 
 from lowrank_core.train import TrainSettings, TrainState, early_stopped_adam
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _problem(target_valid: float):

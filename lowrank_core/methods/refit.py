@@ -193,8 +193,8 @@ class Refit(Whitened):
     settings_class = RefitSettings
 
     def refine_layer(self, ctx: LayerContext, names: list[str], progress: Progress) -> Optional[dict]:
-        """Block-level refit of ``names`` in float32 (``ctx.settings.refit``); ``ctx.factors`` updated in place."""
-        rs = ctx.settings.refit
+        """Block-level refit of ``names`` in float32 (``ctx.settings.of("refit")``); ``ctx.factors`` updated in place."""
+        rs = ctx.settings.of(self.name)
         if rs.steps <= 0:
             return None
         work, new = ctx.layer, ctx.factors
