@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from . import methods
-from .archmap import ALL_MODULES, GROUPS, HEAD_MODULE, LinearInfo, count_parameters, linear_map, meta_model
+from .arch import all_head_modules
+from .archmap import ALL_MODULES, GROUPS, LinearInfo, count_parameters, linear_map, meta_model
 from .options import option
 
 RULE_KEYS = {"layers", "modules", "rank", "keep", "method", "dense"}
@@ -428,8 +429,9 @@ def _rule_targets(rule: Rule, linears: Sequence[LinearInfo], n_layers: int, inde
     layers = set(parse_layers(rule.layers, n_layers, rule, index))
     out = [li for li in linears
            if li.module in names and (li.layer is None or li.layer in layers)]
-    if HEAD_MODULE in names and not any(li.module == HEAD_MODULE for li in linears):
-        raise _rule_error(index, rule, "unknown module 'lm_head': this model has no separate lm_head linear")
+    for head in (h for h in all_head_modules() if h in names):   # the table's head names (lm_head)
+        if not any(li.group == "head" and li.module == head for li in linears):
+            raise _rule_error(index, rule, f"unknown module {head!r}: this model has no separate {head} linear")
     return out
 
 
