@@ -124,11 +124,6 @@ def _real_rows(x: Tensor, mask: Optional[Tensor], in_features: int) -> Tensor:
     return x[mask.to(x.device).bool()]
 
 
-def grams_from_inputs(x: Tensor, mask: Optional[Tensor] = None) -> GramStats:
-    """``GramStats`` of inputs ``x`` [B, T, in] (or [N, in]); ``mask`` [B, T] drops padding positions."""
-    return GramStats.zeros(int(x.shape[-1]), device=x.device).add_(x, mask)
-
-
 def gram_representatives(linears: Iterable[LinearInfo]) -> dict[str, LinearInfo]:
     """``{gram_key: the first linear (in execution order) that reads that input}``."""
     order = {m: i for i, m in enumerate(ALL_MODULES)}
