@@ -131,9 +131,13 @@ def all_module_names() -> tuple[str, ...]:
     names: dict[str, None] = {}
     for spec in ARCHS.values():
         names.update(dict.fromkeys(spec.decoder_modules))
-    for spec in ARCHS.values():
-        names[spec.head_module] = None
+    names.update(dict.fromkeys(all_head_modules()))
     return tuple(names)
+
+
+def all_head_modules() -> tuple[str, ...]:
+    """Short names of the heads (``ArchSpec.head_module``) over every architecture: ``("lm_head",)``."""
+    return tuple(dict.fromkeys(spec.head_module for spec in ARCHS.values()))
 
 
 def all_groups() -> dict[str, tuple[str, ...]]:

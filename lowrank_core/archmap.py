@@ -18,7 +18,6 @@ from .arch import (ARCHS, SUPPORTED_MODEL_TYPES, UnsupportedArchitectureError, a
 GROUPS = all_groups()                 # attn / mlp / all -> short names (every architecture)
 ATTN_MODULES = GROUPS["attn"]
 MLP_MODULES = GROUPS["mlp"]
-HEAD_MODULE = "lm_head"
 ALL_MODULES = all_module_names()      # decoder linears in execution order, then the head
 __all__ = ["ARCHS", "SUPPORTED_MODEL_TYPES", "UnsupportedArchitectureError", "LinearInfo", "linear_map",
            "meta_model", "count_parameters", "check_supported", "num_layers"]

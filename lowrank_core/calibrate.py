@@ -55,7 +55,7 @@ class GramStats:
         ``precision``: dtype of the product (see the module docstring), the sum stays float64."""
         rows = _real_rows(x, mask, self.in_features)
         if rows.shape[0]:
-            _add_symmetric_product(self.gram, rows, product_dtype(precision, rows.device))
+            add_symmetric_product(self.gram, rows, product_dtype(precision, rows.device))
             self.tokens += int(rows.shape[0])
         return self
 
@@ -101,8 +101,12 @@ def _product(a: Tensor, b: Tensor) -> Tensor:
     return a @ b
 
 
-def _add_symmetric_product(acc: Tensor, rows: Tensor, dtype: torch.dtype = torch.float32) -> None:
-    """``acc += rowsᵀ rows`` (``dtype`` product, float64 sum), computing only the upper block triangle."""
+def add_symmetric_product(acc: Tensor, rows: Tensor, dtype: torch.dtype = torch.float32) -> None:
+    """``acc += rowsᵀ rows`` in place: ``acc`` [n, n] float64 (any device), ``rows`` [N, n] (one row per token,
+    any dtype and device). Each product is computed in ``dtype`` (float32, float64 or bfloat16; see
+    :func:`product_dtype`) on ``rows``' device, in column blocks of :data:`GRAM_BLOCK` covering the upper
+    block triangle only (the lower one is mirrored), and added to ``acc`` in float64: a sum of ``x xᵀ`` over
+    the rows, in the units of ``rows`` squared."""
     rows = rows.to(dtype)
     for i, j in _blocks(rows.shape[1]):
         part = _product(rows[:, i:j].T, rows[:, i:]).to(acc.device, torch.float64)   # [block, n - i]
@@ -118,11 +122,6 @@ def _real_rows(x: Tensor, mask: Optional[Tensor], in_features: int) -> Tensor:
     if tuple(mask.shape) != tuple(x.shape[:-1]):
         raise ValueError(f"mask shape {tuple(mask.shape)} does not match inputs {tuple(x.shape[:-1])} [..., in]")
     return x[mask.to(x.device).bool()]
-
-
-def grams_from_inputs(x: Tensor, mask: Optional[Tensor] = None) -> GramStats:
-    """``GramStats`` of inputs ``x`` [B, T, in] (or [N, in]); ``mask`` [B, T] drops padding positions."""
-    return GramStats.zeros(int(x.shape[-1]), device=x.device).add_(x, mask)
 
 
 def gram_representatives(linears: Iterable[LinearInfo]) -> dict[str, LinearInfo]:

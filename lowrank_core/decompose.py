@@ -110,6 +110,16 @@ class Whitening:
             self._compute()
         return self._factor
 
+    @property
+    def eigen_factor(self) -> Optional[tuple[Tensor, Tensor]]:
+        """``(Q, root)`` of the eigendecomposition fallback, ``L = Q·diag(root)``: ``Q`` [in, in] float64 the
+        orthonormal eigenvectors of ``G`` (columns), ``root`` [in] float64 the square roots of its eigenvalues
+        clamped at ``damping`` (in the units of ``x``, as ``G`` is in those of ``x xᵀ``); so
+        ``(L Lᵀ)⁻¹ = Q·diag(1/root²)·Qᵀ`` and ``L⁻¹ = diag(1/root)·Qᵀ``. None when ``kind == "cholesky"``.
+        Computes the factor first if needed."""
+        self.factor
+        return self._eig if self.kind == "eigh" else None
+
     def _compute(self) -> None:
         g = self.gram
         n = g.shape[0]
@@ -140,7 +150,7 @@ class Whitening:
         L = self.factor
         M = M.to(self.device, torch.float64)
         if self.kind == "eigh":
-            q, root = self._eig
+            q, root = self.eigen_factor
             return (M / root) @ q.T        # L = Q·diag(root), so L⁻¹ = diag(1/root)·Qᵀ
         with solver_threads(L.device):
             return torch.linalg.solve_triangular(L, M, upper=False, left=False)

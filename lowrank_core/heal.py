@@ -36,7 +36,7 @@ from torch import nn
 
 from .data import IGNORE_INDEX, batch_tokens, calibration_batches, split_examples
 from .evaluate import logits_at
-from .export import low_rank_modules
+from .lowrank import low_rank_modules
 from .layerwise import model_device
 from .options import option, parse_count
 from .progress import Progress, ensure_progress

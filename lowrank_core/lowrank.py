@@ -2,7 +2,8 @@
 
 ``y = up(down(x))`` with ``down: in -> r`` (no bias) and ``up: r -> out`` (optional bias). State-dict
 names are ``<name>.down.weight`` [r, in], ``<name>.up.weight`` [out, r] and ``<name>.up.bias`` [out];
-exports rely on them.
+exports rely on them. ``low_rank_modules`` / ``ranks_of`` find such modules in a model by that shape (also
+the factorized export's own class, loaded through remote code).
 """
 from __future__ import annotations
 
@@ -79,3 +80,15 @@ class LowRankLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
                 f"bias={self.up.bias is not None}")
+
+
+def low_rank_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """{name: module} of every low-rank module of ``model``: any module with ``down`` and ``up`` ``nn.Linear``
+    children (``LowRankLinear`` or a factorized export's class)."""
+    return {name: mod for name, mod in model.named_modules()
+            if isinstance(getattr(mod, "down", None), nn.Linear) and isinstance(getattr(mod, "up", None), nn.Linear)}
+
+
+def ranks_of(model: nn.Module) -> dict[str, int]:
+    """{module name: rank} of every low-rank module (the rows of its ``down.weight [r, in]``)."""
+    return {name: int(mod.down.weight.shape[0]) for name, mod in low_rank_modules(model).items()}

@@ -20,7 +20,7 @@ parameters that the factors keep.
 Rank rounding (``rank_multiple``, one of 1, 8, 16, 32, 64, 128; 1 = off): every resolved rank, from a
 ``keep`` *and* from an explicit ``rank`` (so plans written by ``search``, which are all explicit ranks, can be
 aligned too), is rounded DOWN to a multiple, at least the multiple, never above ``min(out, in)``
-(``speed.round_rank``: a matrix narrower than the multiple keeps its rank). Matmul kernels run aligned ranks
+(:func:`round_rank`: a matrix narrower than the multiple keeps its rank). Matmul kernels run aligned ranks
 faster. File form: a top-level ``rank_multiple: 64`` next to ``rules``; compact form: a ``rank_multiple=64``
 chunk, e.g. ``"all:k0.8; rank_multiple=64"``; CLI: ``--rank-multiple 64`` (:class:`PlanOptions`), which
 overrides the plan's own. Ranks are validated (at least 1, at most ``min(out, in)``) before rounding.
@@ -35,15 +35,43 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from . import methods
-from .archmap import ALL_MODULES, GROUPS, HEAD_MODULE, LinearInfo, count_parameters, linear_map, meta_model
+from .arch import all_head_modules
+from .archmap import ALL_MODULES, GROUPS, LinearInfo, count_parameters, linear_map, meta_model
 from .options import option
-from .speed import RANK_MULTIPLES, check_rank_multiple, round_rank
 
 RULE_KEYS = {"layers", "modules", "rank", "keep", "method", "dense"}
+RANK_MULTIPLES = (1, 8, 16, 32, 64, 128)   # allowed rank roundings (1 = none)
 
 
 class PlanError(ValueError):
     """A plan that cannot be applied; the message names the offending rule."""
+
+
+def check_rank_multiple(multiple) -> int:
+    """``multiple`` if it is one of :data:`RANK_MULTIPLES`, else ``ValueError`` naming it and what is allowed."""
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple not in RANK_MULTIPLES:
+        raise ValueError(f"rank multiple {multiple!r} is not allowed; use one of "
+                         f"{', '.join(map(str, RANK_MULTIPLES))} (1 = no rounding)")
+    return multiple
+
+
+def round_rank(rank: int, multiple: int, limit: int) -> int:
+    """``rank`` rounded DOWN to a multiple of ``multiple``, at least ``multiple``, never above ``limit``.
+
+    ``limit`` is the matrix's ``min(out, in)``. ``multiple`` must be in :data:`RANK_MULTIPLES` (1 returns
+    ``min(rank, limit)``). A rank below ``multiple`` is rounded UP to ``multiple``: this may exceed the
+    parameter break-even rank (the plan's accounting then warns, as for any rank above break-even). When
+    ``rank`` is above ``limit`` it is first clamped to ``limit``; when even ``multiple`` exceeds ``limit`` (a
+    matrix narrower than the multiple) no aligned rank exists and ``min(rank, limit)`` is returned unrounded.
+    """
+    check_rank_multiple(multiple)
+    for label, v in (("rank", rank), ("limit", limit)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{label}={v!r} is not allowed; it must be a positive integer")
+    rank = min(rank, limit)
+    if multiple == 1 or multiple > limit:
+        return rank
+    return max(multiple, rank // multiple * multiple)
 
 
 @dataclass
@@ -401,8 +429,9 @@ def _rule_targets(rule: Rule, linears: Sequence[LinearInfo], n_layers: int, inde
     layers = set(parse_layers(rule.layers, n_layers, rule, index))
     out = [li for li in linears
            if li.module in names and (li.layer is None or li.layer in layers)]
-    if HEAD_MODULE in names and not any(li.module == HEAD_MODULE for li in linears):
-        raise _rule_error(index, rule, "unknown module 'lm_head': this model has no separate lm_head linear")
+    for head in (h for h in all_head_modules() if h in names):   # the table's head names (lm_head)
+        if not any(li.group == "head" and li.module == head for li in linears):
+            raise _rule_error(index, rule, f"unknown module {head!r}: this model has no separate {head} linear")
     return out
 
 
@@ -411,7 +440,7 @@ def resolve_plan(plan: Plan, linears: Sequence[LinearInfo], default_method: Opti
 
     Raises PlanError naming the rule for a rank above min(out, in), a rank below 1 (also from a small
     ``keep``), an unknown layer or module. Then every rank is rounded by ``plan.rank_multiple``
-    (``speed.round_rank``; the rule's own rank is kept as ``Assignment.planned_rank``).
+    (:func:`round_rank`; the rule's own rank is kept as ``Assignment.planned_rank``).
     """
     n_layers = 1 + max(li.layer for li in linears if li.layer is not None)
     chosen: dict[str, Assignment] = {}

@@ -9,9 +9,9 @@ overhead than one big one, and a decode step (one token) is memory- and launch-b
   ``F.linear`` calls of ``lowrank.LowRankLinear.forward``) on random data;
 - :func:`speed_breakeven`: the largest rank whose pair is not slower than the dense matrix (bisection);
 - :func:`shape_groups` / :func:`measure_shapes` / :func:`speed_rows`: the same for every distinct linear
-  shape of a model (the Budget page's table and ``bench/inference_speed.py``);
-- :func:`round_rank`: ranks rounded to a multiple of 8 ... 128 (what matmul kernels like best); plans use
-  it through ``Plan.rank_multiple``.
+  shape of a model (the Budget page's table and ``bench/inference_speed.py``).
+
+Rounding ranks to a multiple the kernels like (``Plan.rank_multiple``) is the plan's: ``plan.round_rank``.
 
 Timings are of one machine at one moment (other processes, thread count and clock scaling move them);
 near the crossover two ranks can swap, so a break-even rank is a region, not a sharp number.
@@ -26,41 +26,11 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-RANK_MULTIPLES = (1, 8, 16, 32, 64, 128)
 PREFILL_TOKENS = 512   # a prompt's forward pass: tokens per call
 DECODE_TOKENS = 1      # one generated token per call (batch 1)
 
-__all__ = ["RANK_MULTIPLES", "PREFILL_TOKENS", "DECODE_TOKENS", "check_rank_multiple", "round_rank",
-           "time_linear", "SpeedBreakeven", "speed_breakeven", "ShapeGroup", "shape_groups", "measure_shapes",
-           "speed_rows"]
-
-
-# ----------------------------------------------------------------------------- rank rounding
-def check_rank_multiple(multiple) -> int:
-    """``multiple`` if it is one of :data:`RANK_MULTIPLES`, else ``ValueError`` naming it and what is allowed."""
-    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple not in RANK_MULTIPLES:
-        raise ValueError(f"rank multiple {multiple!r} is not allowed; use one of "
-                         f"{', '.join(map(str, RANK_MULTIPLES))} (1 = no rounding)")
-    return multiple
-
-
-def round_rank(rank: int, multiple: int, limit: int) -> int:
-    """``rank`` rounded DOWN to a multiple of ``multiple``, at least ``multiple``, never above ``limit``.
-
-    ``limit`` is the matrix's ``min(out, in)``. ``multiple`` must be in :data:`RANK_MULTIPLES` (1 returns
-    ``min(rank, limit)``). A rank below ``multiple`` is rounded UP to ``multiple``: this may exceed the
-    parameter break-even rank (the plan's accounting then warns, as for any rank above break-even). When
-    ``rank`` is above ``limit`` it is first clamped to ``limit``; when even ``multiple`` exceeds ``limit`` (a
-    matrix narrower than the multiple) no aligned rank exists and ``min(rank, limit)`` is returned unrounded.
-    """
-    check_rank_multiple(multiple)
-    for label, v in (("rank", rank), ("limit", limit)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{label}={v!r} is not allowed; it must be a positive integer")
-    rank = min(rank, limit)
-    if multiple == 1 or multiple > limit:
-        return rank
-    return max(multiple, rank // multiple * multiple)
+__all__ = ["PREFILL_TOKENS", "DECODE_TOKENS", "time_linear", "SpeedBreakeven", "speed_breakeven", "ShapeGroup",
+           "shape_groups", "measure_shapes", "speed_rows"]
 
 
 # ----------------------------------------------------------------------------- timing one linear

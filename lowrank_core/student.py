@@ -15,8 +15,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from .archmap import linear_map
-from .decompose import Factors, relative_output_error
+from .decompose import Factors
 from .lowrank import LowRankLinear
 
 
@@ -91,44 +90,3 @@ def shared_tensor_names(teacher: nn.Module, student: nn.Module) -> list[str]:
     named = list(student.named_parameters(remove_duplicate=False)) + list(student.named_buffers(remove_duplicate=False))
     return [n for n, t in named if t.numel() and t.data_ptr() in ptrs]
 
-
-# ----------------------------------------------------------------------------- per-matrix error
-def _dense_weight(module: nn.Module) -> torch.Tensor:
-    if hasattr(module, "merged_weight"):
-        return module.merged_weight()
-    weight = getattr(module, "weight", None)
-    if weight is None:
-        raise StudentError(f"cannot read a weight from {type(module).__name__}; expected nn.Linear or LowRankLinear")
-    return weight.detach()
-
-
-def matrix_error_rows(teacher: nn.Module, student_or_replacements, grams: Mapping,
-                      linears=None) -> list[dict]:
-    """Relative output error of every replaced linear, exact from Grams (e.g. held-out calibration tokens).
-
-    ``student_or_replacements``: a student model (linears whose weight is not the teacher's tensor count as
-    replaced) or ``{name: module}``. ``grams``: ``{gram_key: GramStats | tensor | Whitening}``. Rows:
-    name, layer, module, rank, rel_error (``trace(ΔW G ΔWᵀ)/trace(W G Wᵀ)``; None without a Gram), tokens.
-    """
-    infos = linears if linears is not None else linear_map(teacher)
-    if isinstance(student_or_replacements, nn.Module):
-        student = student_or_replacements
-        replaced = {}
-        for info in infos:
-            module = student.get_submodule(info.name)
-            if getattr(module, "weight", None) is not teacher.get_submodule(info.name).weight:
-                replaced[info.name] = module
-    else:
-        replaced = dict(student_or_replacements)
-    rows = []
-    for info in infos:
-        if info.name not in replaced:
-            continue
-        module = replaced[info.name]
-        gram = grams.get(info.gram_key)
-        weight = teacher.get_submodule(info.name).weight
-        rows.append({"name": info.name, "layer": info.layer, "module": info.module,
-                     "rank": int(getattr(module, "rank", info.max_rank)),
-                     "rel_error": None if gram is None else relative_output_error(weight, _dense_weight(module), gram),
-                     "tokens": getattr(gram, "tokens", None)})
-    return rows

@@ -9,8 +9,9 @@ import torch
 from lowrank_core.archmap import num_layers
 from lowrank_core import methods
 from lowrank_core.models import resolve_device, resolve_dtype
-from lowrank_core.plan import PlanError, account, load_plan, plan_from_rows, resolve_plan, rows_from_plan
-from lowrank_core.speed import DECODE_TOKENS, PREFILL_TOKENS, RANK_MULTIPLES, measure_shapes, shape_groups, speed_rows
+from lowrank_core.plan import (RANK_MULTIPLES, PlanError, account, load_plan, plan_from_rows, resolve_plan,
+                               rows_from_plan)
+from lowrank_core.speed import DECODE_TOKENS, PREFILL_TOKENS, measure_shapes, shape_groups, speed_rows
 from lowrank_core.workspace import PLAN_SUFFIXES, app_source, plan_source, writable_file
 from ui import cache, state
 from ui.entry import ensure_app, stop_page

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from lowrank_core.archmap import linear_map
-from lowrank_core.calibrate import GramStats, collect_grams, gram_representatives, grams_from_inputs
+from lowrank_core.calibrate import GramStats, collect_grams, gram_representatives
 
 
 def _batch(lengths, width=None, seed=0):
@@ -101,21 +101,24 @@ def test_stops_early_and_reports_progress(tiny):
 
 
 def test_gramstats_helpers():
+    def stats_of(x, mask=None):
+        return GramStats.zeros(int(x.shape[-1])).add_(x, mask)
+
     x = torch.randn(2, 5, 4)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0]])
-    s = grams_from_inputs(x, mask)
+    s = stats_of(x, mask)
     rows = x[mask.bool()].double()
     assert s.tokens == 5
     torch.testing.assert_close(s.gram, rows.T @ rows)
     torch.testing.assert_close(s.mean(), rows.T @ rows / 5)
-    both = s.merge(grams_from_inputs(x.reshape(-1, 4)))
+    both = s.merge(stats_of(x.reshape(-1, 4)))
     assert both.tokens == 15 and s.tokens == 5
-    assert s.fingerprint() != both.fingerprint() and s.fingerprint() == grams_from_inputs(x, mask).fingerprint()
+    assert s.fingerprint() != both.fingerprint() and s.fingerprint() == stats_of(x, mask).fingerprint()
     assert GramStats.zeros(3).mean().abs().sum() == 0
     wide = torch.randn(50, 900)  # wider than one accumulation block: blocked symmetric product
-    torch.testing.assert_close(grams_from_inputs(wide).gram, wide.double().T @ wide.double(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(stats_of(wide).gram, wide.double().T @ wide.double(), rtol=1e-5, atol=1e-4)
     with pytest.raises(ValueError, match="mask shape"):
-        grams_from_inputs(x, mask[:, :3])
+        stats_of(x, mask[:, :3])
     with pytest.raises(ValueError, match="model.layers.7"):
         from lowrank_core.archmap import LinearInfo
         collect_grams(torch.nn.Linear(2, 2), [], [LinearInfo("model.layers.7.mlp.up_proj", 7, "mlp", "up_proj", 8, 4)])

@@ -1,10 +1,11 @@
-"""LowRankLinear: construction from factors, forward, merge, parameter count, state-dict names."""
+"""LowRankLinear: construction from factors, forward, merge, parameter count, state-dict names; finding the
+low-rank modules of a model."""
 import pytest
 import torch
 from torch import nn
 
 from lowrank_core.decompose import Factors, svd_factors
-from lowrank_core.lowrank import LowRankLinear
+from lowrank_core.lowrank import LowRankLinear, low_rank_modules, ranks_of
 
 
 def test_from_factors_forward_and_merge():
@@ -51,3 +52,19 @@ def test_bad_sizes_raise(bad):
 def test_factors_that_do_not_chain_raise():
     with pytest.raises(ValueError, match="do not chain"):
         LowRankLinear.from_factors(Factors(torch.randn(6, 2), torch.randn(3, 4)))
+
+
+def test_low_rank_modules_and_ranks_are_found_by_their_down_and_up_linears():
+    class Pair(nn.Module):   # not a LowRankLinear: a factorized export's own class has the same shape
+        def __init__(self):
+            super().__init__()
+            self.down, self.up = nn.Linear(6, 2, bias=False), nn.Linear(2, 5)
+
+    model = nn.Sequential(nn.Linear(6, 6), LowRankLinear(6, 6, 3), nn.Sequential(Pair()))
+    found = low_rank_modules(model)
+    assert list(found) == ["1", "2.0"] and found["1"] is model[1]
+    assert ranks_of(model) == {"1": 3, "2.0": 2}
+    assert low_rank_modules(nn.Linear(4, 4)) == {} and ranks_of(nn.Linear(4, 4)) == {}
+
+    from lowrank_core import export
+    assert export.low_rank_modules is low_rank_modules   # still importable from export

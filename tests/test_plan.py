@@ -139,6 +139,25 @@ def test_tied_head_frees_nothing(tiny):
     assert any("tied" in w for w in acc.warnings)
 
 
+def test_a_head_rule_needs_a_head_linear_named_by_the_table(mistral_config):
+    """``lm_head`` (the table's ``ArchSpec.head``) resolves to the model's head linear, tied or not; a model
+    without one refuses the rule in the plan and in ``spectrum``, naming the head."""
+    from lowrank_core.arch import all_head_modules
+    from lowrank_core.cli import CliError
+    from lowrank_core.commands.spectrum import _find_linear
+
+    assert all_head_modules() == ("lm_head",)
+    linears = linear_map(mistral_config)
+    assert list(resolve_plan(load_plan("lm_head:r16"), linears)) == ["lm_head"]
+    assert _find_linear(linears, None, "lm_head").name == "lm_head"
+    headless = [li for li in linears if li.group != "head"]
+    with pytest.raises(PlanError, match="rule 1.*unknown module 'lm_head': this model has no separate lm_head linear"):
+        resolve_plan(load_plan("lm_head:r16"), headless)
+    with pytest.raises(CliError, match="no separate lm_head linear"):
+        _find_linear(headless, None, "lm_head")
+    assert list(resolve_plan(load_plan("0:q_proj:r4"), headless)) == ["model.layers.0.self_attn.q_proj"]
+
+
 def test_unsupported_architecture():
     from transformers import GPT2Config
 

@@ -1,4 +1,4 @@
-"""Inference speed: rank rounding (``speed.round_rank``, ``Plan.rank_multiple``, ``--rank-multiple``), the
+"""Inference speed: rank rounding (``plan.round_rank``, ``Plan.rank_multiple``, ``--rank-multiple``), the
 speed break-even search (fields only: no timing thresholds), and the Budget page's rounding selectbox and
 "Measure speed" button (AppTest on the tiny model)."""
 from __future__ import annotations
@@ -13,10 +13,11 @@ from lowrank_core.cli import build_parser, main
 from lowrank_core.compare_job import CompareSpec
 from lowrank_core.commands.compress import job_from_args
 from lowrank_core.models import tiny_config
-from lowrank_core.plan import (Plan, PlanError, PlanOptions, account, load_plan, parse_plan_string, plan_from_rows,
-                               resolve_plan, rows_from_plan, with_rank_multiple)
-from lowrank_core.speed import (RANK_MULTIPLES, SpeedBreakeven, check_rank_multiple, measure_shapes, round_rank,
-                                shape_groups, speed_breakeven, speed_rows, time_linear)
+from lowrank_core.plan import (RANK_MULTIPLES, Plan, PlanError, PlanOptions, account, check_rank_multiple, load_plan,
+                               parse_plan_string, plan_from_rows, resolve_plan, round_rank, rows_from_plan,
+                               with_rank_multiple)
+from lowrank_core.speed import (SpeedBreakeven, measure_shapes, shape_groups, speed_breakeven, speed_rows,
+                                time_linear)
 from test_app import metrics, started, texts, tiny_env  # noqa: F401  (tiny_env: autouse)
 
 

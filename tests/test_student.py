@@ -5,8 +5,8 @@ import torch
 from lowrank_core.archmap import linear_map
 from lowrank_core.decompose import svd_factors
 from lowrank_core.lowrank import LowRankLinear
-from lowrank_core.student import (StudentError, build_student, changed_tensors, low_rank_student, matrix_error_rows,
-                                  shared_tensor_names, state_checksums)
+from lowrank_core.student import (StudentError, build_student, changed_tensors, low_rank_student, shared_tensor_names,
+                                  state_checksums)
 
 
 def _ids():
@@ -69,26 +69,3 @@ def test_bad_replacements_raise(tiny):
         build_student(model, {"model.layers.9.mlp.up_proj": torch.nn.Identity()})
     with pytest.raises(ValueError, match="in_features"):
         build_student(model, {"model.layers.0.mlp.up_proj": LowRankLinear(10, 128, 2)})
-
-
-def test_matrix_error_rows_from_grams(tiny):
-    from lowrank_core.calibrate import collect_grams
-    from lowrank_core.decompose import relative_output_error
-
-    model, _ = tiny
-    ids = torch.randint(0, 250, (2, 30), generator=torch.Generator().manual_seed(3))
-    linears = linear_map(model)
-    grams = collect_grams(model, [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}], linears)
-    names = ["model.layers.0.self_attn.v_proj", "model.layers.1.mlp.gate_proj"]
-    factors = {n: svd_factors(model.get_submodule(n).weight, 3) for n in names}
-    student = low_rank_student(model, factors)
-    rows = matrix_error_rows(model, student, grams)
-    assert [r["name"] for r in rows] == names
-    for row in rows:
-        info = next(i for i in linears if i.name == row["name"])
-        expected = relative_output_error(model.get_submodule(info.name).weight, factors[info.name].merged(),
-                                         grams[info.gram_key])
-        assert row["rank"] == 3 and row["tokens"] == 60 and 0 < row["rel_error"] == pytest.approx(expected)
-    replacements = {n: student.get_submodule(n) for n in names}
-    assert matrix_error_rows(model, replacements, grams) == rows
-    assert matrix_error_rows(model, replacements, {})[0]["rel_error"] is None

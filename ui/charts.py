@@ -98,19 +98,6 @@ def line_chart(series: dict[str, Sequence[float]], title: str, x_title: str, y_t
     return fig
 
 
-def teacher_student_bars(results: dict[str, object]) -> go.Figure:
-    """Answer loss and perplexity side by side for each model name -> EvalResult."""
-    names = list(results)
-    colors = ["#4c78a8", "#f58518", "#54a24b", "#e45756"]
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("answer loss (nats/token)", "perplexity"))
-    for col, attr in ((1, "loss"), (2, "perplexity")):
-        values = [getattr(results[n], attr) for n in names]
-        fig.add_trace(go.Bar(x=names, y=values, marker_color=colors[: len(names)], showlegend=False,
-                             text=[f"{v:.4f}" for v in values], textposition="auto"), 1, col)
-    fig.update_layout(height=360, margin=dict(t=50, b=40, l=40, r=20))
-    return fig
-
-
 def refit_figure(curve: dict, title: str, what: str = "refit") -> go.Figure:
     """Training curve (refit or healing): train per step, valid at its evaluation steps (log y)."""
     fig = go.Figure()

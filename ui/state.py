@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, replace
+from typing import Optional
 
 import streamlit as st
 
 from lowrank_core.compress import CompressSettings
-from lowrank_core.job import DataSpec, ModelSpec
+from lowrank_core.job import DataSpec, JobResult, ModelSpec
 
 SETTINGS_KEY = "lowrank_settings"
 PLAN_KEY = "lowrank_plan"          # dict: {"plan": Plan, "text": yaml, "source": str}
 RUNS_KEY = "lowrank_runs"          # list[dict]: one row per finished compression run
-RESULTS_KEY = "lowrank_results"    # {job key: CompressResult}
+RESULTS_KEY = "lowrank_results"    # {job key: JobResult}
 CURRENT_KEY = "lowrank_current_job"  # job key of the result the Evaluate and Export pages use
 JOB_KEY = "lowrank_pending_job"    # jobs.BackgroundJob of the compression running now
 SEARCH_KEY = "lowrank_search"      # dict: the last finished rank-allocation search (see store_search)
@@ -66,15 +67,16 @@ def runs() -> list[dict]:
     return st.session_state.setdefault(RUNS_KEY, [])
 
 
-def results() -> dict:
+def results() -> dict[str, JobResult]:
+    """{job key: JobResult} of this session's finished compression jobs (see ``jobs.store_result``)."""
     return st.session_state.setdefault(RESULTS_KEY, {})
 
 
-def current_result():
-    """(job key, CompressResult) of the last finished compression, or (None, None)."""
+def current_result() -> tuple[Optional[str], Optional[JobResult]]:
+    """(job key, JobResult) of the last finished compression job, or (None, None)."""
     key = st.session_state.get(CURRENT_KEY)
-    res = results().get(key) if key else None
-    return (key, res) if res is not None else (None, None)
+    job = results().get(key) if key else None
+    return (key, job) if job is not None else (None, None)
 
 
 def stored_plan():

@@ -65,7 +65,7 @@ def _stored_factor(wh: Whitening, device) -> tuple:
     """``("cholesky", L)`` or ``("eigh", Q, √λ)`` of ``wh``, float64 on ``device``."""
     wh.factor  # computed (a tall basis has already computed it)
     if wh.kind == "eigh":
-        q, root = wh._eig
+        q, root = wh.eigen_factor
         return "eigh", q.to(device), root.to(device)
     return "cholesky", wh.factor.to(device)
 

@@ -1,7 +1,8 @@
 """``spectrum``: singular values of one linear, of the weight and (with calibration) activation-aware."""
 from __future__ import annotations
 
-from ..archmap import ALL_MODULES, HEAD_MODULE, linear_map
+from ..arch import all_head_modules
+from ..archmap import ALL_MODULES, linear_map
 from ..cli import CliError, at_least, print_json
 from ..calibrate import collect_grams
 from ..data import calibration_batches, calibration_id, make_split
@@ -32,10 +33,10 @@ def register(sub) -> None:
 
 
 def _find_linear(linears, layer, module):
-    if module == HEAD_MODULE:
-        found = [i for i in linears if i.module == HEAD_MODULE]
+    if module in all_head_modules():   # the architecture table's head names (lm_head)
+        found = [i for i in linears if i.group == "head" and i.module == module]
         if not found:
-            raise CliError("this model has no separate lm_head linear")
+            raise CliError(f"this model has no separate {module} linear")
         return found[0]
     layers = sorted({i.layer for i in linears if i.layer is not None})
     if layer is None:

@@ -6,10 +6,13 @@
 - :mod:`.manifest`: ``lowrank.json`` (what was compressed, how, with what result);
 - :mod:`.card`: ``README.md``, the Hugging Face model card drawn from the manifest, and ``recipe.yaml``;
 - :mod:`.load`: load a factorized export with lowrank_core's own ``LowRankLinear``;
-- :mod:`.common`: ``ExportError``, ``FORMATS``, finding a student's low-rank modules.
+- :mod:`.common`: ``ExportError``, ``FORMATS``.
+
+``low_rank_modules`` (of :mod:`lowrank_core.lowrank`) is re-exported here for compatibility.
 """
+from ..lowrank import low_rank_modules
 from .card import model_card
-from .common import FORMATS, ExportError, low_rank_modules
+from .common import FORMATS, ExportError
 from .load import load_factorized
 from .manifest import MANIFEST, build_manifest, read_manifest
 from .verify import ExportVerificationError, reload_export, verify_export

@@ -11,10 +11,10 @@ from torch import nn
 
 from .. import __version__
 from ..archmap import count_parameters
+from ..lowrank import low_rank_modules, ranks_of
 from ..plan import load_plan
 from ..threads import runtime_record
 from .card import invocation
-from .common import low_rank_modules, ranks_of
 
 MANIFEST = "lowrank.json"
 

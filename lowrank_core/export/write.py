@@ -30,10 +30,11 @@ import torch
 from torch import nn
 
 from ..arch import FACTORIZED_PREFIX, ArchSpec, UnsupportedArchitectureError, arch_of
+from ..lowrank import low_rank_modules, ranks_of
 from ..progress import Progress, ensure_progress
 from ..tempdirs import mark_complete, temp_sibling
 from .card import write_card
-from .common import FORMATS, MODELING_FILE, ExportError, low_rank_modules, model_dtype, ranks_of
+from .common import FORMATS, MODELING_FILE, ExportError, model_dtype
 from .manifest import MANIFEST, complete_manifest, write_manifest
 from .verify import verify_export
 

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from ..arch import ARCHS, arch_of
-from ..calibrate import _add_symmetric_product
+from ..calibrate import add_symmetric_product
 from ..decompose import (Factors, FactorizationError, WhitenedBasis, Whitening, solver_threads,
                          whitening)
 from ..layerwise import call_layer, to_device
@@ -56,7 +56,7 @@ def _solve_gram(wh: Whitening, M: Tensor) -> Tensor:
     L = wh.factor
     M = M.to(wh.device, torch.float64)
     if wh.kind == "eigh":
-        q, root = wh._eig          # L = Q·diag(root): (L Lᵀ)⁻¹ = Q·diag(1/root²)·Qᵀ
+        q, root = wh.eigen_factor   # L = Q·diag(root): (L Lᵀ)⁻¹ = Q·diag(1/root²)·Qᵀ
         return ((M @ q) / (root * root)) @ q.T
     with solver_threads(L.device):
         return torch.cholesky_solve(M.T.contiguous(), L, upper=False).T   # G symmetric: (G⁻¹Mᵀ)ᵀ = M G⁻¹
@@ -151,7 +151,7 @@ class Anchored(Whitened):
                     state["rows"][key] = rows
                 else:
                     xt = state["rows"].pop(key)
-                    _add_symmetric_product(grams[key], rows)
+                    add_symmetric_product(grams[key], rows)
                     deltas[key] += ((xt - rows).T @ rows).to(torch.float64)
                 seen_all = len(state["rows"]) == len(first) if state["side"] == "teacher" else not state["rows"]
                 if seen_all:
