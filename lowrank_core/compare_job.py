@@ -25,6 +25,7 @@ from .models import LoadedModel, check_device_map, load_model
 from .options import OptionError, checked, to_mapping
 from .plan import PlanOptions, load_plan
 from .progress import Progress
+from .threads import runtime_record
 
 
 @dataclass
@@ -90,6 +91,7 @@ class CompareResult:
     generations: dict
     dropped: dict
     processes: int = 1
+    runtime: dict = field(default_factory=runtime_record)  # threads, thread policy, versions
 
     def to_dict(self) -> dict:
         """JSON-ready record (what ``compare --json`` prints): one row per student with the comparison's
@@ -100,7 +102,8 @@ class CompareResult:
                   "students": [{"student": label, "params": count_parameters(self.students[label]),
                                 "teacher_params": count_parameters(teacher.model), **self.comparisons[label].summary()}
                                for label in self.students],
-                  "generations": self.generations, "dropped": dict(sorted(self.dropped.items()))}
+                  "generations": self.generations, "dropped": dict(sorted(self.dropped.items())),
+                  "threads": self.runtime["threads"], "runtime": self.runtime}
         if spec.device_map is not None:
             record["device_map"] = spec.device_map
         if self.processes > 1:

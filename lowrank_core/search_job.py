@@ -23,6 +23,7 @@ from .job import DataSpec, EvalSpec, ModelSpec, paired_evaluation
 from .models import LoadedModel, load_config, load_model, refuse_factorized, resolve_device
 from .options import OptionError, checked, to_mapping
 from .progress import Progress, ensure_progress
+from .threads import runtime_record
 
 DEFAULT_VAL = 32  # validation examples of a search (the job's DataSpec holds none by default)
 
@@ -108,6 +109,7 @@ class SearchResult:
     comparison: Comparison
     budget: Optional[str]  # the goal's budget as asked (None for a parameter target)
     seconds: float = 0.0
+    runtime: dict = field(default_factory=runtime_record)  # threads, thread policy, versions
 
     @property
     def student(self):
@@ -127,7 +129,7 @@ class SearchResult:
                 "teacher_val_loss": a.teacher_loss, "teacher_loss": t.loss, "eval_loss": s.loss,
                 "eval_delta": s.loss - t.loss, "eval_examples": s.examples, "eval_tokens": s.tokens,
                 "comparison": self.comparison.summary(), "split": self.split.info.to_dict(), "job": self.spec.to_dict(),
-                "seconds": self.seconds}
+                "seconds": self.seconds, "threads": self.runtime["threads"], "runtime": self.runtime}
 
 
 def validation_examples(spec: SearchSpec, tokenizer, split: Split) -> list:

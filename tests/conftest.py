@@ -16,6 +16,7 @@ SESSION_THREADS = max(1, min(2, torch.get_num_threads()))
 torch.set_num_threads(SESSION_THREADS)
 # The app under AppTest (its script and job threads), the browser test's server and CLI children take the
 # same count (tests of the thread policy itself clear or override this); the suite tests the CPU path.
+USER_THREAD_VARIABLES = {k: os.environ.get(k, "unset") for k in ("OMP_NUM_THREADS", "LOWRANK_THREADS")}
 os.environ["LOWRANK_THREADS"] = str(SESSION_THREADS)
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
@@ -71,7 +72,7 @@ def pytest_report_header(config):
             have = "missing"
         if have != want:
             differ.append(f"{name} {have} (lock {want})")
-    env = ", ".join(f"{k}={os.environ.get(k, 'unset')}" for k in ("OMP_NUM_THREADS", "LOWRANK_THREADS"))
+    env = ", ".join(f"{k}={v}" for k, v in USER_THREAD_VARIABLES.items())
     versions = ", ".join(f"{n} {metadata.version(n)}" for n in ("torch", "transformers", "streamlit"))
     return [f"lowrank: python {platform.python_version()}, {versions}",
             f"lowrank: packages differing from requirements-lock.txt: {'; '.join(differ) or 'none'}",

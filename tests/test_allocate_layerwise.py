@@ -236,7 +236,7 @@ def test_float32_bases_halve_the_store_and_stay_within_tolerance(trained, split,
     assert worst < 1e-5   # measured: see docs/7b-path.md
     a64 = allocate(model, tok, split.calib, split.val, budget=0.05, profile=s64)
     a32 = allocate(model, tok, split.calib, split.val, budget=0.05, profile=s32)
-    assert a32.ranks == a64.ranks and a32.val_loss == pytest.approx(a64.val_loss, rel=1e-5)
+    _same_allocation(a32, a64)
     # gradient scores: float32 rounding of the eigenvectors leaks ~1e-7 of the large components into each
     # inner product, so a tail moves by ~1e-7 of the matrix's total score (the smallest tails by up to
     # ~1e-3 of themselves: near-ties of the greedy path may swap); the plan found here is the same
@@ -247,7 +247,18 @@ def test_float32_bases_halve_the_store_and_stay_within_tolerance(trained, split,
         assert diff <= 1e-6 * p.tail[0], name
     b64 = allocate(model, tok, split.calib, split.val, budget=0.05, profile=g64)
     b32 = allocate(model, tok, split.calib, split.val, budget=0.05, profile=g32)
-    assert b32.ranks == b64.ranks and b32.val_loss == pytest.approx(b64.val_loss, rel=1e-5)
+    _same_allocation(b32, b64)
+
+
+def _same_allocation(a, b) -> None:
+    """float32 vs float64 bases: the same plan (measured here), or, where a near-tie of the greedy path swaps
+    under another CPU's rounding, plans that remove the same parameters within 1 % at a validation loss
+    within 1e-3 (relative); identical plans must give the same loss within 1e-5."""
+    if a.ranks == b.ranks:
+        assert a.val_loss == pytest.approx(b.val_loss, rel=1e-5)
+        return
+    assert a.removed == pytest.approx(b.removed, rel=0.01)
+    assert a.val_loss == pytest.approx(b.val_loss, rel=1e-3)
 
 
 # ----------------------------------------------------------------------------- memory

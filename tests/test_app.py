@@ -217,14 +217,15 @@ def test_compress_builds_the_student_and_reuses_a_finished_job():
 
 
 def hold_back(monkeypatch, module, name: str):
-    """Make ``module.<name>`` wait (up to 60 s) for the returned event: a job that stays running."""
+    """Make ``module.<name>`` wait (up to 600 s: a slow machine only waits longer) for the returned event: a
+    job that stays running."""
     import threading
 
     release = threading.Event()
     real = getattr(module, name)
 
     def held_back(*args, **kwargs):
-        release.wait(60)
+        release.wait(600)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(module, name, held_back)

@@ -30,6 +30,7 @@ TOL = 1e-6
 # (name, batch size): batch 1, and length-bucketed batches of 4 (64 examples sorted by length per window)
 SETTINGS = {"b1": CompareSettings(examples=30, batch_size=1, bootstrap=300, worst=5, max_len=128, margin="2%"),
             "b4": CompareSettings(examples=30, batch_size=4, bootstrap=300, worst=5, max_len=128, margin="2%")}
+CHILD_THREADS = 1  # each launched process (2 share the cores); the one-process reference runs at it too
 
 
 def examples() -> list:
@@ -76,7 +77,7 @@ def _worker(rank: int, size: int, port: int, folder: str) -> None:
     try:
         assert distributed.active_world() == (rank, size) and distributed.is_main() == (rank == 0)
         assert distributed.gather_objects([rank, rank]) == [0, 0, 1, 1][: 2 * size]
-        assert torch.get_num_threads() == 1  # LOWRANK_THREADS=1 in the test's environment
+        assert torch.get_num_threads() == CHILD_THREADS  # LOWRANK_THREADS in the test's environment
         out = score_all()
         with open(Path(folder) / f"rank{rank}.pkl", "wb") as f:
             pickle.dump(out, f)
@@ -94,14 +95,25 @@ def free_port() -> int:
 def no_launch(monkeypatch):
     for name in LAUNCH_VARS:
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("LOWRANK_THREADS", "1")
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("LOWRANK_THREADS", str(CHILD_THREADS))
+    monkeypatch.setenv("OMP_NUM_THREADS", str(CHILD_THREADS))
 
 
 def child_env() -> dict:
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    env.update(OMP_NUM_THREADS="1", LOWRANK_THREADS="1", PYTHONPATH=str(ROOT))
+    env.update(OMP_NUM_THREADS=str(CHILD_THREADS), LOWRANK_THREADS=str(CHILD_THREADS), PYTHONPATH=str(ROOT))
     return env
+
+
+def at_child_threads(work):
+    """``work()`` in this process at the launched processes' thread count: the one-process reference must
+    sum in the same order as the ranks it is compared with (float sums depend on the thread count)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(CHILD_THREADS)
+    try:
+        return work()
+    finally:
+        torch.set_num_threads(before)
 
 
 def close(a, b) -> bool:
@@ -213,7 +225,7 @@ def test_two_processes_give_the_one_process_comparison_and_evaluation(tmp_path, 
     at batch 1 and with length-bucketed batches of 4, with skipped examples and an n below the stream."""
     torch.multiprocessing.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     ranks = [pickle.loads((tmp_path / f"rank{r}.pkl").read_bytes()) for r in range(2)]
-    single = score_all()
+    single = at_child_threads(score_all)
     for out in ranks:  # every rank holds the whole result
         for label in SETTINGS:
             for name in ("near", "far"):
@@ -256,19 +268,22 @@ def test_cli_compare_and_evaluate_under_torchrun_print_the_one_process_record(tm
     argv = ["compare", "--teacher", "tiny", "--student", "all:k0.5", *common, "--calib", "8", "--n", "20",
             "--eval-max-len", "64", "--eval-batch-size", "4", "--bootstrap", "200", "--json"]
     two, _ = _launch(torchrun(), [*argv, "--per-example", str(tmp_path / "two.csv")], tmp_path)
-    assert main([*argv, "--per-example", str(tmp_path / "one.csv")]) == 0
+    assert at_child_threads(lambda: main([*argv, "--per-example", str(tmp_path / "one.csv")])) == 0
     one = json.loads(capsys.readouterr().out)
     assert two.pop("processes") == 2
     for record in (one, two):
+        assert record.pop("threads") == CHILD_THREADS and record.pop("runtime")["threads"] == CHILD_THREADS
         for s in record["students"]:
             s.pop("seconds")
     assert two == one
     assert (tmp_path / "two.csv").read_text() == (tmp_path / "one.csv").read_text()
     argv = ["evaluate", "--model", "tiny", *common, "--n", "20", "--batch-size", "3", "--json"]
     two, err = _launch(torchrun(), argv, tmp_path)
-    assert main(argv) == 0
+    assert at_child_threads(lambda: main(argv)) == 0
     one = json.loads(capsys.readouterr().out)
     assert two.pop("processes") == 2 and two.pop("seconds") > 0 and one.pop("seconds") > 0
+    for record in (one, two):
+        assert record.pop("threads") == CHILD_THREADS and record.pop("runtime")["threads"] == CHILD_THREADS
     assert two == one
 
 
@@ -285,9 +300,11 @@ def test_cli_evaluate_under_accelerate_launch(tmp_path, capsys, no_launch):
     if torch.cuda.is_available():
         argv += ["--device", "cpu"]
     two, _ = _launch(launcher, argv, tmp_path)
-    assert main(argv) == 0
+    assert at_child_threads(lambda: main(argv)) == 0
     one = json.loads(capsys.readouterr().out)
     assert two.pop("processes") == 2 and two.pop("seconds") > 0 and one.pop("seconds") > 0
+    for record in (one, two):
+        assert record.pop("threads") == CHILD_THREADS and record.pop("runtime")["threads"] == CHILD_THREADS
     assert two == one
 
 

@@ -183,7 +183,8 @@ def test_evaluate_models_side_by_side(tiny):
     both = evaluate_models({"teacher": teacher, "student": student}, tok, iter(examples), batch_size=4)
     alone = {"teacher": evaluate(teacher, tok, examples), "student": evaluate(student, tok, examples)}
     for name in both:
-        assert both[name].loss == pytest.approx(alone[name].loss, abs=1e-6)
+        # batch 4 (padded, masked attention) vs batch 1: float32 sums in another order, a few ulps of a ~5 nat loss
+        assert both[name].loss == pytest.approx(alone[name].loss, rel=1e-5)
         assert both[name].tokens == alone[name].tokens
         assert both[name].fingerprint == alone[name].fingerprint
     assert abs(both["teacher"].loss - both["student"].loss) > 1e-3

@@ -93,17 +93,25 @@ def test_bad_arguments_are_refused_before_scoring(tiny):
 
 # ----------------------------------------------------------------------------- the Model & data page
 def slowed(monkeypatch, after: int):
-    """Score normally for ``after`` batches, then wait on the returned gate (set it to go on)."""
-    gate, real, calls = threading.Event(), evaluate_mod.answer_loss_rows, []
+    """Score normally for ``after`` batches, then wait on the returned gate (set it to go on); ``calls.reached``
+    is set when the job sits at the gate (no clock involved: a slow machine only waits longer)."""
+    gate, real, calls = threading.Event(), evaluate_mod.answer_loss_rows, Calls()
 
     def slow(*args, **kwargs):
         calls.append(1)
         if len(calls) > after:
-            gate.wait(30)
+            calls.reached.set()
+            gate.wait(600)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(evaluate_mod, "answer_loss_rows", slow)
     return gate, calls
+
+
+class Calls(list):
+    def __init__(self):
+        super().__init__()
+        self.reached = threading.Event()
 
 
 def test_running_estimate_shows_with_its_interval_then_stop_keeps_it(monkeypatch):
@@ -114,10 +122,7 @@ def test_running_estimate_shows_with_its_interval_then_stop_keeps_it(monkeypatch
     at.button(key="score_teacher").click().run()
     assert not at.exception, at.exception
     job = at.session_state[TEACHER_JOB]
-    for _ in range(200):  # the first three batches score at once, the fourth waits on the gate
-        if len(calls) > 3:
-            break
-        threading.Event().wait(0.05)
+    assert calls.reached.wait(600)  # the first three batches score at once, the fourth waits on the gate
     at.run()
     assert not at.exception, at.exception
     shown = metrics(at)

@@ -115,7 +115,7 @@ def _memo_then_forget(cache):
 def test_two_app_sessions_on_one_teacher(monkeypatch, tmp_path):
     """Two real AppTest sessions share the process-wide teacher: while one compresses in the background
     (Gram hooks live, slowed down so the two overlap), the other scores the teacher; both get solo results."""
-    import time as _time
+    import threading
 
     from streamlit.testing.v1 import AppTest
 
@@ -131,9 +131,10 @@ def test_two_app_sessions_on_one_teacher(monkeypatch, tmp_path):
                         ("LOWRANK_CACHE", str(tmp_path / "cache")), ("LOWRANK_WORKSPACE", str(tmp_path / "ws"))):
         monkeypatch.setenv(name, value)
     real_add = calibrate.GramAccumulator.add
+    scored = threading.Event()  # set once session b's teacher score is in: a's Gram pass waits for it
 
     def slow_add(self, *args, **kwargs):
-        _time.sleep(0.02)
+        scored.wait(300)  # a's compression (hooks live) cannot finish before b has scored, however slow b is
         return real_add(self, *args, **kwargs)
 
     monkeypatch.setattr(calibrate.GramAccumulator, "add", slow_add)
@@ -159,6 +160,7 @@ def test_two_app_sessions_on_one_teacher(monkeypatch, tmp_path):
     # the click started the teacher's background job: wait for it and draw the result
     assert b.session_state["lowrank_pending_teacher"].wait(120)
     overlapped = not job.finished  # b's whole scoring ran while a's compression (and its hooks) was live
+    scored.set()
     b.run()
     assert metrics(b)["teacher answer loss"] == f"{solo_loss:.4f}"
     assert job.wait(120) and job.error is None, job.error

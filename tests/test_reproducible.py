@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lowrank_core.threads import available_cores
+from lowrank_core.threads import available_cores, busy_cores
 
 REPO = Path(__file__).resolve().parents[1]
 THREAD_VARIABLES = ("LOWRANK_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -48,6 +48,7 @@ class Burners:
     def __enter__(self):
         self.procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(available_cores())]
         time.sleep(1.0)  # running before the measured process starts
+        self.seen = busy_cores()
         return self
 
     def __exit__(self, *exc):
@@ -68,7 +69,10 @@ def _same_numbers(a: dict, b: dict) -> None:
 
 def test_load_does_not_change_the_numbers_and_the_manifest_reproduces_them(tmp_path):
     quiet = _compress(tmp_path / "quiet")
-    with Burners():
+    with Burners() as burners:
+        if burners.seen < available_cores() - 1:
+            pytest.skip(f"/proc/loadavg shows {burners.seen} busy cores beside {available_cores()} burners "
+                        "(virtualised or CPU-quota'd machine): load cannot be made visible here")
         loaded = _compress(tmp_path / "loaded")
         auto = _compress(tmp_path / "auto", LOWRANK_THREADS="auto")
     assert quiet["threads"] == available_cores()  # the default: every core this process may use

@@ -15,6 +15,7 @@ from ..models import DEVICE_MAPS, check_device_map, load_model
 from ..options import add_arguments, from_args
 from ..progress import TqdmProgress
 from ..table import format_table
+from ..threads import runtime_record
 
 
 def register(sub) -> None:
@@ -102,7 +103,7 @@ def _run(args, m: ModelSpec, examples, dropped: dict, rank: int, size: int) -> i
     note_dropped({"source": args.data, "dropped": dropped})
     record = {"model": loaded.name, "model_fingerprint": loaded.fingerprint, "data": args.data,
               "split": args.split, **result.to_dict(), "split_info": split, "batch_size": batch_size,
-              "max_len": args.max_len, "dtype": m.dtype, "device": loaded.device}
+              "max_len": args.max_len, "dtype": m.dtype, "device": loaded.device, "threads": runtime_record()["threads"], "runtime": runtime_record()}
     if args.device_map is not None:
         record["device_map"] = args.device_map
     if size > 1:
