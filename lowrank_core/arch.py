@@ -41,7 +41,8 @@ class ArchSpec:
     norm: str = "model.norm"            # the final norm before the head
     head: str = "lm_head"               # the output projection (a compressible linear, named "lm_head")
     tie_attr: str = "tie_word_embeddings"
-    plain_head: bool = True             # logits == head(norm(last hidden)) exactly: head on answer tokens only
+    plain_head: bool = True             # logits == head(norm(last hidden)) [/ divisor]: head on answer tokens only
+    logits_divisor: Optional[str] = None  # config attribute the logits are divided by (Granite: logits_scaling)
     tiny: Mapping[str, object] = field(default_factory=dict)  # overrides of the tiny test config
 
     # ---- names
@@ -89,6 +90,14 @@ class ArchSpec:
     def head_of(self, model: nn.Module) -> nn.Module:
         return _get(model, self.head)
 
+    def head_logits(self, model: nn.Module, hidden):
+        """The model's logits ``[..., vocab]`` from final-norm outputs ``hidden`` ``[..., hidden]``: the head,
+        divided by ``config.<logits_divisor>`` when the family scales its logits (as its forward does)."""
+        logits = self.head_of(model)(hidden)
+        if self.logits_divisor is not None:
+            logits = logits / getattr(model.config, self.logits_divisor)
+        return logits
+
 
 def _get(model: nn.Module, path: str) -> nn.Module:
     try:
@@ -101,6 +110,16 @@ ARCHS: dict[str, ArchSpec] = {spec.model_type: spec for spec in (
     ArchSpec("llama", "LlamaConfig", "LlamaForCausalLM", tiny={"tie_word_embeddings": True}),
     ArchSpec("mistral", "MistralConfig", "MistralForCausalLM"),
     ArchSpec("qwen2", "Qwen2Config", "Qwen2ForCausalLM"),
+    # q_norm / k_norm (per head) after q_proj / k_proj: the linears and their inputs are Llama's
+    ArchSpec("qwen3", "Qwen3Config", "Qwen3ForCausalLM", tiny={"head_dim": 16}),
+    # norms after attention and MLP (no input norms: q/k/v and gate/up read the raw residual), q/k norms
+    ArchSpec("olmo2", "Olmo2Config", "Olmo2ForCausalLM"),
+    # no_rope_layers: every 2nd tiny layer attends without rotary embeddings (the switch lives in the layer)
+    ArchSpec("smollm3", "SmolLM3Config", "SmolLM3ForCausalLM", tiny={"no_rope_layer_interval": 2}),
+    # embedding / residual / attention multipliers (inside the embedding and the layers), logits / logits_scaling
+    ArchSpec("granite", "GraniteConfig", "GraniteForCausalLM", logits_divisor="logits_scaling",
+             tiny={"embedding_multiplier": 12.0, "residual_multiplier": 0.22, "attention_multiplier": 0.0625,
+                   "logits_scaling": 4.0}),
 )}
 SUPPORTED_MODEL_TYPES = tuple(ARCHS)
 FACTORIZED_PREFIX = "lowrank_"  # model_type of a factorized export: lowrank_<base model_type>
