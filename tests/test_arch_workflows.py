@@ -1,0 +1,196 @@
+"""Every arch-table entry through the whole tool on its tiny model (``tiny-<type>``): ``count`` exact,
+``spectrum``, ``compress`` with every method and with healing, ``search``, ``compare``, both exports
+reloaded (plain transformers, remote code, ``lowrank_core``) to the student's logits, and every app page.
+A new ``ArchSpec`` is tested here without a line added."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lowrank_core import methods
+from lowrank_core.arch import ARCHS
+from lowrank_core.archmap import count_parameters, linear_map
+from lowrank_core.cli import main
+from lowrank_core.export import export_student
+from lowrank_core.export.load import load_factorized
+from lowrank_core.models import tiny_model
+from lowrank_core.plan import account, load_plan, resolve_plan
+
+TYPES = list(ARCHS)
+COMMON = ["--data", "chatterbot", "--calib", "6", "--max-len", "48"]
+
+
+@pytest.fixture(autouse=True)
+def cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("LOWRANK_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LOWRANK_WORKSPACE", str(tmp_path / "workspace"))
+
+
+def cli_json(capsys, argv) -> dict:
+    assert main(argv + ["--json"]) == 0, capsys.readouterr().err[-2000:]
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_count_is_exact(model_type, capsys):
+    teacher, _ = tiny_model(model_type)
+    out = cli_json(capsys, ["count", "--model", f"tiny-{model_type}", "--plan", "all:k0.5; lm_head:r8"])
+    assert out["original"] == teacher.num_parameters() == count_parameters(teacher)
+    student = _svd_student(teacher, "all:k0.5; lm_head:r8")
+    assert out["compressed"] == count_parameters(student) < out["original"]
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_spectrum(model_type, capsys):
+    out = cli_json(capsys, ["spectrum", "--model", f"tiny-{model_type}", "--layer", "1", "--module", "q_proj",
+                            *COMMON[:2], "--calib", "2", "--max-len", "32"])
+    assert out["name"] == ARCHS[model_type].linear_name(1, "q_proj") and out["shape"] == [64, 64]
+    assert len(out["weight_sv"]) == len(out["aware_sv"]) == 64 and out["calibration"]["examples"] == 2
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_compress_with_every_method_and_healing(model_type, capsys):
+    """Each registered method (the sequential ones layer by layer), then healing: students smaller by the
+    exact count, finite losses; the teacher's tensors stay bit-identical (checked in-process)."""
+    source = ["--model", f"tiny-{model_type}", *COMMON, "--eval", "4", "--plan", "all:k0.5"]
+    expected = account(tiny_model(model_type)[0].config, "all:k0.5").compressed
+    for name in methods.names():
+        out = cli_json(capsys, ["compress", *source, "--method", name, "--refit-steps", "3"])
+        assert out["params_after"] == expected, name
+        assert torch.isfinite(torch.tensor(out["student_loss"])), name
+    out = cli_json(capsys, ["compress", *source, "--heal-tokens", "600", "--heal-batch-tokens", "128",
+                            "--heal-max-len", "48", "--heal-patience", "100"])
+    assert out["heal"]["tokens"] >= 600 and out["heal"]["best_valid"] <= out["heal"]["initial_valid"]
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_search(model_type, tmp_path, capsys):
+    plan = tmp_path / "plan.yaml"
+    record = cli_json(capsys, ["search", "--model", f"tiny-{model_type}", *COMMON, "--eval", "4", "--val", "4",
+                               "--val-max-len", "48", "--budget", "5%", "--out", str(plan)])
+    assert record["val_loss"] - record["teacher_val_loss"] <= record["budget"]
+    assert load_plan(str(plan)).to_dict() == record["plan"]
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_compare(model_type, capsys):
+    from lowrank_core.data import make_split
+    from lowrank_core.evaluate import evaluate_models
+
+    record = cli_json(capsys, ["compare", "--teacher", f"tiny-{model_type}", "--student", "all:k0.5",
+                               "--data", "chatterbot", "--calib", "6", "--n", "6", "--max-len", "48",
+                               "--eval-max-len", "48", "--bootstrap", "50"])
+    (s,) = record["students"]
+    assert s["examples"] == 6 and s["params"] < s["teacher_params"]
+    teacher, tok = tiny_model(model_type)
+    split = make_split("chatterbot", n_calib=6, n_eval=6, seed=0)
+    ref = evaluate_models({"teacher": teacher}, tok, split.eval, max_len=48)["teacher"]
+    assert s["teacher_loss"] == pytest.approx(ref.loss, rel=1e-6)   # the head path scores like the model
+
+
+# ----------------------------------------------------------------------------- exports
+RELOAD_LOGITS = """
+import json, sys
+try:
+    import lowrank_core  # noqa: F401
+    raise SystemExit("lowrank_core must not be importable here")
+except ModuleNotFoundError:
+    pass
+import torch
+from transformers import AutoModelForCausalLM
+args = json.loads(sys.argv[1])
+ids = torch.tensor(args["ids"])
+out = {}
+for name, spec in args["exports"].items():
+    model = AutoModelForCausalLM.from_pretrained(spec["path"], trust_remote_code=spec["remote"]).eval()
+    with torch.no_grad():
+        out[name] = {"class": type(model).__name__, "logits": model(input_ids=ids).logits.tolist()}
+print(json.dumps(out))
+"""
+
+
+def _svd_student(teacher, plan):
+    from lowrank_core.decompose import svd_factors
+    from lowrank_core.lowrank import LowRankLinear
+    from lowrank_core.student import build_student
+
+    replacements = {}
+    for name, a in resolve_plan(load_plan(plan), linear_map(teacher)).items():
+        old = teacher.get_submodule(name)
+        bias = old.bias.detach() if old.bias is not None else None
+        replacements[name] = LowRankLinear.from_factors(svd_factors(old.weight.detach(), a.rank, bias))
+    return build_student(teacher, replacements)
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """A dense and a factorized export of an SVD student per entry, all reloaded in one isolated process
+    (``python -I``, no lowrank_core): plain transformers for dense, remote code for factorized."""
+    folder = tmp_path_factory.mktemp("arch_exports")
+    torch.manual_seed(1)
+    ids = torch.randint(0, 256, (2, 20))
+    made, spec = {}, {}
+    for model_type in TYPES:
+        teacher, tok = tiny_model(model_type)
+        student = _svd_student(teacher, "attn:r4; 1:mlp:r8")
+        with torch.no_grad():
+            logits = student(input_ids=ids).logits
+        for fmt in ("dense", "factorized"):
+            result = export_student(student, tok, folder / f"{model_type}-{fmt}", fmt)
+            assert result.verified, (model_type, fmt)
+            made[(model_type, fmt)] = (result, logits)
+            spec[f"{model_type}-{fmt}"] = {"path": result.path, "remote": fmt == "factorized"}
+    script = folder / "reload_logits.py"
+    script.write_text(RELOAD_LOGITS)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_MODULES_CACHE"] = str(folder / "hf_modules")
+    proc = subprocess.run([sys.executable, "-I", str(script), json.dumps({"ids": ids.tolist(), "exports": spec})],
+                          cwd=folder, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return made, json.loads(proc.stdout.strip().splitlines()[-1]), ids
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_exports_reload_to_the_students_logits(model_type, exports):
+    made, reloaded, ids = exports
+    spec = ARCHS[model_type]
+    (dense, logits), (fac, _) = made[(model_type, "dense")], made[(model_type, "factorized")]
+    plain = reloaded[f"{model_type}-dense"]
+    assert plain["class"] == spec.hf_model
+    torch.testing.assert_close(torch.tensor(plain["logits"]), logits, atol=1e-4, rtol=1e-4)
+    remote = reloaded[f"{model_type}-factorized"]
+    assert remote["class"] == "LowRankForCausalLM"
+    torch.testing.assert_close(torch.tensor(remote["logits"]), logits, atol=1e-5, rtol=1e-5)
+    ours = load_factorized(fac.path).model
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, logits,
+                                   atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- the app
+@pytest.mark.parametrize("model_type", TYPES)
+def test_every_page_renders_on_the_tiny_model(model_type, monkeypatch):
+    from test_app import APP, _run_entrypoint_every_time, metrics
+    from streamlit.testing.v1 import AppTest
+
+    _run_entrypoint_every_time(monkeypatch)
+    monkeypatch.setenv("LOWRANK_APP_MODEL", f"tiny-{model_type}")
+    monkeypatch.setenv("LOWRANK_APP_DATA", "chatterbot")
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.run()
+    assert not at.exception, at.exception
+    teacher, _ = tiny_model(model_type)
+    assert metrics(at)["linears"] == str(len(linear_map(teacher)))
+    assert at.dataframe[0].value["name"].tolist()[0] == ARCHS[model_type].linear_name(0, "q_proj")
+    at.session_state["spectra_aware"] = False
+    for page in ("pages/budget.py", "pages/spectra.py", "pages/compress.py", "pages/search.py",
+                 "pages/evaluate.py", "pages/export.py"):
+        at.switch_page(page).run()
+        assert not at.exception, (page, at.exception)
+        assert not at.error, (page, [e.value for e in at.error])
