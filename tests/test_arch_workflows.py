@@ -56,16 +56,30 @@ def test_spectrum(model_type, capsys):
 
 @pytest.mark.parametrize("model_type", TYPES)
 def test_compress_with_every_method_and_healing(model_type, capsys):
-    """Each registered method (the sequential ones layer by layer), then healing: students smaller by the
-    exact count, finite losses; the teacher's tensors stay bit-identical (checked in-process)."""
-    source = ["--model", f"tiny-{model_type}", *COMMON, "--eval", "4", "--plan", "all:k0.5"]
-    expected = account(tiny_model(model_type)[0].config, "all:k0.5").compressed
+    """Each registered method (the sequential ones layer by layer) in-process: students smaller by the exact
+    count, finite answer losses, the teacher's tensors bit-identical; then a healing job from the CLI."""
+    from lowrank_core.compress import CompressSettings, compress
+    from lowrank_core.data import make_split
+    from lowrank_core.evaluate import evaluate_models
+    from lowrank_core.methods.refit import RefitSettings
+    from lowrank_core.student import changed_tensors, state_checksums
+
+    teacher, tok = tiny_model(model_type)
+    split = make_split("chatterbot", n_calib=6, n_eval=4, seed=0)
+    before = state_checksums(teacher)
+    expected = account(teacher.config, "all:k0.5").compressed
     for name in methods.names():
-        out = cli_json(capsys, ["compress", *source, "--method", name, "--refit-steps", "3"])
-        assert out["params_after"] == expected, name
-        assert torch.isfinite(torch.tensor(out["student_loss"])), name
-    out = cli_json(capsys, ["compress", *source, "--heal-tokens", "600", "--heal-batch-tokens", "128",
-                            "--heal-max-len", "48", "--heal-patience", "100"])
+        settings = CompressSettings(method=name, calib=6, max_len=48,
+                                    method_settings={"refit": RefitSettings(steps=3, batch_tokens=64)})
+        student = compress(teacher, tok, "all:k0.5", split.calib, settings).student
+        assert count_parameters(student) == expected, name
+        loss = evaluate_models({"s": student}, tok, split.eval, max_len=48)["s"].loss
+        assert torch.isfinite(torch.tensor(loss)), name
+        assert changed_tensors(teacher, before) == [], name
+    out = cli_json(capsys, ["compress", "--model", f"tiny-{model_type}", *COMMON, "--eval", "4", "--plan", "all:k0.5",
+                            "--heal-tokens", "600", "--heal-batch-tokens", "128", "--heal-max-len", "48",
+                            "--heal-patience", "100"])
+    assert out["params_after"] == expected
     assert out["heal"]["tokens"] >= 600 and out["heal"]["best_valid"] <= out["heal"]["initial_valid"]
 
 
