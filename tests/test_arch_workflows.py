@@ -5,11 +5,6 @@ A new ``ArchSpec`` is tested here without a line added."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -20,7 +15,9 @@ from lowrank_core.cli import main
 from lowrank_core.export import export_student
 from lowrank_core.export.load import load_factorized
 from lowrank_core.models import tiny_model
-from lowrank_core.plan import account, load_plan, resolve_plan
+from lowrank_core.plan import account, load_plan
+
+from test_export import make_student, reload_isolated
 
 TYPES = list(ARCHS)
 COMMON = ["--data", "chatterbot", "--calib", "6", "--max-len", "48"]
@@ -42,7 +39,7 @@ def test_count_is_exact(model_type, capsys):
     teacher, _ = tiny_model(model_type)
     out = cli_json(capsys, ["count", "--model", f"tiny-{model_type}", "--plan", "all:k0.5; lm_head:r8"])
     assert out["original"] == teacher.num_parameters() == count_parameters(teacher)
-    student = _svd_student(teacher, "all:k0.5; lm_head:r8")
+    student = make_student(teacher, "all:k0.5; lm_head:r8")
     assert out["compressed"] == count_parameters(student) < out["original"]
 
 
@@ -109,39 +106,6 @@ def test_compare(model_type, capsys):
 
 
 # ----------------------------------------------------------------------------- exports
-RELOAD_LOGITS = """
-import json, sys
-try:
-    import lowrank_core  # noqa: F401
-    raise SystemExit("lowrank_core must not be importable here")
-except ModuleNotFoundError:
-    pass
-import torch
-from transformers import AutoModelForCausalLM
-args = json.loads(sys.argv[1])
-ids = torch.tensor(args["ids"])
-out = {}
-for name, spec in args["exports"].items():
-    model = AutoModelForCausalLM.from_pretrained(spec["path"], trust_remote_code=spec["remote"]).eval()
-    with torch.no_grad():
-        out[name] = {"class": type(model).__name__, "logits": model(input_ids=ids).logits.tolist()}
-print(json.dumps(out))
-"""
-
-
-def _svd_student(teacher, plan):
-    from lowrank_core.decompose import svd_factors
-    from lowrank_core.lowrank import LowRankLinear
-    from lowrank_core.student import build_student
-
-    replacements = {}
-    for name, a in resolve_plan(load_plan(plan), linear_map(teacher)).items():
-        old = teacher.get_submodule(name)
-        bias = old.bias.detach() if old.bias is not None else None
-        replacements[name] = LowRankLinear.from_factors(svd_factors(old.weight.detach(), a.rank, bias))
-    return build_student(teacher, replacements)
-
-
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
     """A dense and a factorized export of an SVD student per entry, all reloaded in one isolated process
@@ -152,7 +116,7 @@ def exports(tmp_path_factory):
     made, spec = {}, {}
     for model_type in TYPES:
         teacher, tok = tiny_model(model_type)
-        student = _svd_student(teacher, "attn:r4; 1:mlp:r8")
+        student = make_student(teacher, "attn:r4; 1:mlp:r8")
         with torch.no_grad():
             logits = student(input_ids=ids).logits
         for fmt in ("dense", "factorized"):
@@ -160,14 +124,7 @@ def exports(tmp_path_factory):
             assert result.verified, (model_type, fmt)
             made[(model_type, fmt)] = (result, logits)
             spec[f"{model_type}-{fmt}"] = {"path": result.path, "remote": fmt == "factorized"}
-    script = folder / "reload_logits.py"
-    script.write_text(RELOAD_LOGITS)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_MODULES_CACHE"] = str(folder / "hf_modules")
-    proc = subprocess.run([sys.executable, "-I", str(script), json.dumps({"ids": ids.tolist(), "exports": spec})],
-                          cwd=folder, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return made, json.loads(proc.stdout.strip().splitlines()[-1]), ids
+    return made, reload_isolated(folder, spec, ids), ids
 
 
 @pytest.mark.parametrize("model_type", TYPES)

@@ -69,8 +69,9 @@ for name, spec in args["exports"].items():
     model = AutoModelForCausalLM.from_pretrained(spec["path"], trust_remote_code=spec["remote"]).eval()
     tok = AutoTokenizer.from_pretrained(spec["path"], trust_remote_code=spec["remote"])
     with torch.no_grad():
-        loss = model(input_ids=ids, labels=ids).loss.item()
-    out[name] = {"loss": loss, "class": type(model).__name__, "params": sum(p.numel() for p in model.parameters()),
+        result = model(input_ids=ids, labels=ids)
+    out[name] = {"loss": result.loss.item(), "logits": result.logits.tolist(), "class": type(model).__name__,
+                 "params": sum(p.numel() for p in model.parameters()),
                  "chat": tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)}
 out["lowrank_loaded"] = "lowrank_core" in sys.modules
 print(json.dumps(out))
