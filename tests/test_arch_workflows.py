@@ -165,3 +165,15 @@ def test_every_page_renders_on_the_tiny_model(model_type, monkeypatch):
         at.switch_page(page).run()
         assert not at.exception, (page, at.exception)
         assert not at.error, (page, [e.value for e in at.error])
+
+
+def test_tiny_models_switch_on_what_each_family_adds():
+    """The tiny configs exercise each family's difference (else the tests above would only test Llama)."""
+    qwen3, olmo2, smollm3, granite = (tiny_model(t)[0] for t in ("qwen3", "olmo2", "smollm3", "granite"))
+    assert hasattr(qwen3.model.layers[0].self_attn, "q_norm") and qwen3.config.head_dim == 16
+    layer = olmo2.model.layers[0]
+    assert hasattr(layer, "post_feedforward_layernorm") and not hasattr(layer, "input_layernorm")
+    assert [layer.self_attn.use_rope for layer in smollm3.model.layers] == [1, 0]
+    c = granite.config
+    assert 1.0 not in (c.embedding_multiplier, c.residual_multiplier, c.logits_scaling)
+    assert c.attention_multiplier != (c.hidden_size // c.num_attention_heads) ** -0.5   # not the default scaling
