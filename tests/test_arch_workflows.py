@@ -81,12 +81,15 @@ def test_compress_with_every_method_and_healing(model_type, capsys):
 
 
 @pytest.mark.parametrize("model_type", TYPES)
-def test_search(model_type, tmp_path, capsys):
+@pytest.mark.parametrize("probe", ["layer", "gradient"])
+def test_search(model_type, probe, tmp_path, capsys):
     plan = tmp_path / "plan.yaml"
     record = cli_json(capsys, ["search", "--model", f"tiny-{model_type}", *COMMON, "--eval", "4", "--val", "4",
-                               "--val-max-len", "48", "--budget", "5%", "--out", str(plan)])
+                               "--val-max-len", "48", "--budget", "5%", "--probe", probe, "--out", str(plan)])
     assert record["val_loss"] - record["teacher_val_loss"] <= record["budget"]
     assert load_plan(str(plan)).to_dict() == record["plan"]
+    if probe == "gradient":   # the head path of the gradient scores (Granite: scaled logits)
+        assert record["matrices"] and all("first_order" in row for row in record["matrices"])
 
 
 @pytest.mark.parametrize("model_type", TYPES)
@@ -103,6 +106,22 @@ def test_compare(model_type, capsys):
     split = make_split("chatterbot", n_calib=6, n_eval=6, seed=0)
     ref = evaluate_models({"teacher": teacher}, tok, split.eval, max_len=48)["teacher"]
     assert s["teacher_loss"] == pytest.approx(ref.loss, rel=1e-6)   # the head path scores like the model
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_gradient_loss_is_the_models_loss(model_type):
+    """The gradient probe's head-on-answers loss equals cross-entropy over the model's own logits."""
+    from lowrank_core.allocate.gradient import example_loss
+
+    model, _ = tiny_model(model_type)
+    torch.manual_seed(0)
+    ids = torch.randint(0, 256, (1, 16))
+    labels = ids.clone()
+    labels[:, :6] = -100
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[:, :-1]
+        ref = torch.nn.functional.cross_entropy(logits[0, 5:], ids[0, 6:], reduction="sum")
+        assert float(example_loss(model, ids, labels)) == pytest.approx(float(ref), rel=1e-6)
 
 
 # ----------------------------------------------------------------------------- exports
