@@ -9,6 +9,7 @@ from streamlit.testing.v1 import AppTest
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
 MISTRAL_CONFIG = Path(__file__).resolve().parent / "fixtures" / "mistral-7b-openorca-config.json"
+QWEN3_CONFIG = MISTRAL_CONFIG.with_name("qwen3-8b-config.json")
 SEED_NUMBERS = (7_241_748_480, 173_867_040, 6_162_305_024, 4_935_372_800, 7_066_472_448)
 
 
@@ -114,20 +115,22 @@ def test_bad_model_source_is_a_clear_error():
     assert metrics(at)["linears"] == "15" and "90,624 parameters" in texts(at.sidebar.markdown)
 
 
-def test_model_page_maps_a_config_only_source():
+@pytest.mark.parametrize("config,linears,mlp", [(MISTRAL_CONFIG, "225", 32 * 3 * 14336 * 4096),
+                                                 (QWEN3_CONFIG, "253", 36 * 3 * 12288 * 4096)])
+def test_model_page_maps_a_config_only_source(config, linears, mlp):
     import shutil
 
     from lowrank_core.workspace import workspace_dir
 
-    shutil.copy(MISTRAL_CONFIG, workspace_dir() / "mistral-config.json")
+    shutil.copy(config, workspace_dir() / "config-only.json")
     at = started()
     at.selectbox(key="model_kind").set_value("Local folder, config.json or .gguf").run()
-    at.text_input(key="model_text").set_value("mistral-config.json").run()
+    at.text_input(key="model_text").set_value("config-only.json").run()
     at.button(key="apply_settings").click().run()
     assert not at.exception, at.exception
     assert "holds a config only" in texts(at.error)
-    assert metrics(at)["linears"] == "225"  # 32 layers x 7 + untied lm_head
-    assert metrics(at)["mlp weights"] == f"{32 * 3 * 14336 * 4096:,}"
+    assert metrics(at)["linears"] == linears  # layers x 7 + untied lm_head
+    assert metrics(at)["mlp weights"] == f"{mlp:,}"
 
 
 def test_budget_shows_the_seed_numbers_for_the_mistral_config():

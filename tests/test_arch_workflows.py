@@ -197,26 +197,3 @@ def test_tiny_models_switch_on_what_each_family_adds():
     assert 1.0 not in (c.embedding_multiplier, c.residual_multiplier, c.logits_scaling)
     assert c.attention_multiplier != (c.hidden_size // c.num_attention_heads) ** -0.5   # not the default scaling
 
-
-def test_model_page_maps_the_qwen3_8b_config(monkeypatch):
-    """A published Qwen3 config as a config-only source: the app maps it (and says it cannot compute)."""
-    import shutil
-
-    from test_app import _run_entrypoint_every_time, metrics, started, texts
-    from test_qwen3_8b_config import CONFIG, HIDDEN, LAYERS, MLP
-
-    from lowrank_core.workspace import workspace_dir
-
-    _run_entrypoint_every_time(monkeypatch)
-    monkeypatch.setenv("LOWRANK_APP_MODEL", "tiny")
-    monkeypatch.setenv("LOWRANK_APP_DATA", "chatterbot")
-    workspace_dir().mkdir(parents=True, exist_ok=True)
-    shutil.copy(CONFIG, workspace_dir() / "qwen3-config.json")
-    at = started()
-    at.selectbox(key="model_kind").set_value("Local folder, config.json or .gguf").run()
-    at.text_input(key="model_text").set_value("qwen3-config.json").run()
-    at.button(key="apply_settings").click().run()
-    assert not at.exception, at.exception
-    assert "holds a config only" in texts(at.error)
-    assert metrics(at)["linears"] == str(LAYERS * 7 + 1)   # untied lm_head
-    assert metrics(at)["mlp weights"] == f"{LAYERS * 3 * MLP * HIDDEN:,}"
