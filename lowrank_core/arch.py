@@ -114,8 +114,9 @@ ARCHS: dict[str, ArchSpec] = {spec.model_type: spec for spec in (
     ArchSpec("qwen3", "Qwen3Config", "Qwen3ForCausalLM", tiny={"head_dim": 16}),
     # norms after attention and MLP (no input norms: q/k/v and gate/up read the raw residual), q/k norms
     ArchSpec("olmo2", "Olmo2Config", "Olmo2ForCausalLM"),
-    # no_rope_layers: every 2nd tiny layer attends without rotary embeddings (the switch lives in the layer)
-    ArchSpec("smollm3", "SmolLM3Config", "SmolLM3ForCausalLM", tiny={"no_rope_layer_interval": 2}),
+    # no_rope_layers: every 2nd tiny layer attends without rotary embeddings (the switch lives in the layer); tied
+    ArchSpec("smollm3", "SmolLM3Config", "SmolLM3ForCausalLM",
+             tiny={"no_rope_layer_interval": 2, "tie_word_embeddings": True}),
     # embedding / residual / attention multipliers (inside the embedding and the layers), logits / logits_scaling
     ArchSpec("granite", "GraniteConfig", "GraniteForCausalLM", logits_divisor="logits_scaling",
              tiny={"embedding_multiplier": 12.0, "residual_multiplier": 0.22, "attention_multiplier": 0.0625,

@@ -193,6 +193,7 @@ def test_tiny_models_switch_on_what_each_family_adds():
     layer = olmo2.model.layers[0]
     assert hasattr(layer, "post_feedforward_layernorm") and not hasattr(layer, "input_layernorm")
     assert [layer.self_attn.use_rope for layer in smollm3.model.layers] == [1, 0]
+    assert smollm3.lm_head.weight is smollm3.model.embed_tokens.weight   # tied, as the published models
     c = granite.config
     assert 1.0 not in (c.embedding_multiplier, c.residual_multiplier, c.logits_scaling)
     assert c.attention_multiplier != (c.hidden_size // c.num_attention_heads) ** -0.5   # not the default scaling
