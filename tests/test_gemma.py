@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 from lowrank_core import layerwise as lw
 from lowrank_core.allocate.gradient import example_loss
@@ -162,15 +163,16 @@ try:
 except ModuleNotFoundError:
     pass
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 args = json.loads(sys.argv[1])
-ids = torch.tensor(args["ids"])
+want = load_file(args["tensors"])
 out = {}
 for name, spec in args["exports"].items():
     model = AutoModelForCausalLM.from_pretrained(spec["path"], trust_remote_code=spec["remote"]).eval()
     with torch.no_grad():
-        logits = model(input_ids=ids).logits
-    out[name] = {"class": type(model).__name__, "diff": float((logits - torch.tensor(spec["logits"])).abs().max())}
+        logits = model(input_ids=want["ids"]).logits
+    out[name] = {"class": type(model).__name__, "diff": float((logits - want["logits"]).abs().max())}
 print(json.dumps(out))
 """
 
@@ -189,15 +191,16 @@ def test_exports_reload_with_the_students_logits(tmp_path, arch):
     for fmt in ("dense", "factorized"):
         result = export_student(student, tok, tmp_path / fmt, fmt)
         assert result.verified and result.max_logit_diff < 1e-5
-        exports[fmt] = {"path": result.path, "remote": fmt == "factorized", "logits": want.tolist()}
+        exports[fmt] = {"path": result.path, "remote": fmt == "factorized"}
     loaded = load_factorized(tmp_path / "factorized")
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
-    script = tmp_path / "reload.py"
+    script, tensors = tmp_path / "reload.py", tmp_path / "want.safetensors"
     script.write_text(RELOAD)
+    save_file({"ids": ids, "logits": want.contiguous()}, str(tensors))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["HF_MODULES_CACHE"] = str(tmp_path / "hf_modules")
-    proc = subprocess.run([sys.executable, "-I", str(script), json.dumps({"ids": ids.tolist(), "exports": exports})],
+    proc = subprocess.run([sys.executable, "-I", str(script), json.dumps({"tensors": str(tensors), "exports": exports})],
                           cwd=tmp_path, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
