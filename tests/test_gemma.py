@@ -4,39 +4,25 @@ heads is read from the weights, the tied head behaves as Llama's, and the whole 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 from lowrank_core import layerwise as lw
 from lowrank_core.allocate.gradient import example_loss
 from lowrank_core.arch import ARCHS, arch_of
-from lowrank_core.archmap import linear_map
+from lowrank_core.archmap import count_parameters, linear_map
 from lowrank_core.cli import main
 from lowrank_core.compare import score_batch
 from lowrank_core.data import Example, iter_batches
-from lowrank_core.decompose import svd_factors
 from lowrank_core.evaluate import answer_loss_from_hidden, answer_loss_sum, answer_positions, logits_at
 from lowrank_core.export import export_student, load_factorized
-from lowrank_core.lowrank import LowRankLinear
 from lowrank_core.models import tiny_model
-from lowrank_core.plan import account, load_plan, resolve_plan
-from lowrank_core.student import build_student
+from lowrank_core.plan import account
+from test_export import lm_loss, make_student, reload_isolated
 
 GEMMAS = [t for t in ARCHS if t.startswith("gemma")]
-
-
-def svd_student(teacher, plan: str):
-    replacements = {}
-    for name, a in resolve_plan(load_plan(plan), linear_map(teacher)).items():
-        old = teacher.get_submodule(name)
-        replacements[name] = LowRankLinear.from_factors(svd_factors(old.weight.detach(), a.rank, None))
-    return build_student(teacher, replacements)
 
 
 def padded_batch(tok):
@@ -91,7 +77,7 @@ def test_soft_capped_fast_path_equals_the_models_logits(arch):
 @pytest.mark.parametrize("arch", GEMMAS)
 def test_compare_kl_and_top1_use_the_models_logits(arch):
     teacher, tok = tiny_model(arch)
-    student = svd_student(teacher, "all:r4")
+    student = make_student(teacher, "all:r4")
     batch = padded_batch(tok)
     targets, selected, positions = answer_positions(batch)
     with torch.no_grad():
@@ -148,64 +134,38 @@ def test_head_dim_and_tied_head(arch, capsys):
     assert main(["count", "--model", f"tiny-{arch}", "--plan", "all:r8", "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["original"] == model.num_parameters()
-    assert printed["compressed"] == count_student(model, "all:r8")
-
-
-def count_student(teacher, plan):
-    return sum(p.numel() for p in {id(p): p for p in svd_student(teacher, plan).parameters()}.values())
-
-
-RELOAD = """
-import json, sys
-try:
-    import lowrank_core  # noqa: F401
-    raise SystemExit("lowrank_core must not be importable here")
-except ModuleNotFoundError:
-    pass
-import torch
-from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
-args = json.loads(sys.argv[1])
-want = load_file(args["tensors"])
-out = {}
-for name, spec in args["exports"].items():
-    model = AutoModelForCausalLM.from_pretrained(spec["path"], trust_remote_code=spec["remote"]).eval()
-    with torch.no_grad():
-        logits = model(input_ids=want["ids"]).logits
-    out[name] = {"class": type(model).__name__, "diff": float((logits - want["logits"]).abs().max())}
-print(json.dumps(out))
-"""
+    assert printed["compressed"] == count_parameters(make_student(model, "all:r8"))
 
 
 @pytest.mark.parametrize("arch", GEMMAS)
 def test_exports_reload_with_the_students_logits(tmp_path, arch):
     """Dense in plain transformers; factorized (tied head factorised too) through trust_remote_code and
-    through lowrank_core: each gives the student's logits."""
+    through lowrank_core: each gives the student's logits; both load where lowrank_core cannot be imported."""
+    from transformers import AutoModelForCausalLM
+
     teacher, tok = tiny_model(arch)
-    student = svd_student(teacher, "all:r4; lm_head:r8")
+    student = make_student(teacher, "all:r4; lm_head:r8")
     torch.manual_seed(1)
     ids = torch.randint(0, 256, (2, 24))
     with torch.no_grad():
         want = student(input_ids=ids).logits
-    exports = {}
+    paths = {}
     for fmt in ("dense", "factorized"):
         result = export_student(student, tok, tmp_path / fmt, fmt)
         assert result.verified and result.max_logit_diff < 1e-5
-        exports[fmt] = {"path": result.path, "remote": fmt == "factorized"}
-    loaded = load_factorized(tmp_path / "factorized")
-    with torch.no_grad():
-        torch.testing.assert_close(loaded.model(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
-    script, tensors = tmp_path / "reload.py", tmp_path / "want.safetensors"
-    script.write_text(RELOAD)
-    save_file({"ids": ids, "logits": want.contiguous()}, str(tensors))
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_MODULES_CACHE"] = str(tmp_path / "hf_modules")
-    proc = subprocess.run([sys.executable, "-I", str(script), json.dumps({"tensors": str(tensors), "exports": exports})],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["dense"]["class"] == ARCHS[arch].hf_model and out["factorized"]["class"] == "LowRankForCausalLM"
-    assert out["dense"]["diff"] < 1e-4 and out["factorized"]["diff"] < 1e-5
+        paths[fmt] = result.path
+    reloaded = {"dense": AutoModelForCausalLM.from_pretrained(paths["dense"]),
+                "remote": AutoModelForCausalLM.from_pretrained(paths["factorized"], trust_remote_code=True),
+                "lowrank_core": load_factorized(paths["factorized"]).model}
+    assert type(reloaded["dense"]).__name__ == ARCHS[arch].hf_model
+    for name, model in reloaded.items():
+        with torch.no_grad():
+            torch.testing.assert_close(model.eval()(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5, msg=name)
+    out = reload_isolated(tmp_path, {fmt: {"path": path, "remote": fmt == "factorized"} for fmt, path in paths.items()},
+                          ids)
+    assert not out["lowrank_loaded"] and out["factorized"]["class"] == "LowRankForCausalLM"
+    for fmt in paths:
+        assert out[fmt]["loss"] == pytest.approx(lm_loss(student, ids), abs=1e-5)
 
 
 @pytest.mark.parametrize("arch", GEMMAS)
