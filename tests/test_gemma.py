@@ -40,8 +40,14 @@ def full_logits(model, batch):
                      position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
 
 
-def test_both_families_are_in_the_table():
+def test_both_families_are_in_the_table_and_multimodal_gemma3_is_refused():
+    from transformers import Gemma3Config
+
+    from lowrank_core.arch import UnsupportedArchitectureError
+
     assert GEMMAS == ["gemma2", "gemma3_text"]
+    with pytest.raises(UnsupportedArchitectureError, match="model_type='gemma3'.*supported model types: .*gemma3_text"):
+        arch_of(Gemma3Config())
 
 
 @pytest.mark.parametrize("arch", GEMMAS)
@@ -181,11 +187,13 @@ def test_the_whole_cli_runs_on_tiny_gemma(tmp_path, arch, capsys):
                 "--heal-tokens", "200", "--heal-examples", "4", "--heal-max-len", "48", "--json"]
         if method == "whitened":
             argv += ["--export", str(tmp_path / "student"), "--format", "factorized"]
+        if method == "svd":
+            argv += ["--heal-train-norms"]  # the student's own copies of Gemma's (1 + w) norms
         capsys.readouterr()
         assert main(argv) == 0, method
         out = json.loads(capsys.readouterr().out)
         assert out["method"] == method and out["params_after"] < out["params_before"]
-        assert out["student_loss"] == out["student_loss"]  # finite, not NaN
+        assert out["heal"]["steps"] > 0 and out["comparison"]["examples"] == 2 and out["comparison"]["kl"] > 0
     capsys.readouterr()
     assert main(["search", *common, "--val", "4", "--eval", "2", "--keep-params", "0.6", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["eval_loss"] > 0
