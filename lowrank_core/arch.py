@@ -42,7 +42,7 @@ class ArchSpec:
     norm: str = "model.norm"            # the final norm before the head
     head: str = "lm_head"               # the output projection (a compressible linear, named "lm_head")
     tie_attr: str = "tie_word_embeddings"
-    plain_head: bool = True             # logits == logits_of(head(norm(last hidden))): head on answer tokens only
+    plain_head: bool = True             # logits == logits_of(model, norm(last hidden)): head on answer tokens only
     softcap_attr: Optional[str] = None  # config attribute of a final logit soft-cap c: logits = c·tanh(logits / c)
     tiny: Mapping[str, object] = field(default_factory=dict)  # overrides of the tiny test config
 
