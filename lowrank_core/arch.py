@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
+import torch
 from torch import nn
 
 LLAMA_LINEARS = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
@@ -41,8 +42,9 @@ class ArchSpec:
     norm: str = "model.norm"            # the final norm before the head
     head: str = "lm_head"               # the output projection (a compressible linear, named "lm_head")
     tie_attr: str = "tie_word_embeddings"
-    plain_head: bool = True             # logits == head(norm(last hidden)) [/ divisor]: head on answer tokens only
+    plain_head: bool = True             # logits == logits_of(model, norm(last hidden)): head on answer tokens only
     logits_divisor: Optional[str] = None  # config attribute the logits are divided by (Granite: logits_scaling)
+    softcap_attr: Optional[str] = None  # config attribute of a final logit soft-cap c: logits = c·tanh(logits / c)
     tiny: Mapping[str, object] = field(default_factory=dict)  # overrides of the tiny test config
 
     # ---- names
@@ -77,6 +79,11 @@ class ArchSpec:
     def tied(self, config) -> bool:
         return bool(getattr(config, self.tie_attr, False))
 
+    def softcap(self, config) -> Optional[float]:
+        """The final logit soft-cap of ``config`` (None: the head's outputs are the logits)."""
+        cap = getattr(config, self.softcap_attr, None) if self.softcap_attr else None
+        return float(cap) if cap else None
+
     # ---- modules
     def decoder_of(self, model: nn.Module) -> nn.Module:
         return _get(model, self.decoder)
@@ -90,13 +97,15 @@ class ArchSpec:
     def head_of(self, model: nn.Module) -> nn.Module:
         return _get(model, self.head)
 
-    def head_logits(self, model: nn.Module, hidden):
-        """The model's logits ``[..., vocab]`` from final-norm outputs ``hidden`` ``[..., hidden]``: the head,
-        divided by ``config.<logits_divisor>`` when the family scales its logits (as its forward does)."""
+    def logits_of(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """The model's logits ``[..., vocab]`` from final hidden states ``[..., hidden]`` (after the final
+        norm), as the model's forward computes them: the head, divided by ``config.<logits_divisor>`` when
+        the family scales its logits (Granite), then the table's soft-cap when the config sets one (Gemma)."""
         logits = self.head_of(model)(hidden)
         if self.logits_divisor is not None:
             logits = logits / getattr(model.config, self.logits_divisor)
-        return logits
+        cap = self.softcap(getattr(model, "config", None))
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
 def _get(model: nn.Module, path: str) -> nn.Module:
@@ -121,6 +130,14 @@ ARCHS: dict[str, ArchSpec] = {spec.model_type: spec for spec in (
     ArchSpec("granite", "GraniteConfig", "GraniteForCausalLM", logits_divisor="logits_scaling",
              tiny={"embedding_multiplier": 12.0, "residual_multiplier": 0.22, "attention_multiplier": 0.0625,
                    "logits_scaling": 4.0}),
+    # Gemma 2 / 3 (text): sandwich norms, scaled embeddings, alternating sliding / global layers (Gemma 3: a
+    # rope per kind), head_dim != hidden / heads, a tied head; tiny: a window of 4, small caps that bite.
+    ArchSpec("gemma2", "Gemma2Config", "Gemma2ForCausalLM", softcap_attr="final_logit_softcapping",
+             tiny={"tie_word_embeddings": True, "head_dim": 24, "query_pre_attn_scalar": 24, "sliding_window": 4,
+                   "final_logit_softcapping": 0.2, "attn_logit_softcapping": 0.5}),
+    ArchSpec("gemma3_text", "Gemma3TextConfig", "Gemma3ForCausalLM", softcap_attr="final_logit_softcapping",
+             tiny={"tie_word_embeddings": True, "head_dim": 24, "query_pre_attn_scalar": 24, "sliding_window": 4,
+                   "sliding_window_pattern": 2, "final_logit_softcapping": 0.2}),
 )}
 SUPPORTED_MODEL_TYPES = tuple(ARCHS)
 FACTORIZED_PREFIX = "lowrank_"  # model_type of a factorized export: lowrank_<base model_type>

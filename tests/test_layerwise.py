@@ -37,7 +37,7 @@ def test_layer_by_layer_reproduces_full_model(arch):
         for b, batch in enumerate(batches):
             ref = model(**batch, output_hidden_states=True)
             real = batch["attention_mask"].bool()
-            logits = arch_of(model).head_logits(model, lw.final_norm(model)(hidden[b]))
+            logits = arch_of(model).logits_of(model, lw.final_norm(model)(hidden[b]))  # head + soft-cap
             assert torch.equal(logits[real], ref.logits[real])
             assert torch.equal(lw.final_norm(model)(hidden[b])[real], ref.hidden_states[-1][real])
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
