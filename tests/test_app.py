@@ -457,6 +457,33 @@ def test_export_writes_a_verified_folder_and_refuses_to_overwrite():
     assert "already exists" in texts(at.error)
 
 
+def test_export_failure_is_one_line_naming_the_target_and_the_rescue(monkeypatch, tmp_path):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from lowrank_core.workspace import workspace_dir
+
+    real, calls = safetensors.torch.save_file, []
+
+    def full_disk_once(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 1:
+            raise SafetensorError("Error while serializing: I/O error: No space left on device")
+        return real(*args, **kwargs)
+
+    at = compressed("mlp:r8")
+    at.switch_page("pages/export.py").run()
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk_once)
+    at.text_input[0].set_value("student")
+    at.button(key="export_go").click().run()
+    assert not at.exception, at.exception
+    kept = next((tmp_path / "cache" / "rescued").iterdir())
+    error = texts(at.error)
+    assert f"writing the dense export to {workspace_dir() / 'student'} failed (Error while serializing" in error
+    assert f"saved unverified to {kept} instead" in error and "\n" not in error.strip()
+    assert not (workspace_dir() / "student").exists() and (kept / "lowrank.json").is_file()
+
+
 def test_pages_say_what_to_do_before_any_compression():
     for page in ("pages/evaluate.py", "pages/export.py"):
         at = started(page)
