@@ -153,6 +153,30 @@ def test_budget_counts_the_edited_plan_and_stores_it():
     assert [(r.modules, r.rank) for r in plan.rules] == [(["mlp"], 8)]
 
 
+def test_budget_plan_save_failure_keeps_the_plan_and_says_where(monkeypatch, tmp_path):
+    from lowrank_core.plan import Plan, load_plan
+    from lowrank_core.workspace import workspace_dir
+
+    real, calls = Plan.save, []
+
+    def full_disk_once(self, path):
+        calls.append(path)
+        if len(calls) == 1:
+            raise OSError(28, "No space left on device")
+        return real(self, path)
+
+    monkeypatch.setattr(Plan, "save", full_disk_once)
+    at = started("pages/budget.py")
+    (workspace_dir() / "plans").mkdir(parents=True, exist_ok=True)
+    at.button(key="budget_save").click().run()
+    assert not at.exception, at.exception
+    kept = next((tmp_path / "cache" / "rescued").iterdir())
+    error = texts(at.error)
+    assert f"writing the plan to {workspace_dir() / 'plans' / 'plan.yaml'} failed" in error
+    assert f"saved to {kept} instead" in error and not (workspace_dir() / "plans" / "plan.yaml").exists()
+    assert load_plan(str(kept)).to_dict() == at.session_state["lowrank_plan"]["plan"].to_dict()
+
+
 def test_budget_bad_rule_shows_the_plan_error():
     at = started("pages/budget.py")
     at.session_state["budget_editor_0"] = {"edited_rows": {0: {"keep": None, "rank": 0}},
