@@ -20,9 +20,8 @@ from .compress import CompressResult, CompressSettings, compress
 from .data import Split, make_split
 from .evaluate import default_batch_size
 from .archmap import count_parameters
-from .export import (FORMATS, ExportResult, ExportVerificationError, ExportWriteError, build_manifest, check_target,
-                     export_student)
-from .export.write import RECORDS_BYTES, check_room, export_bytes
+from .export import (FORMATS, RECORDS_BYTES, ExportResult, ExportVerificationError, ExportWriteError, build_manifest,
+                     check_room, check_target, export_bytes, export_student)
 from .heal import HealResult, HealSettings, heal
 from .models import (DEVICES, DTYPES, LoadedModel, load_config, load_model, refuse_factorized,
                      resolve_device)

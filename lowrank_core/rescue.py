@@ -71,8 +71,8 @@ def one_line(error: BaseException) -> str:
 def fail(what: str, target, error: Exception, kept: Optional[Path], lost: str = "", how: str = "",
          error_class: type = WriteFailed) -> NoReturn:
     """Raise after ``error`` writing ``what`` to ``target``: an ``error_class`` (a WriteFailed) naming both and
-    where it was ``kept`` (None: ``lost`` says why it is nowhere). A bug (not an OSError, ValueError or SafetensorError) is raised
-    itself with the same sentence as a note, so it keeps its traceback."""
+    where it was ``kept`` (None: ``lost`` says why it is nowhere). A bug (not an OSError, ValueError or
+    SafetensorError) is raised itself with the same sentence as a note, so it keeps its traceback."""
     where = f"it was saved{how} to {kept} instead" if kept is not None else f"it is not saved anywhere: {lost}"
     text = f"writing {what} to {target} failed ({one_line(error)}); {where}"
     if not isinstance(error, USER_CAUSES):

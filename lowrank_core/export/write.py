@@ -12,8 +12,9 @@
 it into place; any error (also Ctrl-C) removes it, and the error names the target. It first checks that
 the target's disk has room for the weights and holds the target's writer lock (``tempdirs.writer_lock``)
 throughout: a second writer of the same folder fails at once. The manifest lists every weight file
-with its size and sha256 (``files``; loading refuses a folder that differs: :mod:`lowrank_core.weightfiles`). Every export also holds ``lowrank.json`` (:mod:`.manifest`),
-``README.md``, a Hugging Face model card, and ``recipe.yaml``, the job's recipe (:mod:`.card`).
+with its size and sha256 (``files``; loading refuses a folder that differs: :mod:`lowrank_core.weightfiles`).
+Every export also holds ``lowrank.json`` (:mod:`.manifest`), ``README.md``, a Hugging Face model card, and
+``recipe.yaml``, the job's recipe (:mod:`.card`).
 The student shares tensors with the teacher: nothing is modified.
 """
 from __future__ import annotations
