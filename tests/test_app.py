@@ -154,18 +154,12 @@ def test_budget_counts_the_edited_plan_and_stores_it():
 
 
 def test_budget_plan_save_failure_keeps_the_plan_and_says_where(monkeypatch, tmp_path):
+    from test_rescue import failing_once
+
     from lowrank_core.plan import Plan, load_plan
     from lowrank_core.workspace import workspace_dir
 
-    real, calls = Plan.save, []
-
-    def full_disk_once(self, path):
-        calls.append(path)
-        if len(calls) == 1:
-            raise OSError(28, "No space left on device")
-        return real(self, path)
-
-    monkeypatch.setattr(Plan, "save", full_disk_once)
+    monkeypatch.setattr(Plan, "save", failing_once(Plan.save, OSError(28, "No space left on device")))
     at = started("pages/budget.py")
     (workspace_dir() / "plans").mkdir(parents=True, exist_ok=True)
     at.button(key="budget_save").click().run()
@@ -484,20 +478,14 @@ def test_export_writes_a_verified_folder_and_refuses_to_overwrite():
 def test_export_failure_is_one_line_naming_the_target_and_the_rescue(monkeypatch, tmp_path):
     import safetensors.torch
     from safetensors import SafetensorError
+    from test_rescue import failing_once
 
     from lowrank_core.workspace import workspace_dir
 
-    real, calls = safetensors.torch.save_file, []
-
-    def full_disk_once(*args, **kwargs):
-        calls.append(args[1])
-        if len(calls) == 1:
-            raise SafetensorError("Error while serializing: I/O error: No space left on device")
-        return real(*args, **kwargs)
-
     at = compressed("mlp:r8")
     at.switch_page("pages/export.py").run()
-    monkeypatch.setattr(safetensors.torch, "save_file", full_disk_once)
+    full_disk = SafetensorError("Error while serializing: I/O error: No space left on device")
+    monkeypatch.setattr(safetensors.torch, "save_file", failing_once(safetensors.torch.save_file, full_disk))
     at.text_input[0].set_value("student")
     at.button(key="export_go").click().run()
     assert not at.exception, at.exception

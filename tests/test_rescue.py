@@ -70,6 +70,19 @@ def student(rank: int = 4):
         tokenizer
 
 
+def failing_once(real, error: BaseException):
+    """``real`` that raises ``error`` on its first call (a fault-injected writer)."""
+    calls = []
+
+    def writer(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 1:
+            raise error
+        return real(*args, **kwargs)
+
+    return writer
+
+
 def error_lines(err: str) -> list[str]:
     return [line for line in err.splitlines() if line.startswith("error:")]
 
@@ -102,15 +115,7 @@ def test_a_disk_filling_during_the_write_keeps_the_student(small, cache, monkeyp
 def test_any_failure_of_the_weights_writer_keeps_the_student(tmp_path, cache, monkeypatch, error):
     import safetensors.torch
 
-    real, calls = safetensors.torch.save_file, []
-
-    def failing_once(*args, **kwargs):
-        calls.append(args[1])
-        if len(calls) == 1:
-            raise error
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(safetensors.torch, "save_file", failing_once)
+    monkeypatch.setattr(safetensors.torch, "save_file", failing_once(safetensors.torch.save_file, error))
     spec = job.JobSpec(plan="mlp:r4", name="mine", model=job.ModelSpec(source="tiny"),
                        data=job.DataSpec(source="chatterbot", calib=4, eval=0),
                        method=job.CompressSettings(max_len=64), export=job.ExportSpec(dir=str(tmp_path / "wanted")))
