@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+from .archmap import count_parameters
 from .compare import CompareSettings, Comparison, compare_models
 from .compress import CompressResult, CompressSettings, compress
 from .data import Split, make_split
 from .evaluate import default_batch_size
-from .archmap import count_parameters
 from .export import (FORMATS, RECORDS_BYTES, ExportResult, ExportVerificationError, ExportWriteError, build_manifest,
                      check_room, check_target, export_bytes, export_student)
 from .heal import HealResult, HealSettings, heal

@@ -153,8 +153,8 @@ def check_room(target: Path, needed: int, format: str) -> None:
     """ExportWriteError naming ``target`` when its disk has fewer than ``needed`` bytes free."""
     free = free_bytes(Path(target).parent)
     if free < needed:
-        raise ExportWriteError(f"writing the {format} export to {target} failed: its disk has {free:,} bytes free, "
-                               f"the export needs about {needed:,}; free space or choose another disk") \
+        raise ExportWriteError(f"export target {target}: its disk has {free:,} bytes free, the {format} export "
+                               f"needs about {needed:,}; free space or choose another disk") \
             from OSError(errno.ENOSPC, f"{free:,} bytes free, about {needed:,} needed")
 
 
