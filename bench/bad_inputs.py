@@ -16,10 +16,12 @@ top-level handler, E = bad inputs already refused (found in the tests).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from contextlib import redirect_stderr, redirect_stdout
@@ -154,6 +156,13 @@ CASES = [
     Case("spectrum-layer-out-of-range", "E", ["spectrum", "--model", "tiny", "--layer", "7", "--module", "q_proj",
                                               "--calib", "0"], ("--layer 7", "0..1")),
     Case("unknown-dtype-in-recipe", "E", ["run", "float8.yaml"], ("model.dtype: 'float8'",)),
+    # issue 23, the write side: full disks, concurrent writers, changed export folders
+    Case("export-disk-without-room", "C", ["compress", *JOB, "--plan", "mlp:r4", "--export", "{small}/exp"],
+         ("{small}/exp", "bytes free", "needs about"), before_load=False, needs=("small",)),
+    Case("export-target-being-written", "C", ["compress", *JOB, "--plan", "mlp:r4", "--export", "locked", "--force"],
+         ("locked is being written by pid",), needs=("locked",)),
+    Case("export-extra-safetensors", "C", ["evaluate", "--model", "factextra", "--data", "chatterbot", "--n", "2"],
+         ("extra.safetensors is not in its lowrank.json",), before_load=False),
 ]
 
 
@@ -232,14 +241,38 @@ def fixtures(root: Path) -> dict:
     for name, data in recipes.items():
         (root / f"{name}.yaml").write_text(yaml.safe_dump(data))
     cuda = f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
-    return {"readonly": _readonly_folder(root), "cuda": cuda}
+    return {"readonly": _readonly_folder(root), "cuda": cuda, **_write_side(root)}
 
 
 def release(root: Path) -> None:
-    """Make the scratch folder removable again (the read-only folder)."""
+    """Make the scratch folder removable again (the read-only folder, the small disk, the held lock)."""
     folder = root / "readonly"
     if folder.exists():
         folder.chmod(0o755)
+    _HELD.close()
+    if os.path.ismount(root / "small"):
+        subprocess.run(["umount", str(root / "small")], check=False)
+
+
+_HELD = contextlib.ExitStack()  # the writer lock of the ``locked`` target, held until ``release``
+
+
+def _write_side(root: Path) -> dict:
+    """Issue 23's fixtures: ``factextra`` (``fact`` plus an extra weight file), ``locked`` (an export whose
+    writer lock this process holds), ``small`` (a 200 kB tmpfs; None where mounting is not allowed)."""
+    from lowrank_core.tempdirs import writer_lock
+
+    shutil.copytree(root / "fact", root / "factextra")
+    shutil.copy(root / "fact" / "model.safetensors", root / "factextra" / "extra.safetensors")
+    _HELD.enter_context(writer_lock(root / "locked"))
+    small = root / "small"
+    small.mkdir()
+    try:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(small)],
+                                 capture_output=True).returncode == 0
+    except OSError:
+        mounted = False
+    return {"small": str(small) if mounted else None, "locked": "locked"}
 
 
 # ----------------------------------------------------------------------------- running
@@ -316,7 +349,9 @@ def write_doc(rows: list[tuple[Case, list, Outcome]], path: Path, root: Path) ->
              "`empty.jsonl`, `holes.jsonl` (4 records: one without its question, one with an empty response, a "
              "duplicate), plan files (`modules-5.yaml`: `modules: 5`; `dense-string.yaml`: `dense: \"false\"`; "
              "`keep-true.yaml`: `keep: true`; `rank-true.yaml`; `method-number.yaml`) and recipes (`tiny.yaml`, "
-             "`export-under-file.yaml`, `onnx.yaml`, `float8.yaml`).", ""]
+             "`export-under-file.yaml`, `onnx.yaml`, `float8.yaml`).", "",
+             "Write-side fixtures: `small` (a 200 kB tmpfs), `locked` (an export target whose writer lock is held "
+             "by the running process), `factextra` (`fact` plus an extra `*.safetensors` file).", ""]
     for item, title in ITEMS.items():
         chosen = [r for r in rows if r[0].item == item]
         if not chosen:

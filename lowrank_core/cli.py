@@ -32,6 +32,7 @@ from .options import OptionError
 from .paths import OutputPathError
 from .plan import PlanError
 from .recipe import RecipeError
+from .rescue import WriteFailed
 from .student import StudentError
 
 COMMANDS = ("count", "evaluate", "compare", "compress", "spectrum", "run", "search")
@@ -47,7 +48,7 @@ class CliError(Exception):
 # own code raised it (``raised_by_lowrank``); one from torch, numpy or transformers is a bug.
 USER_ERRORS = (CliError, PlanError, OptionError, RecipeError, DataSourceError, ModelSourceError, ExportError,
                MethodError, BudgetError, UnsupportedArchitectureError, FactorizationError, StudentError,
-               OutputPathError, EvaluationError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+               OutputPathError, EvaluationError, WriteFailed, FileNotFoundError, NotADirectoryError, IsADirectoryError,
                PermissionError, json.JSONDecodeError, yaml.YAMLError, SafetensorError)
 
 

@@ -31,6 +31,7 @@ from .arch import ARCHS, arch_of
 from .archmap import check_supported
 from .lowrank import LowRankLinear
 from .tempdirs import check_complete, mark_complete, stale_siblings, temp_sibling
+from .weightfiles import files_problem
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICES = ("auto", "cpu", "cuda")
@@ -386,6 +387,9 @@ def load_model(source: str = "default", dtype: str = "float32", device: str = "a
     factorized = factorized_export_config(source)
     if Path(source).expanduser().is_dir():
         check_complete(Path(source).expanduser())  # a half-written export or conversion never loads
+        problem = files_problem(Path(source).expanduser())  # an export whose weight files were changed
+        if problem is not None:
+            raise ModelSourceError(problem)
     if factorized is not None:
         folder = Path(source).expanduser()
         # the tokenizer is a plain one: never let its config's auto_map run (or prompt for) remote code

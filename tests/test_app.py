@@ -156,6 +156,24 @@ def test_budget_counts_the_edited_plan_and_stores_it():
     assert [(r.modules, r.rank) for r in plan.rules] == [(["mlp"], 8)]
 
 
+def test_budget_plan_save_failure_keeps_the_plan_and_says_where(monkeypatch, tmp_path):
+    from test_rescue import failing_once
+
+    from lowrank_core.plan import Plan, load_plan
+    from lowrank_core.workspace import workspace_dir
+
+    monkeypatch.setattr(Plan, "save", failing_once(Plan.save, OSError(28, "No space left on device")))
+    at = started("pages/budget.py")
+    (workspace_dir() / "plans").mkdir(parents=True, exist_ok=True)
+    at.button(key="budget_save").click().run()
+    assert not at.exception, at.exception
+    kept = next((tmp_path / "cache" / "rescued").iterdir())
+    error = texts(at.error)
+    assert f"writing the plan to {workspace_dir() / 'plans' / 'plan.yaml'} failed" in error
+    assert f"saved to {kept} instead" in error and not (workspace_dir() / "plans" / "plan.yaml").exists()
+    assert load_plan(str(kept)).to_dict() == at.session_state["lowrank_plan"]["plan"].to_dict()
+
+
 def test_budget_bad_rule_shows_the_plan_error():
     at = started("pages/budget.py")
     at.session_state["budget_editor_0"] = {"edited_rows": {0: {"keep": None, "rank": 0}},
@@ -458,6 +476,27 @@ def test_export_writes_a_verified_folder_and_refuses_to_overwrite():
     assert metrics(at)["parameters stored"] == f"{90_624 - 6 * 128 * 64 + 6 * 8 * 192:,}"
     at.button(key="export_go").click().run()
     assert "already exists" in texts(at.error)
+
+
+def test_export_failure_is_one_line_naming_the_target_and_the_rescue(monkeypatch, tmp_path):
+    import safetensors.torch
+    from safetensors import SafetensorError
+    from test_rescue import failing_once
+
+    from lowrank_core.workspace import workspace_dir
+
+    at = compressed("mlp:r8")
+    at.switch_page("pages/export.py").run()
+    full_disk = SafetensorError("Error while serializing: I/O error: No space left on device")
+    monkeypatch.setattr(safetensors.torch, "save_file", failing_once(safetensors.torch.save_file, full_disk))
+    at.text_input[0].set_value("student")
+    at.button(key="export_go").click().run()
+    assert not at.exception, at.exception
+    kept = next((tmp_path / "cache" / "rescued").iterdir())
+    error = texts(at.error)
+    assert f"writing the dense export to {workspace_dir() / 'student'} failed (Error while serializing" in error
+    assert f"saved unverified to {kept} instead" in error and "\n" not in error.strip()
+    assert not (workspace_dir() / "student").exists() and (kept / "lowrank.json").is_file()
 
 
 def test_pages_say_what_to_do_before_any_compression():
