@@ -26,6 +26,7 @@ PLAN_SUFFIXES = (".yaml", ".yml", ".json")  # what ``plan.load_plan`` reads as a
 MODEL_FILE_SUFFIXES = (".gguf", ".json")  # a model file, never a hub id
 # org/name: what the hub accepts (letters, digits, '-', '_', '.'), no leading '.', no '..'
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+NAME_MAX, PATH_MAX = 255, 4096  # bytes of one path component / of a whole path (Linux limits)
 
 
 class WorkspaceError(ValueError):
@@ -45,6 +46,22 @@ def _refused(what: str, value: str, why: str, root: Path) -> WorkspaceError:
                           "(relative to it, e.g. folder/name)")
 
 
+def _check_length(value: str, what: str, root: Path) -> None:
+    """A path the file system would refuse with ``File name too long`` is refused here, in one line."""
+    longest = max((len(part.encode("utf-8", "surrogatepass")) for part in value.split("/")), default=0)
+    total = len(str(root / value).encode("utf-8", "surrogatepass"))
+    if longest > NAME_MAX or total > PATH_MAX:
+        raise _refused(what, value[:60] + "...", f"is too long ({len(value):,} characters; allowed: names of up to "
+                       f"{NAME_MAX} bytes, paths of up to {PATH_MAX:,} bytes)", root)
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # a name the file system cannot even look up
+        return False
+
+
 def resolve_inside(user_path: str, what: str, must_exist: bool = False) -> Path:
     """``user_path`` as an absolute path inside the workspace, symlinks resolved.
 
@@ -57,6 +74,7 @@ def resolve_inside(user_path: str, what: str, must_exist: bool = False) -> Path:
     value = str(user_path).strip()
     if not value:
         raise _refused(what, value, "is empty", root)
+    _check_length(value, what, root)
     try:
         path = Path(value).expanduser()
         path = (path if path.is_absolute() else root / path).resolve()
@@ -112,8 +130,10 @@ def app_source(value: str, what: str, local: bool = False) -> str:
     value, root = str(value).strip(), workspace_dir()
     if not local and value in BUNDLED_SOURCES:
         return value
-    if not local and looks_like_hub_id(value) and not (root / value).exists():
-        if Path(value).exists():
+    if value:
+        _check_length(value, what, root)
+    if not local and looks_like_hub_id(value) and not _exists(root / value):
+        if _exists(Path(value)):
             raise _refused(what, value, "would be read from the server's own folder, outside the workspace", root)
         return value
     path = resolve_inside(value, what, must_exist=True)
