@@ -4,13 +4,15 @@ are one line. (The CLI's rows of the same cases are in ``bench/bad_inputs.py``, 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 import tracemalloc
 
 import pytest
 import torch
 
-from lowrank_core import models
+from lowrank_core import cli, models
 from lowrank_core.data import DataSourceError, Example, calibration_batches, encode_example, iter_examples
 from lowrank_core.data import template
 from lowrank_core.data.template import ChatTemplateError, check_chat_template
@@ -151,13 +153,27 @@ def test_a_5mb_record_is_clipped_before_tokenisation_in_bounded_memory():
 
 
 # ----------------------------------------------------------------------------- cache and workspace paths
-def test_a_read_only_cache_is_one_line_naming_it_and_the_variable(tmp_path, monkeypatch):
-    blocker = tmp_path / "afile"
-    blocker.write_text("a file where the cache folder should be")
-    monkeypatch.setenv("LOWRANK_CACHE", str(blocker / "cache"))
-    with pytest.raises(CacheDirError, match=r"cache folder '.*afile/cache' \(LOWRANK_CACHE\) is not writable.*"
-                                            r"LOWRANK_CACHE="):
-        models.cache_dir(write=True)
+def test_a_read_only_cache_is_one_line_naming_it_and_the_variable(tmp_path, monkeypatch, capsys):
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    readonly.chmod(0o555)
+    try:  # root ignores permission bits: then a read-only mount
+        for folder in (str(readonly), "/sys"):
+            try:
+                os.rmdir(tempfile.mkdtemp(dir=folder))
+            except OSError:
+                break
+        else:
+            pytest.skip("no read-only folder on this machine")
+        monkeypatch.setenv("LOWRANK_CACHE", folder)
+        with pytest.raises(CacheDirError):
+            models.cache_dir(write=True)
+        assert cli.main(["spectrum", "--model", "tiny", "--module", "q_proj", "--layer", "0", "--calib", "0"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: cache folder '{folder}' (LOWRANK_CACHE) is not writable") and err.count("\n") == 1
+        assert "LOWRANK_CACHE=" in err
+    finally:
+        readonly.chmod(0o755)
 
 
 def test_an_overlong_app_path_is_one_line(tmp_path, monkeypatch):
