@@ -33,6 +33,7 @@ from .archmap import check_supported
 from .data.template import check_chat_template
 from .lowrank import LowRankLinear
 from .model_files import check_weight_files, custom_code_error
+from .paths import shown_path, too_long
 from .tempdirs import check_complete, mark_complete, stale_siblings, temp_sibling
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -311,11 +312,19 @@ def _local_config(location: str, source: str, **kw):
                                "expected a Hugging Face config.json") from None
 
 
+def check_source_length(source: str) -> None:
+    """``ModelSourceError`` for a source longer than a path may be (the file system's ``File name too long``)."""
+    why = too_long(source)
+    if why:
+        raise ModelSourceError(f"model source {shown_path(source)!r} {why}")
+
+
 def load_config(source: str = "default"):
     """A ``PretrainedConfig`` for any source, without loading weights (for accounting and the arch map)."""
     from transformers import AutoConfig
 
     source = str(source)
+    check_source_length(source)
     if source in TINY_SOURCES:
         return tiny_config("llama" if source == "tiny" else source.split("-", 1)[1])
     if source == "default":
@@ -343,6 +352,8 @@ def load_config(source: str = "default"):
 
 def factorized_export_config(source) -> Optional[dict]:
     """The ``config.json`` dict of a folder written as a factorized export (it lists ``lowrank_ranks``), else None."""
+    if too_long(source):
+        return None
     config = Path(source).expanduser() / "config.json"
     if not config.is_file():
         return None
@@ -406,6 +417,7 @@ def load_model(source: str = "default", dtype: str = "float32", device: str = "a
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = str(source)
+    check_source_length(source)
     device_map = check_device_map(device_map, device)
     torch_dtype, dev = resolve_dtype(dtype), resolve_device(device)
     factorized = factorized_export_config(source)

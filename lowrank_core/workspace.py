@@ -19,6 +19,7 @@ from typing import Optional
 
 from .data.sources import DATA_SOURCES, LOCAL_SUFFIXES
 from .models import TINY_SOURCES, cache_dir
+from .paths import shown_path, too_long
 
 ENV = "LOWRANK_WORKSPACE"
 BUNDLED_SOURCES = tuple(dict.fromkeys(("default",) + DATA_SOURCES + TINY_SOURCES))  # names, not paths
@@ -26,7 +27,6 @@ PLAN_SUFFIXES = (".yaml", ".yml", ".json")  # what ``plan.load_plan`` reads as a
 MODEL_FILE_SUFFIXES = (".gguf", ".json")  # a model file, never a hub id
 # org/name: what the hub accepts (letters, digits, '-', '_', '.'), no leading '.', no '..'
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
-NAME_MAX, PATH_MAX = 255, 4096  # bytes of one path component / of a whole path (Linux limits)
 
 
 class WorkspaceError(ValueError):
@@ -48,11 +48,9 @@ def _refused(what: str, value: str, why: str, root: Path) -> WorkspaceError:
 
 def _check_length(value: str, what: str, root: Path) -> None:
     """A path the file system would refuse with ``File name too long`` is refused here, in one line."""
-    longest = max((len(part.encode("utf-8", "surrogatepass")) for part in value.split("/")), default=0)
-    total = len(str(root / value).encode("utf-8", "surrogatepass"))
-    if longest > NAME_MAX or total > PATH_MAX:
-        raise _refused(what, value[:60] + "...", f"is too long ({len(value):,} characters; allowed: names of up to "
-                       f"{NAME_MAX} bytes, paths of up to {PATH_MAX:,} bytes)", root)
+    why = too_long(value, root)
+    if why:
+        raise _refused(what, shown_path(value), why, root)
 
 
 def _exists(path: Path) -> bool:

@@ -11,8 +11,8 @@
 - ``encoding``: chat rendering with answer-only labels (``encode_example`` -> ``Encoded``) and right-padded
   [B, T] LongTensor batches (``iter_batches`` for evaluation, ``calibration_batches`` for calibration).
 
-``template`` and ``records`` import nothing of the package; ``sources`` imports ``records``; ``split`` and
-``encoding`` import ``sources`` (and ``encoding`` ``template``).
+``template`` and ``records`` import nothing of the package; ``sources`` imports ``records`` (and the
+package's ``paths``); ``split`` and ``encoding`` import ``sources`` (and ``encoding`` ``template``).
 Every public name is re-exported here: ``from lowrank_core.data import make_split`` works.
 """
 from __future__ import annotations

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Union
 
+from ..paths import shown_path, too_long
 from .records import check_fields, check_utf8, iter_json_file
 
 DATA_SOURCES = ("default", "chatterbot")  # named sources; also local files/folders and hub ids
@@ -310,6 +311,9 @@ def iter_examples(source: Union[str, Path] = "default", dropped: Optional[dict] 
     The source is validated when this is called (not at the first ``next``), so a bad source fails early.
     """
     source_str = str(source)
+    why = too_long(source_str)
+    if why:
+        raise DataSourceError(f"data source {shown_path(source_str)!r} {why}")
     if source_str == "default":
         raw = iter_sharegpt(sharegpt_path(), dropped)
     elif source_str == "chatterbot":
