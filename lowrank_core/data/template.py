@@ -2,8 +2,8 @@
 probe conversation in a separate process under a time, memory and output-size budget.
 
 ``check_chat_template(template, source)`` renders the probe (a user turn with the generation prompt, then
-the user turn and an assistant answer) in a child Python (``-I``: no environment, no current folder) that
-compiles the template as transformers does (Jinja's ``ImmutableSandboxedEnvironment``, ``trim_blocks``,
+the user turn and an assistant answer) in a child Python (``-I``: no environment, no current folder on
+its import path; the parent's path is passed) that compiles the template as transformers does (Jinja's ``ImmutableSandboxedEnvironment``, ``trim_blocks``,
 ``lstrip_blocks``, loop controls, the ``generation`` tag, ``raise_exception``, ``strftime_now``,
 ``tojson``). The child is killed after :data:`RENDER_BUDGET_S` seconds, may use
 :data:`MEMORY_LIMIT` bytes of address space, and the probe's output must stay under
@@ -38,6 +38,8 @@ try:
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 except (ValueError, OSError):
     pass
+job = json.loads(sys.stdin.read())
+sys.path[:] = job["path"]  # the parent's import path: the same jinja2, never the current folder
 import jinja2, jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -56,7 +58,6 @@ def raise_exception(message):
 def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-job = json.loads(sys.stdin.read())
 try:
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                         extensions=[Generation, jinja2.ext.loopcontrols])
@@ -95,11 +96,10 @@ def _refusal(source: str, why: str) -> str:
             "chat_template (chat_template.jinja or tokenizer_config.json) to use the built-in ChatML template")
 
 
-def _probe(template: str, known: tuple = ()) -> Optional[str]:
+def _probe(template: str) -> Optional[str]:
     """Why ``template`` is refused (None when it renders the probe within the budget)."""
-    if template in known:
-        return None
-    job = json.dumps({"template": template, "probe": PROBE, "max_chars": MAX_PROBE_CHARS})
+    path = [p for p in sys.path if p]  # '' (the current folder) is left out
+    job = json.dumps({"template": template, "probe": PROBE, "max_chars": MAX_PROBE_CHARS, "path": path})
     try:
         done = subprocess.run([sys.executable, "-I", "-c", _CHILD, str(MEMORY_LIMIT)], input=job, capture_output=True,
                               text=True, timeout=RENDER_BUDGET_S)
@@ -108,7 +108,8 @@ def _probe(template: str, known: tuple = ()) -> Optional[str]:
     try:
         answer = json.loads(done.stdout.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):
-        return f"crashed the process rendering it (exit status {done.returncode})"
+        last = (done.stderr.strip().splitlines() or [""])[-1][:200]
+        return f"crashed the process rendering it (exit status {done.returncode}: {last})"
     if "error" in answer:
         if answer["error"] == "memory":
             return f"needed more than {MEMORY_LIMIT >> 20} MiB of memory to render a probe conversation"
@@ -121,14 +122,14 @@ def _probe(template: str, known: tuple = ()) -> Optional[str]:
 def check_chat_template(template: Optional[str], source: str, known: tuple = ()) -> None:
     """Raise ``ChatTemplateError`` unless ``template`` (None: nothing to check) renders the probe within the
     budget; ``known`` lists templates that are trusted without a probe (the built-in ChatML)."""
-    if not template:
+    if not template or template in known:
         return
     if not isinstance(template, str):
         raise ChatTemplateError(f"the chat template of {source!r} is a {type(template).__name__}, not a template "
                                 "text; only a single Jinja template is supported")
     key = hashlib.sha256(template.encode("utf-8", "surrogatepass")).hexdigest()
     if key not in _checked:
-        _checked[key] = _probe(template, known)
+        _checked[key] = _probe(template)
     if _checked[key] is not None:
         raise ChatTemplateError(_refusal(source, _checked[key]))
 
