@@ -7,7 +7,8 @@
 Each case runs in-process (``lowrank_core.cli.main``, stdout and stderr captured) in a scratch folder holding
 the fixtures it names: tiny model folders (``good``, ``corrupt`` and ``truncated`` safetensors, ``nan``
 weights, no ``tokenizer``, a config that is not JSON, a factorized export ``fact``), data files, plan and
-recipe files, a file ``afile`` standing where a folder should be and a read-only folder. Everything uses
+recipe files, a file ``afile`` standing where a folder should be and a read-only folder; issue 23's input side
+adds pickle-only folders, a custom-code config, bad chat templates and bad data files (``_input_fixtures``). Everything uses
 ``--model tiny`` (or a folder made from it) and ``--data chatterbot``. Every row of the table is the
 message of a real run; ``tests/test_bad_inputs.py`` runs the same cases and checks each message names the bad
 value. Items: A = refused before any work, B = a traceback before, C = silently wrong before, D = the CLI's

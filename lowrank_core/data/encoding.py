@@ -30,7 +30,7 @@ from .template import ChatTemplateError, render_error
 IGNORE_INDEX = -100
 CLIP_CHARS_PER_TOKEN = 8   # a text field is first cut to max_len * this (+ CLIP_SLACK) characters ...
 CLIP_SLACK = 256
-CLIP_MARGIN = 8            # ... and kept cut when that still gives max_len + this many tokens (else doubled)
+CLIP_MARGIN = 64           # ... and kept cut when that still gives max_len + this many tokens (else doubled)
 
 
 @dataclass(frozen=True)
@@ -105,8 +105,9 @@ def clip_text(tokenizer, text: str, max_len: int) -> str:
     """``text`` cut before tokenisation so that memory per example stays bounded whatever its size: to
     ``max_len * CLIP_CHARS_PER_TOKEN + CLIP_SLACK`` characters, doubled while the cut text gives fewer than
     ``max_len + CLIP_MARGIN`` tokens; the whole text when it is not longer. A field cut this way alone
-    fills the ``max_len`` window, so the first ``max_len`` tokens of an example are those of its uncut text
-    (only the last few tokens before the cut can differ, and they lie past the window)."""
+    fills the ``max_len`` window, so the first ``max_len`` tokens of an example are those of its uncut text:
+    only the tokens of the word cut in two can differ, and they lie past the window unless that one word
+    spans more than ``CLIP_MARGIN`` tokens."""
     limit = int(max_len) * CLIP_CHARS_PER_TOKEN + CLIP_SLACK
     while len(text) > limit:
         cut = text[:limit]

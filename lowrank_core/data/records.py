@@ -45,7 +45,7 @@ def check_utf8(file: Path, error: Callable[[str], Exception]) -> None:
 
 
 def _first_char(file: Path) -> str:
-    with open(file, encoding="utf-8") as f:
+    with open(file, encoding="utf-8-sig") as f:
         while chunk := f.read(4096):
             stripped = chunk.lstrip()
             if stripped:
@@ -54,13 +54,14 @@ def _first_char(file: Path) -> str:
 
 
 def iter_json_file(file: Path, error: Callable[[str], Exception], iter_array) -> Iterator[tuple[str, object]]:
-    """``(where, record)`` of a JSON-lines file or of a JSON array file (``iter_array(file)`` streams it)."""
+    """``(where, record)`` of a JSON-lines file (a leading byte-order mark is allowed) or of a JSON array
+    file (``iter_array(file)`` streams it)."""
     file = Path(file)
     if _first_char(file) == "[":
         for i, record in enumerate(iter_array(file), 1):
             yield f"{file} record {i}", record
         return
-    with open(file, encoding="utf-8") as f:
+    with open(file, encoding="utf-8-sig") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
