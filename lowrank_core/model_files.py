@@ -40,19 +40,21 @@ def check_weight_files(folder: Path, source: str, error=ValueError) -> None:
                 f".save_pretrained('{folder}-safetensors')\" and pass {str(folder) + '-safetensors'!r}")
 
 
-def raw_config(folder: Path) -> Optional[dict]:
-    """``config.json`` of ``folder`` as a dict, or None when it is missing or not a JSON object."""
+def raw_config(location: Path) -> Optional[dict]:
+    """``location`` (a ``config.json`` file, or a folder holding one) as a dict, or None when it is missing or
+    not a JSON object."""
+    location = Path(location)
     try:
-        raw = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+        raw = json.loads((location if location.is_file() else location / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return raw if isinstance(raw, dict) else None
 
 
-def custom_code_error(folder: Path, source: str, known_types, error=ValueError) -> Optional[Exception]:
-    """``error`` (returned, not raised) when ``config.json`` has a ``model_type`` outside ``known_types``
+def custom_code_error(location: Path, source: str, known_types, error=ValueError) -> Optional[Exception]:
+    """``error`` (returned, not raised) when the config (a file or a folder's ``config.json``) has a ``model_type`` outside ``known_types``
     (transformers' own) or none, and an ``auto_map`` naming code of the folder; else None."""
-    raw = raw_config(folder)
+    raw = raw_config(location)
     if raw is None or "auto_map" not in raw:
         return None
     model_type = raw.get("model_type")

@@ -300,7 +300,7 @@ def _local_config(location: str, source: str, **kw):
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    if Path(location).is_dir():
+    if "gguf_file" not in kw:  # a config file or a folder's config.json (a GGUF holds its own)
         refused = custom_code_error(Path(location), source, CONFIG_MAPPING.keys(), ModelSourceError)
         if refused is not None:
             raise refused

@@ -77,7 +77,8 @@ def test_custom_code_config_is_one_line_without_trust_remote_code_advice(good, t
     config.update(model_type="mystery", auto_map={"AutoConfig": "x.MyConfig", "AutoModelForCausalLM": "x.MyModel"})
     (folder / "config.json").write_text(json.dumps(config))
     no_weights_read(monkeypatch)
-    for call in (lambda: load_model(str(folder), device="cpu"), lambda: models.load_config(str(folder))):
+    for call in (lambda: load_model(str(folder), device="cpu"), lambda: models.load_config(str(folder)),
+                 lambda: models.load_config(str(folder / "config.json"))):
         with pytest.raises(ModelSourceError, match=r"model_type 'mystery'.*never runs code") as caught:
             call()
         assert "trust_remote_code" not in str(caught.value) and "\n" not in str(caught.value)
