@@ -37,7 +37,11 @@ def workspace_dir() -> Path:
     """The workspace folder (absolute, symlinks resolved), created if missing."""
     raw = os.environ.get(ENV)
     root = Path(raw).expanduser() if raw else cache_dir() / "workspace"
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WorkspaceError(f"the workspace {str(root)!r} cannot be created ({e.strerror or type(e).__name__}); set "
+                             f"{ENV}=/a/writable/folder (or LOWRANK_CACHE, under which it defaults)") from None
     return root.resolve()
 
 

@@ -173,6 +173,9 @@ def test_a_read_only_cache_is_one_line_naming_it_and_the_variable(tmp_path, monk
         err = capsys.readouterr().err
         assert err.startswith(f"error: cache folder '{folder}' (LOWRANK_CACHE) is not writable") and err.count("\n") == 1
         assert "LOWRANK_CACHE=" in err
+        monkeypatch.delenv("LOWRANK_WORKSPACE", raising=False)  # the app's workspace defaults to <cache>/workspace
+        with pytest.raises(WorkspaceError, match=r"the workspace '.*workspace' cannot be created.*LOWRANK_WORKSPACE="):
+            app_source("model", "model source")
     finally:
         readonly.chmod(0o755)
 
