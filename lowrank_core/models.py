@@ -10,6 +10,12 @@ Sources:
   ``LowRankLinear`` from safetensors, no remote code;
 - ``tiny`` (Llama) and ``tiny-<model_type>`` for every arch-table entry: small random models with a
   byte-level ChatML tokenizer, for tests and quick UI checks.
+
+Nothing of a source is executed or unpickled: weights load from safetensors only (``use_safetensors=True``;
+a pickle-only folder is refused by ``model_files.check_weight_files``), ``trust_remote_code`` is False (a
+config naming its own code is refused by ``model_files.custom_code_error``), and the tokenizer's chat
+template is rendered on a probe under ``data.template``'s time / memory / size budget before any weight is
+read (``check_template``).
 """
 from __future__ import annotations
 
