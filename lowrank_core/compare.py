@@ -55,9 +55,9 @@ class CompareSettings:
                                                              "CUDA; batches are length-bucketed)")
     max_len: int = option(512, minimum=8, flag="--eval-max-len", help="tokens per evaluation example (prompt + answer)")
     bf16: bool = option(False, help="bfloat16 autocast for the forward passes (CUDA; losses stay float32)")
-    teacher_cache: str = option("off", help="teacher results reused across comparisons: a folder, 'auto' (the "
-                                            "cache dir's teacher/) or 'off'; KL is then against the teacher's "
-                                            "top-64 with the tail lumped (a lower bound of the full KL)")
+    teacher_cache: str = option("auto", help="teacher results reused across comparisons: a folder, 'auto' (the "
+                                             "cache dir's teacher/) or 'off'; KL is then against the teacher's "
+                                             "top-64 with the tail lumped (a lower bound of the full KL)")
     seed: int = option(0, minimum=0, flag="--bootstrap-seed", help="bootstrap seed")
 
     def validate(self, teacher_loss: float = 1.0) -> None:

@@ -102,7 +102,8 @@ def test_cached_comparison_matches_the_uncached_one(tiny, tmp_path):
     model, tok = tiny
     student = student_of(model, 1)
     exs = examples(8)
-    plain = compare_models(model, {"s": student}, tok, exs, CompareSettings(examples=8, batch_size=2))["s"]
+    plain = compare_models(model, {"s": student}, tok, exs, CompareSettings(examples=8, batch_size=2,
+                                                                            teacher_cache="off"))["s"]
     exact = compare_models(model, {"s": student}, tok, exs, CompareSettings(examples=8, batch_size=2),
                            cache=TeacherCache(tmp_path / "exact", k=400))["s"]
     lumped = compare_models(model, {"s": student}, tok, exs, CompareSettings(examples=8, batch_size=2),
@@ -161,9 +162,11 @@ def test_other_format_versions_and_unfinished_shards_are_ignored(tiny, tmp_path)
     assert cache.namespace(model, "answer", 64).get("a" * 32) is not None
 
 
-def test_cache_specs(tmp_path):
+def test_cache_specs(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOWRANK_CACHE", str(tmp_path / "cache"))
     assert resolve_cache("off") is None and resolve_cache(None) is None
-    assert resolve_cache("auto").root.name == "teacher"
+    assert CompareSettings().teacher_cache == "auto" and HealSettings().teacher_cache == "off"
+    assert resolve_cache("auto").root == tmp_path / "cache" / "teacher"
     assert resolve_cache(str(tmp_path)).root == tmp_path
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="teacher_cache"):
@@ -250,7 +253,8 @@ def test_compare_with_shared_layers_equals_separate_passes(tmp_path):
     handles = [model.model.layers[0].register_forward_pre_hook(lambda *a: calls.__setitem__("teacher", calls["teacher"] + 1)),
                student.model.layers[0].register_forward_pre_hook(lambda *a: calls.__setitem__("student", calls["student"] + 1))]
     try:
-        c = compare_models(model, {"s": student}, tok, exs, CompareSettings(examples=6, batch_size=2))["s"]
+        c = compare_models(model, {"s": student}, tok, exs, CompareSettings(examples=6, batch_size=2,
+                                                                            teacher_cache="off"))["s"]
     finally:
         for h in handles:
             h.remove()
