@@ -7,8 +7,8 @@ Each measurement is a whole process (model load not timed; scoring timed from th
 verdict), run in alternation (plain, cold, warm rotated each round) with the load average printed before
 each, on the same held-out examples (eval side of the default split) and the same student:
 
-- **plain**: per example ``teacher(ids, labels=...)`` and ``student(ids, labels=...)`` (full-vocabulary
-  logits at every position), one example per forward;
+- **plain**: ``teacher(ids, labels=...)`` then ``student(ids, labels=...)`` over the examples
+  (``eval_throughput.plain_loop``: full-vocabulary logits at every position, one example per forward);
 - **cold**: ``compare_models`` with an empty teacher cache (the teacher runs — its leading layers shared
   with the student run once — and its results are written);
 - **warm**: ``compare_models`` with the cache the preceding prime run filled (only the student runs).
@@ -49,23 +49,12 @@ def _setup(args):
 
 
 def _plain(teacher, student, tokenizer, examples, max_len: int) -> dict:
-    from lowrank_core.data import encode_example
+    """Both models through ``eval_throughput.plain_loop`` (one example per forward, ``labels=``)."""
+    from eval_throughput import plain_loop   # bench/ is this script's folder
 
-    sums, tokens = {"teacher": 0.0, "student": 0.0}, 0
-    device = next(teacher.parameters()).device
-    start = time.perf_counter()
-    with torch.no_grad():
-        for ex in examples:
-            enc = encode_example(tokenizer, ex, max_len)
-            if enc is None:
-                continue
-            ids, labels = torch.tensor([enc.input_ids], device=device), torch.tensor([enc.labels], device=device)
-            n = int((labels[:, 1:] != -100).sum())
-            for name, model in (("teacher", teacher), ("student", student)):
-                sums[name] += float(model(input_ids=ids, labels=labels).loss) * n
-            tokens += n
-    return {"seconds": time.perf_counter() - start, "answer_tokens": tokens,
-            "teacher_loss": sums["teacher"] / tokens, "student_loss": sums["student"] / tokens}
+    t_loss, tokens, t_seconds = plain_loop(teacher, tokenizer, examples, max_len)
+    s_loss, _, s_seconds = plain_loop(student, tokenizer, examples, max_len)
+    return {"seconds": t_seconds + s_seconds, "answer_tokens": tokens, "teacher_loss": t_loss, "student_loss": s_loss}
 
 
 def _compare(teacher, student, tokenizer, examples, args, cache: str) -> dict:
