@@ -8,6 +8,11 @@ of fixed size. :func:`compare_models` returns one :class:`Comparison` per studen
 card's evaluation) carries Δloss with a paired bootstrap interval, the z-test, the TOST verdict at a
 margin, KL, top-1 agreement and both perplexities (``stats.py`` holds the statistics).
 
+With a teacher cache (``CompareSettings.teacher_cache``, default ``auto``: ``teacher_cache.py``) the
+teacher's per-example results are read from disk and only the students run; Σ CE and top-1 are exact,
+KL is the lumped-tail KL against the teacher's top-64 (a lower bound of the full KL). When the teacher
+runs, the leading decoder layers a student shares unchanged with it run once for both.
+
 A progress callback that raises :class:`~lowrank_core.progress.Cancelled` (a job's stop request) ends
 the pass early: the examples scored so far are kept and the comparison is marked ``stopped``.
 
