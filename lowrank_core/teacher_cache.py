@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from .models import cache_dir, model_fingerprint
-from .tempdirs import INCOMPLETE, mark_complete, temp_sibling
+from .tempdirs import INCOMPLETE, mark_complete, stale_siblings, temp_sibling
 
 FORMAT = 1          # on-disk format version: entries of another version are ignored
 TOP_K = 64          # teacher log-probabilities kept per position
@@ -182,6 +182,7 @@ class Namespace:
         from safetensors.torch import save_file
 
         self.folder.mkdir(parents=True, exist_ok=True)
+        _remove_stale(self.folder)
         info = self.folder / "namespace.json"
         if not info.exists():
             _write_text(info, json.dumps(self.key, indent=1, sort_keys=True))
@@ -203,6 +204,14 @@ class Namespace:
         for row in rows:
             self.rows[row] = (target, rows[row])
         self.pending = {}
+
+
+def _remove_stale(folder: Path) -> None:
+    """Remove the temp shards of writers that were killed (``tempdirs.stale_siblings`` of each)."""
+    for leftover in folder.glob(".shard-*"):
+        target = folder / leftover.name[1:].split(".", 1)[0]
+        for old in stale_siblings(target):
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_text(path: Path, text: str) -> None:

@@ -164,6 +164,31 @@ def test_other_format_versions_and_unfinished_shards_are_ignored(tiny, tmp_path)
     assert cache.namespace(model, "answer", 64).get("a" * 32) is not None
 
 
+def test_a_stopped_comparison_keeps_its_rows_and_shards_bound_memory(tiny, tmp_path, monkeypatch):
+    from lowrank_core import teacher_cache
+    from lowrank_core.progress import Cancelled
+
+    model, tok = tiny
+    monkeypatch.setattr(teacher_cache, "FLUSH_ROWS", 4)
+    student = student_of(model, 1)
+
+    def stop(done, total, message):
+        if done >= 6:
+            raise Cancelled
+
+    settings = CompareSettings(examples=12, batch_size=2, bootstrap=20, teacher_cache=str(tmp_path))
+    first = compare_models(model, {"s": student}, tok, examples(12), settings, progress=stop)["s"]
+    assert first.stopped and first.examples == 6
+    ns = TeacherCache(tmp_path).namespace(model, "answer", settings.max_len)
+    assert len(ns.rows) == 6 and len(list(ns.folder.glob("shard-*"))) == 2   # 4 rows, then the 2 kept at the stop
+    (ns.folder / ".shard-0.write-999999999-x").mkdir()                       # a killed writer's leftover
+    again = compare_models(model, {"s": student}, tok, examples(12), settings)["s"]
+    assert again.examples == 12
+    by_key = {r["key"]: r for r in again.rows()}
+    assert all(by_key[r["key"]] == r for r in first.rows())   # the kept rows, read back exactly
+    assert not (ns.folder / ".shard-0.write-999999999-x").exists()
+
+
 def test_cache_specs(tmp_path, monkeypatch):
     monkeypatch.setenv("LOWRANK_CACHE", str(tmp_path / "cache"))
     assert resolve_cache("off") is None and resolve_cache(None) is None
