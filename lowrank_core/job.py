@@ -65,9 +65,12 @@ class EvalSpec:
     max_len: Optional[int] = option(None, minimum=8, help="tokens per example (default: the calibration max_len)")
     margin: str = option(CompareSettings.margin, help="equivalence margin of the paired comparison: nats (0.02) or "
                                                       "percent of the teacher loss ('1%')")
+    teacher_cache: str = option(CompareSettings.teacher_cache, help="the teacher's results reused across "
+                                "evaluations: a folder, 'auto' (the cache dir's teacher/) or 'off'")
 
     def compare_settings(self, examples: int, batch_size: int, max_len: int) -> CompareSettings:
-        return CompareSettings(examples=examples, batch_size=batch_size, max_len=max_len, margin=self.margin)
+        return CompareSettings(examples=examples, batch_size=batch_size, max_len=max_len, margin=self.margin,
+                               teacher_cache=self.teacher_cache)
 
 
 @dataclass
