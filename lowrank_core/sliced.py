@@ -9,6 +9,7 @@ the parts no rule named left as dense row views of the teacher's weight (bit-ide
 """
 from __future__ import annotations
 
+import copy
 from typing import Mapping, Optional
 
 import torch
@@ -89,10 +90,19 @@ def assemble_parts(root: nn.Module, replacements: Mapping[str, nn.Module]) -> di
         groups.setdefault(parent, {})[mark[0]] = module
         layouts[parent] = mark[1]
     for parent, parts in groups.items():
-        fused = root.get_submodule(parent)
-        out[parent] = SlicedLinear({short: parts.get(short) or dense_slice(fused, start, stop)
+        fused = root.get_submodule(parent)   # the teacher's linear, or a student's SlicedLinear (heal's copy)
+        out[parent] = SlicedLinear({short: parts.get(short) or _kept_part(fused, short, start, stop)
                                     for short, start, stop in layouts[parent]})
     return out
+
+
+def _kept_part(fused: nn.Module, short: str, start: int, stop: int) -> nn.Module:
+    """A part no replacement names: the teacher's rows, or a ``SlicedLinear``'s own part (a new module object
+    sharing its tensors)."""
+    if not isinstance(fused, SlicedLinear):
+        return dense_slice(fused, start, stop)
+    part = getattr(fused, short)
+    return copy.deepcopy(part, {id(t): t for t in list(part.parameters()) + list(part.buffers())})
 
 
 def sliced_modules(model: nn.Module) -> dict[str, SlicedLinear]:
