@@ -152,3 +152,32 @@ def test_factorized_export_rebuilds_the_parts(tmp_path, phi3, calib, ids):
         assert count_parameters(loaded) == student.num_parameters()
         assert torch.allclose(_logits(loaded, ids), _logits(student, ids), atol=1e-6)
     assert isinstance(ours.get_submodule(QKV.format(1)), SlicedLinear) and ranks_of(ours) == ranks_of(student)
+
+
+@pytest.mark.parametrize("method", ["svd", "whitened", "refit", "anchored"])
+def test_every_method_compresses_parts(phi3, calib, method):
+    from lowrank_core.methods.refit import RefitSettings
+
+    model, tok = phi3
+    settings = CompressSettings(method=method, calib=6, max_len=64,
+                                method_settings={"refit": RefitSettings(steps=3, batch_tokens=128)})
+    plan = "0:qkv_proj:r8; 1:k_proj:r2; 1:v_proj:r3; gate_proj:r6"   # layer 1: the student's stream differs
+    result = compress(model, tok, plan, calib, settings)
+    assert result.student.num_parameters() == account(model, plan).compressed
+    rows = {r["name"]: r for r in result.layers}
+    assert rows[QKV.format(1) + ".k_proj"]["rank"] == 2 and rows[QKV.format(1) + ".k_proj"]["shape"] == "32 x 64"
+    assert all(r["rel_error"] is None or 0 <= r["rel_error"] < 1 for r in rows.values())
+
+
+def test_healing_trains_the_parts_factors_and_leaves_dense_parts(phi3, calib):
+    from lowrank_core.heal import HealSettings, copy_student, heal
+
+    model, tok = phi3
+    student = compress(model, tok, PARTS_PLAN, calib, CompressSettings(method="svd", calib=6, max_len=64)).student
+    healed = copy_student(student)
+    heal(model, healed, tok, calib, HealSettings(tokens=300, lr=3e-3, batch_tokens=128, max_len=64, eval_every=1,
+                                                 patience=50))
+    before, after = student.get_submodule(QKV.format(0)), healed.get_submodule(QKV.format(0))
+    assert isinstance(after, SlicedLinear)
+    assert not torch.equal(before.q_proj.down.weight, after.q_proj.down.weight)
+    assert torch.equal(after.v_proj.weight, model.get_submodule(QKV.format(0)).weight[96:])
