@@ -57,6 +57,21 @@ def test_parts_are_row_slices_sized_by_the_config(phi3):
     i = c.intermediate_size
     assert rows[GATE_UP.format(0) + ".gate_proj"] == ((0, i), i) and rows[GATE_UP.format(0) + ".up_proj"] == ((i, 2 * i), i)
     assert all(info.rows == () for info in linear_map(model))   # the default map: whole linears only
+    keys = {li.module: li.gram_key for li in linear_map(model, parts=True) if li.layer == 0}
+    assert keys["q_proj"] == keys["k_proj"] == keys["v_proj"] == keys["qkv_proj"] != keys["o_proj"]  # one Gram
+    assert keys["gate_proj"] == keys["up_proj"] == keys["gate_up_proj"] != keys["down_proj"]
+
+
+def test_spectrum_of_a_part_is_that_of_the_teachers_rows(phi3):
+    from lowrank_core.spectra import compute_spectrum
+
+    model, _ = phi3
+    info = next(li for li in linear_map(model, parts=True) if li.name == QKV.format(1) + ".k_proj")
+    rows = model.get_submodule(QKV.format(1)).weight.detach()[64:96]
+    spectrum = compute_spectrum(model, info)
+    assert spectrum.max_rank == 32 and spectrum.out_features == 32
+    assert torch.allclose(torch.as_tensor(spectrum.weight_sv), torch.linalg.svdvals(rows.double()).to(
+        torch.as_tensor(spectrum.weight_sv).dtype), rtol=1e-4)
 
 
 def test_a_group_names_the_fused_matrix_a_module_name_its_part(phi3):
