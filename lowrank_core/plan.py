@@ -17,6 +17,10 @@ modules are comma-separated and spec is ``r16`` (rank), ``k0.8`` (keep fraction)
 ``keep`` maps to ``rank = floor(keep * out * in / (out + in))``: the fraction of the matrix's
 parameters that the factors keep.
 
+Fused linears (Phi-3's ``qkv_proj`` = [q; k; v], ``gate_up_proj`` = [gate; up]): the fused name and the groups
+factorise the whole matrix; ``q_proj`` ... ``up_proj`` name its row parts, each with its own rank (a part no
+rule names stays dense). A fused matrix goes whole or by parts: the later rule decides (:func:`resolve_plan`).
+
 Rank rounding (``rank_multiple``, one of 1, 8, 16, 32, 64, 128; 1 = off): every resolved rank, from a
 ``keep`` *and* from an explicit ``rank`` (so plans written by ``search``, which are all explicit ranks, can be
 aligned too), is rounded DOWN to a multiple, at least the multiple, never above ``min(out, in)``

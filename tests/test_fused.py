@@ -196,3 +196,21 @@ def test_healing_trains_the_parts_factors_and_leaves_dense_parts(phi3, calib):
     assert isinstance(after, SlicedLinear)
     assert not torch.equal(before.q_proj.down.weight, after.q_proj.down.weight)
     assert torch.equal(after.v_proj.weight, model.get_submodule(QKV.format(0)).weight[96:])
+
+
+def test_search_plans_fused_matrices_and_compare_scores_a_parts_plan(tmp_path, capsys):
+    from lowrank_core.cli import main
+
+    common = ["--data", "chatterbot", "--calib", "4", "--max-len", "96"]
+    out = tmp_path / "plan.yaml"
+    assert main(["search", "--model", "tiny-phi3", *common, "--val", "2", "--eval", "4", "--val-max-len", "96",
+                 "--budget", "2%", "--out", str(out), "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    named = {m for rule in record["plan"]["rules"] for m in rule["modules"]}
+    assert named and named <= {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}   # the allocator plans them whole
+    teacher, _ = tiny_model("phi3")
+    assert record["params_after"] == account(teacher, load_plan(str(out))).compressed
+    assert main(["compare", "--teacher", "tiny-phi3", "--student", PARTS_PLAN, *common, "--n", "6",
+                 "--eval-max-len", "96", "--bootstrap", "50", "--json"]) == 0
+    (s,) = json.loads(capsys.readouterr().out)["students"]
+    assert s["params"] == account(teacher, PARTS_PLAN).compressed and s["examples"] == 6
