@@ -36,10 +36,9 @@ class LinearInfo:
     bias: bool = False
     tied: bool = False   # lm_head sharing its weight with the input embedding
     input_key: str = ""  # key of the input Gram (set by linear_map from the arch table)
-    # a part of a fused linear (Phi-3's q_proj in qkv_proj): the fused module's path and short name, this
-    # part's output rows [start, stop) in it and every part's (short, start, stop); empty for a whole linear
+    # a part of a fused linear (Phi-3's q_proj in qkv_proj): the fused module's path, this part's output
+    # rows [start, stop) in it and every part's (short, start, stop); empty for a whole linear
     fused: str = ""
-    fused_module: str = ""
     rows: tuple = ()
     layout: tuple = ()
     position: int = 0    # execution order within the layer (the arch table's order of linears)
@@ -73,7 +72,7 @@ class LinearInfo:
 
     def row(self) -> dict:
         d = asdict(self)
-        for key in ("input_key", "fused", "fused_module", "rows", "layout", "position"):
+        for key in ("input_key", "fused", "rows", "layout", "position"):
             d.pop(key)
         d["shape"] = f"{self.out_features} x {self.in_features}"
         d["params"] = self.params
@@ -129,7 +128,7 @@ def part_infos(whole: LinearInfo, layout: tuple) -> list[LinearInfo]:
         raise UnsupportedArchitectureError(f"{whole.name}: the parts {layout} do not cover its "
                                            f"{whole.out_features} output rows")
     return [replace(whole, name=f"{whole.name}.{short}", module=short, out_features=stop - start,
-                    fused=whole.name, fused_module=whole.module, rows=(start, stop), layout=layout)
+                    fused=whole.name, rows=(start, stop), layout=layout)
             for short, start, stop in layout]
 
 
