@@ -21,6 +21,14 @@ LLAMA_GROUPS = {"attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_
 # Linears that read the same input tensor share one Gram (key relative to the layer).
 LLAMA_INPUTS = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "o_in",
                 "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "down_in"}
+# Fused linears (Phi-3): [q; k; v] and [gate; up] stacked on the output rows. A part's rows come from the config:
+ROW_SIZES = {  # size key -> rows of one part
+    "heads": lambda c: c.num_attention_heads * _head_dim(c),
+    "kv_heads": lambda c: (getattr(c, "num_key_value_heads", None) or c.num_attention_heads) * _head_dim(c),
+    "intermediate": lambda c: c.intermediate_size,
+}
+FUSED_QKV_GATE_UP = {"qkv_proj": (("q_proj", "heads"), ("k_proj", "kv_heads"), ("v_proj", "kv_heads")),
+                     "gate_up_proj": (("gate_proj", "intermediate"), ("up_proj", "intermediate"))}
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -46,6 +54,8 @@ class ArchSpec:
     logits_divisor: Optional[str] = None  # config attribute the logits are divided by (Granite: logits_scaling)
     softcap_attr: Optional[str] = None  # config attribute of a final logit soft-cap c: logits = c·tanh(logits / c)
     tiny: Mapping[str, object] = field(default_factory=dict)  # overrides of the tiny test config
+    # fused short -> its parts in row order: ((part short, ROW_SIZES key), ...); a plan may name either
+    fused: Mapping[str, tuple] = field(default_factory=dict)
 
     # ---- names
     @property
@@ -64,6 +74,21 @@ class ArchSpec:
             if short in names:
                 return group
         raise KeyError(short)
+
+    @property
+    def part_modules(self) -> tuple[str, ...]:
+        """Short names of the parts of fused linears (``q_proj`` ... ``up_proj`` for Phi-3)."""
+        return tuple(part for parts in self.fused.values() for part, _ in parts)
+
+    def part_rows(self, config, short: str) -> tuple[tuple[str, int, int], ...]:
+        """``((part, start, stop), ...)``: the output rows of each part of fused linear ``short`` (empty when
+        ``short`` is not fused)."""
+        out, start = [], 0
+        for part, size in self.fused.get(short, ()):
+            rows = int(ROW_SIZES[size](config))
+            out.append((part, start, start + rows))
+            start += rows
+        return tuple(out)
 
     def layer_prefix(self, index: int) -> str:
         """``"model.layers.17."``: the path prefix of decoder layer ``index``."""
@@ -108,6 +133,10 @@ class ArchSpec:
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def _get(model: nn.Module, path: str) -> nn.Module:
     try:
         return model.get_submodule(path)
@@ -138,6 +167,12 @@ ARCHS: dict[str, ArchSpec] = {spec.model_type: spec for spec in (
     ArchSpec("gemma3_text", "Gemma3TextConfig", "Gemma3ForCausalLM", softcap_attr="final_logit_softcapping",
              tiny={"tie_word_embeddings": True, "head_dim": 24, "query_pre_attn_scalar": 24, "sliding_window": 4,
                    "sliding_window_pattern": 2, "final_logit_softcapping": 0.2}),
+    ArchSpec("phi3", "Phi3Config", "Phi3ForCausalLM",  # Phi-3 and Phi-4: fused qkv_proj and gate_up_proj
+             linears={"qkv_proj": "self_attn.qkv_proj", "o_proj": "self_attn.o_proj",
+                      "gate_up_proj": "mlp.gate_up_proj", "down_proj": "mlp.down_proj"},
+             groups={"attn": ("qkv_proj", "o_proj"), "mlp": ("gate_up_proj", "down_proj")},
+             inputs={"qkv_proj": "attn_in", "o_proj": "o_in", "gate_up_proj": "mlp_in", "down_proj": "down_in"},
+             fused=FUSED_QKV_GATE_UP, tiny={"original_max_position_embeddings": 512}),
 )}
 SUPPORTED_MODEL_TYPES = tuple(ARCHS)
 FACTORIZED_PREFIX = "lowrank_"  # model_type of a factorized export: lowrank_<base model_type>
@@ -167,7 +202,7 @@ def all_module_names() -> tuple[str, ...]:
     """Short names any supported architecture accepts in a plan (decoder linears, then heads)."""
     names: dict[str, None] = {}
     for spec in ARCHS.values():
-        names.update(dict.fromkeys(spec.decoder_modules))
+        names.update(dict.fromkeys(spec.decoder_modules + spec.part_modules))
     names.update(dict.fromkeys(all_head_modules()))
     return tuple(names)
 

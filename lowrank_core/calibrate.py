@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .arch import arch_of
-from .archmap import ALL_MODULES, LinearInfo
+from .archmap import LinearInfo
 from .progress import Progress, ensure_progress
 from .student import private_view
 
@@ -126,9 +126,8 @@ def _real_rows(x: Tensor, mask: Optional[Tensor], in_features: int) -> Tensor:
 
 def gram_representatives(linears: Iterable[LinearInfo]) -> dict[str, LinearInfo]:
     """``{gram_key: the first linear (in execution order) that reads that input}``."""
-    order = {m: i for i, m in enumerate(ALL_MODULES)}
     reps: dict[str, LinearInfo] = {}
-    for info in sorted(linears, key=lambda i: (float("inf") if i.layer is None else i.layer, order[i.module])):
+    for info in sorted(linears, key=lambda i: (float("inf") if i.layer is None else i.layer, i.position)):
         reps.setdefault(info.gram_key, info)
     return reps
 
@@ -227,8 +226,7 @@ def _batch_total(batches, total: Optional[int]) -> int:
 
 
 def _execution_order(info: LinearInfo, after: bool) -> tuple:
-    order = {m: i for i, m in enumerate(ALL_MODULES)}
-    return (float("inf") if info.layer is None else info.layer, order[info.module], after)
+    return (float("inf") if info.layer is None else info.layer, info.position, after)
 
 
 @torch.no_grad()
@@ -255,7 +253,7 @@ def collect_grams(model: nn.Module, batches: Iterable[dict], linears: list[Linea
     modules = {}
     for key, info in [*reps.items(), *outs.items()]:
         try:
-            modules[key] = model.get_submodule(info.name)
+            modules[key] = model.get_submodule(info.path)
         except AttributeError:
             raise ValueError(f"the model has no linear named {info.name!r}") from None
     device = next(model.parameters()).device

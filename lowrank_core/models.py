@@ -40,6 +40,7 @@ from .data.template import check_chat_template
 from .lowrank import LowRankLinear
 from .model_files import check_weight_files, custom_code_error
 from .paths import shown_path, too_long
+from .sliced import SlicedLinear
 from .tempdirs import check_complete, mark_complete, stale_siblings, temp_sibling
 from .weightfiles import files_problem
 
@@ -380,6 +381,7 @@ def _factorized_model(folder: Path, raw: dict) -> nn.Module:
 
     raw = dict(raw)
     ranks = raw.pop("lowrank_ranks")
+    slices = raw.pop("lowrank_slices", None) or {}
     base = raw.pop("lowrank_base_model_type", None)
     if base is None:
         raise ModelSourceError(f"{folder}/config.json lists lowrank_ranks but no lowrank_base_model_type")
@@ -389,6 +391,12 @@ def _factorized_model(folder: Path, raw: dict) -> nn.Module:
     check_supported(config)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config)
+        for name, layout in slices.items():  # a fused linear kept as parts (dense ones stored as weights)
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            old = getattr(parent, child)
+            setattr(parent, child, SlicedLinear({short: nn.Linear(old.in_features, int(rows), bias=old.bias is not None)
+                                                 for short, rows in layout}))
         for name, rank in ranks.items():
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model

@@ -126,7 +126,7 @@ multiple = st.selectbox("Round ranks to a multiple of", RANK_MULTIPLES, key=MULT
                              "multiple, never above min(out, in); matmul kernels often run aligned ranks faster")
 
 records = edited.to_dict("records")
-valid, problems = check_rows(records, linears)
+valid, problems = check_rows(records, cache.config_linears(source, parts=True)[1])  # parts of fused linears too
 for message in problems.values():
     st.error(f"Plan error in {message}")
 try:

@@ -564,6 +564,41 @@ def test_runs_of_another_model_are_not_offered_as_its_students():
     assert len(at.dataframe[-1].value) == 1  # the run stays in the session's runs table
 
 
+def test_every_page_on_phi3_plans_fused_linears_by_parts(monkeypatch):
+    """tiny-phi3 (fused qkv_proj / gate_up_proj): the map, Budget and Spectra render, Compress builds a plan on
+    the parts with the engine's exact count, Evaluate scores it and Export writes a verified factorized folder."""
+    from lowrank_core.models import load_config
+    from lowrank_core.plan import account
+
+    monkeypatch.setenv("LOWRANK_APP_MODEL", "tiny-phi3")
+    at = started()
+    assert metrics(at)["linears"] == "9"  # 2 layers x (qkv_proj, o_proj, gate_up_proj, down_proj) + lm_head
+    at.session_state["spectra_aware"] = False
+    for page in ("pages/budget.py", "pages/spectra.py"):
+        at.switch_page(page).run()
+        assert not at.exception, (page, at.exception)
+        assert not at.error, (page, texts(at.error))
+    plan = "q_proj:r4; k_proj:r2; 1:up_proj:r6"
+    at.switch_page("pages/compress.py").run()
+    at.text_area(key="compress_plan").set_value(plan)
+    at.form_submit_button[0].click().run()
+    at = finish_job(at)
+    assert not at.error, texts(at.error)
+    assert metrics(at)["parameters after"] == f"{account(load_config('tiny-phi3'), plan).compressed:,}"
+    at.switch_page("pages/evaluate.py").run()
+    at.button(key="eval_go").click().run()
+    assert at.session_state["lowrank_pending_compare"].wait(120)
+    at.run()
+    assert not at.exception, at.exception
+    assert "Δ loss (student − teacher)" in metrics(at)
+    at.switch_page("pages/export.py").run()
+    at.radio(key="export_format").set_value("factorized").run()
+    at.text_input[0].set_value("phi3-student")
+    at.button(key="export_go").click().run()
+    assert not at.exception, at.exception
+    assert "Verified" in texts(at.success), texts(at.error)
+
+
 @pytest.mark.integration
 def test_every_page_renders_on_the_embedded_default(monkeypatch):
     """The embedded SmolLM2-135M with ShareGPT: each page renders without error (no heavy button pressed;

@@ -75,10 +75,10 @@ def run(args) -> int:
     if not args.no_cache:
         cache_dir(write=True)  # spectra are cached there: a read-only cache is one line before any work
     if factorized_export_config(m.source) is None:  # a bad --layer / --module fails before any weight loads
-        _find_linear(linear_map(load_config(m.source)), args.layer, args.module)
+        _find_linear(linear_map(load_config(m.source), parts=True), args.layer, args.module)
     split = make_split(args.data, n_calib=args.calib, n_eval=0, seed=args.seed) if args.calib > 0 else None
     loaded = load_model(m.source, dtype=m.dtype, device=m.device)
-    info = _find_linear(linear_map(loaded.model), args.layer, args.module)
+    info = _find_linear(linear_map(loaded.model, parts=True), args.layer, args.module)
     gram, gram_id, calib_desc = None, None, None
     if split is not None:
         calib_id = calibration_id(split, len(split.calib), args.max_len)

@@ -6,7 +6,9 @@
 - ``factorized``: safetensors hold ``<name>.down.weight [r, in]``, ``<name>.up.weight [out, r]`` (and
   ``up.bias``) plus every untouched weight; ``config.json`` records ``lowrank_ranks`` ({name: rank}) and an
   ``auto_map`` to ``modeling_lowrank.py``, a copy of :mod:`lowrank_core.modeling_lowrank` with the base
-  architecture's transformers classes (from the arch table) filled in.
+  architecture's transformers classes (from the arch table) filled in. A fused linear factorised by parts
+  (a ``SlicedLinear``) is re-fused (parts' rows concatenated) in ``dense`` and kept as parts in ``factorized``
+  (``lowrank_slices``: {name: [[part, rows], ...]} rebuilds it from the config).
 
 :func:`export_student` writes into a temporary sibling folder, verifies it (:mod:`.verify`) and renames
 it into place; any error (also Ctrl-C) removes it, and the error names the target. It first checks that
@@ -38,6 +40,7 @@ from ..arch import FACTORIZED_PREFIX, ArchSpec, UnsupportedArchitectureError, ar
 from ..lowrank import low_rank_modules, ranks_of
 from ..progress import Progress, ensure_progress
 from ..rescue import USER_CAUSES, free_bytes, one_line
+from ..sliced import sliced_modules
 from ..tempdirs import lock_holder, mark_complete, temp_sibling, writer_lock
 from ..weightfiles import weight_files
 from .card import write_card
@@ -103,6 +106,21 @@ def _dense_tensors(model: nn.Module) -> dict[str, Callable[[], torch.Tensor]]:
             out[name + ".weight"] = (lambda m=mod: _merged_weight(m, dtype))
             if mod.up.bias is not None:
                 out[name + ".bias"] = (lambda b=mod.up.bias: b.detach().to(dtype))
+    return _refused(out, sliced_modules(model))
+
+
+def _refused(thunks: dict, sliced: dict) -> dict[str, Callable[[], torch.Tensor]]:
+    """``thunks`` with each ``SlicedLinear``'s parts ``<name>.<part>.weight`` / ``.bias`` concatenated back
+    into the fused ``<name>.weight`` / ``.bias`` (rows in layout order), standing where its first part stood."""
+    out: dict[str, Callable[[], torch.Tensor]] = {}
+    for key, thunk in thunks.items():
+        owner, _, leaf = key.rpartition(".")
+        name, _, part = owner.rpartition(".")
+        if name not in sliced or part not in sliced[name].part_names:
+            out[key] = thunk
+        elif name + "." + leaf not in out:
+            keys = [f"{name}.{p}.{leaf}" for p in sliced[name].part_names]
+            out[name + "." + leaf] = (lambda ks=keys: torch.cat([thunks[k]() for k in ks], dim=0))
     return out
 
 
@@ -129,11 +147,14 @@ def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def _sizes(thunks: dict[str, Callable[[], torch.Tensor]], model: nn.Module) -> dict[str, int]:
     """Bytes of every tensor to write, without materialising merged weights."""
     dtype_size = torch.empty((), dtype=model_dtype(model)).element_size()
-    low = low_rank_modules(model)
+    low, sliced = low_rank_modules(model), sliced_modules(model)
     sizes = {}
     for key in thunks:
         name, _, leaf = key.rpartition(".")
-        if name in low and leaf == "weight":
+        if name in sliced:  # a re-fused weight [out, in] or bias [out]
+            mod = sliced[name]
+            sizes[key] = mod.out_features * (mod.in_features if leaf == "weight" else 1) * dtype_size
+        elif name in low and leaf == "weight":
             sizes[key] = low[name].up.weight.shape[0] * low[name].down.weight.shape[1] * dtype_size
         elif name in low and leaf == "bias":
             sizes[key] = low[name].up.weight.shape[0] * dtype_size
@@ -179,7 +200,7 @@ def write_safetensors(thunks: dict[str, Callable[[], torch.Tensor]], sizes: dict
     names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     for i, (keys, fname) in enumerate(zip(shards, names)):
         progress(i, n, f"writing {fname}")
-        tensors = {k: thunks[k]().detach().to("cpu").contiguous() for k in keys}
+        tensors = {k: _owned(thunks[k]().detach().to("cpu").contiguous()) for k in keys}
         save_file(tensors, str(folder / fname), metadata={"format": "pt"})
         del tensors
     if n > 1:
@@ -188,6 +209,12 @@ def write_safetensors(thunks: dict[str, Callable[[], torch.Tensor]], sizes: dict
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     progress(n, n, "weights written")
     return names
+
+
+def _owned(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, or a copy when it views part of a larger storage (a dense part of a ``SlicedLinear``: row views
+    of one fused weight, which safetensors refuses as shared)."""
+    return tensor if tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size() else tensor.clone()
 
 
 # ----------------------------------------------------------------------------- configs and modeling file
@@ -216,6 +243,9 @@ def _factorized_config(model: nn.Module, spec: ArchSpec) -> dict:
              lowrank_base_model_type=spec.model_type, lowrank_ranks=ranks,
              dtype=str(model_dtype(model)).replace("torch.", ""),
              auto_map={"AutoConfig": f"{module}.{CONFIG_CLASS}", "AutoModelForCausalLM": f"{module}.{MODEL_CLASS}"})
+    slices = {name: m.layout() for name, m in sliced_modules(model).items()}
+    if slices:
+        d["lowrank_slices"] = slices  # fused linears rebuilt as parts: {name: [[part, rows], ...]}
     if spec.head in ranks:
         d[spec.tie_attr] = False  # the factorised head is its own matrix
     return d
