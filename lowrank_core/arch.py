@@ -20,6 +20,11 @@ LLAMA_GROUPS = {"attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_
 # Linears that read the same input tensor share one Gram (key relative to the layer).
 LLAMA_INPUTS = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "o_in",
                 "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "down_in"}
+# Mixture of experts: every expert's linears are plan matrices (group "experts"; "mlp" holds them too, with
+# any dense MLP); the router stays dense. Expert e's gate/up share one Gram, of the rows routed to e.
+EXPERTS_GROUP = "experts"
+MOE_GROUPS = {**LLAMA_GROUPS, EXPERTS_GROUP: LLAMA_GROUPS["mlp"]}
+EXPERT_INPUTS = {"gate_proj": "expert_in", "up_proj": "expert_in", "down_proj": "expert_down_in"}
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -43,6 +48,8 @@ class ArchSpec:
     tie_attr: str = "tie_word_embeddings"
     plain_head: bool = True             # logits == head(norm(last hidden)) exactly: head on answer tokens only
     tiny: Mapping[str, object] = field(default_factory=dict)  # overrides of the tiny test config
+    experts: str = ""                   # path in a layer of the (stacked) experts module; "" = no MoE
+    expert_linears: Mapping[str, str] = field(default_factory=lambda: dict(EXPERT_INPUTS))  # short -> input
 
     # ---- names
     @property
@@ -73,6 +80,22 @@ class ArchSpec:
         """Key of the input Gram a linear reads (q/k/v share one, gate/up share one; the head its own)."""
         return "head_in" if index is None else self.layer_prefix(index) + self.inputs[short]
 
+    def expert_name(self, index: int, expert: int, short: str) -> str:
+        """``model.layers.3.mlp.experts.5.gate_proj``: linear ``short`` of expert ``expert`` in layer ``index``."""
+        return f"{self.layer_prefix(index)}{self.experts}.{expert}.{short}"
+
+    def expert_input_key(self, index: int, expert: int, short: str) -> str:
+        return f"{self.layer_prefix(index)}{self.experts}.{expert}.{self.expert_linears[short]}"
+
+    def experts_of(self, layer: nn.Module) -> Optional[nn.Module]:
+        """The experts module of a decoder layer, or None (no MoE, or a dense-MLP layer of a MoE model)."""
+        if not self.experts:
+            return None
+        try:
+            return layer.get_submodule(self.experts)
+        except AttributeError:
+            return None
+
     def tied(self, config) -> bool:
         return bool(getattr(config, self.tie_attr, False))
 
@@ -101,6 +124,11 @@ ARCHS: dict[str, ArchSpec] = {spec.model_type: spec for spec in (
     ArchSpec("llama", "LlamaConfig", "LlamaForCausalLM", tiny={"tie_word_embeddings": True}),
     ArchSpec("mistral", "MistralConfig", "MistralForCausalLM"),
     ArchSpec("qwen2", "Qwen2Config", "Qwen2ForCausalLM"),
+    ArchSpec("mixtral", "MixtralConfig", "MixtralForCausalLM", groups=MOE_GROUPS, experts="mlp.experts",
+             tiny={"num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 32}),
+    ArchSpec("qwen3_moe", "Qwen3MoeConfig", "Qwen3MoeForCausalLM", groups=MOE_GROUPS, experts="mlp.experts",
+             tiny={"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "head_dim": 16,
+                   "decoder_sparse_step": 1, "mlp_only_layers": [0], "norm_topk_prob": True}),
 )}
 SUPPORTED_MODEL_TYPES = tuple(ARCHS)
 FACTORIZED_PREFIX = "lowrank_"  # model_type of a factorized export: lowrank_<base model_type>

@@ -2,18 +2,23 @@
 
 Module names follow the Hugging Face layout given by the model's :class:`~lowrank_core.arch.ArchSpec`
 (for Llama/Mistral/Qwen2: ``model.layers.{i}.self_attn.{q,k,v,o}_proj``, ``model.layers.{i}.mlp.
-{gate,up,down}_proj`` and ``lm_head``).
+{gate,up,down}_proj`` and ``lm_head``). A mixture-of-experts layer lists each expert's linears instead of
+the dense MLP: ``model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj`` (group ``experts``, ``expert = e``;
+the experts are :class:`~lowrank_core.modeling_lowrank.ExpertList`\ s, built at load time); the router
+(``mlp.gate``) is never a plan matrix.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 from typing import Optional, Union
 
 import torch
 from torch import nn
 
-from .arch import (ARCHS, SUPPORTED_MODEL_TYPES, UnsupportedArchitectureError, all_groups, all_module_names,
-                   arch_of)
+from .arch import (ARCHS, EXPERTS_GROUP, SUPPORTED_MODEL_TYPES, UnsupportedArchitectureError, all_groups,
+                   all_module_names, arch_of)
+from .modeling_lowrank import unstack_experts
 
 GROUPS = all_groups()                 # attn / mlp / all -> short names (every architecture)
 ATTN_MODULES = GROUPS["attn"]
@@ -36,6 +41,7 @@ class LinearInfo:
     bias: bool = False
     tied: bool = False   # lm_head sharing its weight with the input embedding
     input_key: str = ""  # key of the input Gram (set by linear_map from the arch table)
+    expert: Optional[int] = None  # expert index of a mixture-of-experts linear (group "experts")
 
     @property
     def params(self) -> int:
@@ -79,7 +85,7 @@ def meta_model(config) -> nn.Module:
 
     check_supported(config)
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        return unstack_experts(AutoModelForCausalLM.from_config(config))
 
 
 def linear_map(model_or_config: Union[nn.Module, "object"]) -> list[LinearInfo]:
@@ -92,8 +98,13 @@ def linear_map(model_or_config: Union[nn.Module, "object"]) -> list[LinearInfo]:
     spec = arch_of(model)
     tied = spec.tied(getattr(model, "config", None))
     rows: list[LinearInfo] = []
-    for index in range(len(spec.decoder_layers(model))):
+    for index, layer in enumerate(spec.decoder_layers(model)):
+        experts = spec.experts_of(layer)
         for short in spec.decoder_modules:
+            if experts is not None and short in spec.expert_linears:
+                if short == next(iter(spec.expert_linears)):
+                    rows += _expert_rows(model, spec, index, len(experts))
+                continue
             rows.append(_info(model, spec.linear_name(index, short), index, spec.group_of(short), short,
                               spec.input_key(index, short), False))
     try:
@@ -102,6 +113,13 @@ def linear_map(model_or_config: Union[nn.Module, "object"]) -> list[LinearInfo]:
         return rows
     rows.append(_info(model, spec.head, None, "head", spec.head_module, spec.input_key(None, spec.head_module), tied))
     return rows
+
+
+def _expert_rows(model, spec, index: int, n_experts: int) -> list[LinearInfo]:
+    """Every expert's linears of MoE layer ``index``, expert by expert (their execution order)."""
+    return [dataclasses.replace(_info(model, spec.expert_name(index, e, short), index, EXPERTS_GROUP, short,
+                                      spec.expert_input_key(index, e, short), False), expert=e)
+            for e in range(n_experts) for short in spec.expert_linears]
 
 
 def _info(model, name, layer, group, short, key, tied) -> LinearInfo:

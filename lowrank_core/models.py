@@ -30,6 +30,7 @@ from torch import nn
 from .arch import ARCHS, arch_of
 from .archmap import check_supported
 from .lowrank import LowRankLinear
+from .modeling_lowrank import unstack_experts
 from .tempdirs import check_complete, mark_complete, stale_siblings, temp_sibling
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -257,7 +258,7 @@ def tiny_model(arch: str = "llama", seed: int = 0, layers: int = 2):
     tokenizer = tiny_tokenizer()
     config = tiny_config(arch, vocab_size=len(tokenizer), layers=layers)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model = unstack_experts(AutoModelForCausalLM.from_config(config, dtype=torch.float32)).eval()
     return model, tokenizer
 
 
@@ -345,7 +346,7 @@ def _factorized_model(folder: Path, raw: dict) -> nn.Module:
     config = AutoConfig.for_model(base, **raw)
     check_supported(config)
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config)
+        model = unstack_experts(AutoModelForCausalLM.from_config(config))
         for name, rank in ranks.items():
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
@@ -431,6 +432,7 @@ def load_model(source: str = "default", dtype: str = "float32", device: str = "a
             raise ModelSourceError(f"could not load model from {source!r}: {e}") from None
         except SafetensorError as e:
             raise _weights_error(source, e) from None
+        unstack_experts(model)  # MoE: per-expert linears (plan matrices), built before anyone sees the model
         if "gguf_file" in kw:  # a GGUF load: drop the quantisation marker so the model behaves like a dense one
             model.config.__dict__.pop("quantization_config", None)
     check_supported(model.config)
