@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from . import methods
-from .arch import all_head_modules
+from .arch import EXPERTS_GROUP, all_head_modules
 from .archmap import ALL_MODULES, GROUPS, LinearInfo, count_parameters, linear_map, meta_model
 from .options import option
 
@@ -425,10 +425,13 @@ def rank_for_keep(info: LinearInfo, keep: float) -> int:
 def _rule_targets(rule: Rule, linears: Sequence[LinearInfo], n_layers: int, index: int) -> list[LinearInfo]:
     names: set[str] = set()
     for m in rule.modules:
-        names.update(GROUPS.get(m, (m,)))
+        if m != EXPERTS_GROUP:  # "experts": the experts' linears only (their short names are the MLP's)
+            names.update(GROUPS.get(m, (m,)))
+    experts = EXPERTS_GROUP in rule.modules
     layers = set(parse_layers(rule.layers, n_layers, rule, index))
     out = [li for li in linears
-           if li.module in names and (li.layer is None or li.layer in layers)]
+           if (li.module in names or (experts and li.group == EXPERTS_GROUP))
+           and (li.layer is None or li.layer in layers)]
     for head in (h for h in all_head_modules() if h in names):   # the table's head names (lm_head)
         if not any(li.group == "head" and li.module == head for li in linears):
             raise _rule_error(index, rule, f"unknown module {head!r}: this model has no separate {head} linear")

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..arch import FACTORIZED_PREFIX, ArchSpec, UnsupportedArchitectureError, arch_of
+from ..experts import stacked_tensors
 from ..lowrank import low_rank_modules, ranks_of
 from ..progress import Progress, ensure_progress
 from ..tempdirs import mark_complete, temp_sibling
@@ -95,7 +96,7 @@ def _dense_tensors(model: nn.Module) -> dict[str, Callable[[], torch.Tensor]]:
             out[name + ".weight"] = (lambda m=mod: _merged_weight(m, dtype))
             if mod.up.bias is not None:
                 out[name + ".bias"] = (lambda b=mod.up.bias: b.detach().to(dtype))
-    return out
+    return stacked_tensors(model, out)  # MoE: transformers' stacked expert tensors
 
 
 def _factorized_tensors(model: nn.Module) -> dict[str, Callable[[], torch.Tensor]]:
