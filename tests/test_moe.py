@@ -149,3 +149,17 @@ def test_dense_export_is_plain_transformers_with_stacked_experts(arch, split, tm
     ids = torch.randint(0, 250, (2, 12), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         assert torch.allclose(plain(ids).logits, student(ids).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", MOE)
+def test_factorized_export_rebuilds_the_experts_through_its_own_modeling_file(arch, split, tmp_path):
+    teacher, tok = tiny_model(arch)
+    student = compress(teacher, tok, "experts:r4", split.calib, CompressSettings(calib=8, max_len=48, method="svd")).student
+    out = export_student(student, tok, tmp_path / arch, "factorized")
+    assert out.verified and out.max_logit_diff < 1e-5
+    remote = AutoModelForCausalLM.from_pretrained(str(tmp_path / arch), trust_remote_code=True).eval()  # our class
+    assert type(remote).__name__ == "LowRankForCausalLM"
+    assert sum(p.numel() for p in remote.parameters()) == count_parameters(student)
+    ids = torch.randint(0, 250, (2, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.allclose(remote(ids).logits, student(ids).logits, atol=1e-5, rtol=0)
