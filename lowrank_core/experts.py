@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from .modeling_lowrank import ExpertList, routed
 
 
-def _expert_of(root: nn.Module, name: str) -> Optional[tuple[str, int]]:
+def expert_of(root: nn.Module, name: str) -> Optional[tuple[str, int]]:
     """(experts module path, expert index) of a linear ``<path>.<e>.<short>`` inside an ExpertList."""
     parts = name.rsplit(".", 2)
     if len(parts) != 3 or not parts[1].isdigit():
@@ -33,7 +33,7 @@ class RoutedMasks:
     Call :meth:`remove` when done (hooks go on ``root``: pass a private view)."""
 
     def __init__(self, root: nn.Module, names: Iterable[str]):
-        self.where = {n: w for n in names if (w := _expert_of(root, n)) is not None}
+        self.where = {n: w for n in names if (w := expert_of(root, n)) is not None}
         self.routing: dict[str, Tensor] = {}
         self.handles = [root.get_submodule(p).register_forward_pre_hook(self._record(p))
                         for p in {p for p, _ in self.where.values()}]

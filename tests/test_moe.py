@@ -163,3 +163,23 @@ def test_factorized_export_rebuilds_the_experts_through_its_own_modeling_file(ar
     ids = torch.randint(0, 250, (2, 12), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         assert torch.allclose(remote(ids).logits, student(ids).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", MOE)
+@pytest.mark.parametrize("method", ["refit", "anchored"])
+def test_sequential_methods_refine_expert_factors_then_healing_trains_them(arch, method, split):
+    from lowrank_core.heal import HealSettings, heal
+    from lowrank_core.methods.refit import RefitSettings
+
+    teacher, tok = tiny_model(arch)
+    settings = CompressSettings(calib=8, max_len=48, method=method, hidden_mse=False,
+                                method_settings={"refit": RefitSettings(steps=2, batch_tokens=64)})
+    result = compress(teacher, tok, "experts:r4; attn:r8", split.calib, settings)
+    assert result.split["path"] == "layerwise"
+    experts = [r for r in result.layers if ".experts." in r["name"]]
+    assert experts and all(r["fit_tokens"] for r in experts)
+    factors = sum(p.numel() for n, p in result.student.named_parameters() if n.endswith((".down.weight", ".up.weight")))
+    healed = heal(teacher, result.student, tok, split.calib,
+                  HealSettings(tokens=256, batch_tokens=64, max_len=48, eval_every=2, patience=1))
+    assert healed.steps > 0 and healed.trained_parameters == factors   # every expert's factors, nothing else
+    assert healed.best_valid <= healed.initial_valid
