@@ -183,3 +183,20 @@ def test_sequential_methods_refine_expert_factors_then_healing_trains_them(arch,
                   HealSettings(tokens=256, batch_tokens=64, max_len=48, eval_every=2, patience=1))
     assert healed.steps > 0 and healed.trained_parameters == factors   # every expert's factors, nothing else
     assert healed.best_valid <= healed.initial_valid
+
+
+def test_plans_name_one_expert_and_allocation_plans_reproduce_per_expert_ranks():
+    from lowrank_core.allocate.path import plan_from_ranks
+    from lowrank_core.plan import PlanError
+
+    model, _ = tiny_model("mixtral")
+    linears = linear_map(model)
+    got = resolve_plan(load_plan("1:experts.2:r4; experts.3.down_proj:r6"), linears)
+    assert {n: a.rank for n, a in got.items()} == {
+        **{f"model.layers.1.mlp.experts.2.{m}": 4 for m in ("gate_proj", "up_proj", "down_proj")},
+        **{f"model.layers.{i}.mlp.experts.3.down_proj": 6 for i in (0, 1)}}
+    with pytest.raises(PlanError, match=r"unknown module 'experts\.2\.w1'.*experts\.<e>"):
+        load_plan("experts.2.w1:r4")
+    ranks = {li.name: 2 + (li.expert or 0) + li.layer for li in linears if li.group == "experts"}
+    plan = plan_from_ranks(ranks, linears)
+    assert {n: a.rank for n, a in resolve_plan(plan, linears).items()} == ranks
