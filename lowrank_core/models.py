@@ -419,6 +419,8 @@ def load_model(source: str = "default", dtype: str = "float32", device: str = "a
                 raise _hub_error(source, e) from None
             raise ModelSourceError(f"could not load model from {source!r}: {e}") from None
         placed = {"device_map": device_map} if device_map is not None else {}
+        if placed:
+            _check_placeable(load_config(source), source)
         try:
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, **kw, **placed)
         except ValueError as e:  # a placement accelerate cannot make (e.g. it needs disk offload)
@@ -449,6 +451,15 @@ def load_model(source: str = "default", dtype: str = "float32", device: str = "a
     check_finite(model, source, str(dtype))
     where = dev if device_map is None else input_device(model)
     return LoadedModel(model, tokenizer, source, model_fingerprint(model), str(dtype), str(where))
+
+
+def _check_placeable(config, source: str) -> None:
+    """A mixture-of-experts checkpoint is refused a ``device_map``: its experts are rebuilt per expert after
+    loading, which accelerate's placement (offloaded experts) does not survive."""
+    spec = arch_of(config, strict=False)
+    if spec is not None and spec.experts:
+        raise ModelSourceError(f"device_map is not supported yet for mixture-of-experts models ({source!r} is "
+                               f"{spec.model_type}); allowed: no device_map (load it on one device)")
 
 
 def _weights_error(source: str, err: Exception) -> ModelSourceError:

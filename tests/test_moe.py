@@ -13,7 +13,7 @@ from lowrank_core.data import make_split
 from lowrank_core.data.encoding import calibration_batches
 from lowrank_core.export import export_student
 from lowrank_core.modeling_lowrank import ExpertList
-from lowrank_core.models import tiny_config, tiny_model
+from lowrank_core.models import ModelSourceError, load_model, tiny_config, tiny_model
 from lowrank_core.plan import account, load_plan, resolve_plan
 from lowrank_core.student import state_checksums
 
@@ -149,6 +149,12 @@ def test_dense_export_is_plain_transformers_with_stacked_experts(arch, split, tm
     ids = torch.randint(0, 250, (2, 12), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         assert torch.allclose(plain(ids).logits, student(ids).logits, atol=1e-5, rtol=0)
+    loaded = load_model(str(tmp_path / arch), device="cpu")   # our loader: per-expert linears again
+    assert any(isinstance(m, ExpertList) for m in loaded.model.modules())
+    with torch.no_grad():
+        assert torch.allclose(loaded.model(ids).logits, student(ids).logits, atol=1e-5, rtol=0)
+    with pytest.raises(ModelSourceError, match=rf"device_map is not supported yet for mixture-of-experts .*{arch}"):
+        load_model(str(tmp_path / arch), device_map="auto")
 
 
 @pytest.mark.parametrize("arch", MOE)
