@@ -19,7 +19,9 @@ def tiny_env(monkeypatch, tmp_path):   # test_app's environment, with a mixture-
     monkeypatch.setenv("LOWRANK_WORKSPACE", str(tmp_path / "workspace"))
 
 
-def test_every_page_draws_for_a_mixture_of_experts_model():
+@pytest.mark.parametrize("source", ["tiny-mixtral", "tiny-qwen3_moe"])
+def test_every_page_draws_for_a_mixture_of_experts_model(source, monkeypatch):
+    monkeypatch.setenv("LOWRANK_APP_MODEL", source)
     for page in PAGES:
         at = started(page)
         assert not at.error, (page, texts(at.error))
@@ -51,3 +53,23 @@ def test_compress_evaluate_and_export_the_experts():
     at.button(key="export_go").click().run()
     assert "Verified" in texts(at.success), texts(at.error)
     assert metrics(at)["parameters stored"]
+
+
+def test_search_page_finds_per_expert_ranks_and_opens_them_as_a_plan():
+    from lowrank_core.archmap import linear_map
+    from lowrank_core.models import load_model
+    from lowrank_core.plan import load_plan, resolve_plan
+
+    at = started("pages/search.py")
+    at.number_input(key="search_val").set_value(4)
+    at.button(key="search_go").click().run()
+    assert not at.exception and not at.error, (at.exception, texts(at.error))
+    assert at.session_state["lowrank_pending_search"].wait(120)
+    at.run()
+    result = at.session_state["lowrank_search"]["result"]
+    assert any(".experts." in name for name in result.ranks_at(result.path_length))
+    at.button(key="search_open").click().run()
+    at.switch_page("pages/compress.py").run()
+    linears = linear_map(load_model("tiny-mixtral", device="cpu").model)
+    shown = resolve_plan(load_plan(at.text_area(key="compress_plan").value.strip()), linears)
+    assert {name: a.rank for name, a in shown.items()} == result.ranks_at(result.steps)
