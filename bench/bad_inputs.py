@@ -7,7 +7,8 @@
 Each case runs in-process (``lowrank_core.cli.main``, stdout and stderr captured) in a scratch folder holding
 the fixtures it names: tiny model folders (``good``, ``corrupt`` and ``truncated`` safetensors, ``nan``
 weights, no ``tokenizer``, a config that is not JSON, a factorized export ``fact``), data files, plan and
-recipe files, a file ``afile`` standing where a folder should be and a read-only folder. Everything uses
+recipe files, a file ``afile`` standing where a folder should be and a read-only folder; issue 23's input side
+adds pickle-only folders, a custom-code config, bad chat templates and bad data files (``_input_fixtures``). Everything uses
 ``--model tiny`` (or a folder made from it) and ``--data chatterbot``. Every row of the table is the
 message of a real run; ``tests/test_bad_inputs.py`` runs the same cases and checks each message names the bad
 value. Items: A = refused before any work, B = a traceback before, C = silently wrong before, D = the CLI's
@@ -16,10 +17,12 @@ top-level handler, E = bad inputs already refused (found in the tests).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from contextlib import redirect_stderr, redirect_stdout
@@ -55,6 +58,7 @@ class Case:
     rc: int = 2
     before_load: bool = True        # refused before any weights are loaded
     needs: tuple = field(default=())  # fixture names that must be available (else the case is skipped)
+    env: dict = field(default_factory=dict)  # environment variables set for the run (values filled in too)
 
 
 CASES = [
@@ -126,6 +130,32 @@ CASES = [
          rc=0, before_load=False),
     Case("evaluate-n-0", "C", ["evaluate", *TINY, "--n", "0"], ("--n 0", ">= 1")),
     Case("evaluate-max-len-4", "C", ["evaluate", *TINY, "--n", "2", "--max-len", "4"], ("--max-len 4", ">= 8")),
+    # issue 23, the input side: nothing of a model folder is executed or unpickled, templates run under a budget
+    Case("pickle-only-weights", "C", ["evaluate", "--model", "pickled", "--data", "chatterbot", "--n", "2"],
+         ("'pickled'", "only pickled weights (pytorch_model.bin)", "convert it once"), before_load=False),
+    Case("pickle-plain-tensor", "C", ["evaluate", "--model", "plaintensor", "--data", "chatterbot", "--n", "2"],
+         ("'plaintensor'", "only pickled weights"), before_load=False),
+    Case("pickle-with-code", "B", ["evaluate", "--model", "evilpickle", "--data", "chatterbot", "--n", "2"],
+         ("'evilpickle'", "only pickled weights"), before_load=False),
+    Case("custom-code-config", "B", ["evaluate", "--model", "automap", "--data", "chatterbot", "--n", "2"],
+         ("'automap'", "model_type 'mystery'", "never runs code"), before_load=False),
+    Case("template-sandbox-escape", "B", ["evaluate", "--model", "escape", "--data", "chatterbot", "--n", "2"],
+         ("'escape'", "SecurityError", "budget: 10 s"), before_load=False),
+    Case("template-hangs", "C", ["evaluate", "--model", "hang", "--data", "chatterbot", "--n", "2"],
+         ("'hang'", "did not finish rendering a probe conversation within 10 s"), before_load=False),
+    Case("cache-read-only-spectrum", "B", ["spectrum", *TINY, "--module", "q_proj", "--layer", "0", "--calib", "0"],
+         ("cache folder '{readonly}' (LOWRANK_CACHE) is not writable", "LOWRANK_CACHE="), needs=("readonly",),
+         env={"LOWRANK_CACHE": "{readonly}"}),
+    Case("cache-read-only-default", "B", ["evaluate", "--model", "default", "--data", "chatterbot", "--n", "2"],
+         ("cache folder '{readonly}' (LOWRANK_CACHE) is not writable",), needs=("readonly",),
+         env={"LOWRANK_CACHE": "{readonly}"}, before_load=False),
+    Case("data-not-utf8", "B", ["evaluate", "--model", "tiny", "--data", "latin1.jsonl", "--split", "all", "--n", "2"],
+         ("latin1.jsonl", "(line 2) is not UTF-8", "b'\\xe9'")),
+    Case("data-field-types", "C", ["evaluate", "--model", "tiny", "--data", "typed.jsonl", "--split", "all", "--n",
+                                   "2"], ("typed.jsonl line 2", "field 'question' is int (1)", "allowed: a string"),
+         before_load=False),
+    Case("model-path-too-long", "B", ["count", "--model", "a" * 300, "--plan", "mlp:r4"],
+         ("is too long (300 characters", "names of up to 255 bytes")),
     # D: the top-level handler
     Case("argparse-invalid-choice", "D", ["evaluate", *TINY, "--dtype", "float8"], ("float8", "invalid choice")),
     Case("yaml-plan-text-multi-line-error", "D", ["count", "--model", "tiny", "--plan", "{rules: [}"],
@@ -154,6 +184,13 @@ CASES = [
     Case("spectrum-layer-out-of-range", "E", ["spectrum", "--model", "tiny", "--layer", "7", "--module", "q_proj",
                                               "--calib", "0"], ("--layer 7", "0..1")),
     Case("unknown-dtype-in-recipe", "E", ["run", "float8.yaml"], ("model.dtype: 'float8'",)),
+    # issue 23, the write side: full disks, concurrent writers, changed export folders
+    Case("export-disk-without-room", "C", ["compress", *JOB, "--plan", "mlp:r4", "--export", "{small}/exp"],
+         ("{small}/exp", "bytes free", "needs about"), before_load=False, needs=("small",)),
+    Case("export-target-being-written", "C", ["compress", *JOB, "--plan", "mlp:r4", "--export", "locked", "--force"],
+         ("locked is being written by pid",), needs=("locked",)),
+    Case("export-extra-safetensors", "C", ["evaluate", "--model", "factextra", "--data", "chatterbot", "--n", "2"],
+         ("extra.safetensors is not in its lowrank.json",), before_load=False),
 ]
 
 
@@ -231,15 +268,75 @@ def fixtures(root: Path) -> dict:
                "float8": dict(recipe, model={"source": "tiny", "dtype": "float8"})}
     for name, data in recipes.items():
         (root / f"{name}.yaml").write_text(yaml.safe_dump(data))
+    _input_fixtures(root)
     cuda = f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
-    return {"readonly": _readonly_folder(root), "cuda": cuda}
+    return {"readonly": _readonly_folder(root), "cuda": cuda, **_write_side(root)}
+
+
+class _Reduces:
+    """Unpickling this calls ``print``: a stand-in for a pickle that runs code."""
+    def __reduce__(self):
+        return print, ("a pickle ran code",)
+
+
+def _input_fixtures(root: Path) -> None:
+    """Issue 23's input-side fixtures: pickle-only folders (a state dict, a plain tensor, a pickle that runs
+    code), a config naming custom code, chat templates that escape the sandbox or hang, data files with a
+    latin-1 byte and with fields of the wrong type."""
+    import pickle
+
+    for name, payload in (("pickled", "state"), ("plaintensor", torch.zeros(3)), ("evilpickle", _Reduces())):
+        folder = _copy(root, name)
+        (folder / "model.safetensors").unlink()
+        if payload == "state":
+            from safetensors.torch import load_file
+            torch.save(load_file(str(root / "good" / "model.safetensors")), folder / "pytorch_model.bin")
+        elif isinstance(payload, torch.Tensor):
+            torch.save(payload, folder / "pytorch_model.bin")
+        else:
+            (folder / "pytorch_model.bin").write_bytes(pickle.dumps(payload))
+    config_file = _copy(root, "automap") / "config.json"
+    config = json.loads(config_file.read_text())
+    config.update(model_type="mystery", auto_map={"AutoConfig": "mystery.Config", "AutoModelForCausalLM": "mystery.LM"})
+    config_file.write_text(json.dumps(config))
+    (_copy(root, "escape") / "chat_template.jinja").write_text("{{ messages.__class__.__mro__ }}")
+    (_copy(root, "hang") / "chat_template.jinja").write_text(
+        "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}{{ messages[0]['content'] }}")
+    row = {"system_prompt": "", "question": "What is one plus one?", "response": "Two."}
+    (root / "latin1.jsonl").write_bytes(json.dumps(row).encode() + b"\n" + json.dumps(dict(row, question="caf\u00e9?"))
+                                        .encode().replace(b"\\u00e9", b"\xe9") + b"\n")
+    (root / "typed.jsonl").write_text(json.dumps(row) + "\n" + json.dumps(dict(row, question=1, response=[1, 2])) + "\n")
 
 
 def release(root: Path) -> None:
-    """Make the scratch folder removable again (the read-only folder)."""
+    """Make the scratch folder removable again (the read-only folder, the small disk, the held lock)."""
     folder = root / "readonly"
     if folder.exists():
         folder.chmod(0o755)
+    _HELD.close()
+    if os.path.ismount(root / "small"):
+        subprocess.run(["umount", str(root / "small")], check=False)
+
+
+_HELD = contextlib.ExitStack()  # the writer lock of the ``locked`` target, held until ``release``
+
+
+def _write_side(root: Path) -> dict:
+    """Issue 23's fixtures: ``factextra`` (``fact`` plus an extra weight file), ``locked`` (an export whose
+    writer lock this process holds), ``small`` (a 200 kB tmpfs; None where mounting is not allowed)."""
+    from lowrank_core.tempdirs import writer_lock
+
+    shutil.copytree(root / "fact", root / "factextra")
+    shutil.copy(root / "fact" / "model.safetensors", root / "factextra" / "extra.safetensors")
+    _HELD.enter_context(writer_lock(root / "locked"))
+    small = root / "small"
+    small.mkdir()
+    try:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(small)],
+                                 capture_output=True).returncode == 0
+    except OSError:
+        mounted = False
+    return {"small": str(small) if mounted else None, "locked": "locked"}
 
 
 # ----------------------------------------------------------------------------- running
@@ -278,6 +375,8 @@ def run_case(case: Case, root: Path, fills: dict) -> Outcome:
     """``case`` through ``lowrank_core.cli.main`` in ``root``; argparse's exit is caught as its status."""
     out, err = io.StringIO(), io.StringIO()
     cwd = os.getcwd()
+    saved = {name: os.environ.get(name) for name in case.env}
+    os.environ.update(dict(zip(case.env, filled(case.env.values(), fills))))
     os.chdir(root)
     try:
         with redirect_stdout(out), redirect_stderr(err):
@@ -287,6 +386,8 @@ def run_case(case: Case, root: Path, fills: dict) -> Outcome:
                 rc = e.code if isinstance(e.code, int) else 2
     finally:
         os.chdir(cwd)
+        for name, value in saved.items():
+            os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
     return Outcome(rc, message_of(err.getvalue()), out.getvalue(), err.getvalue())
 
 
@@ -316,7 +417,9 @@ def write_doc(rows: list[tuple[Case, list, Outcome]], path: Path, root: Path) ->
              "`empty.jsonl`, `holes.jsonl` (4 records: one without its question, one with an empty response, a "
              "duplicate), plan files (`modules-5.yaml`: `modules: 5`; `dense-string.yaml`: `dense: \"false\"`; "
              "`keep-true.yaml`: `keep: true`; `rank-true.yaml`; `method-number.yaml`) and recipes (`tiny.yaml`, "
-             "`export-under-file.yaml`, `onnx.yaml`, `float8.yaml`).", ""]
+             "`export-under-file.yaml`, `onnx.yaml`, `float8.yaml`).", "",
+             "Write-side fixtures: `small` (a 200 kB tmpfs), `locked` (an export target whose writer lock is held "
+             "by the running process), `factextra` (`fact` plus an extra `*.safetensors` file).", ""]
     for item, title in ITEMS.items():
         chosen = [r for r in rows if r[0].item == item]
         if not chosen:

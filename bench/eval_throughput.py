@@ -84,7 +84,7 @@ def main() -> None:
     for bf16, label in variants:
         for bs in [int(b) for b in args.batch_sizes.split(",")]:
             settings = CompareSettings(examples=len(examples), batch_size=bs, max_len=args.max_len, bf16=bf16,
-                                       bootstrap=200)
+                                       bootstrap=200, teacher_cache="off")  # compare_speed.py times the cache
             t0 = time.perf_counter()
             c = compare_models(model, {"student": student}, tok, examples, settings)["student"]
             rows.append((label, bs, c.loss("teacher"), 2 * int(sum(c.tokens)), time.perf_counter() - t0))

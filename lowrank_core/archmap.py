@@ -9,8 +9,7 @@ the experts are :class:`~lowrank_core.modeling_lowrank.ExpertList`\ s, built at 
 """
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Optional, Union
 
 import torch
@@ -25,7 +24,7 @@ ATTN_MODULES = GROUPS["attn"]
 MLP_MODULES = GROUPS["mlp"]
 ALL_MODULES = all_module_names()      # decoder linears in execution order, then the head
 __all__ = ["ARCHS", "SUPPORTED_MODEL_TYPES", "UnsupportedArchitectureError", "LinearInfo", "linear_map",
-           "meta_model", "count_parameters", "check_supported", "num_layers"]
+           "meta_model", "count_parameters", "check_supported", "num_layers", "part_infos", "weight_of"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +40,17 @@ class LinearInfo:
     bias: bool = False
     tied: bool = False   # lm_head sharing its weight with the input embedding
     input_key: str = ""  # key of the input Gram (set by linear_map from the arch table)
+    # a part of a fused linear (Phi-3's q_proj in qkv_proj): the fused module's path, this part's output
+    # rows [start, stop) in it and every part's (short, start, stop); empty for a whole linear
+    fused: str = ""
+    rows: tuple = ()
+    layout: tuple = ()
+    position: int = 0    # execution order within the layer (the arch table's order of linears)
+
+    @property
+    def path(self) -> str:
+        """The module that computes this matrix in the teacher (the fused linear for a part)."""
+        return self.fused or self.name
     expert: Optional[int] = None  # expert index of a mixture-of-experts linear (group "experts")
 
     @property
@@ -67,7 +77,8 @@ class LinearInfo:
 
     def row(self) -> dict:
         d = asdict(self)
-        d.pop("input_key")
+        for key in ("input_key", "fused", "rows", "layout", "position"):
+            d.pop(key)
         d["shape"] = f"{self.out_features} x {self.in_features}"
         d["params"] = self.params
         d["break_even_rank"] = self.break_even_rank
@@ -88,11 +99,13 @@ def meta_model(config) -> nn.Module:
         return unstack_experts(AutoModelForCausalLM.from_config(config))
 
 
-def linear_map(model_or_config: Union[nn.Module, "object"]) -> list[LinearInfo]:
+def linear_map(model_or_config: Union[nn.Module, "object"], parts: bool = False) -> list[LinearInfo]:
     """List every compressible linear in model order (layer 0 q_proj ... layer N-1 down_proj, lm_head).
 
-    Accepts a model (any device, also meta) or a ``PretrainedConfig``. Raises
-    ``UnsupportedArchitectureError`` naming what was found if the layout is unknown.
+    Accepts a model (any device, also meta) or a ``PretrainedConfig``. ``parts``: each fused linear
+    (``ArchSpec.fused``) is followed by its parts, named ``<fused>.<part>`` (e.g. ``...qkv_proj.k_proj``),
+    the row slices a plan may factorise instead of the whole. Raises ``UnsupportedArchitectureError``
+    naming what was found if the layout is unknown.
     """
     model = model_or_config if isinstance(model_or_config, nn.Module) else meta_model(model_or_config)
     spec = arch_of(model)
@@ -100,13 +113,16 @@ def linear_map(model_or_config: Union[nn.Module, "object"]) -> list[LinearInfo]:
     rows: list[LinearInfo] = []
     for index, layer in enumerate(spec.decoder_layers(model)):
         experts = spec.experts_of(layer)
-        for short in spec.decoder_modules:
+        for position, short in enumerate(spec.decoder_modules):
             if experts is not None and short in spec.expert_linears:
                 if short == next(iter(spec.expert_linears)):
-                    rows += _expert_rows(model, spec, index, len(experts))
+                    rows += _expert_rows(model, spec, index, len(experts), position)
                 continue
-            rows.append(_info(model, spec.linear_name(index, short), index, spec.group_of(short), short,
-                              spec.input_key(index, short), False))
+            whole = replace(_info(model, spec.linear_name(index, short), index, spec.group_of(short), short,
+                                  spec.input_key(index, short), False), position=position)
+            rows.append(whole)
+            if parts and short in spec.fused:
+                rows.extend(part_infos(whole, spec.part_rows(model.config, short)))
     try:
         spec.head_of(model)
     except UnsupportedArchitectureError:
@@ -115,11 +131,33 @@ def linear_map(model_or_config: Union[nn.Module, "object"]) -> list[LinearInfo]:
     return rows
 
 
-def _expert_rows(model, spec, index: int, n_experts: int) -> list[LinearInfo]:
+def _expert_rows(model, spec, index: int, n_experts: int, position: int) -> list[LinearInfo]:
     """Every expert's linears of MoE layer ``index``, expert by expert (their execution order)."""
-    return [dataclasses.replace(_info(model, spec.expert_name(index, e, short), index, EXPERTS_GROUP, short,
-                                      spec.expert_input_key(index, e, short), False), expert=e)
-            for e in range(n_experts) for short in spec.expert_linears]
+    return [replace(_info(model, spec.expert_name(index, e, short), index, EXPERTS_GROUP, short,
+                          spec.expert_input_key(index, e, short), False), expert=e, position=position + k)
+            for e in range(n_experts) for k, short in enumerate(spec.expert_linears)]
+
+
+def part_infos(whole: LinearInfo, layout: tuple) -> list[LinearInfo]:
+    """The parts of fused linear ``whole`` given ``layout`` ``((short, start, stop), ...)``; the rows must
+    cover its output exactly."""
+    if not layout or layout[-1][2] != whole.out_features:
+        raise UnsupportedArchitectureError(f"{whole.name}: the parts {layout} do not cover its "
+                                           f"{whole.out_features} output rows")
+    return [replace(whole, name=f"{whole.name}.{short}", module=short, out_features=stop - start,
+                    fused=whole.name, rows=(start, stop), layout=layout)
+            for short, start, stop in layout]
+
+
+def weight_of(root: nn.Module, info: LinearInfo, prefix: str = "") -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(weight [out, in], bias [out] or None) of ``info`` in ``root`` (detached; a part's rows of its fused
+    linear are views). ``prefix``: ``root`` is the module at that path (a decoder layer ``model.layers.3.``)."""
+    module = root.get_submodule(info.path[len(prefix):])
+    weight, bias = module.weight.detach(), None if module.bias is None else module.bias.detach()
+    if info.rows:
+        start, stop = info.rows
+        weight, bias = weight[start:stop], None if bias is None else bias[start:stop]
+    return weight, bias
 
 
 def _info(model, name, layer, group, short, key, tied) -> LinearInfo:

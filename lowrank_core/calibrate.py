@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .arch import arch_of
-from .archmap import ALL_MODULES, LinearInfo
+from .archmap import LinearInfo
 from .experts import RoutedMasks
 from .progress import Progress, ensure_progress
 from .student import private_view
@@ -227,10 +227,9 @@ def _batch_total(batches, total: Optional[int]) -> int:
 
 
 def _execution_order(info: LinearInfo, after: bool) -> tuple:
-    """(layer, expert, module, after): a layer's experts run one after another, after its attention."""
-    order = {m: i for i, m in enumerate(ALL_MODULES)}
+    """(layer, expert, position, after): a layer's experts run one after another, after its attention."""
     expert = -1 if info.expert is None else info.expert
-    return (float("inf") if info.layer is None else info.layer, expert, order[info.module], after)
+    return (float("inf") if info.layer is None else info.layer, expert, info.position, after)
 
 
 @torch.no_grad()
@@ -257,7 +256,7 @@ def collect_grams(model: nn.Module, batches: Iterable[dict], linears: list[Linea
     modules = {}
     for key, info in [*reps.items(), *outs.items()]:
         try:
-            modules[key] = model.get_submodule(info.name)
+            modules[key] = model.get_submodule(info.path)
         except AttributeError:
             raise ValueError(f"the model has no linear named {info.name!r}") from None
     device = next(model.parameters()).device

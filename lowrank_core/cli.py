@@ -22,16 +22,17 @@ from safetensors import SafetensorError
 
 from .allocate import BudgetError
 from .arch import UnsupportedArchitectureError
-from .data import DataSourceError, describe_dropped
+from .data import ChatTemplateError, DataSourceError, describe_dropped
 from .decompose import FactorizationError
 from .evaluate import EvaluationError
 from .export import ExportError
 from .methods import MethodError
-from .models import ModelSourceError
+from .models import CacheDirError, ModelSourceError
 from .options import OptionError
 from .paths import OutputPathError
 from .plan import PlanError
 from .recipe import RecipeError
+from .rescue import WriteFailed
 from .student import StudentError
 
 COMMANDS = ("count", "evaluate", "compare", "compress", "spectrum", "run", "search")
@@ -47,8 +48,9 @@ class CliError(Exception):
 # own code raised it (``raised_by_lowrank``); one from torch, numpy or transformers is a bug.
 USER_ERRORS = (CliError, PlanError, OptionError, RecipeError, DataSourceError, ModelSourceError, ExportError,
                MethodError, BudgetError, UnsupportedArchitectureError, FactorizationError, StudentError,
-               OutputPathError, EvaluationError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-               PermissionError, json.JSONDecodeError, yaml.YAMLError, SafetensorError)
+               OutputPathError, EvaluationError, WriteFailed, ChatTemplateError, CacheDirError, FileNotFoundError,
+               NotADirectoryError, IsADirectoryError, PermissionError, json.JSONDecodeError, yaml.YAMLError,
+               SafetensorError)
 
 
 def raised_by_lowrank(error: BaseException) -> bool:

@@ -8,6 +8,11 @@ of fixed size. :func:`compare_models` returns one :class:`Comparison` per studen
 card's evaluation) carries Δloss with a paired bootstrap interval, the z-test, the TOST verdict at a
 margin, KL, top-1 agreement and both perplexities (``stats.py`` holds the statistics).
 
+With a teacher cache (``CompareSettings.teacher_cache``, default ``auto``: ``teacher_cache.py``) the
+teacher's per-example results are read from disk and only the students run; Σ CE and top-1 are exact,
+KL is the lumped-tail KL against the teacher's top-64 (a lower bound of the full KL). When the teacher
+runs, the leading decoder layers a student shares unchanged with it run once for both.
+
 A progress callback that raises :class:`~lowrank_core.progress.Cancelled` (a job's stop request) ends
 the pass early: the examples scored so far are kept and the comparison is marked ``stopped``.
 
@@ -33,9 +38,10 @@ from torch import nn
 from . import distributed, stats
 from .data import Example, iter_encoded_batches
 from .evaluate import EvalResult, answer_positions, default_batch_size, logits_at, row_sums
-from .layerwise import model_device
+from .layerwise import decoder_inputs, decoder_layers, head_logits, model_device, run_layers, shared_layers
 from .options import option
 from .progress import Cancelled, Progress, ensure_progress
+from .teacher_cache import Namespace, TeacherCache, batch_targets, check_cache_spec, lumped_kl, resolve_cache
 
 EXCERPT_CHARS = 240
 
@@ -54,6 +60,9 @@ class CompareSettings:
                                                              "CUDA; batches are length-bucketed)")
     max_len: int = option(512, minimum=8, flag="--eval-max-len", help="tokens per evaluation example (prompt + answer)")
     bf16: bool = option(False, help="bfloat16 autocast for the forward passes (CUDA; losses stay float32)")
+    teacher_cache: str = option("auto", help="teacher results reused across comparisons: a folder, 'auto' (the "
+                                             "cache dir's teacher/) or 'off'; KL is then against the teacher's "
+                                             "top-64 with the tail lumped (a lower bound of the full KL)")
     seed: int = option(0, minimum=0, flag="--bootstrap-seed", help="bootstrap seed")
 
     def validate(self, teacher_loss: float = 1.0) -> None:
@@ -63,6 +72,7 @@ class CompareSettings:
         if not 0.0 < self.alpha < 0.5:
             raise ValueError(f"alpha {self.alpha!r} must be in (0, 0.5)")
         stats.parse_margin(self.margin, teacher_loss)
+        check_cache_spec(self.teacher_cache, "teacher_cache")
 
 
 @dataclass
@@ -182,11 +192,59 @@ def _excerpt(example: Example) -> str:
     return text if len(text) <= EXCERPT_CHARS else text[: EXCERPT_CHARS - 1] + "…"
 
 
-def score_batch(teacher: nn.Module, students: dict, batch: dict, bf16: bool = False) -> dict:
+class _Forward:
+    """Logits at ``positions`` of the teacher and of each student for one batch. Students in ``forks``
+    ({name: L >= 1}) share the teacher's first L decoder layers unchanged: when the teacher runs, those
+    layers run once (its states at each L kept) and each such student runs only its own layers from there."""
+
+    def __init__(self, teacher: nn.Module, students: dict, batch: dict, positions: torch.Tensor, forks: dict,
+                 bf16: bool):
+        self.teacher_model, self.students, self.batch, self.positions = teacher, students, batch, positions
+        self.forks, self.bf16 = forks, bf16
+        self.inputs, self.states = None, {}
+
+    def teacher(self) -> torch.Tensor:
+        with _autocast(self.teacher_model, self.bf16):
+            if not self.forks:
+                return logits_at(self.teacher_model, self.batch, self.positions)
+            self.inputs = decoder_inputs(self.teacher_model, self.batch)
+            hidden, done = self.inputs.hidden[0], 0
+            for stop in sorted(set(self.forks.values())):
+                hidden, done = run_layers(self.teacher_model, self.inputs, hidden, done, stop), stop
+                self.states[stop] = hidden
+            depth = len(decoder_layers(self.teacher_model))
+            return head_logits(self.teacher_model, run_layers(self.teacher_model, self.inputs, hidden, done, depth),
+                               self.positions)
+
+    def student(self, name: str) -> torch.Tensor:
+        model = self.students[name]
+        with _autocast(model, self.bf16):
+            start = self.forks.get(name)
+            if start is None or start not in self.states:   # not shared, or the teacher did not run
+                return logits_at(model, self.batch, self.positions)
+            depth = len(decoder_layers(model))
+            return head_logits(model, run_layers(model, self.inputs, self.states[start], start, depth), self.positions)
+
+
+def shared_forks(teacher: nn.Module, students: dict) -> dict:
+    """{student name: leading decoder layers it shares unchanged with the teacher}, for those sharing >= 1."""
+    out = {}
+    for name, student in students.items():
+        count = shared_layers(teacher, student)
+        if count:
+            out[name] = count
+    return out
+
+
+def score_batch(teacher: nn.Module, students: dict, batch: dict, bf16: bool = False,
+                cache: Optional[Namespace] = None, forks: Optional[dict] = None) -> dict:
     """Per-row scalars of one padded batch: {"tokens": [B], "teacher": [B] Σ CE, name: {"ce", "kl", "agree"}}.
 
     Positions are those predicting answer tokens (token t from position t-1); KL(teacher ‖ student) is
-    summed over the vocabulary per token (float32) and over tokens per row (float64)."""
+    summed over the vocabulary per token (float32) and over tokens per row (float64). With a teacher
+    ``cache`` namespace (scope ``answer``) the teacher runs only for rows not cached, and KL is the
+    lumped-tail KL against the cached top-k (``teacher_cache.lumped_kl``: at most the full KL, short of it
+    by at most ``kl_gap_bound``); Σ CE and top-1 are exact either way. ``forks``: :func:`shared_forks`."""
     targets, selected, positions = answer_positions(batch)
     rows = positions.nonzero()[:, 0]
     size = batch["labels"].shape[0]
@@ -196,28 +254,39 @@ def score_batch(teacher: nn.Module, students: dict, batch: dict, bf16: bool = Fa
         for name in students:
             out[name] = {"ce": [0.0] * size, "kl": [0.0] * size, "agree": [0] * size}
         return out
-    with _autocast(teacher, bf16):
-        t_logits = logits_at(teacher, batch, positions).float()
-    goal = targets[selected].to(t_logits.device)
-    t_logp = F.log_softmax(t_logits, dim=-1)
-    del t_logits
-    out["teacher"] = row_sums(-t_logp.gather(1, goal[:, None])[:, 0], rows, size)
-    t_top = t_logp.argmax(dim=-1)
-    t_p = t_logp.exp()
-    for name, student in students.items():
-        with _autocast(student, bf16):
-            s_logp = F.log_softmax(logits_at(student, batch, positions).float(), dim=-1).to(t_logp.device)
-        kl = (t_p * (t_logp - s_logp)).sum(dim=-1)
-        out[name] = {"ce": row_sums(-s_logp.gather(1, goal[:, None])[:, 0], rows, size),
+    forward = _Forward(teacher, students, batch, positions, forks or {}, bf16)
+    goal = targets[selected]
+
+    def teacher_logp():
+        t_logp = F.log_softmax(forward.teacher().float(), dim=-1)
+        return t_logp, row_sums(-t_logp.gather(1, goal[:, None].to(t_logp.device))[:, 0], rows, size)
+
+    if cache is None:
+        t_logp, out["teacher"] = teacher_logp()
+        t_top, t_p = t_logp.argmax(dim=-1), t_logp.exp()
+
+        def kl_of(s_logp):
+            return (t_p * (t_logp - s_logp.to(t_logp.device))).sum(dim=-1)
+    else:
+        cached, per_row = batch_targets(cache, batch, positions, teacher_logp)
+        out["teacher"], t_top = [r.ce for r in per_row], cached.top1
+
+        def kl_of(s_logp):
+            return lumped_kl(cached.to(s_logp.device), s_logp)
+    for name in students:
+        s_logp = F.log_softmax(forward.student(name).float(), dim=-1)
+        kl = kl_of(s_logp)
+        out[name] = {"ce": row_sums(-s_logp.gather(1, goal[:, None].to(s_logp.device))[:, 0], rows, size),
                      "kl": row_sums(kl, rows, size),
-                     "agree": [int(v) for v in row_sums((s_logp.argmax(dim=-1) == t_top).double(), rows, size)]}
+                     "agree": [int(v) for v in row_sums((s_logp.argmax(dim=-1) == t_top.to(s_logp.device)).double(),
+                                                        rows, size)]}
         del s_logp, kl
     return out
 
 
 def compare_models(teacher: nn.Module, students: dict, tokenizer, examples: Iterable[Example],
                    settings: Optional[CompareSettings] = None, progress: Optional[Progress] = None,
-                   world: Optional[tuple[int, int]] = None) -> dict:
+                   world: Optional[tuple[int, int]] = None, cache: Optional[TeacherCache] = None) -> dict:
     """{student name: Comparison}: teacher and every student scored on the same batches of (up to
     ``settings.examples`` of) ``examples``, consumed lazily. ``progress(done, total, message)`` after each
     batch (stage ``compare``), its metrics the first student's running Δ (``delta``, nats per answer token)
@@ -228,7 +297,12 @@ def compare_models(teacher: nn.Module, students: dict, tokenizer, examples: Iter
     per-example scalars are gathered and put back in stream order, so every rank returns the one-process
     Comparison (same rows, Δ, interval, tests, worst list). ``done`` is then the stream position reached and
     the running Δ is this rank's; a ``Cancelled`` stops only the rank that raised it (the others finish
-    their shards) and the gathered comparison is marked ``stopped``."""
+    their shards) and the gathered comparison is marked ``stopped``.
+
+    ``cache`` (default: ``settings.teacher_cache`` resolved): the teacher's per-example results are read
+    from it and only missing examples run the teacher (:func:`score_batch`); new ones are written to it,
+    also when stopped. Leading decoder layers a student shares unchanged with the teacher run once for both
+    whenever the teacher runs (:func:`shared_forks`)."""
     settings = settings or CompareSettings()
     settings.validate()
     if not students:
@@ -247,6 +321,9 @@ def compare_models(teacher: nn.Module, students: dict, tokenizer, examples: Iter
     orders: list = []  # stream position of each example scored here (a world > 1 puts them back in order)
     start = time.perf_counter()
     order = 0
+    cache = cache if cache is not None else resolve_cache(settings.teacher_cache)
+    namespace = cache.namespace(teacher, "answer", settings.max_len, settings.bf16) if cache is not None else None
+    forks = shared_forks(teacher, students)
     with torch.inference_mode():
         try:
             for index, (batch, group) in enumerate(iter_encoded_batches(
@@ -255,7 +332,7 @@ def compare_models(teacher: nn.Module, students: dict, tokenizer, examples: Iter
                 if index % size != rank:  # another rank's batch: same composition, scored there
                     order += len(group)
                     continue
-                scored = score_batch(teacher, students, batch, settings.bf16)
+                scored = score_batch(teacher, students, batch, settings.bf16, cache=namespace, forks=forks)
                 for row, example in enumerate(group):
                     k = scored["tokens"][row]
                     for name, result in results.items():
@@ -268,6 +345,9 @@ def compare_models(teacher: nn.Module, students: dict, tokenizer, examples: Iter
         except Cancelled:
             for result in results.values():
                 result.stopped = True
+        finally:
+            if namespace is not None:
+                namespace.flush()
     elapsed = time.perf_counter() - start
     for result in results.values():
         result.skipped, result.seconds = counts["skipped"], elapsed

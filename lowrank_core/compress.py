@@ -37,7 +37,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from .archmap import count_parameters, linear_map
+from .archmap import count_parameters, linear_map, weight_of
 from .calibrate import PRECISIONS, GramStats, cheaper_as_outputs, collect_grams, output_key
 from . import methods
 from .data import batch_tokens, calibration_batches, split_examples
@@ -48,6 +48,7 @@ from .models import ModelSourceError, resolve_device
 from .options import option
 from .plan import Assignment, check_replaces_something, load_plan, resolve_plan
 from .progress import Progress, ensure_progress
+from .sliced import mark_part
 from .student import build_student
 
 __all__ = ["CompressSettings", "CompressResult", "CalibrationData", "calibration_data", "compress"]
@@ -165,7 +166,10 @@ def _low_rank(weight: torch.Tensor, bias, a: Assignment, gram: Optional[torch.Te
     if method.needs_grams and gram is not None and not isinstance(gram, OutputCovariance):
         gram = whitenings.setdefault(key, whitening(gram))  # one whitening per shared Gram (q/k/v, gate/up)
     factors = method.factorize(weight, a.rank, gram=gram if method.needs_grams else None, bias=bias)
-    return LowRankLinear.from_factors(factors, dtype=weight.dtype).to(weight.device), factors.fit_error
+    module = LowRankLinear.from_factors(factors, dtype=weight.dtype).to(weight.device)
+    if a.info.rows:  # a part of a fused linear: build_student gathers the parts into a SlicedLinear
+        mark_part(module, a.info.module, a.info.layout)
+    return module, factors.fit_error
 
 
 def _matrix_row(a: Assignment, weight: torch.Tensor, module: LowRankLinear, held: Optional[GramStats],
@@ -200,7 +204,7 @@ def statistics_plan(assignments: dict[str, Assignment]) -> tuple[list, set]:
         infos = [a.info for a in group]
         # a refining method changes its factors after the closed form: their errors need the input Gram
         if all(methods.get(a.method).output_covariance and not methods.get(a.method).refines for a in group) \
-                and cheaper_as_outputs(infos):
+                and not any(i.rows for i in infos) and cheaper_as_outputs(infos):  # a part's output: not hooked
             outputs.update(i.name for i in infos)
         else:
             inputs.extend(infos)
@@ -311,7 +315,7 @@ def compress(teacher: nn.Module, tokenizer, plan, calib_examples: Sequence, sett
     if factorized is not None:
         raise ModelSourceError(f"the teacher is already factorized ({factorized} is a LowRankLinear): a factorized "
                                "lowrank export cannot be compressed again; compress its base model")
-    linears = linear_map(teacher)
+    linears = linear_map(teacher, parts=True)
     plan = load_plan(plan)
     assignments = resolve_plan(plan, linears, settings.method)
     check_replaces_something(plan, assignments)
@@ -362,17 +366,15 @@ def _fast(teacher, assignments, fit_b, held_b, settings, progress):
     fit_g = grams(fit_p, "fit")
     timings["calibration"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    modules = dict(teacher.named_modules())
     last_use = {a.info.gram_key: name for name, a in assignments.items()}
     replacements, rows, whitenings = {}, [], {}
     for k, (name, a) in enumerate(assignments.items()):
-        lin = modules[name]
+        weight, bias = weight_of(teacher, a.info)
         key = a.info.gram_key
         fit = _statistic(fit_g, a, outputs)
-        new, known = _low_rank(lin.weight.detach(), lin.bias, a, getattr(fit, "gram", fit), whitenings, key)
+        new, known = _low_rank(weight, bias, a, getattr(fit, "gram", fit), whitenings, key)
         replacements[name] = new
-        rows.append(_matrix_row(a, lin.weight.detach(), new, _statistic(held_g, a, outputs), fit, settings.fit_errors,
-                                known))
+        rows.append(_matrix_row(a, weight, new, _statistic(held_g, a, outputs), fit, settings.fit_errors, known))
         fit_g.pop(output_key(a.info), None), held_g.pop(output_key(a.info), None)
         if last_use[key] == name:  # free this input's statistics as soon as its last reader is done
             fit_g.pop(key, None), held_g.pop(key, None), whitenings.pop(key, None)
@@ -468,7 +470,8 @@ def _sequential(teacher, assignments, fit_b, held_b, settings, progress):
             timings["calibration"] += time.perf_counter() - t0
         else:
             _, measured_out = statistics_plan(local)
-            names = {rel: a.info.gram_key for rel, a in local.items() if a.info.name not in measured_out}
+            names = {a.info.path[len(prefix):]: a.info.gram_key for a in local.values()
+                     if a.info.name not in measured_out}
             out_names = {rel: output_key(a.info) for rel, a in local.items() if a.info.name in measured_out}
             # Grams on the student's stream; while it still equals the teacher's, one pass gives both
             fit_g, held_g = step.grams("student", names, fit_idx, keep_outputs=step.same("teacher", "student"),
@@ -476,13 +479,11 @@ def _sequential(teacher, assignments, fit_b, held_b, settings, progress):
             yt = step.output("teacher")
             timings["calibration"] += time.perf_counter() - t0
             t0 = time.perf_counter()
-            mods = dict(work.named_modules())
             new, whitenings = {}, {}
             for rel, a in local.items():
-                lin = mods[rel]
+                weight, bias = weight_of(work, a.info, prefix)
                 fit = _statistic(fit_g, a, measured_out)
-                new[rel], _ = _low_rank(lin.weight.detach(), lin.bias, a, getattr(fit, "gram", fit), whitenings,
-                                        a.info.gram_key)
+                new[rel], _ = _low_rank(weight, bias, a, getattr(fit, "gram", fit), whitenings, a.info.gram_key)
             timings["decomposition"] += time.perf_counter() - t0
             ctx = methods.LayerContext(work, i, new, inputs, xt, xs, yt, fit_idx, held_idx, settings, device)
             for method in dict.fromkeys(methods.get(a.method) for a in local.values()):
@@ -498,8 +499,7 @@ def _sequential(teacher, assignments, fit_b, held_b, settings, progress):
             xs = step.run("student", new)
             timings["calibration"] += time.perf_counter() - t0
             for rel, a in local.items():
-                lin = mods[rel]
-                rows.append(_matrix_row(a, lin.weight.detach(), new[rel], _statistic(held_g, a, measured_out),
+                rows.append(_matrix_row(a, weight_of(work, a.info, prefix)[0], new[rel], _statistic(held_g, a, measured_out),
                                         _statistic(fit_g, a, measured_out), settings.fit_errors))
                 replacements[prefix + rel] = new[rel].to(home)
         mse_idx = held_idx or fit_idx

@@ -53,7 +53,7 @@ def answer_loss_from_hidden(model: nn.Module, hidden: torch.Tensor, labels: torc
 
     ``hidden`` [B, T, H]: the decoder's last hidden states, after the final norm; ``labels`` [B, T]: the
     batch's labels (``IGNORE_INDEX`` outside answers; token t is predicted from position t-1). The
-    model's head (from the arch table) runs on the answer positions only. Shared by
+    model's head and soft-cap (``ArchSpec.logits_of``) run on the answer positions only. Shared by
     :func:`answer_loss_sum` and rank allocation's suffix loss, so both score exactly the same way.
     """
     spec = arch_of(model)
@@ -64,7 +64,7 @@ def answer_loss_from_hidden(model: nn.Module, hidden: torch.Tensor, labels: torc
     n = int(selected.sum())
     if n == 0:
         return 0.0, 0
-    logits = spec.head_of(model)(hidden[:, :-1][selected])
+    logits = spec.logits_of(model, hidden[:, :-1][selected])
     return _cross_entropy_sum(logits, targets[selected]), n
 
 
@@ -87,7 +87,7 @@ def logits_at(model: nn.Module, batch: dict, positions: torch.Tensor) -> torch.T
     if spec is not None and spec.plain_head:
         hidden = spec.decoder_of(model)(input_ids=input_ids, attention_mask=attention_mask,
                                         position_ids=position_ids, use_cache=False).last_hidden_state
-        return spec.head_of(model)(hidden[positions.to(hidden.device)])
+        return spec.logits_of(model, hidden[positions.to(hidden.device)])
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                    use_cache=False).logits
     return logits[positions.to(logits.device)]

@@ -5,7 +5,8 @@ optionally their biases and, with ``train_norms``, copies of the norms (the stud
 their own tensors first — a tensor shared with the teacher never receives a gradient, and the teacher
 stays bit-identical). The target is the teacher's next-token distribution at every real token:
 ``loss = Σ_tokens KL(p_teacher ‖ p_student)`` (``loss="ce"``: the answer tokens' cross-entropy against
-the data instead). Teacher logits are computed on the fly, batch by batch (nothing is cached), and the
+the data instead). Teacher logits are computed on the fly, batch by batch — or, with ``teacher_cache``,
+read once from the teacher cache (``teacher_cache.py``: top-64 plus the lumped tail) —, and the
 head runs on real tokens only, so memory is one batch of logits ``[tokens, vocab]`` per model.
 
 Training pairs come from the calibration side of the honest split (never evaluation data); a seeded
@@ -40,6 +41,7 @@ from .lowrank import low_rank_modules
 from .layerwise import model_device
 from .options import option, parse_count
 from .progress import Progress, ensure_progress
+from .teacher_cache import Targets, TeacherCache, batch_targets, check_cache_spec, lumped_kl, resolve_cache
 from .train import TrainSettings, TrainState, early_stopped_adam
 
 LOSSES = ("kl", "ce")
@@ -70,6 +72,9 @@ class HealSettings:
     checkpointing: bool = option(False, help="healing: gradient checkpointing of the student's decoder layers "
                                              "(activations of one layer kept for backward: a 7B on one GPU)")
     checkpoint: Optional[str] = option(None, help="healing: folder to save progress to and resume from")
+    teacher_cache: str = option("off", help="healing (kl): the teacher's top-64 next-token log-probabilities and "
+                                            "tail mass read from / written to a folder, 'auto' (the cache dir's "
+                                            "teacher/) or 'off' (teacher run every step)")
     seed: int = option(0, derived=True, help="shuffling and held-out seed (the data seed)")
 
     def validate(self) -> None:
@@ -83,6 +88,7 @@ class HealSettings:
             raise ValueError(f"healing lr {self.lr!r} must be > 0")
         if int(self.tokens) < 0:
             raise ValueError(f"healing tokens {self.tokens!r} must be >= 0")
+        check_cache_spec(self.teacher_cache, "healing teacher_cache")
 
     @property
     def enabled(self) -> bool:
@@ -146,10 +152,13 @@ def _own_norms(student: nn.Module, teacher: nn.Module) -> None:
 
 
 # ----------------------------------------------------------------------------- the objective
-def batch_loss(teacher: nn.Module, student: nn.Module, batch: dict, loss: str) -> tuple[torch.Tensor, int]:
+def batch_loss(teacher: nn.Module, student: nn.Module, batch: dict, loss: str,
+               targets: Optional[Targets] = None) -> tuple[torch.Tensor, int]:
     """(summed loss over the batch's scored tokens — differentiable w.r.t. the student —, token count).
 
-    ``kl``: every real token's KL(teacher ‖ student) of the next-token distribution; ``ce``: the answer
+    ``kl``: every real token's KL(teacher ‖ student) of the next-token distribution — against cached
+    teacher ``targets`` (every real token, row-major) when given, the lumped-tail KL
+    (``teacher_cache.lumped_kl``, at most the full KL), the teacher not run —; ``ce``: the answer
     tokens' cross-entropy (token t predicted at position t-1)."""
     device = model_device(student)
     mask = batch["attention_mask"].to(device).bool()
@@ -162,6 +171,9 @@ def batch_loss(teacher: nn.Module, student: nn.Module, batch: dict, loss: str) -
             return torch.zeros((), device=device), 0
         logits = logits_at(student, batch, positions)
         return F.cross_entropy(logits.float(), targets[positions[:, :-1]], reduction="sum"), n
+    if targets is not None:
+        s_logp = F.log_softmax(logits_at(student, batch, mask).float(), dim=-1)
+        return lumped_kl(targets.to(s_logp.device), s_logp).sum(), int(mask.sum())
     with torch.no_grad():
         t_logp = F.log_softmax(logits_at(teacher, batch, mask).float(), dim=-1)
     s_logp = F.log_softmax(logits_at(student, batch, mask).float(), dim=-1)
@@ -169,13 +181,38 @@ def batch_loss(teacher: nn.Module, student: nn.Module, batch: dict, loss: str) -
     return kl, int(mask.sum())
 
 
-def mean_loss(teacher, student, batches: Sequence[dict], loss: str, autocast) -> float:
+def mean_loss(teacher, student, batches: Sequence[dict], loss: str, autocast,
+              targets: Optional[Sequence[Targets]] = None) -> float:
     total, tokens = 0.0, 0
     with torch.no_grad(), autocast():
-        for b in batches:
-            value, n = batch_loss(teacher, student, b, loss)
+        for i, b in enumerate(batches):
+            value, n = batch_loss(teacher, student, b, loss, targets[i] if targets is not None else None)
             total, tokens = total + float(value), tokens + n
     return total / max(1, tokens)
+
+
+def cached_targets(teacher: nn.Module, batches: Sequence[dict], settings: HealSettings, autocast,
+                   cache: Optional[TeacherCache] = None) -> Optional[list[Targets]]:
+    """Per batch, the teacher's targets at every real token from the teacher cache (scope ``real``;
+    computed and stored on a miss, under ``autocast``), or None when the cache is off or the loss is ``ce``."""
+    cache = cache if cache is not None else resolve_cache(settings.teacher_cache)
+    if cache is None or settings.loss != "kl":
+        return None
+    on = autocast is not nullcontext
+    namespace = cache.namespace(teacher, "real", settings.max_len, bf16=on)
+    out = []
+    try:
+        with torch.no_grad(), autocast():
+            for b in batches:
+                mask = b["attention_mask"].bool()
+
+                def teacher_logp(b=b, mask=mask):
+                    return F.log_softmax(logits_at(teacher, b, mask).float(), dim=-1), None
+
+                out.append(batch_targets(namespace, b, mask, teacher_logp)[0])
+    finally:
+        namespace.flush()
+    return out
 
 
 def _autocast(settings: HealSettings, device: torch.device):
@@ -230,9 +267,11 @@ def _load_checkpoint(folder: Path, params, opt: torch.optim.Adam) -> Optional[tu
 
 # ----------------------------------------------------------------------------- training
 def heal(teacher: nn.Module, student: nn.Module, tokenizer, examples: Sequence, settings: HealSettings,
-         progress: Optional[Progress] = None) -> HealResult:
+         progress: Optional[Progress] = None, cache: Optional[TeacherCache] = None) -> HealResult:
     """Distil ``student`` towards ``teacher`` on ``examples`` (calibration side) for ``settings.tokens``
-    real tokens; the student's factors are updated in place (best-valid restored). See the module doc."""
+    real tokens; the student's factors are updated in place (best-valid restored). See the module doc.
+    With a teacher cache (``cache``, default ``settings.teacher_cache``) and loss ``kl`` the teacher's
+    targets are read once from it (computed once on a miss) and the teacher is not run during training."""
     settings.validate()
     progress = ensure_progress(progress)
     start = time.perf_counter()
@@ -249,7 +288,9 @@ def heal(teacher: nn.Module, student: nn.Module, tokenizer, examples: Sequence, 
     tokens = [int(b["attention_mask"].sum()) for b in train]
     planned = max(1, math.ceil(int(settings.tokens) / max(1, min(settings.batch_tokens, batch_tokens(train)))))
     eval_every = settings.eval_every or max(1, planned // 10)
-    score = (lambda: mean_loss(teacher, student, valid or train, settings.loss, autocast))
+    t_train = cached_targets(teacher, train, settings, autocast, cache)
+    t_valid = cached_targets(teacher, valid, settings, autocast, cache) if valid else t_train
+    score = (lambda: mean_loss(teacher, student, valid or train, settings.loss, autocast, t_valid))
     ckpt = Path(settings.checkpoint) if settings.checkpoint else None
     loaded = _load_checkpoint(ckpt, params, opt) if ckpt else None
     if loaded is None:
@@ -267,7 +308,8 @@ def heal(teacher: nn.Module, student: nn.Module, tokenizer, examples: Sequence, 
         step_loss, scored = 0.0, 0
         for b in group:
             with autocast():
-                value, n = batch_loss(teacher, student, train[b], settings.loss)
+                value, n = batch_loss(teacher, student, train[b], settings.loss,
+                                      t_train[b] if t_train is not None else None)
             if n:
                 for g, d in zip(grads, torch.autograd.grad(value, params, allow_unused=True)):
                     if d is not None:

@@ -15,19 +15,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+from .archmap import count_parameters
 from .compare import CompareSettings, Comparison, compare_models
 from .compress import CompressResult, CompressSettings, compress
 from .data import Split, make_split
 from .evaluate import default_batch_size
-from .export import (FORMATS, ExportError, ExportResult, ExportVerificationError, build_manifest, check_target,
-                     export_student)
+from .export import (FORMATS, RECORDS_BYTES, ExportResult, ExportVerificationError, ExportWriteError, build_manifest,
+                     check_room, check_target, export_bytes, export_student)
 from .heal import HealResult, HealSettings, heal
-from .models import (DEVICES, DTYPES, LoadedModel, cache_dir, load_config, load_model, refuse_factorized,
+from .models import (DEVICES, DTYPES, LoadedModel, load_config, load_model, refuse_factorized,
                      resolve_device)
 from .options import OptionError, checked, option, to_mapping
 from .paths import check_output_folder
 from .plan import Accounting, Plan, account, check_replaces_something, load_plan
 from .progress import Progress, ensure_progress, staged
+from .rescue import WriteFailed, fail, rescue
 from .threads import runtime_record
 
 
@@ -63,9 +65,12 @@ class EvalSpec:
     max_len: Optional[int] = option(None, minimum=8, help="tokens per example (default: the calibration max_len)")
     margin: str = option(CompareSettings.margin, help="equivalence margin of the paired comparison: nats (0.02) or "
                                                       "percent of the teacher loss ('1%')")
+    teacher_cache: str = option(CompareSettings.teacher_cache, help="the teacher's results reused across "
+                                "evaluations: a folder, 'auto' (the cache dir's teacher/) or 'off'")
 
     def compare_settings(self, examples: int, batch_size: int, max_len: int) -> CompareSettings:
-        return CompareSettings(examples=examples, batch_size=batch_size, max_len=max_len, margin=self.margin)
+        return CompareSettings(examples=examples, batch_size=batch_size, max_len=max_len, margin=self.margin,
+                               teacher_cache=self.teacher_cache)
 
 
 @dataclass
@@ -244,6 +249,9 @@ def run_job(spec: JobSpec, progress: Optional[Progress] = None, log: Optional[Ca
         loaded = load_model(m.source, dtype=m.dtype, device=m.device)
         laps("load")
     accounting = account(loaded.model, spec.plan, spec.method.method)
+    if export and spec.export is not None:  # a disk without room fails now, not after the work
+        check_room(Path(spec.export.dir).expanduser().absolute(),
+                   planned_export_bytes(loaded.model, accounting, spec.export.format), spec.export.format)
     if split is None:
         d = spec.data
         say(f"split of {d.source}: {spec.calib_examples} calibration / {d.eval} evaluation examples, seed {d.seed}")
@@ -265,23 +273,10 @@ def run_job(spec: JobSpec, progress: Optional[Progress] = None, log: Optional[Ca
         laps("evaluate")
     if export and spec.export is not None:
         say(f"exporting {spec.export.format} to {spec.export.dir}")
-        try:
-            export_job(result, spec.export, progress=_phase(progress, "export"))
-        except (OSError, ExportError) as e:  # minutes of work must not be lost to a late write failure
-            if isinstance(e, ExportVerificationError):
-                raise
-            rescue = rescue_dir(spec.name or "job")
-            export_job(result, dataclasses.replace(spec.export, dir=str(rescue), verify=False))
-            raise ExportError(f"writing the export to {spec.export.dir} failed ({e}); the student was saved "
-                              f"unverified to {rescue} instead") from e
+        export_job(result, spec.export, progress=_phase(progress, "export"))
         laps("export")
     laps.seconds["total"] = time.perf_counter() - laps.start
     return result
-
-
-def rescue_dir(name: str) -> Path:
-    """A fresh folder under the cache for results whose own destination failed at the end."""
-    return cache_dir() / "rescued" / f"{name.replace('/', '_').replace(':', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def heal_job(result: JobResult, progress: Optional[Progress] = None) -> HealResult:
@@ -333,10 +328,33 @@ def eval_max_len(spec: JobSpec) -> int:
 
 def export_job(result: JobResult, export: ExportSpec, progress: Optional[Progress] = None) -> ExportResult:
     """Write the job's student with its manifest, verified on the first ``export.verify_examples``
-    evaluation examples; stores and returns the ExportResult."""
-    result.export = export_student(result.student, result.loaded.tokenizer, export.dir, export.format,
-                                   result.manifest(), force=export.force, verify=export.verify,
-                                   eval_examples=result.split.eval[: export.verify_examples] or None,
-                                   progress=progress)
-    return result.export
+    evaluation examples; stores and returns the ExportResult. Any failure but a failed verification (a
+    full disk, a concurrent writer, a bug) writes the student unverified to a rescue folder with room
+    (:mod:`.rescue`) and raises, naming the target, the cause and the rescue."""
+    def write(spec: ExportSpec, bar: Optional[Progress]) -> ExportResult:
+        return export_student(result.student, result.loaded.tokenizer, spec.dir, spec.format, result.manifest(),
+                              force=spec.force, verify=spec.verify,
+                              eval_examples=result.split.eval[: spec.verify_examples] or None, progress=bar)
 
+    try:
+        result.export = write(export, progress)
+        return result.export
+    except ExportVerificationError:
+        raise
+    except Exception as e:  # noqa: BLE001 - minutes or hours of work must not be lost to a late write failure
+        cause = e.__cause__ if isinstance(e, ExportWriteError) and e.__cause__ is not None else e
+    what, name = f"the {export.format} export", result.spec.name or "job"
+    needed = export_bytes(result.student, export.format)
+    try:
+        kept, result.export = rescue(name, needed, lambda path: write(
+            dataclasses.replace(export, dir=str(path), force=False, verify=False), None))
+    except WriteFailed as lost:
+        fail(what, export.dir, cause, None, lost=str(lost), error_class=ExportWriteError)
+    fail(what, export.dir, cause, kept, how=" unverified", error_class=ExportWriteError)
+
+
+def planned_export_bytes(model, accounting: Accounting, format: str) -> int:
+    """Bytes a ``format`` export of ``model`` compressed by a plan with ``accounting`` will take (before it
+    is built): its parameters after the plan (dense: the teacher's) at the model's width, plus records."""
+    params = count_parameters(model) - (accounting.removed if format == "factorized" else 0)
+    return params * next(model.parameters()).element_size() + RECORDS_BYTES

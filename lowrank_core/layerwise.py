@@ -261,7 +261,8 @@ def capture_layer_inputs(model: nn.Module, batches: Iterable[dict], store_device
         sink.clear()
         ids = batch["input_ids"].to(device)
         mask = batch["attention_mask"].to(device)
-        shell(input_ids=ids, attention_mask=mask, use_cache=False)
+        extra = {"position_ids": batch["position_ids"].to(device)} if "position_ids" in batch else {}
+        shell(input_ids=ids, attention_mask=mask, use_cache=False, **extra)
         if len(sink) != len(layers):
             raise RuntimeError(f"decoder called {len(sink)} of {len(layers)} layers; unsupported model")
         hidden.append(sink[0][0].to(store))
@@ -314,6 +315,74 @@ def run_layer(layer: nn.Module, inputs: LayerInputs, index: int, device=None, st
 
 def final_norm(model: nn.Module) -> nn.Module:
     return arch_of(model).final_norm(model)
+
+
+# ----------------------------------------------------------------------------- leading layers shared
+def _tensors(module: nn.Module) -> dict:
+    named = list(module.named_parameters(remove_duplicate=False)) + list(module.named_buffers(remove_duplicate=False))
+    return dict(named)
+
+
+def shared_layers(teacher: nn.Module, student: nn.Module) -> Optional[int]:
+    """How many leading decoder layers ``student`` shares unchanged with ``teacher`` (every tensor the very
+    same object, as :func:`~lowrank_core.student.build_student` leaves them), or None when even the
+    embeddings differ (or the models are of other architectures, not plain-head, or dispatched): then
+    nothing can be computed once for both."""
+    spec, other = arch_of(teacher, strict=False), arch_of(student, strict=False)
+    if spec is None or other is None or spec.model_type != other.model_type or not spec.plain_head:
+        return None
+    if type(teacher) is not type(student) or is_dispatched(teacher) or is_dispatched(student):
+        return None
+    t_layers, s_layers = spec.decoder_layers(teacher), spec.decoder_layers(student)
+    outside = {id(m) for m in s_layers} | {id(spec.final_norm(student))}
+    t_dec, s_dec = _tensors(spec.decoder_of(teacher)), spec.decoder_of(student)
+    for path, module in s_dec.named_modules():
+        if _inside(path, s_dec, outside):
+            continue
+        for name, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            if t_dec.get(f"{path}.{name}" if path else name) is not t:
+                return None
+    count = 0
+    for t_layer, s_layer in zip(t_layers, s_layers):
+        mine, theirs = _tensors(s_layer), _tensors(t_layer)
+        if mine.keys() != theirs.keys() or any(mine[k] is not theirs[k] for k in mine):
+            break
+        count += 1
+    return count
+
+
+def _inside(path: str, root: nn.Module, outside: set) -> bool:
+    """Whether module ``path`` of ``root`` lies under one of the modules ``outside`` (by id)."""
+    parts = path.split(".") if path else []
+    for cut in range(len(parts), 0, -1):
+        if id(root.get_submodule(".".join(parts[:cut]))) in outside:
+            return True
+    return False
+
+
+@torch.no_grad()
+def decoder_inputs(model: nn.Module, batch: dict) -> LayerInputs:
+    """One batch's layer-0 states and per-layer kwargs (:func:`capture_layer_inputs`), with the position ids
+    :func:`~lowrank_core.evaluate.logits_at` uses (counted from each row's first real token)."""
+    mask = batch["attention_mask"]
+    return capture_layer_inputs(model, [{"input_ids": batch["input_ids"], "attention_mask": mask,
+                                         "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}])
+
+
+@torch.no_grad()
+def run_layers(model: nn.Module, inputs: LayerInputs, hidden: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """``hidden`` [B, T, H] through ``model``'s decoder layers ``start`` .. ``stop`` - 1 (batch 0's kwargs)."""
+    layers = arch_of(model).decoder_layers(model)
+    for i in range(start, stop):
+        hidden = call_layer(layers[i], hidden, inputs.layer_kwargs[0][i])
+    return hidden
+
+
+def head_logits(model: nn.Module, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Logits [n, vocab] at ``positions`` [B, T] (bool) from the last layer's states ``hidden`` [B, T, H]."""
+    spec = arch_of(model)
+    normed = spec.final_norm(model)(hidden)
+    return spec.head_of(model)(normed[positions.to(normed.device)])
 
 
 def masked_square_error(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> tuple[float, float, int]:

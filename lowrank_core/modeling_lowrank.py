@@ -6,7 +6,8 @@
 architecture's model_type and transformers class names (from ``lowrank_core.arch``); the classes
 subclass those and, before any weight is loaded, swap every matrix listed in ``config.lowrank_ranks``
 (``{module name: rank}``) for a :class:`LowRankLinear` whose ``down.weight [rank, in]`` and
-``up.weight [out, rank]`` (and ``up.bias``) are read from the export's safetensors. Mixture-of-experts
+``up.weight [out, rank]`` (and ``up.bias``) are read from the export's safetensors; a fused linear listed in
+``config.lowrank_slices`` ({name: [[part, rows], ...]}) first becomes a :class:`SlicedLinear` of its parts. Mixture-of-experts
 layers (transformers' stacked ``gate_up_proj [E, 2I, H]`` / ``down_proj [E, H, I]``) are first rebuilt as
 an :class:`ExpertList` of per-expert linears (``experts.5.gate_proj``), the same forward.
 """
@@ -46,6 +47,33 @@ def swap_low_rank(model: nn.Module, ranks: dict) -> None:
         weight = old.weight
         setattr(parent, child, LowRankLinear(old.in_features, old.out_features, rank, bias=old.bias is not None,
                                              device=weight.device, dtype=weight.dtype))
+
+
+class SlicedLinear(nn.Module):
+    """A fused linear kept as parts: ``y = [part_1(x), ..., part_n(x)]``, children named by the parts."""
+
+    def __init__(self, in_features, layout, bias=False, device=None, dtype=None):
+        super().__init__()
+        self.part_names = tuple(short for short, _ in layout)
+        self.in_features, self.out_features = int(in_features), sum(int(rows) for _, rows in layout)
+        for short, rows in layout:
+            self.add_module(short, nn.Linear(self.in_features, int(rows), bias=bias, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([getattr(self, short)(x) for short in self.part_names], dim=-1)
+
+    def layout(self) -> list:
+        return [[short, int(getattr(self, short).out_features)] for short in self.part_names]
+
+
+def swap_sliced(model: nn.Module, slices: dict) -> None:
+    """Replace each fused ``nn.Linear`` named in ``slices`` ({name: [[part, rows], ...]}) by a SlicedLinear."""
+    for name, layout in (slices or {}).items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        old = getattr(parent, child)
+        setattr(parent, child, SlicedLinear(old.in_features, layout, bias=old.bias is not None,
+                                            device=old.weight.device, dtype=old.weight.dtype))
 
 
 class Expert(nn.Module):
@@ -111,15 +139,17 @@ def unstack_experts(model: nn.Module) -> nn.Module:
 
 
 class _LowRankMixin:
-    """Swaps the linears named in ``config.lowrank_ranks`` right after the base model is built."""
+    """Swaps the fused linears named in ``config.lowrank_slices`` for their parts, then the linears named in
+    ``config.lowrank_ranks``, right after the base model is built."""
 
     def __init__(self, config):
         super().__init__(config)
         unstack_experts(self)
+        swap_sliced(self, getattr(config, "lowrank_slices", None) or {})
         swap_low_rank(self, getattr(config, "lowrank_ranks", None) or {})
 
 
-# Extra config keys (``lowrank_ranks``, ``lowrank_base_model_type``) are kept as attributes by transformers.
+# Extra config keys (``lowrank_ranks``, ``lowrank_slices``, ``lowrank_base_model_type``) are kept as attributes by transformers.
 class LowRankConfig(getattr(transformers, BASE_CONFIG_CLASS)):
     model_type = "lowrank_" + BASE_MODEL_TYPE
 

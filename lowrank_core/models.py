@@ -10,6 +10,12 @@ Sources:
   ``LowRankLinear`` from safetensors, no remote code;
 - ``tiny`` (Llama) and ``tiny-<model_type>`` for every arch-table entry: small random models with a
   byte-level ChatML tokenizer, for tests and quick UI checks.
+
+Nothing of a source is executed or unpickled: weights load from safetensors only (``use_safetensors=True``;
+a pickle-only folder is refused by ``model_files.check_weight_files``), ``trust_remote_code`` is False (a
+config naming its own code is refused by ``model_files.custom_code_error``), and the tokenizer's chat
+template is rendered on a probe under ``data.template``'s time / memory / size budget before any weight is
+read (``check_template``).
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -29,9 +36,14 @@ from torch import nn
 
 from .arch import ARCHS, arch_of
 from .archmap import check_supported
+from .data.template import check_chat_template
 from .lowrank import LowRankLinear
+from .model_files import check_weight_files, custom_code_error
+from .paths import shown_path, too_long
 from .modeling_lowrank import unstack_experts
+from .sliced import SlicedLinear
 from .tempdirs import check_complete, mark_complete, stale_siblings, temp_sibling
+from .weightfiles import files_problem
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICES = ("auto", "cpu", "cuda")
@@ -63,10 +75,26 @@ class LoadedModel:
         return EMBEDDED_NAME if self.source == "default" else self.source
 
 
-def cache_dir() -> Path:
-    """Root of lowrank's on-disk cache (converted models, spectra); ``$LOWRANK_CACHE`` overrides."""
-    root = Path(os.environ.get("LOWRANK_CACHE") or Path.home() / ".cache" / "lowrank")
-    root.mkdir(parents=True, exist_ok=True)
+class CacheDirError(ValueError):
+    """The cache folder cannot be created or written; the message names it and how to choose another."""
+
+
+def cache_dir(write: bool = False) -> Path:
+    """Root of lowrank's on-disk cache (converted models, spectra); ``$LOWRANK_CACHE`` overrides. Created
+    when missing; with ``write`` (a caller about to write into it) a folder that cannot be written is a
+    ``CacheDirError`` naming it and the ``LOWRANK_CACHE=...`` that chooses another (no silent fallback:
+    a cache in a temp folder would be converted again on every run)."""
+    raw = os.environ.get("LOWRANK_CACHE")
+    root = Path(raw).expanduser() if raw else Path.home() / ".cache" / "lowrank"
+    where = "LOWRANK_CACHE" if raw else "the default cache, ~/.cache/lowrank"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if write:
+            probe = tempfile.mkdtemp(prefix=".lowrank-write-check-", dir=root)
+            os.rmdir(probe)
+    except OSError as e:
+        raise CacheDirError(f"cache folder {str(root)!r} ({where}) is not writable ({e.strerror or type(e).__name__}); "
+                            "choose a writable one, e.g. LOWRANK_CACHE=/tmp/lowrank-cache") from None
     return root
 
 
@@ -210,6 +238,7 @@ def embedded_model_dir() -> Path:
         shutil.rmtree(stale, ignore_errors=True)
     if (target / "config.json").is_file():
         return target
+    cache_dir(write=True)  # a read-only cache: one line before the conversion, not an OSError after it
     return convert_gguf(embedded_gguf_path(), target)
 
 
@@ -278,7 +307,12 @@ def _local_config(location: str, source: str, **kw):
     """``AutoConfig.from_pretrained`` of a local file or folder; an unreadable config (not JSON, an unknown
     ``model_type``...) is a ``ModelSourceError`` naming the source."""
     from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+    if "gguf_file" not in kw:  # a config file or a folder's config.json (a GGUF holds its own)
+        refused = custom_code_error(Path(location), source, CONFIG_MAPPING.keys(), ModelSourceError)
+        if refused is not None:
+            raise refused
     try:
         return AutoConfig.from_pretrained(location, trust_remote_code=False, **kw)  # never prompt, never run it
     except (OSError, ValueError) as e:
@@ -287,11 +321,19 @@ def _local_config(location: str, source: str, **kw):
                                "expected a Hugging Face config.json") from None
 
 
+def check_source_length(source: str) -> None:
+    """``ModelSourceError`` for a source longer than a path may be (the file system's ``File name too long``)."""
+    why = too_long(source)
+    if why:
+        raise ModelSourceError(f"model source {shown_path(source)!r} {why}")
+
+
 def load_config(source: str = "default"):
     """A ``PretrainedConfig`` for any source, without loading weights (for accounting and the arch map)."""
     from transformers import AutoConfig
 
     source = str(source)
+    check_source_length(source)
     if source in TINY_SOURCES:
         return tiny_config("llama" if source == "tiny" else source.split("-", 1)[1])
     if source == "default":
@@ -319,6 +361,8 @@ def load_config(source: str = "default"):
 
 def factorized_export_config(source) -> Optional[dict]:
     """The ``config.json`` dict of a folder written as a factorized export (it lists ``lowrank_ranks``), else None."""
+    if too_long(source):
+        return None
     config = Path(source).expanduser() / "config.json"
     if not config.is_file():
         return None
@@ -338,6 +382,7 @@ def _factorized_model(folder: Path, raw: dict) -> nn.Module:
 
     raw = dict(raw)
     ranks = raw.pop("lowrank_ranks")
+    slices = raw.pop("lowrank_slices", None) or {}
     base = raw.pop("lowrank_base_model_type", None)
     if base is None:
         raise ModelSourceError(f"{folder}/config.json lists lowrank_ranks but no lowrank_base_model_type")
@@ -347,6 +392,12 @@ def _factorized_model(folder: Path, raw: dict) -> nn.Module:
     check_supported(config)
     with init_empty_weights(include_buffers=False):
         model = unstack_experts(AutoModelForCausalLM.from_config(config))
+        for name, layout in slices.items():  # a fused linear kept as parts (dense ones stored as weights)
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            old = getattr(parent, child)
+            setattr(parent, child, SlicedLinear({short: nn.Linear(old.in_features, int(rows), bias=old.bias is not None)
+                                                 for short, rows in layout}))
         for name, rank in ranks.items():
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
@@ -382,15 +433,20 @@ def load_model(source: str = "default", dtype: str = "float32", device: str = "a
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = str(source)
+    check_source_length(source)
     device_map = check_device_map(device_map, device)
     torch_dtype, dev = resolve_dtype(dtype), resolve_device(device)
     factorized = factorized_export_config(source)
     if Path(source).expanduser().is_dir():
         check_complete(Path(source).expanduser())  # a half-written export or conversion never loads
+        problem = files_problem(Path(source).expanduser())  # an export whose weight files were changed
+        if problem is not None:
+            raise ModelSourceError(problem)
     if factorized is not None:
         folder = Path(source).expanduser()
         # the tokenizer is a plain one: never let its config's auto_map run (or prompt for) remote code
         tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+        check_template(tokenizer, source)
         model = _factorized_model(folder, factorized)
     elif source in TINY_SOURCES:
         model, tokenizer = tiny_model("llama" if source == "tiny" else source.split("-", 1)[1])
@@ -403,6 +459,8 @@ def load_model(source: str = "default", dtype: str = "float32", device: str = "a
             folder, kw = str(path.parent), {**kw, "gguf_file": path.name}
         elif path.is_dir():
             folder = str(path)
+            check_weight_files(path, source, ModelSourceError)  # pickles are never loaded
+            check_supported(load_config(source))  # an unknown model_type, custom code: refused before any weight
         elif _looks_like_hub_id(source):
             folder = source
         else:
@@ -418,9 +476,12 @@ def load_model(source: str = "default", dtype: str = "float32", device: str = "a
             if _looks_like_hub_id(source):
                 raise _hub_error(source, e) from None
             raise ModelSourceError(f"could not load model from {source!r}: {e}") from None
+        check_template(tokenizer, source)  # before any weight is read
         placed = {"device_map": device_map} if device_map is not None else {}
         if placed:
             _check_placeable(load_config(source), source)
+        if "gguf_file" not in kw:
+            placed["use_safetensors"] = True  # never torch.load a pickle (a hub repo without safetensors fails)
         try:
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, **kw, **placed)
         except ValueError as e:  # a placement accelerate cannot make (e.g. it needs disk offload)
@@ -460,6 +521,14 @@ def _check_placeable(config, source: str) -> None:
     if spec is not None and spec.experts:
         raise ModelSourceError(f"device_map is not supported yet for mixture-of-experts models ({source!r} is "
                                f"{spec.model_type}); allowed: no device_map (load it on one device)")
+
+
+def check_template(tokenizer, source: str) -> None:
+    """The tokenizer's chat template(s) rendered on a probe within ``data.template``'s budget, else a
+    one-line ``ChatTemplateError``; the built-in ChatML passes unprobed."""
+    templates = getattr(tokenizer, "chat_template", None)
+    for template in (templates.values() if isinstance(templates, dict) else [templates]):
+        check_chat_template(template, source, known=(CHATML_TEMPLATE,))
 
 
 def _weights_error(source: str, err: Exception) -> ModelSourceError:

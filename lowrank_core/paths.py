@@ -7,6 +7,9 @@ the model was loaded, calibrated and compressed.
   a non-empty path whose nearest existing ancestor is a folder that can be written (not a file,
   not read-only).
 
+:func:`too_long` says why a path is longer than the file system allows (``File name too long``), for
+the model / data sources and the app's workspace paths to refuse it in one line.
+
 Writability is probed by creating (and removing) a temporary folder: permission bits alone do not tell
 (a root process may not write to a read-only mount, ACLs...). Both raise :class:`OutputPathError` (a
 ``ValueError``) naming the flag, the path and what is allowed. Existing-target rules (``--force``, only
@@ -17,9 +20,11 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
-__all__ = ["OutputPathError", "check_output_file", "check_output_folder"]
+__all__ = ["NAME_MAX", "PATH_MAX", "OutputPathError", "check_output_file", "check_output_folder", "too_long"]
+
+NAME_MAX, PATH_MAX = 255, 4096  # bytes of one path component / of a whole path (Linux limits)
 
 
 class OutputPathError(ValueError):
@@ -30,6 +35,23 @@ def _non_empty(path, what: str) -> Path:
     if path is None or not str(path).strip():
         raise OutputPathError(f"{what} {str(path or '')!r} is an empty path; name a file or folder to write")
     return Path(str(path)).expanduser().absolute()
+
+
+def too_long(value, base: Path = Path()) -> Optional[str]:
+    """Why the file system would refuse ``value`` (under ``base``) with ``File name too long``, or None: the
+    callers (model and data sources, workspace paths) turn it into their own one-line error."""
+    text = str(value)
+    longest = max((len(part.encode("utf-8", "surrogatepass")) for part in text.split("/")), default=0)
+    if longest > NAME_MAX or len(str(base / text).encode("utf-8", "surrogatepass")) > PATH_MAX:
+        return (f"is too long ({len(text):,} characters; allowed: names of up to {NAME_MAX} bytes, paths of up to "
+                f"{PATH_MAX:,} bytes)")
+    return None
+
+
+def shown_path(value, limit: int = 60) -> str:
+    """``value`` as a message shows it: cut to ``limit`` characters."""
+    text = str(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _writable(folder: Path) -> bool:

@@ -18,6 +18,10 @@ modules are comma-separated and spec is ``r16`` (rank), ``k0.8`` (keep fraction)
 ``keep`` maps to ``rank = floor(keep * out * in / (out + in))``: the fraction of the matrix's
 parameters that the factors keep.
 
+Fused linears (Phi-3's ``qkv_proj`` = [q; k; v], ``gate_up_proj`` = [gate; up]): the fused name and the groups
+factorise the whole matrix; ``q_proj`` ... ``up_proj`` name its row parts, each with its own rank (a part no
+rule names stays dense). A fused matrix goes whole or by parts: the later rule decides (:func:`resolve_plan`).
+
 Rank rounding (``rank_multiple``, one of 1, 8, 16, 32, 64, 128; 1 = off): every resolved rank, from a
 ``keep`` *and* from an explicit ``rank`` (so plans written by ``search``, which are all explicit ranks, can be
 aligned too), is rounded DOWN to a multiple, at least the multiple, never above ``min(out, in)``
@@ -442,15 +446,18 @@ def rank_for_keep(info: LinearInfo, keep: float) -> int:
 
 
 def _rule_targets(rule: Rule, linears: Sequence[LinearInfo], n_layers: int, index: int) -> list[LinearInfo]:
+    """The matrices a rule names: a group names whole linears (a fused one as a whole), a module name also
+    a part of a fused linear (``k_proj`` in Phi-3's ``qkv_proj``)."""
     names: set[str] = set()
+    grouped: set[str] = set()
     for m in rule.modules:
         if m != EXPERTS_GROUP:  # "experts": the experts' linears only (their short names are the MLP's)
-            names.update(GROUPS.get(m, (m,)))
+            (grouped if m in GROUPS else names).update(GROUPS.get(m, (m,)))
     experts = EXPERTS_GROUP in rule.modules
     one = [e for e in (expert_module(m) for m in rule.modules) if e is not None]   # (expert, short or None)
     layers = set(parse_layers(rule.layers, n_layers, rule, index))
     out = [li for li in linears
-           if (li.module in names or (experts and li.group == EXPERTS_GROUP)
+           if (li.module in names or (li.module in grouped and not li.rows) or (experts and li.group == EXPERTS_GROUP)
                or any(li.expert == e and short in (None, li.module) for e, short in one))
            and (li.layer is None or li.layer in layers)]
     for head in (h for h in all_head_modules() if h in names):   # the table's head names (lm_head)
@@ -462,6 +469,10 @@ def _rule_targets(rule: Rule, linears: Sequence[LinearInfo], n_layers: int, inde
 def resolve_plan(plan: Plan, linears: Sequence[LinearInfo], default_method: Optional[str] = None) -> dict[str, Assignment]:
     """Map matrix name -> Assignment. Later rules override earlier ones; ``dense`` rules remove.
 
+    A fused linear (``linears`` from ``linear_map(..., parts=True)``) is factorised whole or by parts,
+    never both: a rule on the whole drops earlier assignments of its parts and a rule on a part (also
+    ``dense``) drops the whole's (its other parts then stay dense unless named).
+
     Raises PlanError naming the rule for a rank above min(out, in), a rank below 1 (also from a small
     ``keep``), an unknown layer or module. Then every rank is rounded by ``plan.rank_multiple``
     (:func:`round_rank`; the rule's own rank is kept as ``Assignment.planned_rank``).
@@ -471,6 +482,8 @@ def resolve_plan(plan: Plan, linears: Sequence[LinearInfo], default_method: Opti
     for index, rule in enumerate(plan.rules):
         validate_rule(rule, index)
         for li in _rule_targets(rule, linears, n_layers, index):
+            for other in [n for n, a in chosen.items() if n == li.fused or (a.info.fused and a.info.fused == li.name)]:
+                chosen.pop(other)
             if rule.dense:
                 chosen.pop(li.name, None)
                 continue
@@ -518,7 +531,7 @@ def account(model_or_config, plan: Union[Plan, str, dict], default_method: Optio
     """
     plan = load_plan(plan)
     model = model_or_config if hasattr(model_or_config, "named_modules") else meta_model(model_or_config)
-    linears = linear_map(model)
+    linears = linear_map(model, parts=True)
     original = count_parameters(model)
     assignments = resolve_plan(plan, linears, default_method)
     compressed, rows, warnings = original, [], []

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .allocate.path import plan_from_ranks
-from .archmap import LinearInfo
+from .archmap import LinearInfo, weight_of
 from .decompose import weight_singular_values, whitened_singular_values, whitening
 from .models import cache_dir, model_fingerprint
 from .plan import Plan
@@ -119,14 +119,14 @@ def compute_spectrum(model: nn.Module, info: LinearInfo, gram=None, gram_id: Opt
 
 
 def _weight(model: nn.Module, info: LinearInfo) -> torch.Tensor:
+    """The weight [out, in] of ``info`` (a part of a fused linear: its rows)."""
     try:
-        module = model.get_submodule(info.name)
+        module = model.get_submodule(info.path)
     except AttributeError:
-        raise ValueError(f"the model has no linear named {info.name!r}") from None
-    W = getattr(module, "weight", None)
-    if W is None:
+        raise ValueError(f"the model has no linear named {info.path!r}") from None
+    if getattr(module, "weight", None) is None:
         raise ValueError(f"{info.name} has no dense weight (already factorised?); spectra need an nn.Linear")
-    return W
+    return weight_of(model, info)[0]
 
 
 # ----------------------------------------------------------------------------- disk cache

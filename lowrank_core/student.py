@@ -17,6 +17,7 @@ from torch import nn
 
 from .decompose import Factors
 from .lowrank import LowRankLinear
+from .sliced import assemble_parts
 
 
 class StudentError(ValueError):
@@ -44,8 +45,10 @@ def build_student(teacher: nn.Module, replacements: Mapping[str, nn.Module]) -> 
     """A new model equal to ``teacher`` except that ``replacements[name]`` stands at each ``name``.
 
     Every untouched parameter and buffer is the *same tensor object* as the teacher's (no copy); the
-    teacher and its tensors are not modified. Replacement modules are used as given (not copied).
+    teacher and its tensors are not modified. Replacement modules are used as given (not copied); parts of a
+    fused linear (``<fused>.<part>``, marked by ``sliced.mark_part``) are gathered into a ``SlicedLinear``.
     """
+    replacements = assemble_parts(teacher, replacements)
     memo: dict[int, object] = {}
     for t in list(teacher.parameters()) + list(teacher.buffers()):
         memo[id(t)] = t

@@ -19,6 +19,7 @@ from typing import Optional
 
 from .data.sources import DATA_SOURCES, LOCAL_SUFFIXES
 from .models import TINY_SOURCES, cache_dir
+from .paths import shown_path, too_long
 
 ENV = "LOWRANK_WORKSPACE"
 BUNDLED_SOURCES = tuple(dict.fromkeys(("default",) + DATA_SOURCES + TINY_SOURCES))  # names, not paths
@@ -36,13 +37,31 @@ def workspace_dir() -> Path:
     """The workspace folder (absolute, symlinks resolved), created if missing."""
     raw = os.environ.get(ENV)
     root = Path(raw).expanduser() if raw else cache_dir() / "workspace"
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WorkspaceError(f"the workspace {str(root)!r} cannot be created ({e.strerror or type(e).__name__}); set "
+                             f"{ENV}=/a/writable/folder (or LOWRANK_CACHE, under which it defaults)") from None
     return root.resolve()
 
 
 def _refused(what: str, value: str, why: str, root: Path) -> WorkspaceError:
     return WorkspaceError(f"{what} {value!r} {why}; give a path inside the workspace {root} "
                           "(relative to it, e.g. folder/name)")
+
+
+def _check_length(value: str, what: str, root: Path) -> None:
+    """A path the file system would refuse with ``File name too long`` is refused here, in one line."""
+    why = too_long(value, root)
+    if why:
+        raise _refused(what, shown_path(value), why, root)
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # a name the file system cannot even look up
+        return False
 
 
 def resolve_inside(user_path: str, what: str, must_exist: bool = False) -> Path:
@@ -57,6 +76,7 @@ def resolve_inside(user_path: str, what: str, must_exist: bool = False) -> Path:
     value = str(user_path).strip()
     if not value:
         raise _refused(what, value, "is empty", root)
+    _check_length(value, what, root)
     try:
         path = Path(value).expanduser()
         path = (path if path.is_absolute() else root / path).resolve()
@@ -112,8 +132,10 @@ def app_source(value: str, what: str, local: bool = False) -> str:
     value, root = str(value).strip(), workspace_dir()
     if not local and value in BUNDLED_SOURCES:
         return value
-    if not local and looks_like_hub_id(value) and not (root / value).exists():
-        if Path(value).exists():
+    if value:
+        _check_length(value, what, root)
+    if not local and looks_like_hub_id(value) and not _exists(root / value):
+        if _exists(Path(value)):
             raise _refused(what, value, "would be read from the server's own folder, outside the workspace", root)
         return value
     path = resolve_inside(value, what, must_exist=True)

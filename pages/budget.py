@@ -11,6 +11,7 @@ from lowrank_core import methods
 from lowrank_core.models import resolve_device, resolve_dtype
 from lowrank_core.plan import (RANK_MULTIPLES, PlanError, account, load_plan, plan_from_rows, resolve_plan,
                                rows_from_plan)
+from lowrank_core.rescue import WriteFailed, save_file
 from lowrank_core.speed import DECODE_TOKENS, PREFILL_TOKENS, measure_shapes, shape_groups, speed_rows
 from lowrank_core.workspace import PLAN_SUFFIXES, app_source, plan_source, writable_file
 from ui import cache, state
@@ -125,7 +126,7 @@ multiple = st.selectbox("Round ranks to a multiple of", RANK_MULTIPLES, key=MULT
                              "multiple, never above min(out, in); matmul kernels often run aligned ranks faster")
 
 records = edited.to_dict("records")
-valid, problems = check_rows(records, linears)
+valid, problems = check_rows(records, cache.config_linears(source, parts=True)[1])  # parts of fused linears too
 for message in problems.values():
     st.error(f"Plan error in {message}")
 try:
@@ -217,8 +218,10 @@ workspace_caption(c2)
 if c2.button("Save", key="budget_save", disabled=bool(blocked), help=blocked):
     try:
         target = writable_file(path, "plan file", overwrite=overwrite, suffixes=PLAN_SUFFIXES)
-        plan.save(target)
+        save_file(target, plan.save, "the plan", "budget", needed=len(yaml_text.encode()))
         c2.success(f"Saved {target}")
+    except WriteFailed as e:  # kept in a rescue folder, which the message names
+        c2.error(str(e))
     except ValueError as e:
         c2.error(f"Not saved: {e}")
     except OSError as e:

@@ -119,7 +119,7 @@ if form.pop("submitted"):
                                      batch_tokens=int(v["heal_batch_tokens"]), max_len=min(s.max_len, _H.max_len))
         spec = jobs.job_spec(s, plan, settings, heal)
         spec.validate()
-        plan_mod.resolve_plan(plan, cache.linears(lm), v["method"])  # a bad rule fails here, before any work
+        plan_mod.resolve_plan(plan, cache.linears(lm, parts=True), v["method"])  # a bad rule fails here, before any work
     except ValueError as e:
         st.error(f"Cannot compress: {e}")
     else:

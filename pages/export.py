@@ -61,6 +61,7 @@ if st.button("Export and verify", type="primary", key="export_go"):
     st.session_state.pop("lowrank_last_export", None)  # a failed export must not leave an earlier success
     try:
         folder = export_folder(target, replace)
+        export_mod.check_target(folder, replace)  # refused here, not rescued: a non-export folder, another writer
         spec = job_mod.ExportSpec(dir=str(folder), format=fmt, force=replace, verify=True,
                                   verify_examples=int(n_check))
         out = run_with_status(f"Writing a {fmt} export to {folder}",

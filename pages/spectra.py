@@ -27,7 +27,7 @@ BASES = ["weight", "activation-aware"]
 st.title("Spectra")
 s = state.settings()
 lm = cache.require_model(s)
-linears = cache.linears(lm)
+linears = cache.linears(lm, parts=True)  # a fused linear and its parts (Phi-3)
 n_layers = num_layers(linears)
 modules = list(dict.fromkeys(li.module for li in linears))
 choices = st.session_state.setdefault(CHOICES_KEY, {})

@@ -20,6 +20,8 @@ USER_THREAD_VARIABLES = {k: os.environ.get(k, "unset") for k in ("OMP_NUM_THREAD
 os.environ["LOWRANK_THREADS"] = str(SESSION_THREADS)
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
+from lowrank_core.arch import ARCHS  # noqa: E402  (after the thread count is fixed)
+
 FIXTURES = Path(__file__).parent / "fixtures"
 MISTRAL_CONFIG = FIXTURES / "mistral-7b-openorca-config.json"
 
@@ -32,7 +34,7 @@ def tiny():
     return tiny_model("llama", seed=0)
 
 
-@pytest.fixture(params=["llama", "mistral", "qwen2"])
+@pytest.fixture(params=list(ARCHS))
 def tiny_any(request):
     from lowrank_core.models import tiny_model
 

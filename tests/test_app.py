@@ -9,6 +9,7 @@ from streamlit.testing.v1 import AppTest
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
 MISTRAL_CONFIG = Path(__file__).resolve().parent / "fixtures" / "mistral-7b-openorca-config.json"
+QWEN3_CONFIG = MISTRAL_CONFIG.with_name("qwen3-8b-config.json")
 SEED_NUMBERS = (7_241_748_480, 173_867_040, 6_162_305_024, 4_935_372_800, 7_066_472_448)
 
 
@@ -114,20 +115,22 @@ def test_bad_model_source_is_a_clear_error():
     assert metrics(at)["linears"] == "15" and "90,624 parameters" in texts(at.sidebar.markdown)
 
 
-def test_model_page_maps_a_config_only_source():
+@pytest.mark.parametrize("config,linears,mlp", [(MISTRAL_CONFIG, "225", 32 * 3 * 14336 * 4096),
+                                                 (QWEN3_CONFIG, "253", 36 * 3 * 12288 * 4096)])
+def test_model_page_maps_a_config_only_source(config, linears, mlp):
     import shutil
 
     from lowrank_core.workspace import workspace_dir
 
-    shutil.copy(MISTRAL_CONFIG, workspace_dir() / "mistral-config.json")
+    shutil.copy(config, workspace_dir() / "config-only.json")
     at = started()
     at.selectbox(key="model_kind").set_value("Local folder, config.json or .gguf").run()
-    at.text_input(key="model_text").set_value("mistral-config.json").run()
+    at.text_input(key="model_text").set_value("config-only.json").run()
     at.button(key="apply_settings").click().run()
     assert not at.exception, at.exception
     assert "holds a config only" in texts(at.error)
-    assert metrics(at)["linears"] == "225"  # 32 layers x 7 + untied lm_head
-    assert metrics(at)["mlp weights"] == f"{32 * 3 * 14336 * 4096:,}"
+    assert metrics(at)["linears"] == linears  # layers x 7 + untied lm_head
+    assert metrics(at)["mlp weights"] == f"{mlp:,}"
 
 
 def test_budget_shows_the_seed_numbers_for_the_mistral_config():
@@ -151,6 +154,24 @@ def test_budget_counts_the_edited_plan_and_stores_it():
     assert metrics(at)["after the plan"] == f"{compressed:,}"
     plan = at.session_state["lowrank_plan"]["plan"]
     assert [(r.modules, r.rank) for r in plan.rules] == [(["mlp"], 8)]
+
+
+def test_budget_plan_save_failure_keeps_the_plan_and_says_where(monkeypatch, tmp_path):
+    from test_rescue import failing_once
+
+    from lowrank_core.plan import Plan, load_plan
+    from lowrank_core.workspace import workspace_dir
+
+    monkeypatch.setattr(Plan, "save", failing_once(Plan.save, OSError(28, "No space left on device")))
+    at = started("pages/budget.py")
+    (workspace_dir() / "plans").mkdir(parents=True, exist_ok=True)
+    at.button(key="budget_save").click().run()
+    assert not at.exception, at.exception
+    kept = next((tmp_path / "cache" / "rescued").iterdir())
+    error = texts(at.error)
+    assert f"writing the plan to {workspace_dir() / 'plans' / 'plan.yaml'} failed" in error
+    assert f"saved to {kept} instead" in error and not (workspace_dir() / "plans" / "plan.yaml").exists()
+    assert load_plan(str(kept)).to_dict() == at.session_state["lowrank_plan"]["plan"].to_dict()
 
 
 def test_budget_bad_rule_shows_the_plan_error():
@@ -457,6 +478,27 @@ def test_export_writes_a_verified_folder_and_refuses_to_overwrite():
     assert "already exists" in texts(at.error)
 
 
+def test_export_failure_is_one_line_naming_the_target_and_the_rescue(monkeypatch, tmp_path):
+    import safetensors.torch
+    from safetensors import SafetensorError
+    from test_rescue import failing_once
+
+    from lowrank_core.workspace import workspace_dir
+
+    at = compressed("mlp:r8")
+    at.switch_page("pages/export.py").run()
+    full_disk = SafetensorError("Error while serializing: I/O error: No space left on device")
+    monkeypatch.setattr(safetensors.torch, "save_file", failing_once(safetensors.torch.save_file, full_disk))
+    at.text_input[0].set_value("student")
+    at.button(key="export_go").click().run()
+    assert not at.exception, at.exception
+    kept = next((tmp_path / "cache" / "rescued").iterdir())
+    error = texts(at.error)
+    assert f"writing the dense export to {workspace_dir() / 'student'} failed (Error while serializing" in error
+    assert f"saved unverified to {kept} instead" in error and "\n" not in error.strip()
+    assert not (workspace_dir() / "student").exists() and (kept / "lowrank.json").is_file()
+
+
 def test_pages_say_what_to_do_before_any_compression():
     for page in ("pages/evaluate.py", "pages/export.py"):
         at = started(page)
@@ -520,6 +562,41 @@ def test_runs_of_another_model_are_not_offered_as_its_students():
     assert not at.exception, at.exception
     assert "Compress a model on the **Compress** page first" in texts(at.info)
     assert len(at.dataframe[-1].value) == 1  # the run stays in the session's runs table
+
+
+def test_every_page_on_phi3_plans_fused_linears_by_parts(monkeypatch):
+    """tiny-phi3 (fused qkv_proj / gate_up_proj): the map, Budget and Spectra render, Compress builds a plan on
+    the parts with the engine's exact count, Evaluate scores it and Export writes a verified factorized folder."""
+    from lowrank_core.models import load_config
+    from lowrank_core.plan import account
+
+    monkeypatch.setenv("LOWRANK_APP_MODEL", "tiny-phi3")
+    at = started()
+    assert metrics(at)["linears"] == "9"  # 2 layers x (qkv_proj, o_proj, gate_up_proj, down_proj) + lm_head
+    at.session_state["spectra_aware"] = False
+    for page in ("pages/budget.py", "pages/spectra.py"):
+        at.switch_page(page).run()
+        assert not at.exception, (page, at.exception)
+        assert not at.error, (page, texts(at.error))
+    plan = "q_proj:r4; k_proj:r2; 1:up_proj:r6"
+    at.switch_page("pages/compress.py").run()
+    at.text_area(key="compress_plan").set_value(plan)
+    at.form_submit_button[0].click().run()
+    at = finish_job(at)
+    assert not at.error, texts(at.error)
+    assert metrics(at)["parameters after"] == f"{account(load_config('tiny-phi3'), plan).compressed:,}"
+    at.switch_page("pages/evaluate.py").run()
+    at.button(key="eval_go").click().run()
+    assert at.session_state["lowrank_pending_compare"].wait(120)
+    at.run()
+    assert not at.exception, at.exception
+    assert "Δ loss (student − teacher)" in metrics(at)
+    at.switch_page("pages/export.py").run()
+    at.radio(key="export_format").set_value("factorized").run()
+    at.text_input[0].set_value("phi3-student")
+    at.button(key="export_go").click().run()
+    assert not at.exception, at.exception
+    assert "Verified" in texts(at.success), texts(at.error)
 
 
 @pytest.mark.integration

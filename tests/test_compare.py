@@ -128,7 +128,7 @@ def test_means_match_evaluation_and_per_example_sums_match_a_manual_pass(tiny):
     model, tok = tiny
     student = perturbed(model, 0.2)
     exs = examples(12)
-    c = compare(model, student, tok, exs, CompareSettings(examples=12, batch_size=5, bootstrap=50))
+    c = compare(model, student, tok, exs, CompareSettings(examples=12, batch_size=5, bootstrap=50, teacher_cache="off"))
     means = evaluate_models({"teacher": model, "student": student}, tok, exs, batch_size=1)
     assert c.loss("teacher") == pytest.approx(means["teacher"].loss, rel=1e-5)
     assert c.loss("student") == pytest.approx(means["student"].loss, rel=1e-5)
@@ -168,7 +168,7 @@ def test_memory_does_not_grow_with_the_number_of_examples(tiny):
     tracemalloc.start()
     try:
         compare(model, student, tok, (ex for ex in examples(200)),
-                CompareSettings(examples=200, batch_size=4, bootstrap=20), progress=progress)
+                CompareSettings(examples=200, batch_size=4, bootstrap=20, teacher_cache="off"), progress=progress)
     finally:
         tracemalloc.stop()
     assert len(counts) == 50

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from lowrank_core.arch import ARCHS
 from lowrank_core.compress import CompressSettings, compress
 from lowrank_core.methods.refit import RefitSettings
 from lowrank_core.data import calibration_batches, split_examples
@@ -63,9 +64,10 @@ def test_whitened_beats_svd_per_matrix(calib):
         assert row["rel_error_fit"] <= rows["svd"][name]["rel_error_fit"] + 1e-9, name
 
 
-def test_layerwise_matches_fast_path_on_first_compressed_layer(calib):
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_layerwise_matches_fast_path_on_first_compressed_layer(calib, arch):
     """Before any layer is compressed both paths see the teacher's inputs: identical factors and errors."""
-    model, tok = tiny_model("qwen2", layers=2)
+    model, tok = tiny_model(arch, layers=2)
     fast = compress(model, tok, "all:r8", calib, _settings("whitened"))
     seq = compress(model, tok, "all:r8", calib, _settings("whitened", layerwise=True))
     for a, b in zip(fast.layers, seq.layers):

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowrank_core import data
+from lowrank_core.arch import ARCHS
 from lowrank_core.cli import main
 from lowrank_core.data import Example
 from lowrank_core.evaluate import EvalResult, evaluate, evaluate_models
@@ -83,7 +84,7 @@ def test_prompt_logits_do_not_count(tiny):
     assert abs(wrecked_answer.loss - clean.loss) > 0.1
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("arch", list(ARCHS))
 def test_batched_equals_unbatched(arch):
     model, tok = tiny_model(arch, seed=1)
     examples = varied_examples()

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from lowrank_core import layerwise as lw
+from lowrank_core.arch import ARCHS, arch_of
 from lowrank_core.models import tiny_model
 
 
@@ -21,8 +22,9 @@ def _batches():
             {"input_ids": ids2, "attention_mask": torch.ones(2, 7, dtype=torch.long)}]
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("arch", list(ARCHS))
 def test_layer_by_layer_reproduces_full_model(arch):
+    """Also SmolLM3's rope-less layers and Granite's in-layer residual multiplier and scaled logits."""
     model, _ = tiny_model(arch, layers=3)
     batches = _batches()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -35,7 +37,7 @@ def test_layer_by_layer_reproduces_full_model(arch):
         for b, batch in enumerate(batches):
             ref = model(**batch, output_hidden_states=True)
             real = batch["attention_mask"].bool()
-            logits = model.lm_head(lw.final_norm(model)(hidden[b]))
+            logits = arch_of(model).logits_of(model, lw.final_norm(model)(hidden[b]))  # head + soft-cap
             assert torch.equal(logits[real], ref.logits[real])
             assert torch.equal(lw.final_norm(model)(hidden[b])[real], ref.hidden_states[-1][real])
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -95,15 +95,16 @@ def require_model(s: Settings):
     return lm
 
 
-def linears(lm) -> list:
-    """``archmap.linear_map`` of a loaded model, cached by its fingerprint."""
-    return memo("linear_map", lm.fingerprint, lambda: linear_map(lm.model))
+def linears(lm, parts: bool = False) -> list:
+    """``archmap.linear_map`` of a loaded model, cached by its fingerprint (``parts``: with the parts of fused
+    linears, what a plan resolves on)."""
+    return memo("linear_map", (lm.fingerprint, parts), lambda: linear_map(lm.model, parts=parts))
 
 
-def config_linears(source: str) -> tuple:
+def config_linears(source: str, parts: bool = False) -> tuple:
     """(meta-device model, its linears) from a source's config alone: no weights are read."""
     meta = memo("meta_model", source, lambda: meta_model(model_config(source)), max_entries=4)
-    return meta, memo("meta_linears", source, lambda: linear_map(meta), max_entries=4)
+    return meta, memo("meta_linears", (source, parts), lambda: linear_map(meta, parts=parts), max_entries=4)
 
 
 def split_key(s: Settings) -> tuple:

@@ -143,7 +143,7 @@ def example_loss(model, input_ids: Tensor, labels: Tensor) -> Tensor:
     selected = targets != IGNORE_INDEX
     if spec is not None and spec.plain_head:   # devices: a dispatched model's layers may sit on several
         hidden = spec.decoder_of(model)(input_ids=input_ids, use_cache=False).last_hidden_state
-        logits = spec.head_of(model)(hidden[:, :-1][selected.to(hidden.device)])
+        logits = spec.logits_of(model, hidden[:, :-1][selected.to(hidden.device)])
     else:
         logits = model(input_ids=input_ids, use_cache=False).logits
         logits = logits[:, :-1][selected.to(logits.device)]

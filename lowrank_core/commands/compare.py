@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
-from pathlib import Path
+import io
 
 from ..cli import at_least, note_dropped, print_json
 from ..compare import CompareSettings
@@ -26,6 +26,7 @@ from ..options import add_arguments, from_args
 from ..paths import check_output_file
 from ..plan import PlanOptions
 from ..progress import TqdmProgress
+from ..rescue import save_file
 from ..table import format_table
 from .evaluate import add_device_map_argument, in_launch
 
@@ -95,11 +96,15 @@ def _run(args, spec: CompareSpec, rank: int, size: int) -> int:
 
 
 def _write_rows(path: str, result: CompareResult) -> None:
+    """The per-example rows as CSV at ``path`` (atomically); on any failure kept in a rescue folder."""
     rows = [{"student": label, **row} for label, c in result.comparisons.items() for row in c.rows()]
-    with open(Path(path).expanduser(), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["student"])
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]) if rows else ["student"])
+    writer.writeheader()
+    writer.writerows(rows)
+    data = text.getvalue()
+    save_file(path, lambda p: p.write_text(data, newline=""), "the per-example rows", "compare",
+              needed=len(data.encode()))
 
 
 def print_report(record: dict) -> None:

@@ -9,16 +9,16 @@ the same student.
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 from ..allocate import DEFAULT_KEEPS, GRADIENT_SCORES, PROBES, SearchSettings
 from ..cli import CliError, note_dropped, print_json
 from ..compress import CompressSettings
 from ..heal import HealSettings
-from ..job import DataSpec, EvalSpec, ModelSpec, rescue_dir
+from ..job import DataSpec, EvalSpec, ModelSpec
 from ..options import add_arguments, from_args
 from ..paths import check_output_file
 from ..progress import TqdmProgress
+from ..rescue import save_file
 from ..search_job import DEFAULT_VAL, SearchResult, SearchSpec, run_search
 from ..table import format_table
 
@@ -98,14 +98,9 @@ def run(args) -> int:
 
 
 def _save(found: SearchResult, out: str) -> None:
+    """The plan at ``out`` (atomically); on any failure it is kept in a rescue folder named in the error."""
     plan = found.allocation.plan
-    try:
-        plan.save(out)
-    except OSError as e:  # the folder vanished or became read-only during the search: keep the plan
-        rescue = rescue_dir("search").with_suffix(Path(out).suffix)
-        rescue.parent.mkdir(parents=True, exist_ok=True)
-        plan.save(rescue)
-        raise CliError(f"saving the plan to {out} failed ({e}); it was saved to {rescue} instead") from e
+    save_file(out, plan.save, "the plan", "search", needed=len(plan.to_yaml().encode()))
 
 
 def print_report(found: SearchResult, record: dict) -> None:

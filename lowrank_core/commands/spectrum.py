@@ -7,7 +7,7 @@ from ..cli import CliError, at_least, print_json
 from ..calibrate import collect_grams
 from ..data import calibration_batches, calibration_id, make_split
 from ..job import ModelSpec
-from ..models import factorized_export_config, load_config, load_model
+from ..models import cache_dir, factorized_export_config, load_config, load_model
 from ..options import add_arguments, from_args
 from ..progress import TqdmProgress
 from ..spectra import ENERGY_LEVELS, linear_spectrum
@@ -82,11 +82,13 @@ def run(args) -> int:
     at_least(8, max_len=args.max_len)
     at_least(0, seed=args.seed)
     m = from_args(ModelSpec, args, "model")
+    if not args.no_cache:
+        cache_dir(write=True)  # spectra are cached there: a read-only cache is one line before any work
     if factorized_export_config(m.source) is None:  # a bad --layer / --module fails before any weight loads
-        _find_linear(linear_map(load_config(m.source)), args.layer, args.module, args.expert)
+        _find_linear(linear_map(load_config(m.source), parts=True), args.layer, args.module, args.expert)
     split = make_split(args.data, n_calib=args.calib, n_eval=0, seed=args.seed) if args.calib > 0 else None
     loaded = load_model(m.source, dtype=m.dtype, device=m.device)
-    info = _find_linear(linear_map(loaded.model), args.layer, args.module, args.expert)
+    info = _find_linear(linear_map(loaded.model, parts=True), args.layer, args.module, args.expert)
     gram, gram_id, calib_desc = None, None, None
     if split is not None:
         calib_id = calibration_id(split, len(split.calib), args.max_len)

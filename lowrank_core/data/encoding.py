@@ -22,10 +22,15 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
+from jinja2.exceptions import TemplateError
 
 from .sources import Example
+from .template import ChatTemplateError, render_error
 
 IGNORE_INDEX = -100
+CLIP_CHARS_PER_TOKEN = 8   # a text field is first cut to max_len * this (+ CLIP_SLACK) characters ...
+CLIP_SLACK = 256
+CLIP_MARGIN = 64           # ... and kept cut when that still gives max_len + this many tokens (else doubled)
 
 
 @dataclass(frozen=True)
@@ -41,8 +46,11 @@ class Encoded:
 
 def _render(tokenizer, messages: list, add_generation_prompt: bool) -> str:
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(f"tokenizer {type(tokenizer).__name__} has no chat template; set tokenizer.chat_template")
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        raise ChatTemplateError(f"tokenizer {type(tokenizer).__name__} has no chat template; set tokenizer.chat_template")
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except TemplateError as e:  # the sandbox's SecurityError, raise_exception(...), a syntax error
+        raise render_error(tokenizer, e) from None
 
 
 def _ids(tokenizer, text: str) -> list:
@@ -93,22 +101,51 @@ def answer_ids(tokenizer, prompt_text: str, prompt: list, answer: str) -> list:
     return _ids(tokenizer, answer)
 
 
+def clip_text(tokenizer, text: str, max_len: int) -> str:
+    """``text`` cut before tokenisation so that memory per example stays bounded whatever its size: to
+    ``max_len * CLIP_CHARS_PER_TOKEN + CLIP_SLACK`` characters, doubled while the cut text gives fewer than
+    ``max_len + CLIP_MARGIN`` tokens; the whole text when it is not longer. A field cut this way alone
+    fills the ``max_len`` window, so the first ``max_len`` tokens of an example are those of its uncut text:
+    only the tokens of the word cut in two can differ, and they lie past the window unless that one word
+    spans more than ``CLIP_MARGIN`` tokens."""
+    limit = int(max_len) * CLIP_CHARS_PER_TOKEN + CLIP_SLACK
+    while len(text) > limit:
+        cut = text[:limit]
+        if len(_ids(tokenizer, cut)) >= int(max_len) + CLIP_MARGIN:
+            return cut
+        limit *= 2
+    return text
+
+
+def clipped_example(tokenizer, example: Example, max_len: int) -> Example:
+    """``example`` with each text field cut by :func:`clip_text` (the same object when nothing is cut)."""
+    fields = [clip_text(tokenizer, text, max_len) for text in (example.system, example.user, example.answer)]
+    if all(a is b for a, b in zip(fields, (example.system, example.user, example.answer))):
+        return example
+    return Example(*fields)
+
+
 def encode_example(tokenizer, example: Example, max_len: int = 512,
-                   end_of_turn: Optional[int] = None) -> Optional[Encoded]:
+                   end_of_turn: Optional[int] = None, whole: bool = False) -> Optional[Encoded]:
     """Prompt ids (chat template, generation prompt) + answer ids + end-of-turn id, cut to ``max_len``.
 
     Prompt ids are the rendered prompt tokenized alone; answer ids follow ``answer_ids`` (never a
     token spanning the boundary). Labels copy the answer and end-of-turn ids and are -100 on the
-    prompt. Returns None when truncation leaves no answer token. ``end_of_turn`` defaults to
-    ``end_of_turn_id(tokenizer)``.
+    prompt. Returns None when truncation leaves no answer token, unless ``whole`` (calibration: the first
+    ``max_len`` tokens of prompt and answer, however long the prompt). ``end_of_turn`` defaults to
+    ``end_of_turn_id(tokenizer)``. Text fields are cut before tokenisation (:func:`clipped_example`):
+    a 5 MB record costs what a ``max_len`` one does.
     """
     if int(max_len) < 2:
         raise ValueError(f"max_len {max_len!r} must be >= 2")
     if end_of_turn is None:
         end_of_turn = end_of_turn_id(tokenizer)
+    example = clipped_example(tokenizer, example, max_len)
     prompt_text = _render(tokenizer, prompt_messages(example), True)
     prompt = _ids(tokenizer, prompt_text)
     if len(prompt) >= max_len:
+        if whole:
+            return Encoded(input_ids=prompt[:max_len], labels=[IGNORE_INDEX] * max_len)
         return None
     answer = answer_ids(tokenizer, prompt_text, prompt, example.answer) + [int(end_of_turn)]
     answer = answer[: max_len - len(prompt)]
@@ -197,9 +234,9 @@ def calibration_batches(tokenizer, examples: Sequence, batch_size: int = 4, max_
     eot, pad = end_of_turn_id(tokenizer), pad_id(tokenizer)
     encoded = []
     for ex in examples:
-        enc = encode_example(tokenizer, ex, 1 << 30, end_of_turn=eot)
+        enc = encode_example(tokenizer, ex, max_len, end_of_turn=eot, whole=True)
         if enc is not None:
-            encoded.append(Encoded(enc.input_ids[:max_len], enc.labels[:max_len]))
+            encoded.append(enc)
     encoded.sort(key=lambda e: len(e.input_ids))
     return [collate(encoded[i:i + batch_size], pad) for i in range(0, len(encoded), batch_size)]
 

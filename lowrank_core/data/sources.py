@@ -24,6 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Union
 
+from ..paths import shown_path, too_long
+from .records import check_fields, check_utf8, iter_json_file
+
 DATA_SOURCES = ("default", "chatterbot")  # named sources; also local files/folders and hub ids
 ORCA_COLUMNS = ("system_prompt", "question", "response")
 LOCAL_SUFFIXES = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}
@@ -201,6 +204,8 @@ def _local_files(path: Path) -> tuple[str, list[str]]:
         if _is_empty(file):
             raise DataSourceError(f"data source {str(path)!r}: {file} is empty (no records); fill it with "
                                   f"{', '.join(ORCA_COLUMNS)} records or remove it")
+        if file.suffix != ".parquet":  # a byte that is not UTF-8 fails now, naming its line
+            check_utf8(file, lambda message: DataSourceError(f"data source {str(path)!r}: {message}"))
     return kinds.pop(), [str(p) for p in files]
 
 
@@ -224,10 +229,18 @@ def _check_columns(columns, source: str) -> None:
                               f"required {list(ORCA_COLUMNS)} (OpenOrca layout)")
 
 
-def iter_orca_records(records: Iterable[dict], source: str, dropped: Optional[dict] = None) -> Iterator[Example]:
-    """Examples from OpenOrca-style dict records; the first record's columns are checked; records without
-    a question or response are counted in ``dropped`` (``missing question``, ``empty response``...)."""
-    for i, record in enumerate(records):
+def _error(message: str) -> DataSourceError:
+    return DataSourceError(message)
+
+
+def iter_orca_records(records: Iterable, source: str, dropped: Optional[dict] = None) -> Iterator[Example]:
+    """Examples from OpenOrca-style dict records, or ``(where, record)`` pairs naming each record's place;
+    the first record's columns are checked, every record's fields must be strings (or null: a number or a
+    list is refused naming the record); records without a question or response are counted in
+    ``dropped`` (``missing question``, ``empty response``...)."""
+    for i, item in enumerate(records):
+        where, record = item if isinstance(item, tuple) else (f"data source {source!r} record {i + 1}", item)
+        record = check_fields(record, where, ORCA_COLUMNS, _error)
         if i == 0:
             _check_columns(record.keys(), source)
         example = _example_or_drop(record.get("system_prompt"), record.get("question"), record.get("response"),
@@ -246,6 +259,8 @@ def iter_orca(source: str, dropped: Optional[dict] = None) -> Iterator[Example]:
     path = Path(source).expanduser()
     if path.exists():
         builder, files = _local_files(path)
+        if builder == "json":  # read here, not by datasets: every record is named by its file and line
+            return iter_orca_records(_json_records(files), source, dropped)
         try:
             ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=True)
         except Exception as e:  # noqa: BLE001 - re-raised naming the file (datasets raises even StopIteration)
@@ -265,6 +280,11 @@ def iter_orca(source: str, dropped: Optional[dict] = None) -> Iterator[Example]:
     if features:
         _check_columns(features.keys(), source)
     return iter_orca_records(ds, source, dropped)
+
+
+def _json_records(files: list) -> Iterator[tuple[str, object]]:
+    for file in files:
+        yield from iter_json_file(Path(file), _error, iter_json_records)
 
 
 # ----------------------------------------------------------------------------- any source
@@ -291,6 +311,9 @@ def iter_examples(source: Union[str, Path] = "default", dropped: Optional[dict] 
     The source is validated when this is called (not at the first ``next``), so a bad source fails early.
     """
     source_str = str(source)
+    why = too_long(source_str)
+    if why:
+        raise DataSourceError(f"data source {shown_path(source_str)!r} {why}")
     if source_str == "default":
         raw = iter_sharegpt(sharegpt_path(), dropped)
     elif source_str == "chatterbot":

@@ -130,7 +130,9 @@ def _how_to_load(m: dict) -> str:
                 f"For the model, `trust_remote_code=True` runs one file only: the bundled `{MODELING_FILE}` (torch and "
                 "transformers, nothing else), which subclasses the base architecture's transformers classes "
                 "and builds each matrix listed in `config.json` (`lowrank_ranks`) as two linears, "
-                "`down [r × in]` then `up [out × r]`. Read it before loading; when loading from the Hub, pin "
+                "`down [r × in]` then `up [out × r]` (a fused linear listed in `lowrank_slices`, as Phi-3's "
+                "`qkv_proj`, as its row parts, outputs concatenated). Read it before loading; when loading from "
+                "the Hub, pin "
                 "`revision=` to a commit you have read. With `lowrank_core` installed no remote code runs at "
                 "all: `from lowrank_core.export import load_factorized; model = load_factorized(path).model`.")
     return ("## How to load\n\nPlain transformers, no custom code:\n\n```python\n"

@@ -4,12 +4,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..rescue import WriteFailed
+
 FORMATS = ("dense", "factorized")
 MODELING_FILE = "modeling_lowrank.py"  # copied into every factorized export
 
 
 class ExportError(ValueError):
     """An export that cannot be written or read (bad format, existing target, unsupported model)."""
+
+
+class ExportWriteError(ExportError, WriteFailed):
+    """Writing an export failed (full disk, a concurrent writer, ...); the message names the target."""
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:

@@ -14,9 +14,8 @@ from ..archmap import count_parameters
 from ..lowrank import low_rank_modules, ranks_of
 from ..plan import load_plan
 from ..threads import runtime_record
+from ..weightfiles import MANIFEST
 from .card import invocation
-
-MANIFEST = "lowrank.json"
 
 
 def _plain(value):

@@ -69,7 +69,7 @@ def reload_export(folder: Union[str, Path], format: str, dtype: torch.dtype, dev
     hf_logging.disable_progress_bar()  # our own progress reports the phase
     try:
         model, info = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=(format == "factorized"),
-                                                           **kw)
+                                                           use_safetensors=True, **kw)
     finally:
         if bars:
             hf_logging.enable_progress_bar()

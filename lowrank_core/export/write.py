@@ -6,16 +6,23 @@
 - ``factorized``: safetensors hold ``<name>.down.weight [r, in]``, ``<name>.up.weight [out, r]`` (and
   ``up.bias``) plus every untouched weight; ``config.json`` records ``lowrank_ranks`` ({name: rank}) and an
   ``auto_map`` to ``modeling_lowrank.py``, a copy of :mod:`lowrank_core.modeling_lowrank` with the base
-  architecture's transformers classes (from the arch table) filled in.
+  architecture's transformers classes (from the arch table) filled in. A fused linear factorised by parts
+  (a ``SlicedLinear``) is re-fused (parts' rows concatenated) in ``dense`` and kept as parts in ``factorized``
+  (``lowrank_slices``: {name: [[part, rows], ...]} rebuilds it from the config).
 
 :func:`export_student` writes into a temporary sibling folder, verifies it (:mod:`.verify`) and renames
-it into place; any error (also Ctrl-C) removes it. Every export also holds ``lowrank.json`` (:mod:`.manifest`),
-``README.md``, a Hugging Face model card, and ``recipe.yaml``, the job's recipe (:mod:`.card`).
+it into place; any error (also Ctrl-C) removes it, and the error names the target. It first checks that
+the target's disk has room for the weights and holds the target's writer lock (``tempdirs.writer_lock``)
+throughout: a second writer of the same folder fails at once. The manifest lists every weight file
+with its size and sha256 (``files``; loading refuses a folder that differs: :mod:`lowrank_core.weightfiles`).
+Every export also holds ``lowrank.json`` (:mod:`.manifest`), ``README.md``, a Hugging Face model card, and
+``recipe.yaml``, the job's recipe (:mod:`.card`).
 The student shares tensors with the teacher: nothing is modified.
 """
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import os
 import re
@@ -33,16 +40,20 @@ from ..arch import FACTORIZED_PREFIX, ArchSpec, UnsupportedArchitectureError, ar
 from ..experts import stacked_tensors
 from ..lowrank import low_rank_modules, ranks_of
 from ..progress import Progress, ensure_progress
-from ..tempdirs import mark_complete, temp_sibling
+from ..rescue import USER_CAUSES, free_bytes, one_line
+from ..sliced import sliced_modules
+from ..tempdirs import lock_holder, mark_complete, temp_sibling, writer_lock
+from ..weightfiles import weight_files
 from .card import write_card
-from .common import FORMATS, MODELING_FILE, ExportError, model_dtype
+from .common import FORMATS, MODELING_FILE, ExportError, ExportWriteError, model_dtype
 from .manifest import MANIFEST, complete_manifest, write_manifest
-from .verify import verify_export
+from .verify import ExportVerificationError, verify_export
 
 MODELING_TEMPLATE = Path(__file__).resolve().parent.parent / MODELING_FILE
 CONFIG_CLASS, MODEL_CLASS = "LowRankConfig", "LowRankForCausalLM"  # the classes of modeling_lowrank.py
 MAX_SHARD_BYTES = 4 * 1024 ** 3
 FACTOR_KEYS = (".down.weight", ".up.weight", ".up.bias")
+RECORDS_BYTES = 16 * 1024 ** 2  # allowance for config, tokenizer, manifest and card beside the weights
 
 
 @dataclass
@@ -96,7 +107,22 @@ def _dense_tensors(model: nn.Module) -> dict[str, Callable[[], torch.Tensor]]:
             out[name + ".weight"] = (lambda m=mod: _merged_weight(m, dtype))
             if mod.up.bias is not None:
                 out[name + ".bias"] = (lambda b=mod.up.bias: b.detach().to(dtype))
-    return stacked_tensors(model, out)  # MoE: transformers' stacked expert tensors
+    return stacked_tensors(model, _refused(out, sliced_modules(model)))  # MoE: transformers' stacked experts
+
+
+def _refused(thunks: dict, sliced: dict) -> dict[str, Callable[[], torch.Tensor]]:
+    """``thunks`` with each ``SlicedLinear``'s parts ``<name>.<part>.weight`` / ``.bias`` concatenated back
+    into the fused ``<name>.weight`` / ``.bias`` (rows in layout order), standing where its first part stood."""
+    out: dict[str, Callable[[], torch.Tensor]] = {}
+    for key, thunk in thunks.items():
+        owner, _, leaf = key.rpartition(".")
+        name, _, part = owner.rpartition(".")
+        if name not in sliced or part not in sliced[name].part_names:
+            out[key] = thunk
+        elif name + "." + leaf not in out:
+            keys = [f"{name}.{p}.{leaf}" for p in sliced[name].part_names]
+            out[name + "." + leaf] = (lambda ks=keys: torch.cat([thunks[k]() for k in ks], dim=0))
+    return out
 
 
 def _factorized_tensors(model: nn.Module) -> dict[str, Callable[[], torch.Tensor]]:
@@ -122,11 +148,14 @@ def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def _sizes(thunks: dict[str, Callable[[], torch.Tensor]], model: nn.Module) -> dict[str, int]:
     """Bytes of every tensor to write, without materialising merged weights."""
     dtype_size = torch.empty((), dtype=model_dtype(model)).element_size()
-    low = low_rank_modules(model)
+    low, sliced = low_rank_modules(model), sliced_modules(model)
     sizes = {}
     for key in thunks:
         name, _, leaf = key.rpartition(".")
-        if name in low and leaf == "weight":
+        if name in sliced:  # a re-fused weight [out, in] or bias [out]
+            mod = sliced[name]
+            sizes[key] = mod.out_features * (mod.in_features if leaf == "weight" else 1) * dtype_size
+        elif name in low and leaf == "weight":
             sizes[key] = low[name].up.weight.shape[0] * low[name].down.weight.shape[1] * dtype_size
         elif name in low and leaf == "bias":
             sizes[key] = low[name].up.weight.shape[0] * dtype_size
@@ -134,6 +163,21 @@ def _sizes(thunks: dict[str, Callable[[], torch.Tensor]], model: nn.Module) -> d
             t = thunks[key]()
             sizes[key] = t.numel() * t.element_size()
     return sizes
+
+
+def export_bytes(student: nn.Module, format: str) -> int:
+    """Bytes a ``format`` export of ``student`` takes: its weights exactly, plus :data:`RECORDS_BYTES`."""
+    thunks = _dense_tensors(student) if format == "dense" else _factorized_tensors(student)
+    return sum(_sizes(thunks, student).values()) + RECORDS_BYTES
+
+
+def check_room(target: Path, needed: int, format: str) -> None:
+    """ExportWriteError naming ``target`` when its disk has fewer than ``needed`` bytes free."""
+    free = free_bytes(Path(target).parent)
+    if free < needed:
+        raise ExportWriteError(f"export target {target}: its disk has {free:,} bytes free, the {format} export "
+                               f"needs about {needed:,}; free space or choose another disk") \
+            from OSError(errno.ENOSPC, f"{free:,} bytes free, about {needed:,} needed")
 
 
 def write_safetensors(thunks: dict[str, Callable[[], torch.Tensor]], sizes: dict[str, int], folder: Path,
@@ -157,7 +201,7 @@ def write_safetensors(thunks: dict[str, Callable[[], torch.Tensor]], sizes: dict
     names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     for i, (keys, fname) in enumerate(zip(shards, names)):
         progress(i, n, f"writing {fname}")
-        tensors = {k: thunks[k]().detach().to("cpu").contiguous() for k in keys}
+        tensors = {k: _owned(thunks[k]().detach().to("cpu").contiguous()) for k in keys}
         save_file(tensors, str(folder / fname), metadata={"format": "pt"})
         del tensors
     if n > 1:
@@ -166,6 +210,12 @@ def write_safetensors(thunks: dict[str, Callable[[], torch.Tensor]], sizes: dict
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     progress(n, n, "weights written")
     return names
+
+
+def _owned(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, or a copy when it views part of a larger storage (a dense part of a ``SlicedLinear``: row views
+    of one fused weight, which safetensors refuses as shared)."""
+    return tensor if tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size() else tensor.clone()
 
 
 # ----------------------------------------------------------------------------- configs and modeling file
@@ -194,6 +244,9 @@ def _factorized_config(model: nn.Module, spec: ArchSpec) -> dict:
              lowrank_base_model_type=spec.model_type, lowrank_ranks=ranks,
              dtype=str(model_dtype(model)).replace("torch.", ""),
              auto_map={"AutoConfig": f"{module}.{CONFIG_CLASS}", "AutoModelForCausalLM": f"{module}.{MODEL_CLASS}"})
+    slices = {name: m.layout() for name, m in sliced_modules(model).items()}
+    if slices:
+        d["lowrank_slices"] = slices  # fused linears rebuilt as parts: {name: [[part, rows], ...]}
     if spec.head in ranks:
         d[spec.tie_attr] = False  # the factorised head is its own matrix
     return d
@@ -252,6 +305,15 @@ def _strip_foreign_code(folder: Path, format: str) -> None:
 def check_target(target: Path, force: bool) -> None:
     """Raise ExportError if ``target`` exists and may not (or must not) be replaced."""
     target = Path(target).expanduser().absolute()
+    holder = lock_holder(target)
+    if holder is not None:
+        raise ExportError(f"export target {target} is being written by {holder} right now; wait for it to finish "
+                          "or choose another folder")
+    check_replaceable(target, force)
+
+
+def check_replaceable(target: Path, force: bool) -> None:
+    """:func:`check_target` without the writer lock (its holder's own check before the move)."""
     if not target.exists():
         return
     if not force:
@@ -319,18 +381,37 @@ def export_student(student: nn.Module, tokenizer, target_dir: Union[str, Path], 
     or input ids [B, T] for the logit comparison (default: two short chat prompts). ``eval_examples``:
     examples whose answer loss is computed on the reloaded export and on the student. Raises ExportError
     for a bad format, an unsupported model (factorized) or an existing target without ``force``;
-    ExportVerificationError when the reload differs.
+    ExportVerificationError when the reload differs; ExportWriteError, naming the target, when another
+    writer holds it, its disk lacks room or writing fails (a bug keeps its type, the target in a note).
     """
     if format not in FORMATS:
         raise ExportError(f"unknown export format {format!r}; allowed: {', '.join(FORMATS)}")
     target = Path(target_dir).expanduser().absolute()
     check_target(target, force)
-    progress = ensure_progress(progress)
+    try:
+        with writer_lock(target, "export target"):
+            return _write_verified(student, tokenizer, target, format, manifest, force, verify, probe, eval_examples,
+                                   tolerance, max_shard_bytes, ensure_progress(progress))
+    except (ExportVerificationError, ExportWriteError):
+        raise
+    except Exception as e:  # noqa: BLE001 - every failure names the target
+        text = f"writing the {format} export to {target} failed: {one_line(e)}"
+        if not isinstance(e, USER_CAUSES):
+            e.add_note(text)
+            raise
+        raise ExportWriteError(text) from e
+
+
+def _write_verified(student, tokenizer, target: Path, format: str, manifest, force: bool, verify: bool, probe,
+                    eval_examples, tolerance, max_shard_bytes: int, progress: Progress) -> ExportResult:
+    """:func:`export_student`'s work, under the target's writer lock."""
+    check_room(target, export_bytes(student, format), format)
     t0 = time.perf_counter()
     tmp = _temp_sibling(target, "tmp")
     try:
         full = complete_manifest(manifest, student, format)
         write_export(student, tokenizer, tmp, format, max_shard_bytes, progress)
+        full["files"] = weight_files(tmp)
         _write_records(tmp, full)
         t_write = time.perf_counter() - t0
         check = {"max_logit_diff": None, "tolerance": None, "reload_loss": None, "student_loss": None}
@@ -341,7 +422,7 @@ def export_student(student: nn.Module, tokenizer, target_dir: Union[str, Path], 
         t_verify = time.perf_counter() - t0 - t_write
         _ordinary_permissions(tmp)
         mark_complete(tmp)
-        check_target(target, force)  # the target may have appeared meanwhile
+        check_replaceable(target, force)  # the target may have appeared meanwhile
         _move_into_place(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -47,6 +47,7 @@ from ..decompose import (Factors, FactorizationError, WhitenedBasis, Whitening, 
 from ..experts import expert_of
 from ..layerwise import call_layer, to_device
 from ..progress import Progress, ensure_progress
+from ..sliced import fused_path, teacher_weight
 from .base import LayerContext, register
 from .whitened import Whitened
 
@@ -137,10 +138,11 @@ class Anchored(Whitened):
         progress = ensure_progress(progress)
         device = ctx.device
         mods = dict(ctx.layer.named_modules())
-        keys = input_keys(ctx.layer, names)
+        paths = {rel: fused_path(rel, ctx.factors[rel]) for rel in names}   # a part reads its fused linear's input
+        keys = {rel: input_keys(ctx.layer, list(paths.values()))[paths[rel]] for rel in names}
         first: dict[str, str] = {}
         for rel in names:
-            first.setdefault(keys[rel], rel)
+            first.setdefault(keys[rel], paths[rel])
         size = {k: int(mods[r].in_features) for k, r in first.items()}
         grams = {k: torch.zeros(n, n, dtype=torch.float64, device=device) for k, n in size.items()}
         deltas = {k: torch.zeros(n, n, dtype=torch.float64, device=device) for k, n in size.items()}
@@ -193,13 +195,12 @@ class Anchored(Whitened):
         if not names or ctx.student_in is ctx.teacher_in or not ctx.fit:
             return None
         keys, grams, deltas = self.layer_statistics(ctx, names, progress)
-        mods = dict(ctx.layer.named_modules())
         whitenings = {}
         for rel in names:
             key = keys[rel]
-            lin, new = mods[rel], ctx.factors[rel]
+            new = ctx.factors[rel]
             wh = whitenings.setdefault(key, Whitening(grams[key], device=ctx.device))
-            f = anchored_factors(lin.weight.detach(), wh, deltas[key], new.rank)
+            f = anchored_factors(teacher_weight(ctx.layer, rel, new), wh, deltas[key], new.rank)
             new.down.weight.copy_(f.down.to(new.down.weight.device, new.down.weight.dtype))
             new.up.weight.copy_(f.up.to(new.up.weight.device, new.up.weight.dtype))
         return None

@@ -30,6 +30,7 @@ from ..data import token_groups
 from ..layerwise import LayerInputs, call_layer, to_device
 from ..options import option
 from ..progress import Progress, ensure_progress
+from ..sliced import fused_path, part_rows
 from ..student import build_student
 from ..train import TrainSettings, early_stopped_adam
 from .base import LayerContext, register
@@ -110,6 +111,8 @@ class BlockObjective:
         self.teacher_layer, self.teacher_inputs, self.names = teacher_layer, teacher_inputs, names or []
         if target == "matrix" and (teacher_layer is None or teacher_inputs is None or not self.names):
             raise ValueError("refit target 'matrix' needs the teacher layer, its inputs and the replaced names")
+        parts = {n: student_layer.get_submodule(n) for n in self.names}   # a part's teacher output: its fused rows
+        self.teacher_taps = {n: (fused_path(n, m), part_rows(m)) for n, m in parts.items()}
 
     def batch_loss(self, b: int) -> tuple[torch.Tensor, int]:
         """(summed loss of batch ``b`` — differentiable w.r.t. the student factors, real tokens)."""
@@ -122,7 +125,7 @@ class BlockObjective:
             d = (y - t)[mask].float()
             return (d * d).sum() / d.shape[-1], int(mask.sum())
         tap_s = _OutputTap(self.layer, self.names)
-        tap_t = _OutputTap(self.teacher_layer, self.names)
+        tap_t = _OutputTap(self.teacher_layer, sorted({path for path, _ in self.teacher_taps.values()}))
         try:
             call_layer(self.layer, x, kw)
             with torch.no_grad():
@@ -132,7 +135,9 @@ class BlockObjective:
             tap_t.close()
         loss = 0.0
         for n in self.names:
-            ys, yt = tap_s.out[n][mask].float(), tap_t.out[n][mask].float()
+            path, rows = self.teacher_taps[n]
+            yt = tap_t.out[path] if rows is None else tap_t.out[path][..., rows[0]:rows[1]]
+            ys, yt = tap_s.out[n][mask].float(), yt[mask].float()
             loss = loss + ((ys - yt) ** 2).sum() / (yt * yt).sum().clamp_min(1e-30) * int(mask.sum())
         return loss, int(mask.sum())
 
