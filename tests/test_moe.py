@@ -206,3 +206,21 @@ def test_plans_name_one_expert_and_allocation_plans_reproduce_per_expert_ranks()
     ranks = {li.name: 2 + (li.expert or 0) + li.layer for li in linears if li.group == "experts"}
     plan = plan_from_ranks(ranks, linears)
     assert {n: a.rank for n, a in resolve_plan(plan, linears).items()} == ranks
+
+
+def test_spectrum_of_one_experts_linear_and_a_missing_expert_is_one_clear_line(capsys, tmp_path, monkeypatch):
+    import json
+
+    from lowrank_core.cli import main
+
+    monkeypatch.setenv("LOWRANK_CACHE", str(tmp_path))
+    assert main(["spectrum", "--model", "tiny-mixtral", "--layer", "1", "--module", "down_proj"]) == 2
+    assert "--expert is required for down_proj of layer 1 (a mixture-of-experts layer); allowed: 0..3" in \
+        capsys.readouterr().err
+    assert main(["spectrum", "--model", "tiny-mixtral", "--layer", "1", "--module", "down_proj", "--expert", "7"]) == 2
+    assert "--expert 7 is not an expert of layer 1; allowed: 0..3" in capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["spectrum", "--model", "tiny-mixtral", "--layer", "1", "--module", "down_proj", "--expert", "2",
+                 "--data", "chatterbot", "--calib", "2", "--max-len", "32", "--json"]) in (0, None)
+    out = json.loads(capsys.readouterr().out)
+    assert out["name"] == "model.layers.1.mlp.experts.2.down_proj" and len(out["aware_sv"]) == 32
