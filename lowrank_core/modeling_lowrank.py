@@ -130,11 +130,11 @@ def is_stacked_experts(module: nn.Module) -> bool:
 
 def unstack_experts(model: nn.Module) -> nn.Module:
     """Replace every stacked experts module of ``model`` (in place, at build time) by an ExpertList."""
-    for name, module in list(model.named_modules()):
-        if is_stacked_experts(module):
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, ExpertList.from_stacked(module))
+    names = [name for name, module in model.named_modules() if is_stacked_experts(module)]
+    for name in names:  # one layer at a time: its stacked tensors are freed once replaced (peak: one layer's)
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, ExpertList.from_stacked(getattr(parent, child)))
     return model
 
 
