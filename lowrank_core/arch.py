@@ -29,6 +29,11 @@ ROW_SIZES = {  # size key -> rows of one part
 }
 FUSED_QKV_GATE_UP = {"qkv_proj": (("q_proj", "heads"), ("k_proj", "kv_heads"), ("v_proj", "kv_heads")),
                      "gate_up_proj": (("gate_proj", "intermediate"), ("up_proj", "intermediate"))}
+# Mixture of experts: every expert's linears are plan matrices (group "experts"; "mlp" holds them too, with
+# any dense MLP); the router stays dense. Expert e's gate/up share one Gram, of the rows routed to e.
+EXPERTS_GROUP = "experts"
+MOE_GROUPS = {**LLAMA_GROUPS, EXPERTS_GROUP: LLAMA_GROUPS["mlp"]}
+EXPERT_INPUTS = {"gate_proj": "expert_in", "up_proj": "expert_in", "down_proj": "expert_down_in"}
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -56,6 +61,8 @@ class ArchSpec:
     tiny: Mapping[str, object] = field(default_factory=dict)  # overrides of the tiny test config
     # fused short -> its parts in row order: ((part short, ROW_SIZES key), ...); a plan may name either
     fused: Mapping[str, tuple] = field(default_factory=dict)
+    experts: str = ""                   # path in a layer of the (stacked) experts module; "" = no MoE
+    expert_linears: Mapping[str, str] = field(default_factory=lambda: dict(EXPERT_INPUTS))  # short -> input
 
     # ---- names
     @property
@@ -100,6 +107,22 @@ class ArchSpec:
     def input_key(self, index: Optional[int], short: str) -> str:
         """Key of the input Gram a linear reads (q/k/v share one, gate/up share one; the head its own)."""
         return "head_in" if index is None else self.layer_prefix(index) + self.inputs[short]
+
+    def expert_name(self, index: int, expert: int, short: str) -> str:
+        """``model.layers.3.mlp.experts.5.gate_proj``: linear ``short`` of expert ``expert`` in layer ``index``."""
+        return f"{self.layer_prefix(index)}{self.experts}.{expert}.{short}"
+
+    def expert_input_key(self, index: int, expert: int, short: str) -> str:
+        return f"{self.layer_prefix(index)}{self.experts}.{expert}.{self.expert_linears[short]}"
+
+    def experts_of(self, layer: nn.Module) -> Optional[nn.Module]:
+        """The experts module of a decoder layer, or None (no MoE, or a dense-MLP layer of a MoE model)."""
+        if not self.experts:
+            return None
+        try:
+            return layer.get_submodule(self.experts)
+        except AttributeError:
+            return None
 
     def tied(self, config) -> bool:
         return bool(getattr(config, self.tie_attr, False))
@@ -173,6 +196,11 @@ ARCHS: dict[str, ArchSpec] = {spec.model_type: spec for spec in (
              groups={"attn": ("qkv_proj", "o_proj"), "mlp": ("gate_up_proj", "down_proj")},
              inputs={"qkv_proj": "attn_in", "o_proj": "o_in", "gate_up_proj": "mlp_in", "down_proj": "down_in"},
              fused=FUSED_QKV_GATE_UP, tiny={"original_max_position_embeddings": 512}),
+    ArchSpec("mixtral", "MixtralConfig", "MixtralForCausalLM", groups=MOE_GROUPS, experts="mlp.experts",
+             tiny={"num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 32}),
+    ArchSpec("qwen3_moe", "Qwen3MoeConfig", "Qwen3MoeForCausalLM", groups=MOE_GROUPS, experts="mlp.experts",
+             tiny={"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "head_dim": 16,
+                   "decoder_sparse_step": 1, "mlp_only_layers": [0], "norm_topk_prob": True}),
 )}
 SUPPORTED_MODEL_TYPES = tuple(ARCHS)
 FACTORIZED_PREFIX = "lowrank_"  # model_type of a factorized export: lowrank_<base model_type>

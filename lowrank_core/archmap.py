@@ -2,7 +2,10 @@
 
 Module names follow the Hugging Face layout given by the model's :class:`~lowrank_core.arch.ArchSpec`
 (for Llama/Mistral/Qwen2: ``model.layers.{i}.self_attn.{q,k,v,o}_proj``, ``model.layers.{i}.mlp.
-{gate,up,down}_proj`` and ``lm_head``).
+{gate,up,down}_proj`` and ``lm_head``). A mixture-of-experts layer lists each expert's linears instead of
+the dense MLP: ``model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj`` (group ``experts``, ``expert = e``;
+the experts are :class:`~lowrank_core.modeling_lowrank.ExpertList`\ s, built at load time); the router
+(``mlp.gate``) is never a plan matrix.
 """
 from __future__ import annotations
 
@@ -12,8 +15,9 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from .arch import (ARCHS, SUPPORTED_MODEL_TYPES, UnsupportedArchitectureError, all_groups, all_module_names,
-                   arch_of)
+from .arch import (ARCHS, EXPERTS_GROUP, SUPPORTED_MODEL_TYPES, UnsupportedArchitectureError, all_groups,
+                   all_module_names, arch_of)
+from .modeling_lowrank import unstack_experts
 
 GROUPS = all_groups()                 # attn / mlp / all -> short names (every architecture)
 ATTN_MODULES = GROUPS["attn"]
@@ -47,6 +51,7 @@ class LinearInfo:
     def path(self) -> str:
         """The module that computes this matrix in the teacher (the fused linear for a part)."""
         return self.fused or self.name
+    expert: Optional[int] = None  # expert index of a mixture-of-experts linear (group "experts")
 
     @property
     def params(self) -> int:
@@ -91,7 +96,7 @@ def meta_model(config) -> nn.Module:
 
     check_supported(config)
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        return unstack_experts(AutoModelForCausalLM.from_config(config))
 
 
 def linear_map(model_or_config: Union[nn.Module, "object"], parts: bool = False) -> list[LinearInfo]:
@@ -106,8 +111,13 @@ def linear_map(model_or_config: Union[nn.Module, "object"], parts: bool = False)
     spec = arch_of(model)
     tied = spec.tied(getattr(model, "config", None))
     rows: list[LinearInfo] = []
-    for index in range(len(spec.decoder_layers(model))):
+    for index, layer in enumerate(spec.decoder_layers(model)):
+        experts = spec.experts_of(layer)
         for position, short in enumerate(spec.decoder_modules):
+            if experts is not None and short in spec.expert_linears:
+                if short == next(iter(spec.expert_linears)):
+                    rows += _expert_rows(model, spec, index, len(experts), position)
+                continue
             whole = replace(_info(model, spec.linear_name(index, short), index, spec.group_of(short), short,
                                   spec.input_key(index, short), False), position=position)
             rows.append(whole)
@@ -119,6 +129,13 @@ def linear_map(model_or_config: Union[nn.Module, "object"], parts: bool = False)
         return rows
     rows.append(_info(model, spec.head, None, "head", spec.head_module, spec.input_key(None, spec.head_module), tied))
     return rows
+
+
+def _expert_rows(model, spec, index: int, n_experts: int, position: int) -> list[LinearInfo]:
+    """Every expert's linears of MoE layer ``index``, expert by expert (their execution order)."""
+    return [replace(_info(model, spec.expert_name(index, e, short), index, EXPERTS_GROUP, short,
+                          spec.expert_input_key(index, e, short), False), expert=e, position=position + k)
+            for e in range(n_experts) for k, short in enumerate(spec.expert_linears)]
 
 
 def part_infos(whole: LinearInfo, layout: tuple) -> list[LinearInfo]:

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from .arch import arch_of
 from .archmap import LinearInfo
+from .experts import RoutedMasks
 from .progress import Progress, ensure_progress
 from .student import private_view
 
@@ -127,7 +128,7 @@ def _real_rows(x: Tensor, mask: Optional[Tensor], in_features: int) -> Tensor:
 def gram_representatives(linears: Iterable[LinearInfo]) -> dict[str, LinearInfo]:
     """``{gram_key: the first linear (in execution order) that reads that input}``."""
     reps: dict[str, LinearInfo] = {}
-    for info in sorted(linears, key=lambda i: (float("inf") if i.layer is None else i.layer, i.position)):
+    for info in sorted(linears, key=lambda i: _execution_order(i, False)):
         reps.setdefault(info.gram_key, info)
     return reps
 
@@ -226,7 +227,9 @@ def _batch_total(batches, total: Optional[int]) -> int:
 
 
 def _execution_order(info: LinearInfo, after: bool) -> tuple:
-    return (float("inf") if info.layer is None else info.layer, info.position, after)
+    """(layer, expert, position, after): a layer's experts run one after another, after its attention."""
+    expert = -1 if info.expert is None else info.expert
+    return (float("inf") if info.layer is None else info.layer, expert, info.position, after)
 
 
 @torch.no_grad()
@@ -266,13 +269,17 @@ def collect_grams(model: nn.Module, batches: Iterable[dict], linears: list[Linea
     dtype = product_dtype(precision, device)
     partial = {} if dtype == torch.float64 else {key: GramAccumulator(g, dtype) for key, g in stats.items()}
 
+    infos = {**reps, **outs}
+    routed = RoutedMasks(model, [info.name for info in infos.values()])  # an expert's rows: its routed tokens
+
     def make_hook(key: str):
         def hook(module, args, *output):
             x = output[0] if output else args[0]
+            mask = routed.mask(infos[key].name, state["mask"])
             if partial:
-                partial[key].add(x, state["mask"])
+                partial[key].add(x, mask)
             else:
-                stats[key].add_(x, state["mask"], precision)
+                stats[key].add_(x, mask, precision)
             if key == last_key:
                 raise _StopForward
         return hook
@@ -299,6 +306,7 @@ def collect_grams(model: nn.Module, batches: Iterable[dict], linears: list[Linea
     finally:
         for handle in handles:
             handle.remove()
+        routed.remove()
         state["mask"] = None
     for part in partial.values():
         part.flush()

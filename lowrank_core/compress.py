@@ -180,7 +180,7 @@ def _matrix_row(a: Assignment, weight: torch.Tensor, module: LowRankLinear, held
     li = a.info
     row = {"name": li.name, "layer": li.layer, "module": li.module, "shape": f"{li.out_features} x {li.in_features}",
            "rank": a.rank, "method": a.method, "params_before": li.params, "params_after": a.params_after,
-           "rel_error": None, "rel_error_fit": None}
+           "rel_error": None, "rel_error_fit": None, "fit_tokens": None if fit is None else int(fit.tokens)}
     held_error = held is not None and held.tokens
     fit_wanted = fit is not None and fit.tokens and (fit_error or not held_error)
     merged = module.merged_weight().detach() if held_error or (fit_wanted and known_fit_error is None) else None
@@ -281,11 +281,32 @@ def calibration_warnings(info: dict, assignments: dict[str, Assignment]) -> list
     return out
 
 
+def expert_warnings(rows: Sequence[dict], assignments: dict[str, Assignment]) -> list[str]:
+    """Experts whose fit Grams hold fewer routed tokens than their inputs (rows: :func:`_matrix_row`'s, with
+    ``fit_tokens``): the router sent them too few calibration tokens for a Gram-based method to be trusted."""
+    short: dict[str, tuple[int, int]] = {}   # expert module -> (fit tokens, inputs)
+    for row in rows:
+        a = assignments.get(row["name"])
+        if a is None or a.info.expert is None or not methods.get(a.method).needs_grams:
+            continue
+        tokens = row.get("fit_tokens")
+        if tokens is not None and tokens < a.info.in_features:
+            expert = row["name"].rsplit(".", 1)[0]
+            short[expert] = min(short.get(expert, (tokens, a.info.in_features)), (tokens, a.info.in_features))
+    if not short:
+        return []
+    shown = _names([f"{name} ({t:,} tokens < {n:,} inputs)" for name, (t, n) in short.items()])
+    return [f"{len(short)} expert(s) were routed fewer fit tokens than their inputs: {shown}: rank-deficient "
+            "statistics, their factors fit those tokens only: add calibration examples (the router decides how "
+            "many reach each expert) or leave those experts dense"]
+
+
 def compress(teacher: nn.Module, tokenizer, plan, calib_examples: Sequence, settings: Optional[CompressSettings] = None,
              progress: Optional[Progress] = None, warn: Optional[Callable[[str], None]] = None) -> CompressResult:
     """Compress ``teacher`` by ``plan`` with calibration on ``calib_examples``; see the module docstring.
-    ``warn(message)`` hears each of :func:`calibration_warnings` before the long work starts (they are also
-    the result's ``warnings``)."""
+    ``warn(message)`` hears each of :func:`calibration_warnings` before the long work starts, and the
+    :func:`expert_warnings` (experts the router sent too few tokens) once the Grams are summed (all are
+    also the result's ``warnings``)."""
     settings = settings or CompressSettings()
     settings.validate()
     progress = ensure_progress(progress)
@@ -313,6 +334,9 @@ def compress(teacher: nn.Module, tokenizer, plan, calib_examples: Sequence, sett
     sequential = settings.layerwise or any(m.sequential for m in chosen.values())
     run = _sequential if sequential else _fast
     replacements, rows, mse_rows, curves, timings = run(teacher, assignments, fit_b, held_b, settings, progress)
+    for message in expert_warnings(rows, assignments):   # routed token counts are known once the Grams are
+        found.append(message)
+        (warn or (lambda m: None))(message)
     student = build_student(teacher, replacements)
     timings["total"] = time.perf_counter() - start
     return CompressResult(student=student, assignments=assignments, params_before=count_parameters(teacher),

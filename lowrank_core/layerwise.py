@@ -38,6 +38,7 @@ from torch import nn
 
 from .arch import arch_of
 from .calibrate import GramAccumulator, GramStats, product_dtype
+from .experts import RoutedMasks
 from .progress import Progress, ensure_progress
 from .student import build_student, private_view
 
@@ -430,10 +431,11 @@ def gram_pass(layer, inputs: LayerInputs, index: int, hidden: list, names: dict[
     dtype = product_dtype(precision, device)
     sums = {side: {k: GramAccumulator(g, dtype) for k, g in part.items()} for side, part in stats.items()}
     state = {"mask": None, "side": "fit"}
+    routed = RoutedMasks(layer, [rel for rel, _ in first.values()])  # an expert's rows: its routed tokens
 
     def hook_for(key):
         def hook(_mod, args, *output):
-            sums[state["side"]][key].add(output[0] if output else args[0], state["mask"])
+            sums[state["side"]][key].add(output[0] if output else args[0], routed.mask(first[key][0], state["mask"]))
         return hook
 
     handles = [mods[rel].register_forward_hook(hook_for(key)) if after else
@@ -448,6 +450,7 @@ def gram_pass(layer, inputs: LayerInputs, index: int, hidden: list, names: dict[
     finally:
         for handle in handles:
             handle.remove()
+        routed.remove()
     for part in sums.values():
         for acc in part.values():
             acc.flush()

@@ -40,6 +40,7 @@ from .data.template import check_chat_template
 from .lowrank import LowRankLinear
 from .model_files import check_weight_files, custom_code_error
 from .paths import shown_path, too_long
+from .modeling_lowrank import unstack_experts
 from .sliced import SlicedLinear
 from .tempdirs import check_complete, mark_complete, stale_siblings, temp_sibling
 from .weightfiles import files_problem
@@ -286,7 +287,7 @@ def tiny_model(arch: str = "llama", seed: int = 0, layers: int = 2):
     tokenizer = tiny_tokenizer()
     config = tiny_config(arch, vocab_size=len(tokenizer), layers=layers)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model = unstack_experts(AutoModelForCausalLM.from_config(config, dtype=torch.float32)).eval()
     return model, tokenizer
 
 
@@ -390,7 +391,7 @@ def _factorized_model(folder: Path, raw: dict) -> nn.Module:
     config = AutoConfig.for_model(base, **raw)
     check_supported(config)
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config)
+        model = unstack_experts(AutoModelForCausalLM.from_config(config))
         for name, layout in slices.items():  # a fused linear kept as parts (dense ones stored as weights)
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
@@ -477,6 +478,8 @@ def load_model(source: str = "default", dtype: str = "float32", device: str = "a
             raise ModelSourceError(f"could not load model from {source!r}: {e}") from None
         check_template(tokenizer, source)  # before any weight is read
         placed = {"device_map": device_map} if device_map is not None else {}
+        if placed:
+            _check_placeable(load_config(source), source)
         if "gguf_file" not in kw:
             placed["use_safetensors"] = True  # never torch.load a pickle (a hub repo without safetensors fails)
         try:
@@ -492,6 +495,7 @@ def load_model(source: str = "default", dtype: str = "float32", device: str = "a
             raise ModelSourceError(f"could not load model from {source!r}: {e}") from None
         except SafetensorError as e:
             raise _weights_error(source, e) from None
+        unstack_experts(model)  # MoE: per-expert linears (plan matrices), built before anyone sees the model
         if "gguf_file" in kw:  # a GGUF load: drop the quantisation marker so the model behaves like a dense one
             model.config.__dict__.pop("quantization_config", None)
     check_supported(model.config)
@@ -508,6 +512,15 @@ def load_model(source: str = "default", dtype: str = "float32", device: str = "a
     check_finite(model, source, str(dtype))
     where = dev if device_map is None else input_device(model)
     return LoadedModel(model, tokenizer, source, model_fingerprint(model), str(dtype), str(where))
+
+
+def _check_placeable(config, source: str) -> None:
+    """A mixture-of-experts checkpoint is refused a ``device_map``: its experts are rebuilt per expert after
+    loading, which accelerate's placement (offloaded experts) does not survive."""
+    spec = arch_of(config, strict=False)
+    if spec is not None and spec.experts:
+        raise ModelSourceError(f"device_map is not supported yet for mixture-of-experts models ({source!r} is "
+                               f"{spec.model_type}); allowed: no device_map (load it on one device)")
 
 
 def check_template(tokenizer, source: str) -> None:

@@ -9,6 +9,7 @@ A plan is an ordered list of rules; later rules override earlier ones for the sa
       - {layers: all, modules: [q_proj, o_proj], keep: 0.8, method: whitened}
       - {modules: [lm_head], rank: 16}
       - {layers: "3", modules: [v_proj], dense: true}  # leave dense
+      - {layers: "5", modules: [experts, experts.2.down_proj], rank: 8}   # MoE: every expert / one expert's
 
 Compact CLI form: rules separated by ``;``, fields by ``:`` -- ``[layers:]modules:spec[:method]`` where
 modules are comma-separated and spec is ``r16`` (rank), ``k0.8`` (keep fraction) or ``dense``, e.g.
@@ -39,7 +40,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from . import methods
-from .arch import all_head_modules
+from .arch import EXPERTS_GROUP, all_head_modules
 from .archmap import ALL_MODULES, GROUPS, LinearInfo, count_parameters, linear_map, meta_model
 from .options import option
 
@@ -209,10 +210,28 @@ def validate_rule(rule: Rule, index: int) -> None:
         raise _rule_error(index, rule, "no modules named")
     allowed = set(GROUPS) | set(ALL_MODULES)
     for m in rule.modules:
-        if m not in allowed:
+        if m not in allowed and expert_module(m) is None:
             raise _rule_error(index, rule, f"unknown module {m!r}; allowed: groups {', '.join(GROUPS)}, "
-                                           f"or {', '.join(ALL_MODULES)}")
+                                           f"{', '.join(ALL_MODULES)}, or one expert's: experts.<e> or "
+                                           f"experts.<e>.<{'|'.join(GROUPS[EXPERTS_GROUP])}>")
     parse_layers(rule.layers, None, rule, index)
+
+
+_EXPERT_MODULE = re.compile(r"^experts\.(\d+)(?:\.(\w+))?$")
+
+
+def expert_module(name: str) -> Optional[tuple[int, Optional[str]]]:
+    """``experts.5`` -> (5, None), ``experts.5.down_proj`` -> (5, "down_proj"): one expert's linears in a
+    plan rule; None for any other name."""
+    m = _EXPERT_MODULE.match(str(name))
+    if m is None or (m.group(2) is not None and m.group(2) not in GROUPS[EXPERTS_GROUP]):
+        return None
+    return int(m.group(1)), m.group(2)
+
+
+def expert_rule_name(info: LinearInfo) -> str:
+    """The plan name of one expert's linear: ``experts.5.down_proj``."""
+    return f"{EXPERTS_GROUP}.{info.expert}.{info.module}"
 
 
 def parse_layers(spec: str, n_layers: Optional[int], rule: Optional[Rule] = None, index: int = 0) -> Optional[list[int]]:
@@ -432,10 +451,14 @@ def _rule_targets(rule: Rule, linears: Sequence[LinearInfo], n_layers: int, inde
     names: set[str] = set()
     grouped: set[str] = set()
     for m in rule.modules:
-        (grouped if m in GROUPS else names).update(GROUPS.get(m, (m,)))
+        if m != EXPERTS_GROUP:  # "experts": the experts' linears only (their short names are the MLP's)
+            (grouped if m in GROUPS else names).update(GROUPS.get(m, (m,)))
+    experts = EXPERTS_GROUP in rule.modules
+    one = [e for e in (expert_module(m) for m in rule.modules) if e is not None]   # (expert, short or None)
     layers = set(parse_layers(rule.layers, n_layers, rule, index))
     out = [li for li in linears
-           if (li.module in names or (li.module in grouped and not li.rows))
+           if (li.module in names or (li.module in grouped and not li.rows) or (experts and li.group == EXPERTS_GROUP)
+               or any(li.expert == e and short in (None, li.module) for e, short in one))
            and (li.layer is None or li.layer in layers)]
     for head in (h for h in all_head_modules() if h in names):   # the table's head names (lm_head)
         if not any(li.group == "head" and li.module == head for li in linears):

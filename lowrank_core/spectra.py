@@ -50,6 +50,12 @@ class Spectrum:
     out_features: int = 0
     in_features: int = 0
     gram_id: Optional[str] = None
+    expert: Optional[int] = None     # expert index of a mixture-of-experts linear
+
+    @property
+    def column(self) -> str:
+        """The heatmap's column: the module, or one expert's (``experts.5.down_proj``)."""
+        return self.module if self.expert is None else f"experts.{self.expert}.{self.module}"
 
     def values(self, kind: str = "weight") -> np.ndarray:
         if kind not in KINDS:
@@ -109,7 +115,7 @@ def compute_spectrum(model: nn.Module, info: LinearInfo, gram=None, gram_id: Opt
     return Spectrum(name=info.name, weight_sv=weight_singular_values(W).cpu().numpy(), aware_sv=aware,
                     break_even_rank=info.break_even_rank, max_rank=info.max_rank, layer=info.layer,
                     module=info.module, out_features=info.out_features, in_features=info.in_features,
-                    gram_id=gram_id if gram is not None else None)
+                    gram_id=gram_id if gram is not None else None, expert=info.expert)
 
 
 def _weight(model: nn.Module, info: LinearInfo) -> torch.Tensor:
@@ -135,7 +141,7 @@ def _cache_path(fingerprint: str, name: str, gram_id: Optional[str]) -> Path:
 
 def save_spectrum(spectrum: Spectrum, path: Path) -> None:
     meta = {k: getattr(spectrum, k) for k in ("name", "break_even_rank", "max_rank", "layer", "module",
-                                              "out_features", "in_features", "gram_id")}
+                                              "out_features", "in_features", "gram_id", "expert")}
     arrays = {"weight_sv": spectrum.weight_sv, "meta": np.array(json.dumps(meta))}
     if spectrum.aware_sv is not None:
         arrays["aware_sv"] = spectrum.aware_sv
@@ -221,12 +227,14 @@ def model_spectra(model: nn.Module, linears: list[LinearInfo], grams: Optional[d
 
 
 def energy_rank_table(spectra: Iterable[Spectrum], fraction: float = 0.9, kind: str = "weight") -> list[dict]:
-    """Rows (name, layer, module, rank, max_rank, break_even_rank, rank_fraction, saves) for a heatmap:
-    the rank needed to keep ``fraction`` of each linear's ``kind`` energy (pivot layer x module on ``rank``)."""
+    """Rows (name, layer, module, column, rank, max_rank, break_even_rank, rank_fraction, saves) for a
+    heatmap: the rank needed to keep ``fraction`` of each linear's ``kind`` energy (pivot layer x column on
+    ``rank``; the column is the module, or one expert's module)."""
     rows = []
     for s in spectra:
         r = s.rank_for_energy(fraction, kind)
-        rows.append({"name": s.name, "layer": s.layer, "module": s.module, "rank": r, "max_rank": s.max_rank,
+        rows.append({"name": s.name, "layer": s.layer, "module": s.module, "column": s.column, "rank": r,
+                     "max_rank": s.max_rank,
                      "break_even_rank": s.break_even_rank, "rank_fraction": r / s.max_rank,
                      "saves": r < s.break_even_rank})
     return rows

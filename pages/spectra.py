@@ -63,6 +63,11 @@ if module == "lm_head":
 else:
     layers = keep("spectra_layers", c1.multiselect("Layers", list(range(n_layers)), key="spectra_layers"))
     chosen = [li for li in linears if li.module == module and li.layer in layers]
+    experts = sorted({li.expert for li in chosen if li.expert is not None})
+    if experts:  # a mixture-of-experts linear: one expert's, in each chosen MoE layer
+        remember("spectra_expert", experts[0], lambda e: e in experts)
+        expert = keep("spectra_expert", c1.selectbox("Expert", experts, key="spectra_expert"))
+        chosen = [li for li in chosen if li.expert in (None, expert)]
 max_rank = max((li.max_rank for li in chosen), default=1)
 if st.session_state["spectra_rank"] > max_rank:  # a remembered marker beyond this selection's largest rank
     st.session_state["spectra_rank"] = max_rank
@@ -146,7 +151,8 @@ if all_spectra is None:
         all_spectra = cache.memo("all_spectra", memo_key, compute, max_entries=4)
 if all_spectra is not None:
     table = pd.DataFrame(spectra_mod.energy_rank_table(all_spectra, energy, kind))
-    pivot = table.pivot(index="layer", columns="module", values="rank")[[m for m in modules if m != "lm_head"]]
+    columns = [c for c in dict.fromkeys(table["column"]) if c != "lm_head"]   # MoE: one column per expert's linear
+    pivot = table.pivot(index="layer", columns="column", values="rank")[columns]
     st.plotly_chart(charts.rank_heatmap(pivot, energy, basis), key="heat_chart")
     saves = int(table["saves"].sum())
     st.caption(f"{saves} of {len(table)} matrices reach {energy:.1%} of their {basis} energy below their "

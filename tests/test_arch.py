@@ -22,7 +22,8 @@ def test_every_entry_maps_compresses_and_scores_a_tiny_model(model_type):
     assert load_config(f"tiny-{model_type}").model_type == model_type
     linears = linear_map(model)
     n_layers = len(decoder_layers(model))
-    assert len(linears) == n_layers * len(spec.decoder_modules) + 1
+    per_layer = [_linears_of(spec, layer) for layer in decoder_layers(model)]
+    assert len(linears) == sum(per_layer) + 1
     for info in linears:
         module = model.get_submodule(info.name)
         assert isinstance(module, torch.nn.Linear) and tuple(module.weight.shape) == (info.out_features, info.in_features)
@@ -30,12 +31,14 @@ def test_every_entry_maps_compresses_and_scores_a_tiny_model(model_type):
     assert head.name == spec.head and head.layer is None and head.tied == spec.tied(model.config)
     # inputs shared by the table's groups: one Gram key per distinct input of a layer
     keys = {li.gram_key for li in linears if li.layer == 0}
-    assert len(keys) == len(set(spec.inputs.values()))
+    experts = spec.experts_of(decoder_layers(model)[0])
+    dense = {spec.inputs[m] for m in spec.decoder_modules if experts is None or m not in spec.expert_linears}
+    assert len(keys) == len(dense) + (0 if experts is None else len(experts) * len(set(spec.expert_linears.values())))
     assert final_norm(model) is spec.final_norm(model)
 
     split = make_split("chatterbot", n_calib=6, n_eval=4, seed=0)
     result = compress(model, tok, "all:k0.5", split.calib, CompressSettings(calib=6, max_len=64, layerwise=True))
-    assert len(result.layers) == n_layers * len(spec.decoder_modules) and result.split["path"] == "layerwise"
+    assert len(result.layers) == sum(per_layer) and result.split["path"] == "layerwise"
     # the plain-head fast path of the evaluation equals the full model's logits
     batch = next(iter_batches(tok, split.eval, batch_size=2, max_len=64))
     with torch.no_grad():
@@ -44,6 +47,14 @@ def test_every_entry_maps_compresses_and_scores_a_tiny_model(model_type):
     targets = batch["labels"][:, 1:]
     ref = torch.nn.functional.cross_entropy(logits[targets != -100].float(), targets[targets != -100], reduction="sum")
     assert n == int((targets != -100).sum()) and total == pytest.approx(float(ref), rel=1e-5)
+
+
+def _linears_of(spec, layer) -> int:
+    """Plan matrices of one decoder layer: the table's linears, each expert's linears in a MoE layer."""
+    experts = spec.experts_of(layer)
+    if experts is None:
+        return len(spec.decoder_modules)
+    return len(spec.decoder_modules) - len(spec.expert_linears) + len(experts) * len(spec.expert_linears)
 
 
 def test_unknown_model_type_is_refused_naming_the_supported_ones():

@@ -27,8 +27,12 @@ def test_padding_is_excluded(tiny_any, unpad):
                   for i, n in enumerate([12, 5, 8])]
     separate = collect_grams(model, one_by_one, linears)
     assert set(together) == set(separate)
+    experts = {li.gram_key for li in linears if li.expert is not None}   # MoE: the tokens routed to each expert
+    gates = [li for li in linears if li.expert is not None and li.module == "gate_proj"]
+    k = getattr(model.config, "num_experts_per_tok", 0)
+    assert sum(together[li.gram_key].tokens for li in gates) == 25 * k * len({li.layer for li in gates})
     for key, stats in together.items():
-        assert stats.tokens == separate[key].tokens == 25
+        assert stats.tokens == separate[key].tokens == (separate[key].tokens if key in experts else 25)
         assert stats.gram.dtype == torch.float64
         torch.testing.assert_close(stats.gram, separate[key].gram, rtol=1e-4, atol=1e-4 * float(stats.gram.abs().max()))
 

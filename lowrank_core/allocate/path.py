@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 from .. import methods
 from ..archmap import LinearInfo
-from ..plan import Plan, Rule
+from ..plan import Plan, Rule, expert_rule_name
 from .profile import ELIGIBLE, MatrixProfile
 
 
@@ -92,7 +92,8 @@ def plan_from_ranks(ranks: dict[str, int], infos: Sequence[LinearInfo], method: 
     groups: dict[tuple, list[int]] = {}
     for name, rank in ranks.items():
         li = by_name[name]
-        groups.setdefault((li.module, int(rank)), []).append(li.layer)
+        module = li.module if li.expert is None else expert_rule_name(li)   # experts differ: one rule each
+        groups.setdefault((module, int(rank)), []).append(li.layer)
     module_order = {m: k for k, m in enumerate(ELIGIBLE)}
     keys = sorted(groups, key=lambda key: (min(groups[key]), module_order.get(key[0], 99), -key[1]))
     return Plan([Rule(modules=[m], layers=_layer_spec(sorted(groups[(m, r)])), rank=r, method=method)

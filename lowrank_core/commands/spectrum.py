@@ -19,6 +19,7 @@ def register(sub) -> None:
     add_arguments(p, ModelSpec, "model")
     p.add_argument("--layer", type=int, help="decoder layer index (not needed for lm_head)")
     p.add_argument("--module", required=True, choices=ALL_MODULES, help="which linear of the layer")
+    p.add_argument("--expert", type=int, help="expert index, for a linear of a mixture-of-experts layer")
     p.add_argument("--calib", type=int, default=32,
                    help="calibration examples for the activation-aware spectrum (0: weight spectrum only)")
     p.add_argument("--data", default="default", help="data source for calibration (default: ShareGPT)")
@@ -32,7 +33,7 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _find_linear(linears, layer, module):
+def _find_linear(linears, layer, module, expert=None):
     if module in all_head_modules():   # the architecture table's head names (lm_head)
         found = [i for i in linears if i.group == "head" and i.module == module]
         if not found:
@@ -41,8 +42,17 @@ def _find_linear(linears, layer, module):
     layers = sorted({i.layer for i in linears if i.layer is not None})
     if layer is None:
         raise CliError(f"--layer is required for {module}; allowed: {layers[0]}..{layers[-1]}")
-    for info in linears:
-        if info.layer == layer and info.module == module:
+    found = [i for i in linears if i.layer == layer and i.module == module]
+    experts = sorted(i.expert for i in found if i.expert is not None)
+    if experts and expert is None:
+        raise CliError(f"--expert is required for {module} of layer {layer} (a mixture-of-experts layer); "
+                       f"allowed: {experts[0]}..{experts[-1]}")
+    if experts and expert not in experts:
+        raise CliError(f"--expert {expert} is not an expert of layer {layer}; allowed: {experts[0]}..{experts[-1]}")
+    if expert is not None and not experts and found:
+        raise CliError(f"--expert {expert}: layer {layer} has no experts (its {module} is a dense linear)")
+    for info in found:
+        if info.expert == expert:
             return info
     raise CliError(f"--layer {layer} is out of range; allowed: {layers[0]}..{layers[-1]}")
 
@@ -75,10 +85,10 @@ def run(args) -> int:
     if not args.no_cache:
         cache_dir(write=True)  # spectra are cached there: a read-only cache is one line before any work
     if factorized_export_config(m.source) is None:  # a bad --layer / --module fails before any weight loads
-        _find_linear(linear_map(load_config(m.source), parts=True), args.layer, args.module)
+        _find_linear(linear_map(load_config(m.source), parts=True), args.layer, args.module, args.expert)
     split = make_split(args.data, n_calib=args.calib, n_eval=0, seed=args.seed) if args.calib > 0 else None
     loaded = load_model(m.source, dtype=m.dtype, device=m.device)
-    info = _find_linear(linear_map(loaded.model, parts=True), args.layer, args.module)
+    info = _find_linear(linear_map(loaded.model, parts=True), args.layer, args.module, args.expert)
     gram, gram_id, calib_desc = None, None, None
     if split is not None:
         calib_id = calibration_id(split, len(split.calib), args.max_len)

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from ..arch import FACTORIZED_PREFIX, ArchSpec, UnsupportedArchitectureError, arch_of
+from ..experts import stacked_tensors
 from ..lowrank import low_rank_modules, ranks_of
 from ..progress import Progress, ensure_progress
 from ..rescue import USER_CAUSES, free_bytes, one_line
@@ -106,7 +107,7 @@ def _dense_tensors(model: nn.Module) -> dict[str, Callable[[], torch.Tensor]]:
             out[name + ".weight"] = (lambda m=mod: _merged_weight(m, dtype))
             if mod.up.bias is not None:
                 out[name + ".bias"] = (lambda b=mod.up.bias: b.detach().to(dtype))
-    return _refused(out, sliced_modules(model))
+    return stacked_tensors(model, _refused(out, sliced_modules(model)))  # MoE: transformers' stacked experts
 
 
 def _refused(thunks: dict, sliced: dict) -> dict[str, Callable[[], torch.Tensor]]:

@@ -30,6 +30,8 @@ student's (already anchored) ones, and all matrices of a layer share one pass.
 Cost per layer: one extra pass of the teacher layer over the fit batches on each stream (the inputs of
 one batch are held at a time), and per shared input (q/k/v read one, gate/up another) one ``G_s`` and one
 ``D`` [in, in] float64.
+Mixture-of-experts linears keep their whitened factors: the teacher's and the student's streams route
+tokens to different experts, so an expert has no per-token teacher target on the student's rows.
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ from ..arch import ARCHS, arch_of
 from ..calibrate import add_symmetric_product
 from ..decompose import (Factors, FactorizationError, WhitenedBasis, Whitening, solver_threads,
                          whitening)
+from ..experts import expert_of
 from ..layerwise import call_layer, to_device
 from ..progress import Progress, ensure_progress
 from ..sliced import fused_path, teacher_weight
@@ -186,6 +189,9 @@ class Anchored(Whitened):
         """Replace ``ctx.factors[name]``'s weights (in place, same modules, ranks, dtype and device) by the
         anchored factors; returns None. Where the two streams are the same object (no earlier layer
         compressed), the ``whitened`` factors built by ``factorize`` already are the answer."""
+        # experts keep their whitened factors: the two streams route tokens to different experts, so an
+        # expert has no per-token teacher target on the student's rows
+        names = [rel for rel in names if expert_of(ctx.layer, rel) is None]
         if not names or ctx.student_in is ctx.teacher_in or not ctx.fit:
             return None
         keys, grams, deltas = self.layer_statistics(ctx, names, progress)
