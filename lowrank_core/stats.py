@@ -3,11 +3,14 @@
 Inputs are per-example arrays over the same N examples: ``tokens[i]`` answer tokens and ``diff[i]`` =
 Σ student CE − Σ teacher CE over them (nats). The estimate is the ratio Δ = Σ diff / Σ tokens (nats per
 answer token, exactly the difference of the two token-weighted mean losses). Its uncertainty is got by
-resampling *examples* (tokens of one example are not independent): a paired percentile bootstrap, and
-the delta-method standard error of the ratio for the z-test, the equivalence p-values and the
-sample-size estimate. Equivalence at a margin m is two one-sided tests (TOST) at level α, decided by
-interval inclusion: *equivalent* when the (1 − 2α) bootstrap interval lies inside (−m, m), *not
-equivalent* when it lies wholly outside [−m, m], otherwise *inconclusive*.
+resampling *examples* (tokens of one example are not independent): the delta-method standard error of
+the ratio with Student t quantiles (N − 1 df) for the interval, the t-test, the equivalence p-values and
+the sample-size estimate; none of them is given below ``MIN_INTERVAL_N`` examples, where their coverage
+fails on the heavy-tailed per-example differences (simulated on real rows: docs/statistics.md).
+Equivalence at a margin m is two one-sided tests (TOST) at level α, decided by interval inclusion:
+*equivalent* when the (1 − 2α) t interval lies inside (−m, m), *not equivalent* when it lies wholly outside
+[−m, m], otherwise *inconclusive*. Stopping when decided is the group-sequential TOST below
+(:class:`SequentialMonitor`, Lan–DeMets O'Brien–Fleming-type spending at planned looks).
 """
 from __future__ import annotations
 
@@ -20,6 +23,12 @@ import numpy as np
 
 VERDICTS = ("equivalent", "not equivalent", "inconclusive")
 _CELLS = 4_000_000  # bootstrap index cells drawn at once (reps × N): memory stays ~32 MB
+# The fewest examples at which an interval of the ratio is shown. Below it the t interval's coverage of the
+# token-weighted Δ (and of a mean loss) fails the 93 %-for-95 % floor on per-example rows resampled from real
+# rows of the embedded model (heavy right tail: single examples lose up to ~17 nats): see
+# docs/statistics.md and tests/test_stats.py, which re-simulates it at N = 5, 10, 20, 50, 200.
+MIN_INTERVAL_N = 20
+INTERVAL_METHOD = "t (N−1 df), delta-method SE of the ratio"
 
 
 def normal_cdf(x: float) -> float:
@@ -152,25 +161,29 @@ def parse_margin(margin: Union[str, float], teacher_loss: float) -> float:
 
 @dataclass
 class PairedTest:
-    """Everything said about Δ = student − teacher loss (nats per answer token) on N paired examples."""
+    """Everything said about Δ = student − teacher loss (nats per answer token) on N paired examples.
+    Below :data:`MIN_INTERVAL_N` examples no interval, p-value or verdict is given (``ci`` / ``tost_ci`` /
+    ``p_value`` / ``tost_p`` are None, the verdict is inconclusive and ``interval_note`` says why)."""
 
     examples: int
     tokens: int
     delta: float
     se: float                      # delta-method standard error of delta
-    ci: tuple                      # (lo, hi) percentile bootstrap interval at ``level``
+    ci: Optional[tuple]            # (lo, hi) t interval (N − 1 df) at ``level``
     level: float
-    p_value: float                 # two-sided z-test of Δ = 0
+    p_value: Optional[float]       # two-sided t-test of Δ = 0
     margin: float                  # nats
     alpha: float
-    tost_ci: tuple                 # (lo, hi) bootstrap interval at 1 − 2α, the one the verdict reads
-    tost_p: float                  # max of the two one-sided p-values (normal approximation)
+    tost_ci: Optional[tuple]       # (lo, hi) t interval at 1 − 2α, the one the verdict reads
+    tost_p: Optional[float]        # max of the two one-sided t p-values
     verdict: str                   # one of VERDICTS
     more_examples: Optional[int]   # inconclusive: about how many more examples would decide (Δ and SE/√N holding)
+    interval_note: str = ""        # why no interval is shown ('' when one is)
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["ci"], d["tost_ci"] = list(self.ci), list(self.tost_ci)
+        d["ci"] = list(self.ci) if self.ci is not None else None
+        d["tost_ci"] = list(self.tost_ci) if self.tost_ci is not None else None
         return d
 
 
@@ -181,76 +194,101 @@ def examples_to_decide(n: int, delta: float, se: float, margin: float, alpha: fl
     if gap <= 0 or se <= 0 or not math.isfinite(se):
         return None
     z = normal_quantile(1.0 - alpha)
-    needed = n * (z * se / gap) ** 2
+    needed = max(n * (z * se / gap) ** 2, MIN_INTERVAL_N)
     return max(1, int(math.ceil(needed - n)))
+
+
+def t_interval(tokens, diff, level: float) -> Optional[tuple]:
+    """The ``level`` t interval (N − 1 df, delta-method SE) of the ratio; None below :data:`MIN_INTERVAL_N`."""
+    n, d = _arrays(tokens, diff)
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"interval level {level!r} must be in (0, 1)")
+    half = t_half_width(ratio_se(n, d), len(n), level)
+    if not math.isfinite(half):
+        return None
+    r = ratio(n, d)
+    return r - half, r + half
 
 
 def paired_test(tokens: Sequence, diff: Sequence, margin: float, level: float = 0.95, alpha: float = 0.05,
                 reps: int = 2000, seed: int = 0) -> PairedTest:
-    """Δ, its bootstrap interval at ``level``, the z-test of Δ = 0 and the TOST verdict at ±``margin`` nats."""
+    """Δ, its t interval at ``level``, the t-test of Δ = 0 and the TOST verdict at ±``margin`` nats (all from
+    :data:`MIN_INTERVAL_N` examples on). ``reps`` / ``seed`` are kept for callers; no bootstrap is drawn."""
     n, d = _arrays(tokens, diff)
     if not 0.0 < alpha < 0.5:
         raise ValueError(f"alpha {alpha!r} must be in (0, 0.5)")
-    delta, se = ratio(n, d), ratio_se(n, d)
-    reps_ = bootstrap_ratios(n, d, reps, seed)
-    ci, tost_ci = percentile_interval(reps_, level), percentile_interval(reps_, 1.0 - 2.0 * alpha)
-    if se > 0:
-        p_value = 2.0 * (1.0 - normal_cdf(abs(delta) / se))
-        tost_p = max(1.0 - normal_cdf((delta + margin) / se), normal_cdf((delta - margin) / se))
-    else:
-        p_value = 1.0 if delta == 0 else 0.0
-        tost_p = 0.0 if abs(delta) < margin else 1.0
-    if -margin < tost_ci[0] and tost_ci[1] < margin:
+    delta, se, size = ratio(n, d), ratio_se(n, d), len(n)
+    ci, tost_ci = t_interval(n, d, level), t_interval(n, d, 1.0 - 2.0 * alpha)
+    p_value = tost_p = None
+    if ci is not None:
+        if se > 0:
+            p_value = 2.0 * (1.0 - t_cdf(abs(delta) / se, size - 1))
+            tost_p = max(1.0 - t_cdf((delta + margin) / se, size - 1), t_cdf((delta - margin) / se, size - 1))
+        else:
+            p_value = 1.0 if delta == 0 else 0.0
+            tost_p = 0.0 if abs(delta) < margin else 1.0
+    if tost_ci is not None and -margin < tost_ci[0] and tost_ci[1] < margin:
         verdict, more = "equivalent", None
-    elif tost_ci[0] > margin or tost_ci[1] < -margin:
+    elif tost_ci is not None and (tost_ci[0] > margin or tost_ci[1] < -margin):
         verdict, more = "not equivalent", None
     else:
-        verdict, more = "inconclusive", examples_to_decide(len(n), delta, se, margin, alpha)
-    return PairedTest(examples=len(n), tokens=int(n.sum()), delta=delta, se=se, ci=ci, level=level,
+        verdict, more = "inconclusive", examples_to_decide(size, delta, se, margin, alpha)
+        if tost_ci is None:
+            more = max(more or 0, MIN_INTERVAL_N - size)
+    return PairedTest(examples=size, tokens=int(n.sum()), delta=delta, se=se, ci=ci, level=level,
                       p_value=p_value, margin=margin, alpha=alpha, tost_ci=tost_ci, tost_p=tost_p,
-                      verdict=verdict, more_examples=more)
+                      verdict=verdict, more_examples=more, interval_note=interval_note(size))
 
 
-def verdict_sentence(test: PairedTest, teacher_loss: float) -> str:
-    """The verdict in one sentence, with Δ, its interval and the margin."""
-    lo, hi = test.ci
+def verdict_sentence(test: PairedTest, teacher_loss: float, sequential: Optional["SequentialTest"] = None) -> str:
+    """The verdict in one sentence, with Δ, its interval and the margin (and, for a sequential comparison,
+    when it was decided)."""
     rel = f" ({test.margin / teacher_loss:.2%} of the teacher's loss)" if teacher_loss > 0 else ""
-    core = (f"Δloss {test.delta:+.4f} nats/token, {test.level:.0%} interval [{lo:+.4f}, {hi:+.4f}], "
-            f"on {test.examples:,} examples ({test.tokens:,} answer tokens)")
-    if test.verdict == "equivalent":
+    shown = (f"{test.level:.0%} interval [{test.ci[0]:+.4f}, {test.ci[1]:+.4f}]" if test.ci is not None
+             else f"no interval ({test.interval_note})")
+    core = (f"Δloss {test.delta:+.4f} nats/token, {shown}, on {test.examples:,} examples "
+            f"({test.tokens:,} answer tokens)")
+    verdict, more_examples = test.verdict, test.more_examples
+    if sequential is not None:
+        verdict = sequential.verdict
+        core += f"; {sequential.describe()} ({sequential.procedure})"
+    if verdict == "equivalent":
         return (f"Equivalent: the student loses the same as the teacher within ±{test.margin:.4f} nats{rel} — "
                 f"{core}.")
-    if test.verdict == "not equivalent":
+    if verdict == "not equivalent":
         side = "worse" if test.delta > 0 else "better"
         return f"Not equivalent: the student is {side} than the teacher by more than {test.margin:.4f} nats{rel} — {core}."
-    more = (f"about {test.more_examples:,} more examples would decide if Δ holds"
-            if test.more_examples else "more examples are needed")
+    if sequential is not None:
+        return f"Inconclusive at ±{test.margin:.4f} nats{rel}: a larger maximum N is needed — {core}."
+    if test.ci is None:
+        return f"No verdict below N = {MIN_INTERVAL_N} at ±{test.margin:.4f} nats{rel} — {core}."
+    more = (f"about {more_examples:,} more examples would decide if Δ holds"
+            if more_examples else "more examples are needed")
     return f"Inconclusive at ±{test.margin:.4f} nats{rel}: {more} — {core}."
 
 
 def interval_path(tokens: Sequence, diff: Sequence, level: float = 0.95, reps: int = 500, seed: int = 0,
-                  start: int = 10, points: int = 12) -> list[dict]:
+                  start: int = MIN_INTERVAL_N, points: int = 12) -> list[dict]:
     """How the interval narrows as examples accumulate: rows {examples, delta, lo, hi} on the first n
-    examples for ~``points`` geometrically spaced n from ``start`` to N (in scoring order)."""
+    examples for ~``points`` geometrically spaced n from ``start`` (at least :data:`MIN_INTERVAL_N`: no
+    interval is shown below) to N (in scoring order); empty below that. ``reps``/``seed``: unused."""
     n, d = _arrays(tokens, diff)
     total = len(n)
-    sizes = sorted({min(total, int(round(v))) for v in np.geomspace(min(start, total), total, num=points)})
+    start = max(int(start), MIN_INTERVAL_N)
+    if total < start:
+        return []
+    sizes = sorted({min(total, int(round(v))) for v in np.geomspace(start, total, num=points)})
     rows = []
     for size in sizes:
         if n[:size].sum() <= 0:
             continue
-        lo, hi = percentile_interval(bootstrap_ratios(n[:size], d[:size], reps, seed), level)
-        rows.append({"examples": size, "delta": ratio(n[:size], d[:size]), "lo": lo, "hi": hi})
+        ci = t_interval(n[:size], d[:size], level)
+        if ci is not None:
+            rows.append({"examples": size, "delta": ratio(n[:size], d[:size]), "lo": ci[0], "hi": ci[1]})
     return rows
 
 
 # ----------------------------------------------------------------------------- small-sample intervals
-# The fewest examples at which an interval of the ratio is shown. Below it the t interval's coverage of the
-# token-weighted Δ (and of a mean loss) fails the 93 %-for-95 % floor on per-example rows resampled from real
-# rows of the embedded model (heavy right tail: single examples lose up to ~17 nats): see
-# docs/statistics.md and tests/test_stats.py, which re-simulates it at N = 5, 10, 20, 50, 200.
-MIN_INTERVAL_N = 20
-INTERVAL_METHOD = "t (N−1 df), delta-method SE of the ratio"
 
 
 def _betacf(a: float, b: float, x: float) -> float:
@@ -469,10 +507,13 @@ class SequentialMonitor:
     """The group-sequential TOST run example by example from running sums (O(1) per example): at each
     planned look it reads Δ̂ ± c_k·SE against ±margin; ``decided`` once a look decides."""
 
-    def __init__(self, margin: float, max_n: int, alpha: float = 0.05, looks: int = DEFAULT_LOOKS):
+    def __init__(self, margin: Union[str, float], max_n: int, alpha: float = 0.05, looks: int = DEFAULT_LOOKS):
         if not 0.0 < alpha < 0.5:
             raise ValueError(f"alpha {alpha!r} must be in (0, 0.5)")
-        self.margin, self.alpha, self.max_n = float(margin), float(alpha), int(max_n)
+        parse_margin(margin, 1.0)  # its syntax, before any example
+        self.margin_arg, self.alpha, self.max_n = margin, float(alpha), int(max_n)
+        self.margin = parse_margin(margin, 1.0)  # nats; a percent is re-read from the teacher loss at each look
+        self.teacher_sum = 0.0
         self.looks = planned_looks(max_n, looks)
         self.boundaries = list(spending_boundaries(tuple(c / self.max_n for c in self.looks), self.alpha))
         self.running = RunningRatio()
@@ -503,18 +544,22 @@ class SequentialMonitor:
         return {"look_examples": n_look, "c": c, "equivalent_within": self.margin - half,
                 "not_equivalent_beyond": self.margin + half}
 
-    def add(self, tokens: float, diff: float) -> Optional[str]:
-        """Add one example; at a look, judge it. Returns the verdict once decided (None before)."""
+    def add(self, tokens: float, diff: float, teacher: float = 0.0) -> Optional[str]:
+        """Add one example (``teacher``: its Σ teacher CE, for a margin in percent of the teacher loss); at a
+        look, judge it. Returns the verdict once decided (None before)."""
         if self.decided:
             return self.verdict
         self.running.add(tokens, diff)
+        self.teacher_sum += teacher
+        if self.running.n > 0:
+            self.margin = parse_margin(self.margin_arg, self.teacher_sum / self.running.n)
         nxt = self.next_look()
         if nxt is not None and self.running.count == nxt[0]:
             r, se, c = self.running.ratio, self.running.se(), look_boundary(nxt[1], self.running.count)
             c_lo, c_hi = skew_widened(c, self.running.skewness(), self.running.count)
             lo, hi = (r - c_lo * se, r + c_hi * se) if math.isfinite(se) else (-math.inf, math.inf)
             self.path.append({"examples": self.running.count, "delta": r, "se": se, "c": c, "c_lo": c_lo,
-                              "c_hi": c_hi, "lo": lo, "hi": hi})
+                              "c_hi": c_hi, "lo": lo, "hi": hi, "margin": self.margin})
             verdict = _look_verdict(lo, hi, self.margin) if self.running.n > 0 else None
             if verdict is not None:
                 self.verdict, self.look = verdict, len(self.path) - 1
@@ -524,20 +569,23 @@ class SequentialMonitor:
         last = self.path[-1] if self.path else None
         n = self.path[self.look]["examples"] if self.decided else self.running.count
         delta = self.path[self.look]["delta"] if self.decided else self.running.ratio
+        margin = self.path[self.look]["margin"] if self.decided else self.margin
         return SequentialTest(procedure=PROCEDURE, max_n=self.max_n, looks=list(self.looks),
-                              boundaries=list(self.boundaries), alpha=self.alpha, margin=self.margin,
+                              boundaries=list(self.boundaries), alpha=self.alpha, margin=margin,
                               decided=self.decided, verdict=self.verdict or "inconclusive", stopping_n=n,
                               look=self.look, delta=delta,
                               rci=(last["lo"], last["hi"]) if last else (-math.inf, math.inf), path=list(self.path))
 
 
-def sequential_test(tokens: Sequence, diff: Sequence, margin: float, max_n: int, alpha: float = 0.05,
-                    looks: int = DEFAULT_LOOKS) -> SequentialTest:
-    """The group-sequential TOST on per-example rows in scoring order (what :class:`SequentialMonitor` saw)."""
+def sequential_test(tokens: Sequence, diff: Sequence, margin: Union[str, float], max_n: int, alpha: float = 0.05,
+                    looks: int = DEFAULT_LOOKS, teacher: Optional[Sequence] = None) -> SequentialTest:
+    """The group-sequential TOST on per-example rows in scoring order (what :class:`SequentialMonitor` saw;
+    ``teacher``: per-example Σ teacher CE, for a margin in percent of the teacher loss)."""
     n, d = _arrays(tokens, diff)
+    t = np.zeros_like(n) if teacher is None else np.asarray(teacher, dtype=np.float64)
     monitor = SequentialMonitor(margin, max(int(max_n), len(n)), alpha, looks)
-    for k, v in zip(n, d):
-        if monitor.add(float(k), float(v)) is not None:
+    for k, v, w in zip(n, d, t):
+        if monitor.add(float(k), float(v), float(w)) is not None:
             break
     return monitor.result()
 
@@ -594,3 +642,17 @@ def simulate_coverage(tokens: np.ndarray, values: np.ndarray, sizes: Sequence[in
         q = t_quantile(0.5 + level / 2.0, size - 1)
         out[int(size)] = float((np.abs(r - truth) <= q * se).mean())
     return out
+
+
+def interval_text(ci: Optional[Sequence], digits: int = 4) -> str:
+    """'[+0.0123, +0.0456]', or 'not shown (N < 20)' where no interval is shown (``ci`` None)."""
+    if ci is None:
+        return f"not shown (N < {MIN_INTERVAL_N})"
+    return f"[{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]"
+
+
+def p_text(p: Optional[float]) -> str:
+    """A p-value for a table: '3.2e-05', '<1e-15', or '—' where none is given (N < MIN_INTERVAL_N)."""
+    if p is None:
+        return "—"
+    return f"{p:.2g}" if p >= 1e-15 else "<1e-15"

@@ -205,7 +205,7 @@ def test_interval_narrows_as_examples_accumulate(tiny):
     model, tok = tiny
     c = compare(model, perturbed(model, 0.3), tok, examples(120), CompareSettings(examples=120, batch_size=4))
     path = c.interval_path(points=6)
-    assert path[-1]["examples"] == 120 and path[0]["examples"] == 10
+    assert path[-1]["examples"] == 120 and path[0]["examples"] == stats.MIN_INTERVAL_N
     widths = [r["hi"] - r["lo"] for r in path]
     assert widths[-1] < widths[0]
 
