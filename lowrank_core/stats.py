@@ -541,7 +541,7 @@ class SequentialMonitor:
             return None
         n_look, c = nxt[0], look_boundary(nxt[1], nxt[0])
         half = c * se * math.sqrt(self.running.count / n_look)
-        return {"look_examples": n_look, "c": c, "equivalent_within": self.margin - half,
+        return {"look_examples": n_look, "c": c, "margin": self.margin, "equivalent_within": self.margin - half,
                 "not_equivalent_beyond": self.margin + half}
 
     def add(self, tokens: float, diff: float, teacher: float = 0.0) -> Optional[str]:
