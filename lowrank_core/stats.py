@@ -590,6 +590,37 @@ def sequential_test(tokens: Sequence, diff: Sequence, margin: Union[str, float],
     return monitor.result()
 
 
+def sequential_paths(tn: np.ndarray, td: np.ndarray, margin: float, max_n: int, alpha: float = 0.05,
+                     looks: int = DEFAULT_LOOKS) -> tuple[np.ndarray, np.ndarray]:
+    """The group-sequential TOST on many comparisons at once (rows [trials, ≥ max_n] of per-example tokens
+    and Σ diff, margin in nats), with :class:`SequentialMonitor`'s arithmetic: (verdict per trial: 0
+    undecided, 1 equivalent, 2 not equivalent; stopping N per trial)."""
+    trials = tn.shape[0]
+    cn, cd, cnn, cnd, cdd, c3n, cnnd, cndd, c3d = (np.cumsum(a, axis=1) for a in (
+        tn, td, tn * tn, tn * td, td * td, tn ** 3, tn * tn * td, tn * td * td, td ** 3))
+    counts = planned_looks(max_n, looks)
+    bounds = spending_boundaries(tuple(c / max_n for c in counts), alpha)
+    verdict = np.zeros(trials, dtype=np.int8)
+    stop = np.full(trials, int(max_n))
+    for k, c in zip(counts, bounds):
+        j, c = k - 1, look_boundary(c, k)
+        r = cd[:, j] / cn[:, j]
+        ss = np.maximum(0.0, cdd[:, j] - 2 * r * cnd[:, j] + r * r * cnn[:, j])
+        se = np.sqrt(k / max(k - 1, 1) * ss) / cn[:, j] if k > 1 else np.full(trials, np.inf)
+        s3 = c3d[:, j] - 3 * r * cndd[:, j] + 3 * r * r * cnnd[:, j] - r ** 3 * c3n[:, j]
+        skew = (np.where(ss > 0, (s3 / k) / np.maximum(ss / k, 1e-300) ** 1.5, 0.0) if k >= 3
+                else np.zeros(trials))
+        term = (2 * c * c + 1) / (6 * math.sqrt(k)) if k >= 3 else 0.0
+        lo = r - (c + np.maximum(0.0, -skew) * term) * se
+        hi = r + (c + np.maximum(0.0, skew) * term) * se
+        open_ = verdict == 0
+        eq = open_ & (lo > -margin) & (hi < margin)
+        ne = open_ & ((lo > margin) | (hi < -margin))
+        verdict[eq], verdict[ne] = 1, 2
+        stop[eq | ne] = k
+    return verdict, stop
+
+
 def simulate_sequential(tokens: np.ndarray, diff: np.ndarray, true_delta: float, margin: float, max_n: int,
                         alpha: float = 0.05, looks: int = DEFAULT_LOOKS, trials: int = 2000,
                         seed: int = 0) -> dict:
@@ -599,28 +630,7 @@ def simulate_sequential(tokens: np.ndarray, diff: np.ndarray, true_delta: float,
     d = d - (d.sum() / n.sum() - true_delta) * n
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(n), size=(trials, int(max_n)))
-    tn, td = n[idx], d[idx]
-    cn, cd, cnn, cnd, cdd, c3n, cnnd, cndd, c3d = (np.cumsum(a, axis=1) for a in (
-        tn, td, tn * tn, tn * td, td * td, tn ** 3, tn * tn * td, tn * td * td, td ** 3))
-    counts = planned_looks(max_n, looks)
-    bounds = spending_boundaries(tuple(c / max_n for c in counts), alpha)
-    verdict = np.zeros(trials, dtype=np.int8)  # 0 undecided, 1 equivalent, 2 not equivalent
-    stop = np.full(trials, int(max_n))
-    for k, c in zip(counts, bounds):
-        j, c = k - 1, look_boundary(c, k)
-        r = cd[:, j] / cn[:, j]
-        ss = np.maximum(0.0, cdd[:, j] - 2 * r * cnd[:, j] + r * r * cnn[:, j])
-        se = np.sqrt(k / max(k - 1, 1) * ss) / cn[:, j] if k > 1 else np.full(trials, np.inf)
-        s3 = cdd[:, j] * 0 + (c3d[:, j] - 3 * r * cndd[:, j] + 3 * r * r * cnnd[:, j] - r ** 3 * c3n[:, j])
-        skew = np.where(ss > 0, (s3 / k) / np.maximum(ss / k, 1e-300) ** 1.5, 0.0) if k >= 3 else np.zeros(trials)
-        term = (2 * c * c + 1) / (6 * math.sqrt(k)) if k >= 3 else 0.0
-        lo = r - (c + np.maximum(0.0, -skew) * term) * se
-        hi = r + (c + np.maximum(0.0, skew) * term) * se
-        open_ = verdict == 0
-        eq = open_ & (lo > -margin) & (hi < margin)
-        ne = open_ & ((lo > margin) | (hi < -margin))
-        verdict[eq], verdict[ne] = 1, 2
-        stop[eq | ne] = k
+    verdict, stop = sequential_paths(n[idx], d[idx], margin, max_n, alpha, looks)
     return {"equivalent": float((verdict == 1).mean()), "not_equivalent": float((verdict == 2).mean()),
             "undecided": float((verdict == 0).mean()), "mean_stopping_n": float(stop.mean())}
 
