@@ -560,7 +560,8 @@ class SequentialMonitor:
             lo, hi = (r - c_lo * se, r + c_hi * se) if math.isfinite(se) else (-math.inf, math.inf)
             self.path.append({"examples": self.running.count, "delta": r, "se": se, "c": c, "c_lo": c_lo,
                               "c_hi": c_hi, "lo": lo, "hi": hi, "margin": self.margin})
-            verdict = _look_verdict(lo, hi, self.margin) if self.running.n > 0 else None
+            verdict = (_look_verdict(lo, hi, self.margin)
+                       if self.running.n > 0 and interval_shown(self.running.count) else None)  # none below N_min
             if verdict is not None:
                 self.verdict, self.look = verdict, len(self.path) - 1
         return self.verdict
@@ -613,7 +614,7 @@ def sequential_paths(tn: np.ndarray, td: np.ndarray, margin: float, max_n: int, 
         term = (2 * c * c + 1) / (6 * math.sqrt(k)) if k >= 3 else 0.0
         lo = r - (c + np.maximum(0.0, -skew) * term) * se
         hi = r + (c + np.maximum(0.0, skew) * term) * se
-        open_ = verdict == 0
+        open_ = (verdict == 0) & interval_shown(k)
         eq = open_ & (lo > -margin) & (hi < margin)
         ne = open_ & ((lo > margin) | (hi < -margin))
         verdict[eq], verdict[ne] = 1, 2

@@ -108,7 +108,7 @@ def test_cli_compare_and_evaluate_page_score_through_the_same_paired_comparison(
     streamed = spy(monkeypatch, compare_job, "compare_models")  # run_compare's
     runs = spy(monkeypatch, compare_cmd, "run_compare")
     argv = ["compare", "--teacher", "tiny", "--student", "mlp:r8", "--data", "chatterbot", "--calib", "16",
-            "--max-len", "128", "--n", "4", "--eval-max-len", "128", "--json"]
+            "--max-len", "128", "--n", "4", "--eval-max-len", "128", "--until-decided", "--json"]  # the app's default
     assert main(argv) == 0
     (s,) = json.loads(capsys.readouterr().out)["students"]
     (cli_spec,) = runs
@@ -128,7 +128,7 @@ def test_cli_compare_and_evaluate_page_score_through_the_same_paired_comparison(
     assert app_job.spec.plan == cli_job.plan and app_job.spec.settings() == cli_job.settings()
     app = app_job.comparison_summary()
     keep = ("examples", "tokens", "fingerprint", "teacher_loss", "student_loss", "delta", "delta_ci", "p_value",
-            "verdict", "verdict_text", "kl", "top1_agreement", "worst")
+            "verdict", "verdict_text", "kl", "top1_agreement", "worst", "decided", "stopping_n", "procedure")
     assert {k: app[k] for k in keep} == {k: s[k] for k in keep}
     assert metrics(at)["Δ loss (student − teacher)"] == f"{s['delta']:+.4f}"
 

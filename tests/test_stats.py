@@ -156,6 +156,16 @@ def test_monitor_and_the_vectorised_simulation_agree(rows):
     assert 0 < (verdict == 1).sum() < len(idx)
 
 
+def test_no_look_decides_below_the_interval_threshold():
+    monitor = stats.SequentialMonitor(10.0, 7)  # a huge margin: any shown interval would be inside it
+    for k in range(7):
+        monitor.add(10.0, 0.01 * k)
+    assert monitor.looks == [7] and not monitor.decided and monitor.result().describe() == (
+        "undecided at the maximum of 7 examples")
+    verdict, _ = stats.sequential_paths(np.full((3, 7), 10.0), np.zeros((3, 7)) + 0.01, 10.0, 7)
+    assert not verdict.any()
+
+
 def test_monitor_boundary_is_what_the_estimate_must_cross():
     rng = np.random.default_rng(7)
     monitor = stats.SequentialMonitor(0.05, 100, looks=5)
