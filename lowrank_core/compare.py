@@ -322,15 +322,23 @@ def compare_models(teacher: nn.Module, students: dict, tokenizer, examples: Iter
             for result in results.values():
                 result.stopped = True
     elapsed = time.perf_counter() - start
-    if monitors and all(m.decided for m in monitors.values()):
-        cut = max(m.result().stopping_n for m in monitors.values())
-        for result in results.values():
-            result.truncated(cut)
     for result in results.values():
         result.skipped, result.seconds = counts["skipped"], elapsed
     if size > 1:
         results = _gathered(results, orders, settings)
+    if settings.until_decided:
+        _keep_until_decided(results)
     return results
+
+
+def _keep_until_decided(results: dict) -> None:
+    """Once every student is decided, keep the rows up to the last deciding look (the rest of its batch,
+    or under a launch the rest of the maximum, was scored but is not part of the sequential result)."""
+    tests = [r.sequential() for r in results.values() if r.examples and sum(r.tokens)]
+    if tests and all(t.decided for t in tests):
+        cut = max(t.stopping_n for t in tests)
+        for result in results.values():
+            result.truncated(cut)
 
 
 def _gathered(results: dict, orders: list, settings: CompareSettings) -> dict:
