@@ -92,14 +92,9 @@ class RunningRatio:
         self.ndd += n * d * d
         self.ddd += d * d * d
 
-    def skewness(self) -> float:
-        """Sample skewness of the linearised residuals d − Δ̂·n (0 before three examples)."""
-        if self.count < 3 or self.n <= 0:
-            return 0.0
-        r = self.d / self.n
-        ss = max(0.0, self.dd - 2 * r * self.nd + r * r * self.nn)
-        s3 = self.ddd - 3 * r * self.ndd + 3 * r * r * self.nnd - r ** 3 * self.nnn
-        return 0.0 if ss <= 0 else (s3 / self.count) / (ss / self.count) ** 1.5
+    def sums(self) -> tuple:
+        """The nine running sums :func:`look_bounds` reads."""
+        return (self.n, self.d, self.nn, self.nd, self.dd, self.nnn, self.nnd, self.ndd, self.ddd)
 
     @property
     def ratio(self) -> float:
@@ -478,10 +473,10 @@ class SequentialTest:
         return f"undecided after {self.stopping_n:,} of at most {self.max_n:,} examples"
 
 
-def _look_verdict(lo: float, hi: float, margin: float) -> Optional[str]:
-    if -margin < lo and hi < margin:
+def _look_verdict(b: dict, margin: float) -> Optional[str]:
+    if -margin < b["lo"] and b["hi"] < margin:
         return "equivalent"
-    if lo > margin or hi < -margin:
+    if b["worse"] > margin or b["better"] < -margin:
         return "not equivalent"
     return None
 
@@ -494,13 +489,35 @@ def look_boundary(c: float, examples: int) -> float:
     return t_quantile(normal_cdf(c), examples - 1)
 
 
-def skew_widened(c: float, skew: float, examples: int) -> tuple[float, float]:
-    """(c_lo, c_hi): the boundary ``c`` widened on the long side by the Edgeworth term of the studentised mean
-    (Hall 1992, §3.5: the α-quantile of T moves by γ(2z² + 1) / (6√N)); the short side is never narrowed."""
-    if examples < 3 or not math.isfinite(c):
-        return c, c
-    term = (2 * c * c + 1) / (6 * math.sqrt(examples))
-    return c + max(0.0, -skew) * term, c + max(0.0, skew) * term
+def _residual_moments(k: int, sums: tuple, mu):
+    """(SE, skewness) of the ratio's residuals d − μ·n from the nine running sums (floats or arrays)."""
+    n, d, nn, nd, dd, nnn, nnd, ndd, ddd = sums
+    ss = np.maximum(0.0, dd - 2 * mu * nd + mu * mu * nn)
+    s3 = ddd - 3 * mu * ndd + 3 * mu * mu * nnd - mu ** 3 * nnn
+    se = np.sqrt(k / max(k - 1, 1) * ss) / n
+    skew = np.where(ss > 0, (s3 / k) / np.maximum(ss / k, 1e-300) ** 1.5, 0.0)
+    return se, skew
+
+
+def look_bounds(k: int, sums: tuple, margin: float, c_z: float) -> dict:
+    """The four bounds one look reads (floats, or arrays over simulated comparisons), from the running sums
+    (Σn, Σd, Σn², Σnd, Σd², Σn³, Σn²d, Σnd², Σd³) of ``k`` examples and the look's Z boundary ``c_z``:
+
+    - each one-sided test uses the SE of the ratio *under its null* (residuals d ∓ m·n: a score-type test,
+      which a sample that has not met the heavy tail cannot make small), at the t-scaled boundary c, widened
+      on the sample's long side by the Edgeworth term of the studentised mean, γ(2c² + 1) / (6√k)
+      (Hall 1992, §3.5); never narrowed;
+    - equivalent when ``hi`` < m and ``lo`` > −m; not equivalent when ``worse`` > m or ``better`` < −m."""
+    c = look_boundary(c_z, k)
+    term = (2 * c * c + 1) / (6 * math.sqrt(k)) if k >= 3 else 0.0
+    r = sums[1] / sums[0]
+    se_up, g_up = _residual_moments(k, sums, margin)     # null Δ = +m
+    se_dn, g_dn = _residual_moments(k, sums, -margin)    # null Δ = −m
+    return {"delta": r, "c": c,
+            "hi": r + (c + np.maximum(0.0, g_up) * term) * se_up,
+            "lo": r - (c + np.maximum(0.0, -g_dn) * term) * se_dn,
+            "worse": r - (c + np.maximum(0.0, -g_up) * term) * se_up,
+            "better": r + (c + np.maximum(0.0, g_dn) * term) * se_dn}
 
 
 class SequentialMonitor:
@@ -533,16 +550,18 @@ class SequentialMonitor:
         return self.looks[k], self.boundaries[k]
 
     def boundary(self) -> Optional[dict]:
-        """What the estimate has to cross at the next look if the spread stays as now: equivalent when Δ̂ lies
-        in (−m + c·SE, m − c·SE), not equivalent when |Δ̂| > m + c·SE (SE now, scaled to the look's N)."""
+        """What the estimate has to cross at the next look if the spread stays as now (the SEs scaled to the
+        look's N): |Δ̂| below ``equivalent_within`` decides equivalent, above ``not_equivalent_beyond`` not."""
         nxt = self.next_look()
-        se = self.running.se()
-        if nxt is None or not math.isfinite(se):
+        k = self.running.count
+        if nxt is None or k < 3 or self.running.n <= 0:
             return None
-        n_look, c = nxt[0], look_boundary(nxt[1], nxt[0])
-        half = c * se * math.sqrt(self.running.count / n_look)
-        return {"look_examples": n_look, "c": c, "margin": self.margin, "equivalent_within": self.margin - half,
-                "not_equivalent_beyond": self.margin + half}
+        b = look_bounds(k, self.running.sums(), self.margin, nxt[1])
+        scale = math.sqrt(k / nxt[0]) * look_boundary(nxt[1], nxt[0]) / b["c"]
+        half_eq = max(float(b["hi"] - b["delta"]), float(b["delta"] - b["lo"])) * scale
+        half_ne = max(float(b["delta"] - b["worse"]), float(b["better"] - b["delta"])) * scale
+        return {"look_examples": nxt[0], "c": look_boundary(nxt[1], nxt[0]), "margin": self.margin,
+                "equivalent_within": self.margin - half_eq, "not_equivalent_beyond": self.margin + half_ne}
 
     def add(self, tokens: float, diff: float, teacher: float = 0.0) -> Optional[str]:
         """Add one example (``teacher``: its Σ teacher CE, for a margin in percent of the teacher loss); at a
@@ -555,13 +574,10 @@ class SequentialMonitor:
             self.margin = parse_margin(self.margin_arg, self.teacher_sum / self.running.n)
         nxt = self.next_look()
         if nxt is not None and self.running.count == nxt[0]:
-            r, se, c = self.running.ratio, self.running.se(), look_boundary(nxt[1], self.running.count)
-            c_lo, c_hi = skew_widened(c, self.running.skewness(), self.running.count)
-            lo, hi = (r - c_lo * se, r + c_hi * se) if math.isfinite(se) else (-math.inf, math.inf)
-            self.path.append({"examples": self.running.count, "delta": r, "se": se, "c": c, "c_lo": c_lo,
-                              "c_hi": c_hi, "lo": lo, "hi": hi, "margin": self.margin})
-            verdict = (_look_verdict(lo, hi, self.margin)
-                       if self.running.n > 0 and interval_shown(self.running.count) else None)  # none below N_min
+            k = self.running.count
+            b = {key: float(v) for key, v in look_bounds(k, self.running.sums(), self.margin, nxt[1]).items()}
+            self.path.append({"examples": k, "se": self.running.se(), "margin": self.margin, **b})
+            verdict = _look_verdict(b, self.margin) if self.running.n > 0 and interval_shown(k) else None  # N_min
             if verdict is not None:
                 self.verdict, self.look = verdict, len(self.path) - 1
         return self.verdict
@@ -597,26 +613,17 @@ def sequential_paths(tn: np.ndarray, td: np.ndarray, margin: float, max_n: int, 
     and Σ diff, margin in nats), with :class:`SequentialMonitor`'s arithmetic: (verdict per trial: 0
     undecided, 1 equivalent, 2 not equivalent; stopping N per trial)."""
     trials = tn.shape[0]
-    cn, cd, cnn, cnd, cdd, c3n, cnnd, cndd, c3d = (np.cumsum(a, axis=1) for a in (
-        tn, td, tn * tn, tn * td, td * td, tn ** 3, tn * tn * td, tn * td * td, td ** 3))
+    cums = [np.cumsum(a, axis=1) for a in (tn, td, tn * tn, tn * td, td * td, tn ** 3, tn * tn * td,
+                                           tn * td * td, td ** 3)]
     counts = planned_looks(max_n, looks)
     bounds = spending_boundaries(tuple(c / max_n for c in counts), alpha)
     verdict = np.zeros(trials, dtype=np.int8)
     stop = np.full(trials, int(max_n))
     for k, c in zip(counts, bounds):
-        j, c = k - 1, look_boundary(c, k)
-        r = cd[:, j] / cn[:, j]
-        ss = np.maximum(0.0, cdd[:, j] - 2 * r * cnd[:, j] + r * r * cnn[:, j])
-        se = np.sqrt(k / max(k - 1, 1) * ss) / cn[:, j] if k > 1 else np.full(trials, np.inf)
-        s3 = c3d[:, j] - 3 * r * cndd[:, j] + 3 * r * r * cnnd[:, j] - r ** 3 * c3n[:, j]
-        skew = (np.where(ss > 0, (s3 / k) / np.maximum(ss / k, 1e-300) ** 1.5, 0.0) if k >= 3
-                else np.zeros(trials))
-        term = (2 * c * c + 1) / (6 * math.sqrt(k)) if k >= 3 else 0.0
-        lo = r - (c + np.maximum(0.0, -skew) * term) * se
-        hi = r + (c + np.maximum(0.0, skew) * term) * se
+        b = look_bounds(k, tuple(a[:, k - 1] for a in cums), margin, c)
         open_ = (verdict == 0) & interval_shown(k)
-        eq = open_ & (lo > -margin) & (hi < margin)
-        ne = open_ & ((lo > margin) | (hi < -margin))
+        eq = open_ & (b["lo"] > -margin) & (b["hi"] < margin)
+        ne = open_ & ~eq & ((b["worse"] > margin) | (b["better"] < -margin))
         verdict[eq], verdict[ne] = 1, 2
         stop[eq | ne] = k
     return verdict, stop
