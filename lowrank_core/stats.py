@@ -457,12 +457,12 @@ class SequentialTest:
     stopping_n: int                # examples at the deciding look (or scored, when undecided)
     look: Optional[int]            # index of the deciding look
     delta: float                   # Δ̂ at stopping_n
-    rci: tuple                     # repeated confidence interval Δ̂ ± c·SE at the last look reached
+    rci: Optional[tuple]           # (lo, hi) the equivalence read at the last look reached (None before one)
     path: list                     # one row per look reached: {examples, delta, se, c, lo, hi}
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["rci"] = list(self.rci)
+        d["rci"] = list(self.rci) if self.rci is not None else None
         return d
 
     def describe(self) -> str:
@@ -471,6 +471,11 @@ class SequentialTest:
         if self.stopping_n >= self.max_n:
             return f"undecided at the maximum of {self.max_n:,} examples"
         return f"undecided after {self.stopping_n:,} of at most {self.max_n:,} examples"
+
+
+def _finite(value: float) -> Optional[float]:
+    """JSON-safe: None for inf / nan (a record is printed as strict JSON)."""
+    return value if math.isfinite(value) else None
 
 
 def _look_verdict(b: dict, margin: float) -> Optional[str]:
@@ -575,9 +580,10 @@ class SequentialMonitor:
         nxt = self.next_look()
         if nxt is not None and self.running.count == nxt[0]:
             k = self.running.count
-            b = {key: float(v) for key, v in look_bounds(k, self.running.sums(), self.margin, nxt[1]).items()}
-            self.path.append({"examples": k, "se": self.running.se(), "margin": self.margin, **b})
-            verdict = _look_verdict(b, self.margin) if self.running.n > 0 and interval_shown(k) else None  # N_min
+            b = {key: _finite(float(v)) for key, v in look_bounds(k, self.running.sums(), self.margin, nxt[1]).items()}
+            self.path.append({"examples": k, "se": _finite(self.running.se()), "margin": self.margin, **b})
+            verdict = (_look_verdict(b, self.margin) if self.running.n > 0 and interval_shown(k)
+                       and None not in b.values() else None)  # no verdict below N_min
             if verdict is not None:
                 self.verdict, self.look = verdict, len(self.path) - 1
         return self.verdict
@@ -591,7 +597,7 @@ class SequentialMonitor:
                               boundaries=list(self.boundaries), alpha=self.alpha, margin=margin,
                               decided=self.decided, verdict=self.verdict or "inconclusive", stopping_n=n,
                               look=self.look, delta=delta,
-                              rci=(last["lo"], last["hi"]) if last else (-math.inf, math.inf), path=list(self.path))
+                              rci=(last["lo"], last["hi"]) if last else None, path=list(self.path))
 
 
 def sequential_test(tokens: Sequence, diff: Sequence, margin: Union[str, float], max_n: int, alpha: float = 0.05,
