@@ -5,8 +5,9 @@ Teacher and every student see the same batches. For each example only scalars ar
 tensors, so memory grows by a few floats per example whatever N; the worst examples are kept in a heap
 of fixed size. :func:`compare_models` returns one :class:`Comparison` per student; its
 :meth:`~Comparison.summary` (the ``compare --json`` report, the manifest's ``comparison``, the model
-card's evaluation) carries Δloss with a paired bootstrap interval, the z-test, the TOST verdict at a
-margin, KL, top-1 agreement and both perplexities (``stats.py`` holds the statistics).
+card's evaluation) carries Δloss with its t interval (shown from ``stats.MIN_INTERVAL_N`` examples), the
+t-test, the TOST verdict at a margin — or, with ``until_decided``, the group-sequential TOST's decision and
+the N it stopped at —, KL, top-1 agreement and both perplexities (``stats.py`` holds the statistics).
 
 A progress callback that raises :class:`~lowrank_core.progress.Cancelled` (a job's stop request) ends
 the pass early: the examples scored so far are kept and the comparison is marked ``stopped``.
@@ -89,7 +90,7 @@ class Comparison:
     stopped: bool = False
     seconds: float = 0.0
     planned: int = 0  # the maximum N of an until-decided pass (examples asked for, or the stream's length)
-    _summary: Optional[dict] = field(default=None, repr=False)  # computed once: the bootstrap is not free
+    _summary: Optional[dict] = field(default=None, repr=False)  # computed once (the sequential replay is O(N))
 
     @property
     def examples(self) -> int:
@@ -135,8 +136,8 @@ class Comparison:
         s = self.settings
         if not s.until_decided:
             return None
-        return stats.sequential_test(self.tokens, self.diff, s.margin, max_n=self.planned or s.examples, alpha=s.alpha, looks=s.looks,
-                                     teacher=self.teacher)
+        return stats.sequential_test(self.tokens, self.diff, s.margin, max_n=self.planned or s.examples,
+                                     alpha=s.alpha, looks=s.looks, teacher=self.teacher)
 
     def truncated(self, examples: int) -> None:
         """Keep the first ``examples`` rows (a sequential stop drops the rest of the last batch)."""
