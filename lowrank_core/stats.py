@@ -27,6 +27,7 @@ _CELLS = 4_000_000  # bootstrap index cells drawn at once (reps × N): memory st
 # token-weighted Δ (and of a mean loss) fails the 93 %-for-95 % floor on per-example rows resampled from real
 # rows of the embedded model (heavy right tail: single examples lose up to ~17 nats): see
 # docs/statistics.md and tests/test_stats.py, which re-simulates it at N = 5, 10, 20, 50, 200.
+# Provisional until tests/fixtures/per_example_rows.csv (the real rows) is in and that test has run on it.
 MIN_INTERVAL_N = 20
 INTERVAL_METHOD = "t (N−1 df), delta-method SE of the ratio"
 
