@@ -5,8 +5,9 @@ Teacher and every student see the same batches. For each example only scalars ar
 tensors, so memory grows by a few floats per example whatever N; the worst examples are kept in a heap
 of fixed size. :func:`compare_models` returns one :class:`Comparison` per student; its
 :meth:`~Comparison.summary` (the ``compare --json`` report, the manifest's ``comparison``, the model
-card's evaluation) carries Δloss with a paired bootstrap interval, the z-test, the TOST verdict at a
-margin, KL, top-1 agreement and both perplexities (``stats.py`` holds the statistics).
+card's evaluation) carries Δloss with its t interval (shown from ``stats.MIN_INTERVAL_N`` examples), the
+t-test, the TOST verdict at a margin — or, with ``until_decided``, the group-sequential TOST's decision and
+the N it stopped at —, KL, top-1 agreement and both perplexities (``stats.py`` holds the statistics).
 
 With a teacher cache (``CompareSettings.teacher_cache``, default ``auto``: ``teacher_cache.py``) the
 teacher's per-example results are read from disk and only the students run; Σ CE and top-1 are exact,
@@ -54,7 +55,12 @@ class CompareSettings:
     margin: str = option("1%", help="equivalence margin: nats (0.02) or percent of the teacher loss ('1%')")
     level: float = option(0.95, help="confidence level of the reported interval")
     alpha: float = option(0.05, help="level of each one-sided test of the equivalence verdict")
-    bootstrap: int = option(2000, minimum=1, help="paired bootstrap replicates (examples resampled)")
+    bootstrap: int = option(2000, minimum=1, help="kept for old recipes and flags: the interval is now the t "
+                                                  "interval (stats.py), no bootstrap is drawn")
+    until_decided: bool = option(False, help="stop at the first planned look where the group-sequential TOST "
+                                             "decides; --n is then the maximum N (the app's default)")
+    looks: int = option(stats.DEFAULT_LOOKS, minimum=1, help="planned looks of --until-decided, equally spaced "
+                                                             f"up to --n, none before N = {stats.MIN_INTERVAL_N}")
     worst: int = option(10, minimum=0, help="examples where the student loses most, kept for the report")
     batch_size: Optional[int] = option(None, minimum=1, flag="--eval-batch-size", help="examples per forward pass (default: 1 on CPU, 8 on "
                                                              "CUDA; batches are length-bucketed)")
@@ -73,6 +79,8 @@ class CompareSettings:
             raise ValueError(f"alpha {self.alpha!r} must be in (0, 0.5)")
         stats.parse_margin(self.margin, teacher_loss)
         check_cache_spec(self.teacher_cache, "teacher_cache")
+        if int(self.looks) < 1:
+            raise ValueError(f"looks {self.looks!r} must be >= 1")
 
 
 @dataclass
@@ -91,7 +99,8 @@ class Comparison:
     skipped: int = 0
     stopped: bool = False
     seconds: float = 0.0
-    _summary: Optional[dict] = field(default=None, repr=False)  # computed once: the bootstrap is not free
+    planned: int = 0  # the maximum N of an until-decided pass (examples asked for, or the stream's length)
+    _summary: Optional[dict] = field(default=None, repr=False)  # computed once (the sequential replay is O(N))
 
     @property
     def examples(self) -> int:
@@ -131,6 +140,26 @@ class Comparison:
         return stats.paired_test(self.tokens, self.diff, margin, level=s.level, alpha=s.alpha, reps=s.bootstrap,
                                  seed=s.seed)
 
+    def sequential(self) -> Optional[stats.SequentialTest]:
+        """The group-sequential TOST over the rows in scoring order (``until_decided`` only; None otherwise):
+        the decision the pass stopped on, or undecided at the maximum ``settings.examples``."""
+        s = self.settings
+        if not s.until_decided:
+            return None
+        return stats.sequential_test(self.tokens, self.diff, s.margin, max_n=self.planned or s.examples,
+                                     alpha=s.alpha, looks=s.looks, teacher=self.teacher)
+
+    def truncated(self, examples: int) -> None:
+        """Keep the first ``examples`` rows (a sequential stop drops the rest of the last batch)."""
+        if examples >= self.examples:
+            return
+        for name in ("tokens", "teacher", "student", "kl", "agree"):
+            setattr(self, name, getattr(self, name)[:examples])
+        self.keys = self.keys[:examples]
+        self.worst_heap = [item for item in self.worst_heap if item[1] < examples]
+        heapq.heapify(self.worst_heap)
+        self._summary = None
+
     def worst(self) -> list[dict]:
         rows = sorted(self.worst_heap, reverse=True)
         return [{"key": key, "prompt": prompt, "delta": d, "delta_per_token": d / max(1, n), "tokens": n}
@@ -148,14 +177,24 @@ class Comparison:
                              f"filled max_len={self.settings.max_len}); nothing to compare")
         t_loss, s_loss, test = self.loss("teacher"), self.loss("student"), self.test()
         n_tokens = int(sum(self.tokens))
+        seq = self.sequential()
+        if seq is not None:
+            verdict, decided, stopping_n, procedure = seq.verdict, seq.decided, seq.stopping_n, seq.procedure
+        else:
+            verdict, decided, stopping_n = test.verdict, test.verdict != "inconclusive", self.examples
+            procedure = f"fixed-N TOST, {stats.INTERVAL_METHOD}"
         return {"examples": self.examples, "tokens": n_tokens, "skipped": self.skipped, "stopped": self.stopped,
                 "fingerprint": self.fingerprint(), "teacher_loss": t_loss, "student_loss": s_loss,
                 "teacher_perplexity": _perplexity(t_loss), "student_perplexity": _perplexity(s_loss),
-                "delta": test.delta, "delta_se": test.se, "delta_ci": list(test.ci), "ci_level": test.level,
+                "delta": test.delta, "delta_se": test.se, "delta_ci": _listed(test.ci), "ci_level": test.level,
+                "interval_method": stats.INTERVAL_METHOD, "interval_note": test.interval_note,
+                "min_interval_n": stats.MIN_INTERVAL_N,
                 "p_value": test.p_value, "margin": test.margin, "margin_arg": str(self.settings.margin),
-                "alpha": test.alpha, "tost_ci": list(test.tost_ci), "tost_p": test.tost_p,
-                "verdict": test.verdict, "verdict_text": stats.verdict_sentence(test, t_loss),
-                "more_examples": test.more_examples, "kl": math.fsum(self.kl) / n_tokens,
+                "alpha": test.alpha, "tost_ci": _listed(test.tost_ci), "tost_p": test.tost_p,
+                "verdict": verdict, "verdict_text": stats.verdict_sentence(test, t_loss, seq),
+                "decided": decided, "stopping_n": stopping_n, "procedure": procedure,
+                "sequential": seq.to_dict() if seq is not None else None,
+                "more_examples": test.more_examples if seq is None else None, "kl": math.fsum(self.kl) / n_tokens,
                 "top1_agreement": sum(self.agree) / n_tokens, "bootstrap": self.settings.bootstrap,
                 "worst": self.worst(), "seconds": self.seconds}
 
@@ -174,6 +213,10 @@ class Comparison:
         s = self.settings
         return stats.interval_path(self.tokens, self.diff, level=s.level, reps=min(500, s.bootstrap), seed=s.seed,
                                    points=points)
+
+
+def _listed(interval) -> Optional[list]:
+    return list(interval) if interval is not None else None
 
 
 def _perplexity(loss: float) -> float:
@@ -314,9 +357,14 @@ def compare_models(teacher: nn.Module, students: dict, tokenizer, examples: Iter
     n = int(settings.examples)
     total = min(n, len(examples)) if hasattr(examples, "__len__") else n
     batch_size = settings.batch_size or default_batch_size(model_device(teacher))
-    results = {name: Comparison(settings) for name in students}
+    results = {name: Comparison(settings, planned=total or n) for name in students}
     first = next(iter(students))
     running = stats.RunningRatio()  # the first student's Δ, for the progress message
+    # until decided: one group-sequential monitor per student; the pass ends when every one has decided
+    # (one process only: a launch scores the maximum and the decision is read from the rows afterwards)
+    monitors = ({name: stats.SequentialMonitor(settings.margin, total or n, settings.alpha, settings.looks)
+                 for name in students}
+                if settings.until_decided and size == 1 else {})
     counts = {"skipped": 0}
     orders: list = []  # stream position of each example scored here (a world > 1 puts them back in order)
     start = time.perf_counter()
@@ -338,10 +386,16 @@ def compare_models(teacher: nn.Module, students: dict, tokenizer, examples: Iter
                     for name, result in results.items():
                         _add(result, example, order, k, scored["teacher"][row], scored[name], row)
                     running.add(k, scored[first]["ce"][row] - scored["teacher"][row])
+                    for name, monitor in monitors.items():
+                        monitor.add(k, scored[name]["ce"][row] - scored["teacher"][row], scored["teacher"][row])
                     if size > 1:
                         orders.append(order)
                     order += 1
-                progress(order, total, _running_message(running), stage="compare", metrics=_running_metrics(running))
+                monitor = monitors.get(first)
+                progress(order, total, _running_message(running, settings.level, monitor), stage="compare",
+                         metrics=_running_metrics(running, settings.level, monitor))
+                if monitors and all(m.decided for m in monitors.values()):
+                    break  # decided: a normal end, not a stop
         except Cancelled:
             for result in results.values():
                 result.stopped = True
@@ -353,7 +407,19 @@ def compare_models(teacher: nn.Module, students: dict, tokenizer, examples: Iter
         result.skipped, result.seconds = counts["skipped"], elapsed
     if size > 1:
         results = _gathered(results, orders, settings)
+    if settings.until_decided:
+        _keep_until_decided(results)
     return results
+
+
+def _keep_until_decided(results: dict) -> None:
+    """Once every student is decided, keep the rows up to the last deciding look (the rest of its batch,
+    or under a launch the rest of the maximum, was scored but is not part of the sequential result)."""
+    tests = [r.sequential() for r in results.values() if r.examples and sum(r.tokens)]
+    if tests and all(t.decided for t in tests):
+        cut = max(t.stopping_n for t in tests)
+        for result in results.values():
+            result.truncated(cut)
 
 
 def _gathered(results: dict, orders: list, settings: CompareSettings) -> dict:
@@ -378,7 +444,7 @@ def _gathered(results: dict, orders: list, settings: CompareSettings) -> dict:
                                   student=array("d", (student[i] for i in perm)),
                                   kl=array("d", (kl[i] for i in perm)), agree=array("q", (agree[i] for i in perm)),
                                   worst_heap=worst, skipped=max(fields[7]), stopped=any(fields[8]),
-                                  seconds=max(fields[9]))
+                                  seconds=max(fields[9]), planned=results[name].planned)
     return merged
 
 
@@ -399,19 +465,31 @@ def _add(result: Comparison, example: Example, order: int, tokens: int, teacher_
             heapq.heapreplace(result.worst_heap, item)
 
 
-def _running_metrics(running: stats.RunningRatio) -> dict:
+def _running_metrics(running: stats.RunningRatio, level: float = 0.95,
+                     monitor: Optional[stats.SequentialMonitor] = None) -> dict:
+    """The live figures, by the rule of the summary: Δ so far; its ``level`` t half-width (inf below
+    ``stats.MIN_INTERVAL_N``); with a monitor, the boundary the estimate has to cross at the next look
+    (``equivalent_within``: |Δ| below it decides equivalent; ``not_equivalent_beyond``: |Δ| above it, not)."""
     if running.n <= 0:
         return {}
-    se = running.se()
-    return {"delta": running.ratio, "half_width": 1.96 * se if math.isfinite(se) else math.inf}
+    metrics = {"delta": running.ratio, "half_width": stats.t_half_width(running.se(), running.count, level)}
+    boundary = monitor.boundary() if monitor is not None else None
+    if boundary is not None:
+        metrics.update(boundary)
+    return metrics
 
 
-def _running_message(running: stats.RunningRatio) -> str:
+def _running_message(running: stats.RunningRatio, level: float = 0.95,
+                     monitor: Optional[stats.SequentialMonitor] = None) -> str:
     if running.n <= 0:
         return "no answer tokens yet"
-    delta, se = running.ratio, running.se()
-    half = f" ± {1.96 * se:.4f}" if math.isfinite(se) else ""
-    return f"Δloss {delta:+.4f}{half} nats/token"
+    half = stats.t_half_width(running.se(), running.count, level)
+    text = f"Δloss {running.ratio:+.4f}" + (f" ± {half:.4f}" if math.isfinite(half) else "") + " nats/token"
+    if not math.isfinite(half):
+        text += f" ({stats.interval_note(running.count)})"
+    if monitor is not None and monitor.decided:
+        text += f"; {monitor.result().describe()}: {monitor.verdict}"
+    return text
 
 
 def compare(teacher: nn.Module, student: nn.Module, tokenizer, examples: Iterable[Example],

@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import distributed
+from . import distributed, stats
 from .arch import arch_of
 from .data import IGNORE_INDEX, Example, iter_encoded_batches
 from .models import input_device
 from .progress import Progress, ensure_progress
-from .stats import RunningRatio, normal_quantile
+from .stats import RunningRatio
 
 
 class EvaluationError(ValueError):
@@ -252,8 +252,9 @@ class LossEstimate:
 
     @property
     def half_width(self) -> float:
-        """Half the width of the ``level`` normal interval (inf before two examples)."""
-        return normal_quantile(0.5 + self.level / 2.0) * self.se if math.isfinite(self.se) else math.inf
+        """Half the width of the ``level`` t interval (N − 1 df; the rule of ``stats.t_half_width``): inf
+        below ``stats.MIN_INTERVAL_N`` examples, where its coverage fails."""
+        return stats.t_half_width(self.se, self.examples, self.level)
 
     @property
     def interval(self) -> tuple[float, float]:
@@ -263,7 +264,7 @@ class LossEstimate:
         """'teacher loss 1.6612 ± 0.0521 (95%, 24 examples)'."""
         size = f"{self.examples:,} example{'s' if self.examples != 1 else ''}"
         if not math.isfinite(self.half_width):
-            return f"{what} {self.loss:.4f} ({size}; an interval needs two)"
+            return f"{what} {self.loss:.4f} ({size}; {stats.interval_note(self.examples)})"
         return f"{what} {self.loss:.4f} ± {self.half_width:.4f} ({self.level:.0%}, {size})"
 
     def result(self) -> EvalResult:

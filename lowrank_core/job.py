@@ -293,16 +293,18 @@ def heal_job(result: JobResult, progress: Optional[Progress] = None) -> HealResu
 
 def evaluate_job(result: JobResult, n: Optional[int] = None, batch_size: Optional[int] = None,
                  progress: Optional[Progress] = None, margin: Optional[str] = None,
-                 max_len: Optional[int] = None) -> Comparison:
+                 max_len: Optional[int] = None, until_decided: bool = False) -> Comparison:
     """The paired comparison of teacher and student on the same batches of the first ``n`` (default
     ``spec.eval_examples``) evaluation examples of the split (those whose prompt fills max_len, default
-    :func:`eval_max_len`, are counted as skipped), judged at ``margin`` (default ``spec.evaluate.margin``).
-    Returns the Comparison; stores it and its {"teacher", "student"} EvalResults on the job
+    :func:`eval_max_len`, are counted as skipped), judged at ``margin`` (default ``spec.evaluate.margin``);
+    ``until_decided``: ``n`` is the maximum and the pass ends at the first look the group-sequential TOST
+    decides (``CompareSettings.until_decided``). Returns the Comparison; stores it and its {"teacher",
+    "student"} EvalResults on the job
     (:meth:`JobResult.keep_comparison`) unless it was stopped before any example was scored."""
     spec = result.spec
     comparison = paired_evaluation(result.loaded, result.student, result.split.eval, spec.evaluate,
                                    n or spec.eval_examples, max_len or eval_max_len(spec), batch_size=batch_size,
-                                   margin=margin, progress=progress)
+                                   margin=margin, progress=progress, until_decided=until_decided)
     if comparison.examples or not comparison.stopped:
         result.keep_comparison(comparison)
     return comparison
@@ -310,7 +312,7 @@ def evaluate_job(result: JobResult, n: Optional[int] = None, batch_size: Optiona
 
 def paired_evaluation(loaded: LoadedModel, student, examples, evaluate: EvalSpec, n: int, max_len: int,
                       batch_size: Optional[int] = None, margin: Optional[str] = None,
-                      progress: Optional[Progress] = None) -> Comparison:
+                      progress: Optional[Progress] = None, until_decided: bool = False) -> Comparison:
     """Teacher and ``student`` on the same batches of the first ``n`` ``examples``: the one evaluation of
     a built student (jobs, searches, the Evaluate page), with ``evaluate``'s batch size (default: 1 on
     CPU, 8 on CUDA) and margin unless given here."""
@@ -318,6 +320,7 @@ def paired_evaluation(loaded: LoadedModel, student, examples, evaluate: EvalSpec
     settings = evaluate.compare_settings(n, batch_size, max_len)
     if margin is not None:
         settings = dataclasses.replace(settings, margin=str(margin))
+    settings = dataclasses.replace(settings, until_decided=bool(until_decided))
     return compare_models(loaded.model, {"student": student}, loaded.tokenizer, examples[:n], settings,
                           progress=progress)["student"]
 

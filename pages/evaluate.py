@@ -19,7 +19,7 @@ from ui.progress import POLL_SECONDS, job_status, run_with_status
 ensure_app()
 
 COMPARE_JOB_KEY = "lowrank_pending_compare"  # jobs.BackgroundJob of the comparison running now
-COMPARISONS_KEY = "lowrank_comparisons"      # {(job key, split fingerprint, n, max_len): Comparison}
+COMPARISONS_KEY = "lowrank_comparisons"      # {(job key, split fingerprint, n, max_len, until decided): Comparison}
 ANSWERS_KEY = "lowrank_answers"              # {(job key, k, max_new_tokens, seed): [SideBySide]}
 RUN_COLUMNS = ["run", "time", "plan", "method", "of_original", "eval_examples", "teacher_loss", "student_loss",
                "delta", "delta_lo", "delta_hi", "verdict", "kl", "top1", "teacher_ppl", "student_ppl", "params_after",
@@ -30,6 +30,9 @@ RUN_COLUMNS = ["run", "time", "plan", "method", "of_original", "eval_examples", 
 def compare_progress(job) -> None:
     """Progress of the running comparison (its running Δ ± half-width), a Stop button; full rerun at the end."""
     with job_status(job, "Comparing teacher and student", "encoding the first batch…"):
+        series = job.series("compare")
+        if series:
+            st.plotly_chart(proof.live_chart(series), key="eval_live")
         if st.button("Stop and keep what is scored", key="compare_stop", disabled=job.stop_requested):
             job.request_stop()
         st.caption("Runs in the background: other pages stay usable. Stopping keeps every example scored so far.")
@@ -51,12 +54,17 @@ def finish(pending) -> None:
 def report(comparison, chosen: str) -> None:
     summary = comparison.summary()
     proof.verdict(summary)
-    lo, hi = summary["delta_ci"]
+    seq = summary["sequential"]
+    st.caption(f"Procedure: {summary['procedure']} — " + (
+        f"decided after {summary['stopping_n']:,} examples" if summary["decided"] and seq else
+        "undecided at the maximum" if seq else f"fixed N = {summary['examples']:,}")
+        + (f" ({len(seq['looks'])} planned looks at N = {', '.join(map(str, seq['looks']))}, α = {seq['alpha']})"
+           if seq else ""))
     m = st.columns(3) + st.columns(3)  # two rows: an interval or "a → b" needs the width
     m[0].metric("Δ loss (student − teacher)", f"{summary['delta']:+.4f}", help="nats per answer token")
-    m[1].metric(f"{summary['ci_level']:.0%} interval", f"[{lo:+.4f}, {hi:+.4f}]",
-                help="paired bootstrap over examples")
-    m[2].metric("p (Δ = 0)", f"{summary['p_value']:.2g}", help="two-sided paired z-test")
+    m[1].metric(f"{summary['ci_level']:.0%} interval", stats.interval_text(summary["delta_ci"]),
+                help=f"{summary['interval_method']}, examples resampled; shown from N ≥ {summary['min_interval_n']}")
+    m[2].metric("p (Δ = 0)", stats.p_text(summary["p_value"]), help="two-sided paired t-test (N − 1 df)")
     m[3].metric("KL(teacher ‖ student)", f"{summary['kl']:.4f}", help="mean per answer token, nats")
     m[4].metric("top-1 agreement", f"{summary['top1_agreement']:.1%}", help="answer tokens where both argmaxes agree")
     m[5].metric("perplexity teacher → student", f"{summary['teacher_perplexity']:.3f} → "
@@ -125,8 +133,11 @@ else:
                "equivalence verdict at the margin you set.")
     c1, c2, c3, c4 = st.columns([1, 1, 1, 2])
     held_out = job.split.eval  # the evaluation side of the split the student was compressed on
-    n = int(c1.number_input("Evaluation examples", 1, len(held_out), len(held_out), key="eval_n",
-                            help="the first N of the split's eval side"))
+    n = int(c1.number_input("Evaluation examples (at most)", 1, len(held_out), len(held_out), key="eval_n",
+                            help="the first N of the split's eval side; with 'stop when decided' the maximum"))
+    until_decided = st.checkbox("Stop when decided", True, key="eval_until_decided",
+                                help=f"{stats.PROCEDURE}: looks from N = {stats.MIN_INTERVAL_N} on, error rates "
+                                     "that hold after stopping (docs/statistics.md)")
     margin = c2.text_input("Equivalence margin", CompareSettings.margin, key="eval_margin",
                            help="nats (0.02) or percent of the teacher's loss (1%)")
     batch_size = int(c3.number_input("Batch size", 1, 256, evaluate_mod.default_batch_size(lm.device),
@@ -138,14 +149,16 @@ else:
         stop_page()
     if "compare_error" in st.session_state:
         st.error(st.session_state.pop("compare_error"))
-    ckey = (chosen, job.split.info.fingerprint, n, s.max_len)
+    ckey = (chosen, job.split.info.fingerprint, n, s.max_len, until_decided)
     comparison = st.session_state.get(COMPARISONS_KEY, {}).get(ckey)
     if pending is not None:
         compare_progress(pending)
-    elif c4.button(f"Compare on {n} examples", type="primary", key="eval_go",
+    elif c4.button(f"Compare on up to {n} examples" if until_decided else f"Compare on {n} examples",
+                   type="primary", key="eval_go",
                    help="scores teacher and student together; a result stays until the student is gone"):
         st.session_state[COMPARE_JOB_KEY] = jobs.BackgroundJob(
-            chosen, lambda p: evaluate_job(job, n, batch_size, progress=p, margin=margin, max_len=s.max_len),
+            chosen, lambda p: evaluate_job(job, n, batch_size, progress=p, margin=margin, max_len=s.max_len,
+                                   until_decided=until_decided),
             ckey=ckey)
         st.rerun()
     if comparison is not None:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
+from lowrank_core import stats
 from lowrank_core.evaluate import default_batch_size, iter_loss_estimates
 from lowrank_core.models import DEVICES, DTYPES
 from lowrank_core.progress import Cancelled
@@ -162,7 +163,8 @@ def draw_score(loss: float, perplexity: float, tokens: int, examples: str, estim
     half = estimate.half_width if estimate is not None else None
     c[1].metric(f"{estimate.level:.0%} interval" if estimate is not None else "interval",
                 f"± {half:.4f}" if half is not None and half < float("inf") else "—",
-                help="delta-method interval of the token-weighted mean, examples resampled")
+                help=f"t interval (N − 1 df) of the token-weighted mean, delta-method SE with examples resampled; "
+                     f"shown from N ≥ {stats.MIN_INTERVAL_N}, where its coverage holds (docs/statistics.md)")
     c[2].metric("perplexity", f"{perplexity:.3f}")
     c[3].metric("answer tokens", f"{tokens:,}")
     c[4].metric("examples", examples)

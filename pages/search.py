@@ -6,7 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from lowrank_core import allocate as alloc
-from lowrank_core import search_job
+from lowrank_core import search_job, stats
 from ui import cache, charts, proof, state
 from ui import search as app_search
 from ui.entry import ensure_app, stop_page
@@ -134,8 +134,9 @@ c3.metric("validation Δloss", f"{r.val_loss - r.teacher_loss:+.4f}",
           help=f"budget {r.budget:.4f} nats" if r.budget is not None else f"target {r.target_params:,} parameters")
 c4.metric("evaluation Δloss", f"{paired['delta']:+.4f}", help=f"student − teacher, paired on {u.examples} "
                                                               "evaluation examples (nats per answer token)")
-lo, hi = paired["delta_ci"]
-c5.metric(f"{paired['ci_level']:.0%} interval", f"[{lo:+.4f}, {hi:+.4f}]", help="paired bootstrap over examples")
+c5.metric(f"{paired['ci_level']:.0%} interval", stats.interval_text(paired["delta_ci"]),
+          help=f"t interval over examples ({paired.get('interval_method', '')}); shown from N ≥ "
+               f"{stats.MIN_INTERVAL_N}")
 proof.verdict(paired)
 st.caption(f"{len(r.ranks)} matrices factorised at {r.steps} of {r.path_length} greedy steps · validation loss: "
            f"teacher {r.teacher_loss:.4f}, found {r.val_loss:.4f} on {r.val_examples} examples ({r.val_tokens:,} "

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from lowrank_core import stats
+
 from streamlit.testing.v1 import AppTest
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
@@ -385,10 +387,16 @@ def test_evaluate_compares_teacher_and_student_like_the_engine():
                        CompressSettings(calib=16, max_len=128,
                                         method_settings={"refit": RefitSettings(seed=0)})).student
     expected = evaluate_models({"teacher": lm.model, "student": student}, lm.tokenizer, split.eval, max_len=128)
-    engine = compare(lm.model, student, lm.tokenizer, split.eval, CompareSettings(examples=32, max_len=128)).summary()
+    # the page stops when decided by default: the engine's until-decided pass at the same maximum
+    engine = compare(lm.model, student, lm.tokenizer, split.eval,
+                     CompareSettings(examples=32, max_len=128, until_decided=True)).summary()
     shown = metrics(at)
-    assert shown["Δ loss (student − teacher)"] == f"{expected['student'].loss - expected['teacher'].loss:+.4f}"
-    assert shown["95% interval"] == "[{:+.4f}, {:+.4f}]".format(*engine["delta_ci"])
+    if engine["stopping_n"] == 32:
+        assert shown["Δ loss (student − teacher)"] == f"{expected['student'].loss - expected['teacher'].loss:+.4f}"
+    assert shown["Δ loss (student − teacher)"] == f"{engine['delta']:+.4f}"
+    assert shown["95% interval"] == stats.interval_text(engine["delta_ci"])
+    assert f"Procedure: {engine['procedure']}" in texts(at.caption)
+    assert {"eval_path"} <= set(plotly_specs(at))
     assert shown["top-1 agreement"] == f"{engine['top1_agreement']:.1%}"
     verdict = texts(at.success) + texts(at.error) + texts(at.warning)
     assert engine["verdict_text"] in verdict
@@ -396,8 +404,8 @@ def test_evaluate_compares_teacher_and_student_like_the_engine():
     worst = at.dataframe[0].value
     assert len(worst) == 10 and worst["delta"].is_monotonic_decreasing
     runs = at.dataframe[-1].value
-    assert runs.loc[0, "student_loss"] == pytest.approx(expected["student"].loss, abs=1e-6)
-    assert runs.loc[0, "verdict"] == engine["verdict"] and runs.loc[0, "eval_examples"] == 32
+    assert runs.loc[0, "student_loss"] == pytest.approx(engine["student_loss"], abs=1e-6)
+    assert runs.loc[0, "verdict"] == engine["verdict"] and runs.loc[0, "eval_examples"] == engine["examples"]
     assert list(runs.columns[:8]) == ["run", "time", "plan", "method", "of_original", "eval_examples",
                                       "teacher_loss", "student_loss"]
     for key in ("eval_json", "eval_csv", "runs_csv"):
@@ -426,6 +434,45 @@ def test_evaluate_shows_answers_side_by_side():
     captions = texts(at.caption)
     assert captions.count("teacher · ") == 4 and captions.count("student · ") == 4  # 2 prompts x greedy, sampled
     assert "greedy" in texts(at.markdown) and "sampled" in texts(at.markdown)
+
+
+def test_evaluate_live_chart_shows_the_boundary_of_the_next_look(monkeypatch):
+    import threading
+
+    import lowrank_core.compare as compare_mod
+
+    gate, real, calls, reached = threading.Event(), compare_mod.score_batch, [], threading.Event()
+
+    def slow(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 4:
+            reached.set()
+            gate.wait(120)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(compare_mod, "score_batch", slow)
+    at = compressed("mlp:r8")
+    at.switch_page("pages/evaluate.py").run()
+    assert at.checkbox(key="eval_until_decided").value  # stop when decided: the page's default
+    at.button(key="eval_go").click().run()
+    job = at.session_state["lowrank_pending_compare"]
+    try:
+        assert reached.wait(120)
+        at.run()
+        assert not at.exception, at.exception
+        live: dict = {}
+        for trace in plotly_specs(at)["eval_live"]["data"]:
+            live.setdefault(trace.get("name"), trace)  # + boundary first, then its − mirror
+        series = job.series("compare")
+        within = [m["equivalent_within"] for _, m in series if "equivalent_within" in m]
+        assert within and live["equivalent if |Δ| inside"]["y"] == within  # the engine's boundary, drawn
+        assert live["Δloss so far"]["y"] == [m["delta"] for _, m in series]
+        assert all(m["look_examples"] == stats.MIN_INTERVAL_N for _, m in series if "look_examples" in m)
+        assert "95% interval" not in live  # 4 examples: no interval shown yet
+    finally:
+        job.request_stop()
+        gate.set()
+    assert job.wait(60)
 
 
 def test_evaluate_stop_keeps_the_examples_scored(monkeypatch):

@@ -108,6 +108,21 @@ def test_card_renders_a_paired_comparison(cli_export):
     assert "[n/a, n/a]" in sparse and "**equivalent**" in sparse  # missing keys do not break the card
 
 
+def test_card_reports_the_stopping_n_and_procedure(cli_export):
+    sequential = dict(COMPARISON, examples=40, delta_ci=None, p_value=None, verdict="equivalent", decided=True,
+                      stopping_n=40, interval_note="interval shown from N ≥ 20",
+                      procedure="group-sequential TOST, Lan–DeMets O'Brien–Fleming-type alpha spending",
+                      sequential={"max_n": 200, "stopping_n": 40, "decided": True})
+    card = model_card(dict(cli_export["manifest"], comparison=sequential))
+    assert ("procedure: group-sequential TOST, Lan–DeMets O'Brien–Fleming-type alpha spending; decided after 40 "
+            "examples") in card
+    assert "no interval (interval shown from N ≥ 20)" in card and "p = " not in card
+    undecided = dict(sequential, decided=False, stopping_n=200, sequential={"max_n": 200, "decided": False})
+    assert "undecided at the maximum of 200 examples" in model_card(dict(cli_export["manifest"], comparison=undecided))
+    fixed = model_card(dict(cli_export["manifest"], comparison=dict(COMPARISON, procedure="fixed-N TOST")))
+    assert "procedure: fixed-N TOST; fixed N = 120" in fixed
+
+
 def test_card_falls_back_to_the_two_means_or_says_not_evaluated(cli_export):
     m = {k: v for k, v in cli_export["manifest"].items() if k != "comparison"}  # the metrics only
     card, t, s = model_card(m), m["metrics"]["teacher"], m["metrics"]["student"]

@@ -205,7 +205,7 @@ def test_interval_narrows_as_examples_accumulate(tiny):
     model, tok = tiny
     c = compare(model, perturbed(model, 0.3), tok, examples(120), CompareSettings(examples=120, batch_size=4))
     path = c.interval_path(points=6)
-    assert path[-1]["examples"] == 120 and path[0]["examples"] == 10
+    assert path[-1]["examples"] == 120 and path[0]["examples"] == stats.MIN_INTERVAL_N
     widths = [r["hi"] - r["lo"] for r in path]
     assert widths[-1] < widths[0]
 
@@ -275,3 +275,62 @@ def test_cli_compares_an_export_folder_like_the_job_that_wrote_it(tmp_path, caps
     assert s["delta"] == pytest.approx(job["delta"], abs=1e-6) and s["verdict"] == job["verdict"]
     card = (folder / "README.md").read_text()
     assert job["verdict_text"] in card
+
+
+# ----------------------------------------------------------------------------- stopping when decided
+def test_until_decided_stops_at_the_first_deciding_look_as_a_normal_end(tiny):
+    model, tok = tiny
+    events = []
+
+    def progress(done, total, message, stage="", metrics=None):
+        events.append((done, dict(metrics or {})))
+
+    settings = CompareSettings(examples=60, batch_size=5, until_decided=True)
+    c = compare(model, model, tok, examples(60), settings, progress=progress)
+    s = c.summary()
+    seq = s["sequential"]
+    assert seq["looks"] == [24, 36, 48, 60] and s["procedure"] == stats.PROCEDURE
+    assert s["decided"] and s["verdict"] == "equivalent" and s["stopping_n"] == 24 == seq["stopping_n"]
+    assert c.examples == 24 and not c.stopped and not s["stopped"]  # the last batch's 25th example dropped
+    assert "decided after 24 examples (look 1 of 4)" in s["verdict_text"]
+    assert events[-1][0] == 25  # scoring ended at the batch holding the deciding look
+    assert all("equivalent_within" in m for done, m in events if 2 <= done < 24)  # the live boundary
+    assert not [m for done, m in events if done < stats.MIN_INTERVAL_N and math.isfinite(m.get("half_width", 1))]
+
+
+def test_until_decided_not_equivalent_and_undecided_at_the_maximum(tiny):
+    model, tok = tiny
+    s = compare(model, perturbed(model, 2.0), tok, examples(60),
+                CompareSettings(examples=60, batch_size=4, until_decided=True)).summary()
+    assert s["decided"] and s["verdict"] == "not equivalent" and s["stopping_n"] < 60
+    student = perturbed(model, 0.05)
+    delta = compare(model, student, tok, examples(30), CompareSettings(examples=30, batch_size=4)).summary()["delta"]
+    close = compare(model, student, tok, examples(30),  # Δ sits on the margin: no look can decide
+                    CompareSettings(examples=30, batch_size=4, until_decided=True, margin=repr(abs(delta)))).summary()
+    assert not close["decided"] and close["verdict"] == "inconclusive" and close["stopping_n"] == 30
+    assert "undecided at the maximum of 30 examples" in close["verdict_text"]
+    fixed = compare(model, model, tok, examples(30), CompareSettings(examples=30, batch_size=4)).summary()
+    assert fixed["sequential"] is None and fixed["stopping_n"] == 30 and fixed["procedure"].startswith("fixed-N")
+
+
+def test_small_n_comparison_shows_no_interval_and_no_verdict(tiny):
+    model, tok = tiny
+    s = compare(model, perturbed(model, 2.0), tok, examples(7), CompareSettings(examples=7, batch_size=4)).summary()
+    assert s["delta_ci"] is None and s["p_value"] is None and s["verdict"] == "inconclusive"
+    assert s["interval_note"].startswith(f"interval shown from N ≥ {stats.MIN_INTERVAL_N}")
+    assert f"No verdict below N = {stats.MIN_INTERVAL_N}" in s["verdict_text"]
+
+
+def test_cli_until_decided_reports_the_stopping_n(tmp_path, capsys):
+    rc = main(["compare", "--teacher", "tiny", "--student", "all:k0.5", "--data", "chatterbot", "--calib", "8",
+               "--until-decided", "--max-n", "40", "--looks", "2", "--max-len", "64", "--eval-max-len", "64",
+               "--json"])
+    assert rc == 0
+    (s,) = json.loads(capsys.readouterr().out)["students"]
+    assert s["procedure"] == stats.PROCEDURE and s["sequential"]["looks"] == [20, 40]
+    assert s["stopping_n"] in (20, 40) and isinstance(s["decided"], bool) and s["examples"] == s["stopping_n"]
+    rc = main(["compare", "--teacher", "tiny", "--student", "all:k0.5", "--data", "chatterbot", "--calib", "8",
+               "--until-decided", "--max-n", "40", "--looks", "2", "--max-len", "64", "--eval-max-len", "64"])
+    out = capsys.readouterr().out
+    assert rc == 0 and f"procedure: {stats.PROCEDURE}; " in out
+    assert ("decided after" in out) or ("undecided at the maximum" in out)

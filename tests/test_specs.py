@@ -10,7 +10,7 @@ import json
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from lowrank_core import compare_job, job, search_job
+from lowrank_core import compare_job, job, search_job, stats
 from lowrank_core.cli import build_parser, main
 from lowrank_core.commands import compare as compare_cmd
 from lowrank_core.commands import search as search_cmd
@@ -75,7 +75,7 @@ def test_cli_and_search_page_run_one_spec_through_run_search_with_equal_results(
     # the page reports the paired comparison: Δ, its interval and the verdict sentence
     shown = metrics(at)
     assert shown["evaluation Δloss"] == f"{paired['delta']:+.4f}"
-    assert shown["95% interval"] == "[{:+.4f}, {:+.4f}]".format(*paired["delta_ci"])
+    assert shown["95% interval"] == stats.interval_text(paired["delta_ci"])
     assert paired["verdict_text"] in texts(at.success) + texts(at.error) + texts(at.warning)
 
 
@@ -88,7 +88,8 @@ def test_search_record_keeps_its_keys_and_adds_the_comparison(capsys):
         assert key in record, key
     c = record["comparison"]
     assert record["teacher_loss"] == c["teacher_loss"] and record["eval_tokens"] == c["tokens"]
-    assert c["verdict"] and len(c["delta_ci"]) == 2 and record["teacher_val_loss"] != record["teacher_loss"]
+    assert c["verdict"] and record["teacher_val_loss"] != record["teacher_loss"]
+    assert (c["delta_ci"] is None) == (c["examples"] < stats.MIN_INTERVAL_N)  # an interval only where it holds
     assert record["job"]["goal"]["budget"] == "2%" and record["job"]["data"]["val"] == 2
 
 
@@ -108,7 +109,7 @@ def test_cli_compare_and_evaluate_page_score_through_the_same_paired_comparison(
     streamed = spy(monkeypatch, compare_job, "compare_models")  # run_compare's
     runs = spy(monkeypatch, compare_cmd, "run_compare")
     argv = ["compare", "--teacher", "tiny", "--student", "mlp:r8", "--data", "chatterbot", "--calib", "16",
-            "--max-len", "128", "--n", "4", "--eval-max-len", "128", "--json"]
+            "--max-len", "128", "--n", "4", "--eval-max-len", "128", "--until-decided", "--json"]  # the app's default
     assert main(argv) == 0
     (s,) = json.loads(capsys.readouterr().out)["students"]
     (cli_spec,) = runs
@@ -128,7 +129,7 @@ def test_cli_compare_and_evaluate_page_score_through_the_same_paired_comparison(
     assert app_job.spec.plan == cli_job.plan and app_job.spec.settings() == cli_job.settings()
     app = app_job.comparison_summary()
     keep = ("examples", "tokens", "fingerprint", "teacher_loss", "student_loss", "delta", "delta_ci", "p_value",
-            "verdict", "verdict_text", "kl", "top1_agreement", "worst")
+            "verdict", "verdict_text", "kl", "top1_agreement", "worst", "decided", "stopping_n", "procedure")
     assert {k: app[k] for k in keep} == {k: s[k] for k in keep}
     assert metrics(at)["Δ loss (student − teacher)"] == f"{s['delta']:+.4f}"
 

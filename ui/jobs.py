@@ -80,7 +80,8 @@ def record_eval(key: str, comparison) -> None:
         if row["job"] == key:
             row.update(eval_examples=student.examples, teacher_loss=teacher.loss, student_loss=student.loss,
                        teacher_ppl=teacher.perplexity, student_ppl=student.perplexity, delta=s["delta"],
-                       delta_lo=s["delta_ci"][0], delta_hi=s["delta_ci"][1], verdict=s["verdict"], margin=s["margin"],
+                       delta_lo=(s["delta_ci"] or [None, None])[0], delta_hi=(s["delta_ci"] or [None, None])[1],
+                       verdict=s["verdict"], margin=s["margin"], stopping_n=s.get("stopping_n"),
                        kl=s["kl"], top1=s["top1_agreement"])
 
 

@@ -16,6 +16,7 @@ import argparse
 import csv
 import io
 
+from .. import stats
 from ..cli import at_least, note_dropped, print_json
 from ..compare import CompareSettings
 from ..compare_job import CompareResult, CompareSpec, run_compare
@@ -44,6 +45,8 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=DataSpec.seed, help="split seed")
     p.add_argument("--calib", type=int, default=DataSpec.calib, help="calibration examples for plan students")
     add_arguments(p, CompareSettings, "compare")
+    p.add_argument("--max-n", dest="compare__examples", type=int, default=argparse.SUPPRESS, metavar="N",
+                   help="the most examples --until-decided scores (= --n)")
     add_arguments(p, PlanOptions, "plan")  # applies to every plan student
     add_arguments(p, CompressSettings, "method")
     add_arguments(p, HealSettings, "heal", prefix="heal-")
@@ -110,17 +113,17 @@ def _write_rows(path: str, result: CompareResult) -> None:
 def print_report(record: dict) -> None:
     rows = []
     for r in record["students"]:
-        lo, hi = r["delta_ci"]
         rows.append({"student": r["student"][:40], "params": f"{r['params']:,}",
                      "kept": f"{r['params'] / r['teacher_params']:.2%}", "examples": r["examples"],
                      "tokens": r["tokens"], "teacher": f"{r['teacher_loss']:.4f}", "loss": f"{r['student_loss']:.4f}",
-                     "Δloss": f"{r['delta']:+.4f}", f"{r['ci_level']:.0%} interval": f"[{lo:+.4f}, {hi:+.4f}]",
-                     "p": f"{r['p_value']:.2g}" if r["p_value"] >= 1e-15 else "<1e-15", "KL": f"{r['kl']:.4f}", "top-1": f"{r['top1_agreement']:.2%}",
-                     "verdict": r["verdict"]})
+                     "Δloss": f"{r['delta']:+.4f}", f"{r['ci_level']:.0%} interval": stats.interval_text(r["delta_ci"]),
+                     "p": stats.p_text(r["p_value"]), "KL": f"{r['kl']:.4f}", "top-1": f"{r['top1_agreement']:.2%}",
+                     "verdict": r["verdict"], "decided": decided_text(r)})
     print(format_table(rows, list(rows[0])))
     for r in record["students"]:
         print()
         print(f"{r['student']}: {r['verdict_text']}")
+        print(f"  procedure: {r['procedure']}; {decided_text(r)}")
         print(f"  perplexity teacher {r['teacher_perplexity']:.4f}, student {r['student_perplexity']:.4f}; "
               f"{r['skipped']} example(s) skipped (prompt filled --eval-max-len); {r['seconds']:.0f} s")
         worst = [{"Δ nats": f"{w['delta']:+.2f}", "Δ/token": f"{w['delta_per_token']:+.3f}", "tokens": w["tokens"],
@@ -134,6 +137,16 @@ def print_report(record: dict) -> None:
             print(f"[{label} · {g['mode']} · {where}] {g['prompt'][:80]}")
             print(f"  teacher: {_one_line(g['teacher'])}")
             print(f"  student: {_one_line(g['student'])}")
+
+
+def decided_text(summary: dict) -> str:
+    """'decided after 60 examples' / 'undecided at the maximum' (an until-decided pass), else 'fixed N'."""
+    seq = summary.get("sequential")
+    if not seq:
+        return f"fixed N = {summary['examples']}"
+    if seq["decided"]:
+        return f"decided after {seq['stopping_n']} examples"
+    return "undecided at the maximum" if seq["stopping_n"] >= seq["max_n"] else f"undecided after {seq['stopping_n']}"
 
 
 def _one_line(text: str, limit: int = 300) -> str:

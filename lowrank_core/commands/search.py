@@ -10,6 +10,7 @@ the same student.
 from __future__ import annotations
 
 
+from .. import stats
 from ..allocate import DEFAULT_KEEPS, GRADIENT_SCORES, PROBES, SearchSettings
 from ..cli import CliError, note_dropped, print_json
 from ..compress import CompressSettings
@@ -114,9 +115,8 @@ def print_report(found: SearchResult, record: dict) -> None:
     print(f"validation loss  teacher {result.teacher_loss:.4f}  student {result.val_loss:.4f}  "
           f"Δ {result.val_loss - result.teacher_loss:+.4f}  ({result.val_examples} examples, "
           f"{result.val_tokens} answer tokens)")
-    lo, hi = c["delta_ci"]
     print(f"evaluation loss  teacher {record['teacher_loss']:.4f}  student {record['eval_loss']:.4f}  "
-          f"Δ {c['delta']:+.4f}  {c['ci_level']:.0%} interval [{lo:+.4f}, {hi:+.4f}]  ({record['eval_examples']} "
+          f"Δ {c['delta']:+.4f}  {c['ci_level']:.0%} interval {stats.interval_text(c['delta_ci'])}  ({record['eval_examples']} "
           f"examples, paired)")
     print(f"verdict: {c['verdict_text']}")
     if record["out"]:

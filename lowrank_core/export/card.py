@@ -202,15 +202,23 @@ def _comparison(c: dict) -> str:
     """Teacher and student scored on the same examples, with the paired difference and its verdict."""
     table = _loss_table({"loss": c.get("teacher_loss"), "perplexity": c.get("teacher_perplexity")},
                         {"loss": c.get("student_loss"), "perplexity": c.get("student_perplexity")})
-    lo, hi = (list(c.get("delta_ci") or []) + [None, None])[:2]
     level = _num(c.get("ci_level", 0.95), ".0%")
+    ci = c.get("delta_ci", [None, None])  # None: not shown at this N (its coverage fails there)
+    interval = (f"{level} interval [{_num((list(ci) + [None, None])[0], '+.4f')}, "
+                f"{_num((list(ci) + [None, None])[1], '+.4f')}], p = {_num(c.get('p_value'), '.3g')}"
+                if ci is not None else f"no interval ({c.get('interval_note') or 'too few examples'})")
     lines = [f"Paired comparison on {_num(c.get('examples'))} held-out examples ({_num(c.get('skipped', 0))} "
              f"skipped), {_num(c.get('tokens'))} answer tokens:", "", table, "",
-             f"- Δloss (student − teacher): {_num(c.get('delta'), '+.4f')} nats/token, {level} interval "
-             f"[{_num(lo, '+.4f')}, {_num(hi, '+.4f')}], p = {_num(c.get('p_value'), '.3g')}",
+             f"- Δloss (student − teacher): {_num(c.get('delta'), '+.4f')} nats/token, {interval}",
              f"- equivalence margin: ±{_num(c.get('margin'), '.4f')} nats/token"
              + (f" (given as {c['margin_arg']})" if c.get("margin_arg") else ""),
              f"- verdict: **{c.get('verdict') or 'n/a'}**"]
+    if c.get("procedure"):
+        seq = c.get("sequential") or {}
+        when = (f"decided after {_num(c.get('stopping_n'))} examples" if c.get("decided") and seq
+                else f"undecided at the maximum of {_num(seq.get('max_n'))} examples" if seq
+                else f"fixed N = {_num(c.get('examples'))}")
+        lines.append(f"- procedure: {c['procedure']}; {when}")
     if c.get("more_examples"):
         lines.append(f"- about {c['more_examples']:,} more examples would be needed to settle it")
     lines.append(f"- mean KL(teacher ‖ student): {_num(c.get('kl'), '.4f')} nats/token; top-1 agreement "
