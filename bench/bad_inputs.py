@@ -417,7 +417,21 @@ def write_doc(rows: list[tuple[Case, list, Outcome]], path: Path, root: Path) ->
              "`empty.jsonl`, `holes.jsonl` (4 records: one without its question, one with an empty response, a "
              "duplicate), plan files (`modules-5.yaml`: `modules: 5`; `dense-string.yaml`: `dense: \"false\"`; "
              "`keep-true.yaml`: `keep: true`; `rank-true.yaml`; `method-number.yaml`) and recipes (`tiny.yaml`, "
-             "`export-under-file.yaml`, `onnx.yaml`, `float8.yaml`).", "",
+             "`export-under-file.yaml`, `onnx.yaml`, `float8.yaml`). Input-side fixtures (`_input_fixtures`): "
+             "`pickled`, `plaintensor` and `evilpickle` (only a `pytorch_model.bin`: a state dict, a plain tensor, "
+             "a pickle that calls `print` when loaded), `automap` (`model_type: mystery` with an `auto_map`), "
+             "`escape` and `hang` (a `chat_template.jinja` reaching for `__class__`, and two nested "
+             "`range(100000)` loops), `latin1.jsonl` (a latin-1 `é` on line 2), `typed.jsonl` (line 2: "
+             "`question: 1`, `response: [1, 2]`); the two cache rows run with `LOWRANK_CACHE` set to the "
+             "read-only folder.", "",
+             "Budgets and choices behind those rows: a chat template is rendered once, on a two-message probe, in "
+             "a child Python that is killed after 10 s, may use 1 GiB of memory and must print under 100,000 "
+             "characters (`lowrank_core/data/template.py`); weights load from safetensors only "
+             "(`use_safetensors=True`; a pickle-only folder is refused with the command that converts it); a "
+             "cache that cannot be written is refused as soon as something must be written there (the default "
+             "model's first conversion, spectra; a cache already holding the converted model is read as it is), "
+             "with no silent fallback to a temporary cache, which would convert the default model again on every "
+             "run: set `LOWRANK_CACHE` to a writable folder.", "",
              "Write-side fixtures: `small` (a 200 kB tmpfs), `locked` (an export target whose writer lock is held "
              "by the running process), `factextra` (`fact` plus an extra `*.safetensors` file).", ""]
     for item, title in ITEMS.items():
