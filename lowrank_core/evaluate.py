@@ -253,8 +253,8 @@ class LossEstimate:
     @property
     def half_width(self) -> float:
         """Half the width of the ``level`` t interval (N − 1 df; the rule of ``stats.t_half_width``): inf
-        below ``stats.MIN_INTERVAL_N`` examples, where its coverage fails."""
-        return stats.t_half_width(self.se, self.examples, self.level)
+        below ``stats.MIN_LOSS_INTERVAL_N`` examples, where its coverage fails."""
+        return stats.t_half_width(self.se, self.examples, self.level, stats.MIN_LOSS_INTERVAL_N)
 
     @property
     def interval(self) -> tuple[float, float]:
@@ -264,7 +264,7 @@ class LossEstimate:
         """'teacher loss 1.6612 ± 0.0521 (95%, 24 examples)'."""
         size = f"{self.examples:,} example{'s' if self.examples != 1 else ''}"
         if not math.isfinite(self.half_width):
-            return f"{what} {self.loss:.4f} ({size}; {stats.interval_note(self.examples)})"
+            return f"{what} {self.loss:.4f} ({size}; {stats.interval_note(self.examples, stats.MIN_LOSS_INTERVAL_N)})"
         return f"{what} {self.loss:.4f} ± {self.half_width:.4f} ({self.level:.0%}, {size})"
 
     def result(self) -> EvalResult:

@@ -164,7 +164,7 @@ def draw_score(loss: float, perplexity: float, tokens: int, examples: str, estim
     c[1].metric(f"{estimate.level:.0%} interval" if estimate is not None else "interval",
                 f"± {half:.4f}" if half is not None and half < float("inf") else "—",
                 help=f"t interval (N − 1 df) of the token-weighted mean, delta-method SE with examples resampled; "
-                     f"shown from N ≥ {stats.MIN_INTERVAL_N}, where its coverage holds (docs/statistics.md)")
+                     f"shown from N ≥ {stats.MIN_LOSS_INTERVAL_N}, where its coverage holds (docs/statistics.md)")
     c[2].metric("perplexity", f"{perplexity:.3f}")
     c[3].metric("answer tokens", f"{tokens:,}")
     c[4].metric("examples", examples)

@@ -467,7 +467,8 @@ def test_evaluate_live_chart_shows_the_boundary_of_the_next_look(monkeypatch):
         within = [m["equivalent_within"] for _, m in series if "equivalent_within" in m]
         assert within and live["equivalent if |Δ| inside"]["y"] == within  # the engine's boundary, drawn
         assert live["Δloss so far"]["y"] == [m["delta"] for _, m in series]
-        assert all(m["look_examples"] == stats.MIN_INTERVAL_N for _, m in series if "look_examples" in m)
+        first = stats.planned_looks(32)[0]  # 32 examples: the first planned look (none before MIN_INTERVAL_N)
+        assert all(m["look_examples"] == first for _, m in series if "look_examples" in m)
         assert "95% interval" not in live  # 4 examples: no interval shown yet
     finally:
         job.request_stop()

@@ -243,7 +243,7 @@ def test_cli_compares_a_plan_student_and_writes_per_example_rows(tmp_path, capsy
     record = json.loads(capsys.readouterr().out)
     (s,) = record["students"]
     assert s["student"] == "all:k0.5" and s["examples"] == 24 and s["verdict"] in stats.VERDICTS
-    assert s["params"] < s["teacher_params"] and len(s["delta_ci"]) == 2
+    assert s["params"] < s["teacher_params"] and (s["delta_ci"] is None) == (s["examples"] < stats.MIN_INTERVAL_N)
     assert math.isclose(s["delta"], s["student_loss"] - s["teacher_loss"], rel_tol=1e-9, abs_tol=1e-12)
     assert len(rows.read_text().splitlines()) == 25
     assert [g["mode"] for g in record["generations"]["all:k0.5"]] == ["greedy", "sampled"]
@@ -289,11 +289,11 @@ def test_until_decided_stops_at_the_first_deciding_look_as_a_normal_end(tiny):
     c = compare(model, model, tok, examples(60), settings, progress=progress)
     s = c.summary()
     seq = s["sequential"]
-    assert seq["looks"] == [24, 36, 48, 60] and s["procedure"] == stats.PROCEDURE
-    assert s["decided"] and s["verdict"] == "equivalent" and s["stopping_n"] == 24 == seq["stopping_n"]
-    assert c.examples == 24 and not c.stopped and not s["stopped"]  # the last batch's 25th example dropped
-    assert "decided after 24 examples (look 1 of 4)" in s["verdict_text"]
-    assert events[-1][0] == 25  # scoring ended at the batch holding the deciding look
+    assert seq["looks"] == [36, 48, 60] and s["procedure"] == stats.PROCEDURE  # none before MIN_INTERVAL_N = 30
+    assert s["decided"] and s["verdict"] == "equivalent" and s["stopping_n"] == 36 == seq["stopping_n"]
+    assert c.examples == 36 and not c.stopped and not s["stopped"]  # the last batch's 37th-40th examples dropped
+    assert "decided after 36 examples (look 1 of 3)" in s["verdict_text"]
+    assert events[-1][0] == 40  # scoring ended at the batch holding the deciding look (examples 36-40)
     assert all("equivalent_within" in m for done, m in events if 2 <= done < 24)  # the live boundary
     assert not [m for done, m in events if done < stats.MIN_INTERVAL_N and math.isfinite(m.get("half_width", 1))]
 
@@ -327,8 +327,8 @@ def test_cli_until_decided_reports_the_stopping_n(tmp_path, capsys):
                "--json"])
     assert rc == 0
     (s,) = json.loads(capsys.readouterr().out)["students"]
-    assert s["procedure"] == stats.PROCEDURE and s["sequential"]["looks"] == [20, 40]
-    assert s["stopping_n"] in (20, 40) and isinstance(s["decided"], bool) and s["examples"] == s["stopping_n"]
+    assert s["procedure"] == stats.PROCEDURE and s["sequential"]["looks"] == [40]  # none before N = 30
+    assert s["stopping_n"] == 40 and isinstance(s["decided"], bool) and s["examples"] == s["stopping_n"]
     rc = main(["compare", "--teacher", "tiny", "--student", "all:k0.5", "--data", "chatterbot", "--calib", "8",
                "--until-decided", "--max-n", "40", "--looks", "2", "--max-len", "64", "--eval-max-len", "64"])
     out = capsys.readouterr().out
