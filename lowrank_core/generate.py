@@ -14,12 +14,14 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .data import Example, end_of_turn_id, pad_id, prompt_messages
+from .data import Example, clipped_example, end_of_turn_id, pad_id, prompt_messages
 from .layerwise import model_device
 from .progress import Progress, ensure_progress
 
 MODES = ("greedy", "sampled")
 
+
+PROMPT_TOKENS = 2048  # prompt fields are cut before tokenisation to about this many tokens each
 
 @dataclass
 class SideBySide:
@@ -83,7 +85,8 @@ def side_by_side(teacher: nn.Module, student: nn.Module, tokenizer, examples: Se
     chosen = list(examples[: int(k)])
     out, total = [], len(chosen) * len(modes)
     for i, example in enumerate(chosen):
-        text = tokenizer.apply_chat_template(prompt_messages(example), tokenize=False, add_generation_prompt=True)
+        prompt = clipped_example(tokenizer, example, PROMPT_TOKENS)  # a 5 MB record costs a bounded prompt
+        text = tokenizer.apply_chat_template(prompt_messages(prompt), tokenize=False, add_generation_prompt=True)
         ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
         for mode in modes:
             pair = [_generate(m, ids, int(max_new_tokens), mode == "sampled", seed + i, eot, pad, temperature, top_p)

@@ -186,7 +186,10 @@ def linear_spectrum(model: nn.Module, info: LinearInfo, gram: Any = None, finger
     if found is not None:
         return found
     spectrum = compute_spectrum(model, info, gram() if lazy else gram, gram_id)
-    save_spectrum(spectrum, _cache_path(fingerprint, info.name, gram_id))
+    try:
+        save_spectrum(spectrum, _cache_path(fingerprint, info.name, gram_id))
+    except OSError:  # a cache that cannot be written (read-only LOWRANK_CACHE, full disk): the spectrum stands
+        pass
     return spectrum
 
 

@@ -185,3 +185,49 @@ def test_an_overlong_app_path_is_one_line(tmp_path, monkeypatch):
     for value in ("a" * 5000, "x/" + "a" * 5000, "a/" * 2500):
         with pytest.raises(WorkspaceError, match=r"is too long \(5,00\d characters; allowed: names of up to 255"):
             app_source(value, "model source")
+
+
+# ----------------------------------------------------------------------------- review mends
+def test_a_template_verdict_holds_only_for_the_budget_it_was_probed_under(monkeypatch):
+    """The probe's verdict is cached per template AND budget: a refusal under a 1 s budget (a test's, say) is
+    not what a 10 s budget reports (the message names the budget it was probed under)."""
+    probes = []
+    monkeypatch.setattr(template, "_checked", {})
+    monkeypatch.setattr(template, "_probe", lambda text: probes.append(template.RENDER_BUDGET_S) or
+                        f"did not finish rendering a probe conversation within {template.RENDER_BUDGET_S:g} s")
+    text = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    for budget in (1.0, 10.0, 10.0):
+        monkeypatch.setattr(template, "RENDER_BUDGET_S", budget)
+        with pytest.raises(ChatTemplateError, match=f"within {budget:g} s"):
+            check_chat_template(text, "m")
+    assert probes == [1.0, 10.0]  # the second 10 s check reuses its own verdict
+
+
+def test_answers_side_by_side_tokenise_a_bounded_prompt_of_a_huge_record(monkeypatch):
+    """A 2 MB prompt is cut before tokenisation: the generated-from prompt is bounded by the characters kept
+    (PROMPT_TOKENS x CLIP_CHARS_PER_TOKEN + slack; the tiny tokenizer spends a token per character)."""
+    from lowrank_core import generate
+    from lowrank_core.data import encoding
+
+    model, tok = tiny_model("llama", seed=0)
+    lengths = []
+    monkeypatch.setattr(generate, "_generate", lambda m, ids, *a, **k: lengths.append(ids.shape[1]) or [1, 2])
+    out = generate.side_by_side(model, model, tok, [Example("", "word " * 400_000, "an answer")], k=1,
+                                max_new_tokens=2, modes=("greedy",))
+    kept = generate.PROMPT_TOKENS * encoding.CLIP_CHARS_PER_TOKEN + encoding.CLIP_SLACK
+    assert len(out) == 1 and lengths and max(lengths) < 2 * kept < 2_000_000 // 10
+
+
+def test_a_spectrum_is_returned_when_its_cache_cannot_be_written(monkeypatch):
+    from lowrank_core import spectra
+    from lowrank_core.archmap import linear_map
+
+    model, _ = tiny_model("llama", seed=0)
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Read-only file system")
+
+    monkeypatch.setattr(spectra, "save_spectrum", read_only)
+    info = linear_map(model)[0]
+    got = spectra.linear_spectrum(model, info, fingerprint="not-cached-anywhere-" + str(os.getpid()))
+    assert got.name == info.name and len(got.weight_sv) == min(info.out_features, info.in_features)

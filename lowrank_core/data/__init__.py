@@ -17,7 +17,7 @@ Every public name is re-exported here: ``from lowrank_core.data import make_spli
 """
 from __future__ import annotations
 
-from .encoding import (IGNORE_INDEX, Encoded, answer_ids, batch_tokens, calibration_batches, collate,
+from .encoding import (IGNORE_INDEX, Encoded, answer_ids, batch_tokens, calibration_batches, clipped_example, collate,
                        encode_example, end_of_turn_id, iter_batches, iter_encoded_batches, pad_id,
                        prompt_messages, token_groups)
 from .sources import (ALLOWED_SOURCES, ASSISTANT_ROLES, CHATTERBOT_PACKAGE, DATA_SOURCES, HUMAN_ROLES,
@@ -40,6 +40,6 @@ __all__ = [
     # template
     "ChatTemplateError", "check_chat_template",
     # encoding
-    "IGNORE_INDEX", "Encoded", "answer_ids", "batch_tokens", "calibration_batches", "collate", "encode_example",
+    "IGNORE_INDEX", "Encoded", "answer_ids", "batch_tokens", "calibration_batches", "clipped_example", "collate", "encode_example",
     "end_of_turn_id", "iter_batches", "iter_encoded_batches", "pad_id", "prompt_messages", "token_groups",
 ]

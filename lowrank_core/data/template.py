@@ -27,7 +27,7 @@ RENDER_BUDGET_S = 10.0          # wall seconds for the child: interpreter start 
 MEMORY_LIMIT = 1 << 30          # address space of the child, bytes (1 GiB)
 MAX_PROBE_CHARS = 100_000       # the probe renders a few words; a template printing more is refused
 PROBE = [{"role": "user", "content": "What is one plus one?"}, {"role": "assistant", "content": "Two."}]
-_checked: dict[str, Optional[str]] = {}   # sha256 of a template -> None (good) or the refusal
+_checked: dict[tuple, Optional[str]] = {}  # (sha256 of a template, budget) -> None (good) or the refusal
 
 # the child: read {"template", "probe", "max_chars"} on stdin, write {"ok": chars} or {"error": text} on stdout
 _CHILD = r"""
@@ -127,7 +127,8 @@ def check_chat_template(template: Optional[str], source: str, known: tuple = ())
     if not isinstance(template, str):
         raise ChatTemplateError(f"the chat template of {source!r} is a {type(template).__name__}, not a template "
                                 "text; only a single Jinja template is supported")
-    key = hashlib.sha256(template.encode("utf-8", "surrogatepass")).hexdigest()
+    key = (hashlib.sha256(template.encode("utf-8", "surrogatepass")).hexdigest(), RENDER_BUDGET_S, MEMORY_LIMIT,
+           MAX_PROBE_CHARS)  # a verdict holds for the budget it was probed under
     if key not in _checked:
         _checked[key] = _probe(template)
     if _checked[key] is not None:
