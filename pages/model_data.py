@@ -211,8 +211,9 @@ if lm is not None:
     elif result is None:
         again = " again" if estimate is not None else ""
         if st.button(f"Score the teacher{again} on {len(split.eval)} eval examples", key="score_teacher",
-                     help="runs in the background; the first estimate with its interval shows after a few "
-                          "examples and sharpens as more come"):
+                     help="runs in the background; the first estimate shows after a few examples and sharpens "
+                          f"as more come; its interval from N ≥ {stats.MIN_LOSS_INTERVAL_N}, where its coverage "
+                          "holds"):
             st.session_state[TEACHER_JOB_KEY] = teacher_job(lm, split.eval, s.max_len, key)
             st.rerun()
     if pending is None and result is not None:

@@ -160,7 +160,7 @@ def test_click_through_every_page(tmp_path):
         with step("first teacher-loss figure, then the finished score"):
             page.get_by_role("button", name="Score the teacher on 32 eval examples").click()
             page.get_by_text("teacher answer loss").wait_for()
-            page.get_by_role("button", name=re.compile("Score the teacher again")).wait_for()
+            page.get_by_text(re.compile(r"^Scored in [\d.]+ s")).wait_for()
         wait_idle(page)
         assert "linears" in main_text(page)
         shot(page, "1-model")
@@ -223,8 +223,8 @@ def test_click_through_every_page(tmp_path):
         shot(page, "4-compress")
 
         open_page(page, "Evaluate")
-        with step("Evaluate: paired comparison on 32 examples"):
-            page.get_by_role("button", name="Compare on 32 examples").click()
+        with step("Evaluate: paired comparison, stopping when decided, at most 32 examples"):
+            page.get_by_role("button", name="Compare on up to 32 examples").click()
             page.get_by_text("Where the student loses most").wait_for()
             wait_idle(page)
         page.get_by_role("heading", name="Evaluate", exact=True).scroll_into_view_if_needed()
