@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lowrank_core.allocate import SearchSettings, allocate, build_profile, fitting_examples, plan_from_ranks  # noqa: E402
-from lowrank_core.archmap import count_parameters  # noqa: E402
+from lowrank_core.linears import count_parameters  # noqa: E402
 from lowrank_core.compress import CompressSettings, compress  # noqa: E402
 from lowrank_core.data import make_split  # noqa: E402
 from lowrank_core.evaluate import EvalResult, evaluate  # noqa: E402

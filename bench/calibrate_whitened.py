@@ -34,7 +34,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
-    from lowrank_core.archmap import linear_map
+    from lowrank_core.linears import linear_map
     from lowrank_core.calibrate import collect_grams
     from lowrank_core.data import iter_batches, make_split
     from lowrank_core.decompose import relative_output_error, whitened_factors, whitening

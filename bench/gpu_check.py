@@ -55,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lowrank_core.compress as compress_module  # noqa: E402
 import lowrank_core.layerwise as layerwise_module  # noqa: E402
-from lowrank_core.archmap import count_parameters, linear_map  # noqa: E402
+from lowrank_core.linears import count_parameters, linear_map  # noqa: E402
 from lowrank_core.compare import CompareSettings, compare_models  # noqa: E402
 from lowrank_core.compress import CompressSettings, compress  # noqa: E402
 from lowrank_core.data import Example  # noqa: E402

@@ -40,7 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lowrank_core.archmap import linear_map  # noqa: E402
+from lowrank_core.linears import linear_map  # noqa: E402
 from lowrank_core.calibrate import collect_grams  # noqa: E402
 from lowrank_core.data import calibration_batches, make_split  # noqa: E402
 from lowrank_core.decompose import FactorizationError, relative_output_error, whitened_factors, whitening  # noqa: E402

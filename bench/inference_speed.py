@@ -127,7 +127,7 @@ def main(argv=None) -> int:
         if args.threads < 1:
             p.error(f"--threads {args.threads} must be at least 1")
         torch.set_num_threads(args.threads)
-    from lowrank_core.archmap import count_parameters, linear_map
+    from lowrank_core.linears import count_parameters, linear_map
     from lowrank_core.models import load_model, resolve_dtype
     from lowrank_core.speed import measure_shapes, shape_groups, speed_rows
     from lowrank_core.table import format_table

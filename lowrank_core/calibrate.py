@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .arch import arch_of
-from .archmap import LinearInfo
+from .linears import LinearInfo
 from .experts import RoutedMasks
 from .progress import Progress, ensure_progress
 from .student import private_view

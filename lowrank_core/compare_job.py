@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import distributed
-from .archmap import count_parameters
+from .linears import count_parameters
 from .compare import CompareSettings, compare_models
 from .compress import CompressSettings
 from .data import iter_side, make_split

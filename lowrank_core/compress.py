@@ -37,7 +37,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from .archmap import count_parameters, linear_map, weight_of
+from .linears import count_parameters, linear_map, weight_of
 from .calibrate import PRECISIONS, GramStats, cheaper_as_outputs, collect_grams, output_key
 from . import methods
 from .data import batch_tokens, calibration_batches, split_examples

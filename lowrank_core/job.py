@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from .archmap import count_parameters
+from .linears import count_parameters
 from .compare import CompareSettings, Comparison, compare_models
 from .compress import CompressResult, CompressSettings, compress
 from .data import Split, make_split

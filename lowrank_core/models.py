@@ -35,7 +35,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from .arch import ARCHS, arch_of
-from .archmap import check_supported
+from .linears import check_supported
 from .data.template import check_chat_template
 from .lowrank import LowRankLinear
 from .model_files import check_weight_files, custom_code_error

@@ -41,7 +41,7 @@ from typing import Optional, Sequence, Union
 
 from . import methods
 from .arch import EXPERTS_GROUP, all_head_modules
-from .archmap import ALL_MODULES, GROUPS, LinearInfo, count_parameters, linear_map, meta_model
+from .linears import ALL_MODULES, GROUPS, LinearInfo, count_parameters, linear_map, meta_model
 from .options import option
 
 RULE_KEYS = {"layers", "modules", "rank", "keep", "method", "dense"}

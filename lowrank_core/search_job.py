@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from .allocate import VAL_OVERDRAW, Allocation, SearchSettings, allocate, fitting_examples, search_goal
-from .archmap import meta_model
+from .linears import meta_model
 from .compare import Comparison
 from .data import Split, make_split
 from .job import DataSpec, EvalSpec, ModelSpec, paired_evaluation

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .allocate.path import plan_from_ranks
-from .archmap import LinearInfo, weight_of
+from .linears import LinearInfo, weight_of
 from .decompose import weight_singular_values, whitened_singular_values, whitening
 from .models import cache_dir, model_fingerprint
 from .plan import Plan

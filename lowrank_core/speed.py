@@ -199,7 +199,7 @@ class ShapeGroup:
 
 
 def shape_groups(linears: Sequence) -> list[ShapeGroup]:
-    """Distinct shapes of ``archmap.LinearInfo`` rows, in first-seen order, with their module names."""
+    """Distinct shapes of ``linears.LinearInfo`` rows, in first-seen order, with their module names."""
     found: dict[tuple, tuple[list, list]] = {}
     for li in linears:
         modules, names = found.setdefault((li.out_features, li.in_features), ([], []))

@@ -6,7 +6,7 @@ import pandas as pd
 import streamlit as st
 import torch
 
-from lowrank_core.archmap import num_layers
+from lowrank_core.linears import num_layers
 from lowrank_core import methods
 from lowrank_core.models import resolve_device, resolve_dtype
 from lowrank_core.plan import (RANK_MULTIPLES, PlanError, account, load_plan, plan_from_rows, resolve_plan,

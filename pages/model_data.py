@@ -109,7 +109,7 @@ def draw_map(linears: list, name: str) -> None:
     for col, (group, n) in zip(cols[1:], by_group.items()):
         col.metric(f"{group} weights", f"{n:,}", help=f"{n / max(total, 1):.1%} of linear weights")
     st.dataframe(df[["name", "layer", "group", "module", "shape", "params", "break_even_rank", "bias", "tied"]],
-                 hide_index=True, height=320, key="archmap")
+                 hide_index=True, height=320, key="linears")
 
 
 lm = cache.current_model(s)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from lowrank_core.archmap import num_layers
+from lowrank_core.linears import num_layers
 from lowrank_core import spectra as spectra_mod
 from ui import cache, charts, state
 from ui.entry import ensure_app

@@ -13,7 +13,7 @@ from lowrank_core.lowrank import LowRankLinear
 from lowrank_core.allocate import (BudgetError, MatrixProfile, SearchSettings, allocate, build_profile,
                                    candidate_ranks, error_curve, greedy_path, low_rank_module, parse_budget,
                                    plan_from_ranks)
-from lowrank_core.archmap import LinearInfo, count_parameters, linear_map
+from lowrank_core.linears import LinearInfo, count_parameters, linear_map
 from lowrank_core.compress import CompressSettings, compress
 from lowrank_core.data import iter_batches, make_split
 from lowrank_core.evaluate import evaluate

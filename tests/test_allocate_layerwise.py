@@ -19,7 +19,7 @@ from lowrank_core.allocate.bases import StoredBasis
 from lowrank_core.allocate.memory import profile_memory
 from lowrank_core.allocate.profile import _median, _set_sensitivities, _square_error
 from lowrank_core.arch import arch_of
-from lowrank_core.archmap import linear_map
+from lowrank_core.linears import linear_map
 from lowrank_core.calibrate import GramStats, collect_grams
 from lowrank_core.compress import CompressSettings, calibration_data
 from lowrank_core.data import IGNORE_INDEX, iter_batches
@@ -306,7 +306,7 @@ def test_at_most_one_layers_grams_are_alive(monkeypatch, split, probe):
 
 def test_memory_table_of_mistral_7b(mistral_config):
     """The numbers of docs/7b-path.md's allocation table, from shapes (no weights)."""
-    from lowrank_core.archmap import meta_model
+    from lowrank_core.linears import meta_model
 
     model = meta_model(mistral_config)
     m = profile_memory(model)

@@ -8,7 +8,7 @@ import torch
 
 from lowrank_core import layerwise as lw
 from lowrank_core import decompose, methods
-from lowrank_core.archmap import linear_map
+from lowrank_core.linears import linear_map
 from lowrank_core.compress import CompressSettings, calibration_data, compress
 from lowrank_core.layerwise import gram_pass
 from lowrank_core.data import make_split

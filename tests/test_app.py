@@ -556,7 +556,7 @@ def test_pages_say_what_to_do_before_any_compression():
 
 # ----------------------------------------------------------------------------- spectra
 def test_spectra_page_plots_both_spectra_and_caches_them_on_disk():
-    from lowrank_core.archmap import linear_map
+    from lowrank_core.linears import linear_map
     from lowrank_core.calibrate import collect_grams
     from lowrank_core.data import calibration_batches
     from lowrank_core.data import make_split
@@ -586,7 +586,7 @@ def test_spectra_page_plots_both_spectra_and_caches_them_on_disk():
 
 
 def test_spectra_heatmap_shows_the_rank_for_the_chosen_energy():
-    from lowrank_core.archmap import linear_map
+    from lowrank_core.linears import linear_map
     from lowrank_core.models import load_model
     from lowrank_core.spectra import compute_spectrum
 

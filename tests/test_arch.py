@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lowrank_core.arch import ARCHS, UnsupportedArchitectureError, arch_of, all_module_names
-from lowrank_core.archmap import linear_map
+from lowrank_core.linears import linear_map
 from lowrank_core.compress import CompressSettings, compress
 from lowrank_core.data import iter_batches, make_split
 from lowrank_core.evaluate import answer_loss_sum

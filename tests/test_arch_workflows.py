@@ -10,7 +10,7 @@ import torch
 
 from lowrank_core import methods
 from lowrank_core.arch import ARCHS
-from lowrank_core.archmap import count_parameters, linear_map
+from lowrank_core.linears import count_parameters, linear_map
 from lowrank_core.cli import main
 from lowrank_core.export import export_student
 from lowrank_core.export.load import load_factorized

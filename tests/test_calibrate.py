@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from lowrank_core.archmap import linear_map
+from lowrank_core.linears import linear_map
 from lowrank_core.calibrate import GramStats, collect_grams, gram_representatives
 
 
@@ -124,7 +124,7 @@ def test_gramstats_helpers():
     with pytest.raises(ValueError, match="mask shape"):
         stats_of(x, mask[:, :3])
     with pytest.raises(ValueError, match="model.layers.7"):
-        from lowrank_core.archmap import LinearInfo
+        from lowrank_core.linears import LinearInfo
         collect_grams(torch.nn.Linear(2, 2), [], [LinearInfo("model.layers.7.mlp.up_proj", 7, "mlp", "up_proj", 8, 4)])
 
 

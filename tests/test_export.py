@@ -13,7 +13,7 @@ import torch
 
 from lowrank_core import __version__, export
 from lowrank_core.arch import ARCHS
-from lowrank_core.archmap import count_parameters, linear_map
+from lowrank_core.linears import count_parameters, linear_map
 from lowrank_core.decompose import svd_factors
 from lowrank_core.export import ExportError, ExportVerificationError, build_manifest, export_student, load_factorized
 from lowrank_core.lowrank import LowRankLinear

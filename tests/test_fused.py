@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from lowrank_core.archmap import count_parameters, linear_map
+from lowrank_core.linears import count_parameters, linear_map
 from lowrank_core.compress import CompressSettings, compress
 from lowrank_core.data import make_split
 from lowrank_core.decompose import svd_factors

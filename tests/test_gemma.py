@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from lowrank_core import layerwise as lw
 from lowrank_core.allocate.gradient import example_loss
 from lowrank_core.arch import ARCHS, arch_of
-from lowrank_core.archmap import count_parameters, linear_map
+from lowrank_core.linears import count_parameters, linear_map
 from lowrank_core.cli import main
 from lowrank_core.compare import score_batch
 from lowrank_core.data import Example, iter_batches

@@ -15,7 +15,7 @@ import torch
 from lowrank_core.allocate import (GRADIENT_SCORES, PROBES, ComponentScores, SearchSettings, allocate,
                                    build_profile, component_inner, gradient_scores, greedy_path)
 from lowrank_core.allocate.gradient import example_gradients, example_loss
-from lowrank_core.archmap import count_parameters
+from lowrank_core.linears import count_parameters
 from lowrank_core.compress import CompressSettings
 from lowrank_core.data import IGNORE_INDEX, iter_batches, make_split
 from lowrank_core.decompose import WhitenedBasis, Whitening

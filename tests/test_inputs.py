@@ -220,7 +220,7 @@ def test_answers_side_by_side_tokenise_a_bounded_prompt_of_a_huge_record(monkeyp
 
 def test_a_spectrum_is_returned_when_its_cache_cannot_be_written(monkeypatch):
     from lowrank_core import spectra
-    from lowrank_core.archmap import linear_map
+    from lowrank_core.linears import linear_map
 
     model, _ = tiny_model("llama", seed=0)
 

@@ -69,7 +69,7 @@ def test_factorized_export_is_a_model_source(tmp_path, tiny):
     """``load_model(<factorized export>)`` builds the LowRankLinear model itself: same logits, fewer params."""
     from test_export import make_student
 
-    from lowrank_core.archmap import count_parameters
+    from lowrank_core.linears import count_parameters
     from lowrank_core.export import export_student
     from lowrank_core.lowrank import LowRankLinear
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from lowrank_core.archmap import count_parameters, linear_map, meta_model
+from lowrank_core.linears import count_parameters, linear_map, meta_model
 from lowrank_core.calibrate import collect_grams
 from lowrank_core.compress import CompressSettings, compress
 from lowrank_core.data import make_split

@@ -56,7 +56,7 @@ def test_compress_evaluate_and_export_the_experts():
 
 
 def test_search_page_finds_per_expert_ranks_and_opens_them_as_a_plan():
-    from lowrank_core.archmap import linear_map
+    from lowrank_core.linears import linear_map
     from lowrank_core.models import load_model
     from lowrank_core.plan import load_plan, resolve_plan
 

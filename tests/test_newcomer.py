@@ -48,7 +48,7 @@ def test_enough_calibration_warns_nothing(tiny):
 
 
 def test_warnings_need_grams_and_name_an_empty_held_out_set(tiny):
-    from lowrank_core.archmap import linear_map
+    from lowrank_core.linears import linear_map
     from lowrank_core.plan import load_plan, resolve_plan
 
     lm, _ = tiny

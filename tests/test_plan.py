@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from lowrank_core.archmap import UnsupportedArchitectureError, count_parameters, linear_map, meta_model
+from lowrank_core.linears import UnsupportedArchitectureError, count_parameters, linear_map, meta_model
 from lowrank_core.cli import main
 from lowrank_core.plan import Plan, PlanError, account, load_plan, resolve_plan
 

@@ -9,7 +9,7 @@ import pytest
 from transformers import AutoConfig
 
 from lowrank_core.allocate.memory import profile_memory
-from lowrank_core.archmap import count_parameters, linear_map, meta_model
+from lowrank_core.linears import count_parameters, linear_map, meta_model
 from lowrank_core.cli import main
 
 CONFIG = Path(__file__).parent / "fixtures" / "qwen3-8b-config.json"

@@ -139,7 +139,7 @@ def test_bad_budget_is_an_error_and_runs_nothing():
 
 
 def test_opening_a_point_puts_that_plan_on_the_compress_and_budget_pages():
-    from lowrank_core.archmap import linear_map
+    from lowrank_core.linears import linear_map
     from lowrank_core.models import load_model
     from lowrank_core.plan import load_plan, resolve_plan
 

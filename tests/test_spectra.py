@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import lowrank_core.spectra as spectra
-from lowrank_core.archmap import linear_map
+from lowrank_core.linears import linear_map
 from lowrank_core.calibrate import collect_grams
 from lowrank_core.decompose import relative_output_error, whitened_factors
 

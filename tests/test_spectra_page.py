@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lowrank_core.archmap import linear_map
+from lowrank_core.linears import linear_map
 from lowrank_core.models import load_model
 from lowrank_core.plan import plan_from_rows, resolve_plan
 from lowrank_core.spectra import Spectrum, energy_rank_table, model_spectra, plan_for_energy

@@ -8,7 +8,7 @@ import json
 import pytest
 import yaml
 
-from lowrank_core.archmap import linear_map, meta_model
+from lowrank_core.linears import linear_map, meta_model
 from lowrank_core.cli import build_parser, main
 from lowrank_core.compare_job import CompareSpec
 from lowrank_core.commands.compress import job_from_args

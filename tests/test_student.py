@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from lowrank_core.archmap import linear_map
+from lowrank_core.linears import linear_map
 from lowrank_core.decompose import svd_factors
 from lowrank_core.lowrank import LowRankLinear
 from lowrank_core.student import (StudentError, build_student, changed_tensors, low_rank_student, shared_tensor_names,

@@ -12,7 +12,7 @@ from typing import Callable, Hashable
 
 import streamlit as st
 
-from lowrank_core.archmap import linear_map, meta_model
+from lowrank_core.linears import linear_map, meta_model
 from lowrank_core.data import make_split
 from lowrank_core.models import load_config, load_model
 
@@ -96,7 +96,7 @@ def require_model(s: Settings):
 
 
 def linears(lm, parts: bool = False) -> list:
-    """``archmap.linear_map`` of a loaded model, cached by its fingerprint (``parts``: with the parts of fused
+    """``linears.linear_map`` of a loaded model, cached by its fingerprint (``parts``: with the parts of fused
     linears, what a plan resolves on)."""
     return memo("linear_map", (lm.fingerprint, parts), lambda: linear_map(lm.model, parts=parts))
 

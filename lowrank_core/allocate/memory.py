@@ -1,7 +1,7 @@
 """Memory of a rank-allocation profile, from shapes alone (the ``docs/7b-path.md`` table).
 
 ``profile_memory(model)`` counts, for the eligible decoder linears of ``model`` (a real model or
-``archmap.meta_model(config)``: no weights needed), the bytes each phase of :func:`~.profile.build_profile`
+``linears.meta_model(config)``: no weights needed), the bytes each phase of :func:`~.profile.build_profile`
 holds. Formulas (``n_k``: the input width of Gram key ``k``; ``m = min(out, in)`` per matrix):
 
 - one layer's Grams: ``Σ_k n_k² · 8`` (float64; q/k/v share one, gate/up share one);
@@ -15,7 +15,7 @@ holds. Formulas (``n_k``: the input width of Gram key ``k``; ``m = min(out, in)`
 """
 from __future__ import annotations
 
-from ..archmap import linear_map
+from ..linears import linear_map
 from ..plan import rank_for_keep
 from .profile import ELIGIBLE
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from .. import methods
-from ..archmap import LinearInfo
+from ..linears import LinearInfo
 from ..plan import Plan, Rule, expert_rule_name
 from .profile import ELIGIBLE, MatrixProfile
 

@@ -41,7 +41,7 @@ import torch
 
 from .. import methods
 from ..arch import arch_of
-from ..archmap import ATTN_MODULES, MLP_MODULES, LinearInfo, linear_map
+from ..linears import ATTN_MODULES, MLP_MODULES, LinearInfo, linear_map
 from ..calibrate import pieces, gram_representatives
 from ..compress import CompressSettings, calibration_data
 from ..data import IGNORE_INDEX, encode_example, end_of_turn_id, iter_batches

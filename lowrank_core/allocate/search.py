@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Optional, Sequence, Union
 
 from .. import methods
-from ..archmap import LinearInfo, count_parameters, linear_map
+from ..linears import LinearInfo, count_parameters, linear_map
 from ..compress import compress
 from ..heal import copy_student, heal
 from ..layerwise import is_dispatched, unhooked

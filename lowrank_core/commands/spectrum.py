@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..arch import all_head_modules
-from ..archmap import ALL_MODULES, linear_map
+from ..linears import ALL_MODULES, linear_map
 from ..cli import CliError, at_least, print_json
 from ..calibrate import collect_grams
 from ..data import calibration_batches, calibration_id, make_split

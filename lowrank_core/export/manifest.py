@@ -10,7 +10,7 @@ from typing import Optional, Union
 from torch import nn
 
 from .. import __version__
-from ..archmap import count_parameters
+from ..linears import count_parameters
 from ..lowrank import low_rank_modules, ranks_of
 from ..plan import load_plan
 from ..threads import runtime_record

@@ -1,4 +1,5 @@
-"""Architecture map: every compressible ``nn.Linear`` of a supported causal LM, from the arch table.
+"""The linear map: every compressible ``nn.Linear`` of a supported causal LM, read through the arch table
+(``arch.py`` says where a family keeps its linears; this module lists a model's linears and counts them).
 
 Module names follow the Hugging Face layout given by the model's :class:`~lowrank_core.arch.ArchSpec`
 (for Llama/Mistral/Qwen2: ``model.layers.{i}.self_attn.{q,k,v,o}_proj``, ``model.layers.{i}.mlp.
