@@ -44,10 +44,6 @@ def job_key(fingerprint: str, split_fingerprint: str, spec: JobSpec) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def describe_plan(plan) -> str:
-    return plan.describe()
-
-
 def store_result(key: str, job: JobResult) -> dict:
     """Keep the JobResult (newest ``MAX_RESULTS``), make it current, and add its row to the runs table."""
     results = state.results()
@@ -58,7 +54,7 @@ def store_result(key: str, job: JobResult) -> dict:
     result, lm, spec = job.compressed, job.loaded, job.spec
     errors = result.errors()
     row = {"run": len(state.runs()) + 1, "job": key, "time": time.strftime("%H:%M:%S"), "model": lm.name,
-           "fingerprint": lm.fingerprint, "plan": describe_plan(spec.plan), "method": spec.method.method,
+           "fingerprint": lm.fingerprint, "plan": spec.plan.describe(), "method": spec.method.method,
            "calib": spec.data.calib, "path": result.split.get("path", ""), "matrices": len(result.layers),
            "params_before": result.params_before, "params_after": result.params_after,
            "of_original": result.params_after / max(1, result.params_before),
