@@ -370,7 +370,8 @@ def compare_models(teacher: nn.Module, students: dict, tokenizer, examples: Iter
     start = time.perf_counter()
     order = 0
     cache = cache if cache is not None else resolve_cache(settings.teacher_cache)
-    namespace = cache.namespace(teacher, "answer", settings.max_len, settings.bf16) if cache is not None else None
+    namespace = cache.namespace(teacher, "answer", settings.max_len, settings.bf16,
+                                settings.batch_size) if cache is not None else None
     forks = shared_forks(teacher, students)
     with torch.inference_mode():
         try:

@@ -199,7 +199,7 @@ def cached_targets(teacher: nn.Module, batches: Sequence[dict], settings: HealSe
     if cache is None or settings.loss != "kl":
         return None
     on = autocast is not nullcontext
-    namespace = cache.namespace(teacher, "real", settings.max_len, bf16=on)
+    namespace = cache.namespace(teacher, "real", settings.max_len, bf16=on, batch_size=settings.batch_size)
     out = []
     try:
         with torch.no_grad(), autocast():

@@ -242,16 +242,21 @@ class TeacherCache:
             raise ValueError(f"teacher cache k {k!r} must be >= 1")
         self.root, self.k = Path(root), int(k)
 
-    def key(self, teacher: nn.Module, scope: str, max_len: int, bf16: bool) -> dict:
-        """The key parts of ``teacher``'s entries (fingerprint, dtype, scope, max_len, k, bf16, format)."""
+    def key(self, teacher: nn.Module, scope: str, max_len: int, bf16: bool, batch_size: Optional[int] = None) -> dict:
+        """The key parts of ``teacher``'s entries (fingerprint, dtype, scope, max_len, k, bf16, format), and what
+        the last bits of a score depend on: device type, torch's thread count and the batch size (padded
+        batches sum in another order), so a cached row is the row this run would compute."""
         if scope not in SCOPES:
             raise ValueError(f"unknown teacher-cache scope {scope!r}; allowed: {', '.join(SCOPES)}")
         dtype = next(teacher.parameters()).dtype
         return {"format": FORMAT, "fingerprint": model_fingerprint(teacher), "dtype": str(dtype).replace("torch.", ""),
-                "scope": scope, "max_len": int(max_len), "k": self.k, "bf16": bool(bf16)}
+                "scope": scope, "max_len": int(max_len), "k": self.k, "bf16": bool(bf16),
+                "device": next(teacher.parameters()).device.type, "threads": torch.get_num_threads(),
+                "batch_size": None if batch_size is None else int(batch_size)}
 
-    def namespace(self, teacher: nn.Module, scope: str, max_len: int, bf16: bool = False) -> Namespace:
-        key = self.key(teacher, scope, max_len, bf16)
+    def namespace(self, teacher: nn.Module, scope: str, max_len: int, bf16: bool = False,
+                  batch_size: Optional[int] = None) -> Namespace:
+        key = self.key(teacher, scope, max_len, bf16, batch_size)
         name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
         return Namespace(self.root / f"v{FORMAT}" / name, key)
 

@@ -136,7 +136,14 @@ def test_each_key_part_changed_is_a_miss(tiny, tmp_path):
               cache.namespace(model.float(), "answer", 64),                       # scope
               cache.namespace(model, "real", 65),                                 # max length
               TeacherCache(tmp_path, k=32).namespace(model, "real", 64),         # k
-              cache.namespace(model, "real", 64, bf16=True)]                      # autocast
+              cache.namespace(model, "real", 64, bf16=True),                      # autocast
+              cache.namespace(model, "real", 64, batch_size=4)]                   # batch layout (sum order)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1 if before > 1 else 2)
+    try:
+        misses.append(cache.namespace(model, "real", 64))                         # thread count (sum order)
+    finally:
+        torch.set_num_threads(before)
     for miss in misses:
         assert miss.get(rows[0]) is None
     assert cache.namespace(model, "real", 64).get(rows[1]) is None              # example content
@@ -179,7 +186,7 @@ def test_a_stopped_comparison_keeps_its_rows_and_shards_bound_memory(tiny, tmp_p
     settings = CompareSettings(examples=12, batch_size=2, bootstrap=20, teacher_cache=str(tmp_path))
     first = compare_models(model, {"s": student}, tok, examples(12), settings, progress=stop)["s"]
     assert first.stopped and first.examples == 6
-    ns = TeacherCache(tmp_path).namespace(model, "answer", settings.max_len)
+    ns = TeacherCache(tmp_path).namespace(model, "answer", settings.max_len, batch_size=settings.batch_size)
     assert len(ns.rows) == 6 and len(list(ns.folder.glob("shard-*"))) == 2   # 4 rows, then the 2 kept at the stop
     (ns.folder / ".shard-0.write-999999999-x").mkdir()                       # a killed writer's leftover
     again = compare_models(model, {"s": student}, tok, examples(12), settings)["s"]
