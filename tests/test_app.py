@@ -239,6 +239,24 @@ def test_compress_builds_the_student_and_reuses_a_finished_job():
     assert at.text_area(key="compress_plan").value == "mlp:r8"  # the form keeps what was submitted
 
 
+def held_after(monkeypatch, module, name: str, after: int):
+    """``module.<name>`` runs ``after`` calls, then waits (up to 600 s: a slow machine only waits longer) on the
+    returned gate; ``calls`` counts them and ``reached`` is set once a call waits. Returns (gate, calls, reached)."""
+    import threading
+
+    gate, reached, calls, real = threading.Event(), threading.Event(), [], getattr(module, name)
+
+    def held(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > after:
+            reached.set()
+            gate.wait(600)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, held)
+    return gate, calls, reached
+
+
 def hold_back(monkeypatch, module, name: str):
     """Make ``module.<name>`` wait (up to 600 s: a slow machine only waits longer) for the returned event: a
     job that stays running."""
@@ -328,15 +346,7 @@ def test_compress_draws_the_live_healing_curve_from_the_progress_metrics(monkeyp
 
     import lowrank_core.heal as heal_mod
 
-    gate, real, calls = threading.Event(), heal_mod.batch_loss, []
-
-    def held(*args, **kwargs):  # healing pauses after a few steps: the job is still running
-        calls.append(1)
-        if len(calls) > 12:
-            gate.wait(30)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(heal_mod, "batch_loss", held)
+    gate, calls, _ = held_after(monkeypatch, heal_mod, "batch_loss", 12)  # healing pauses: the job still runs
     at = started("pages/compress.py")
     at.text_area(key="compress_plan").set_value("all:k0.3")
     at.number_input(key="heal_tokens").set_value(5000)
@@ -437,20 +447,9 @@ def test_evaluate_shows_answers_side_by_side():
 
 
 def test_evaluate_live_chart_shows_the_boundary_of_the_next_look(monkeypatch):
-    import threading
-
     import lowrank_core.compare as compare_mod
 
-    gate, real, calls, reached = threading.Event(), compare_mod.score_batch, [], threading.Event()
-
-    def slow(*args, **kwargs):
-        calls.append(1)
-        if len(calls) > 4:
-            reached.set()
-            gate.wait(120)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(compare_mod, "score_batch", slow)
+    gate, calls, reached = held_after(monkeypatch, compare_mod, "score_batch", 4)
     at = compressed("mlp:r8")
     at.switch_page("pages/evaluate.py").run()
     assert at.checkbox(key="eval_until_decided").value  # stop when decided: the page's default
@@ -477,20 +476,9 @@ def test_evaluate_live_chart_shows_the_boundary_of_the_next_look(monkeypatch):
 
 
 def test_evaluate_stop_keeps_the_examples_scored(monkeypatch):
-    import threading
-
     import lowrank_core.compare as compare_mod
 
-    gate, real = threading.Event(), compare_mod.score_batch
-    calls = []
-
-    def slow(*args, **kwargs):
-        calls.append(1)
-        if len(calls) > 3:
-            gate.wait(30)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(compare_mod, "score_batch", slow)
+    gate, calls, _ = held_after(monkeypatch, compare_mod, "score_batch", 3)
     at = compressed("mlp:r8")
     at.switch_page("pages/evaluate.py").run()
     at.button(key="eval_go").click().run()
