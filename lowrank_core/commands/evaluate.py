@@ -103,7 +103,7 @@ def _run(args, m: ModelSpec, examples, dropped: dict, rank: int, size: int) -> i
     note_dropped({"source": args.data, "dropped": dropped})
     record = {"model": loaded.name, "model_fingerprint": loaded.fingerprint, "data": args.data,
               "split": args.split, **result.to_dict(), "split_info": split, "batch_size": batch_size,
-              "max_len": args.max_len, "dtype": m.dtype, "device": loaded.device, "threads": runtime_record()["threads"], "runtime": runtime_record()}
+              "max_len": args.max_len, "dtype": m.dtype, "device": loaded.device, **_threads_and_runtime()}
     if args.device_map is not None:
         record["device_map"] = args.device_map
     if size > 1:
@@ -119,3 +119,9 @@ def _run(args, m: ModelSpec, examples, dropped: dict, rank: int, size: int) -> i
     if result.examples < args.n:
         print(f"note: the {args.split} side of {args.data!r} held only {result.examples} usable examples")
     return 0
+
+
+def _threads_and_runtime() -> dict:
+    """``threads`` and ``runtime`` of the record (one reading of ``threads.runtime_record``)."""
+    runtime = runtime_record()
+    return {"threads": runtime["threads"], "runtime": runtime}
